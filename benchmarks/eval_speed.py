@@ -1,0 +1,330 @@
+#!/usr/bin/env python
+"""LVIS evaluation at LVIS scale: lvis-api against lvis_longtail's fast evaluator.
+
+Generates, with numpy and pycocotools (no images rendered), an LVIS-format split of
+``--images`` images (default 5,000) over 1,203 categories (337 r / 461 c / 405 f, drawn
+long-tailed) with ~12 polygon annotations per image, negative and not-exhaustive category
+lists, and a results file of exactly 300 detections per image with box and mask (compressed
+RLE): jittered copies of the objects, confusions, detections of negative categories and many
+of other categories (which the federated rules ignore). Scores have 4 decimals, so ties occur.
+
+Each evaluator runs in a fresh subprocess (``--child``), from the same two json files to the
+metrics, and its peak RSS is read with ``os.wait4`` (per child, not the max over all of them):
+
+- ``lvis_api``: lvis-api 0.5.3 as the LVIS server runs it (``LVIS``, ``LVISResults`` with
+  300 per image, ``LVISEval``; segm without the records' ``bbox``, i.e. mask areas);
+- ``fce``: faster-coco-eval 1.8.0 ``COCOeval_faster(lvis_style=True)`` (for reference);
+- ``fast``: ``load_lvis_results`` (validating) + ``evaluate_lvis_results(evaluator="fast")``.
+
+The table gives both times, the ratio lvis-api / fast, peak RSS of each and the largest
+absolute difference over every metric (AP ... APf, AR@300, ARs/m/l@300). Then, streamed
+export: peak RSS of a child that pushes N images through ``LVISResultsStore`` (per-image
+records to disk) and writes the validated results file, for growing N.
+
+    python benchmarks/eval_speed.py                 # full: 5,000 images (several minutes)
+    python benchmarks/eval_speed.py --quick         # 500 images, export at 250/500/1000
+    python benchmarks/eval_speed.py --images 2000 --tasks bbox --skip fce
+"""
+
+# isort: off
+import lvis_longtail  # noqa: F401  (first: compat layer incl. lvis-api's np.float)
+
+# isort: on
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+NUM_CATEGORIES = 1203
+GROUP_SIZES = (("r", 337), ("c", 461), ("f", 405))
+IMAGE_SIZES = ((480, 640), (640, 480), (427, 640), (640, 427), (512, 512))
+DETS_PER_IMAGE = 300
+POOL_PER_SIZE = 3000
+
+
+def _polygon(rng, x, y, w, h, n=10):
+    a = np.sort(rng.uniform(0, 2 * np.pi, n))
+    r = rng.uniform(0.65, 1.0, n)
+    px = np.clip(x + w / 2 + r * np.cos(a) * w / 2, x, x + w)
+    py = np.clip(y + h / 2 + r * np.sin(a) * h / 2, y, y + h)
+    return np.round(np.stack([px, py], 1).ravel(), 2).tolist()
+
+
+def _box(rng, height, width):
+    side = float(np.exp(rng.uniform(np.log(8), np.log(300))))
+    w = float(np.clip(side * rng.uniform(0.6, 1.4), 4, width - 2))
+    h = float(np.clip(side * rng.uniform(0.6, 1.4), 4, height - 2))
+    return [
+        round(float(rng.uniform(0, width - w)), 2),
+        round(float(rng.uniform(0, height - h)), 2),
+        round(w, 2),
+        round(h, 2),
+    ]
+
+
+def _rle(polygon, height, width):
+    rle = mask_utils.merge(mask_utils.frPyObjects([polygon], height, width))
+    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+
+
+def _categories(rng):
+    freq = [f for f, n in GROUP_SIZES for _ in range(n)]
+    cats = [
+        {"id": k + 1, "name": f"cat_{k + 1}", "synset": f"cat_{k + 1}.n.01", "frequency": f}
+        for k, f in enumerate(freq)
+    ]
+    # frequent categories appear most; within a group, long-tailed
+    weight = np.array([{"r": 0.02, "c": 0.3, "f": 4.0}[f] for f in freq])
+    weight = weight * rng.uniform(0.2, 1.0, len(freq)) ** 2
+    return cats, weight / weight.sum()
+
+
+def _mask_pool(rng):
+    """Per image size: pre-encoded random masks with their boxes (the background detections)."""
+    pool = {}
+    for h, w in IMAGE_SIZES:
+        boxes = [_box(rng, h, w) for _ in range(POOL_PER_SIZE)]
+        rles = [_rle(_polygon(rng, *b), h, w) for b in boxes]
+        pool[(h, w)] = (boxes, rles)
+    return pool
+
+
+def generate(num_images, seed, gt_path, results_path):
+    """Write the split json and the results json; returns (#annotations, #detections)."""
+    rng = np.random.default_rng(seed)
+    cats, weight = _categories(rng)
+    pool = _mask_pool(rng)
+    images, anns, results = [], [], []
+    for i in range(num_images):
+        image_id = 1000 + 7 * i
+        h, w = IMAGE_SIZES[int(rng.integers(len(IMAGE_SIZES)))]
+        positives = np.unique(rng.choice(NUM_CATEGORIES, 1 + rng.poisson(2.5), p=weight))
+        negatives = np.setdiff1d(rng.choice(NUM_CATEGORIES, 1 + rng.poisson(6)), positives)
+        not_exhaustive = [int(positives[0]) + 1] if rng.random() < 0.15 else []
+        images.append(
+            {
+                "id": image_id,
+                "height": h,
+                "width": w,
+                "coco_url": f"http://images.cocodataset.org/val2017/{image_id:012d}.jpg",
+                "neg_category_ids": (negatives + 1).tolist(),
+                "not_exhaustive_category_ids": not_exhaustive,
+            }
+        )
+        dets = []
+        for k in positives.tolist():
+            for _ in range(1 + min(rng.geometric(0.35) - 1, 12)):
+                box = _box(rng, h, w)
+                poly = _polygon(rng, *box)
+                rle = mask_utils.merge(mask_utils.frPyObjects([poly], h, w))
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": image_id,
+                        "category_id": k + 1,
+                        "bbox": box,
+                        "area": float(mask_utils.area(rle)),
+                        "segmentation": [poly],
+                    }
+                )
+                for _ in range(int(rng.integers(0, 4))):  # found 0-3 times, maybe misclassified
+                    cat = k + 1 if rng.random() < 0.8 else int(rng.choice(positives)) + 1
+                    dets.append(_jittered(rng, box, poly, h, w, cat))
+        for k in rng.choice(negatives, min(len(negatives), 8)).tolist() if len(negatives) else []:
+            dets.append(_pooled(rng, pool, h, w, k + 1, high=0.6))
+        # the rest: mostly categories the image says nothing about (ignored by the federated
+        # rules), some positive (false positives and duplicates) and negative ones
+        cats = rng.choice(NUM_CATEGORIES, DETS_PER_IMAGE, p=weight)
+        u = rng.random(DETS_PER_IMAGE)
+        cats = np.where(u < 0.2, rng.choice(positives, DETS_PER_IMAGE), cats)
+        if len(negatives):
+            cats = np.where((u >= 0.2) & (u < 0.3), rng.choice(negatives, DETS_PER_IMAGE), cats)
+        for cat in cats[: DETS_PER_IMAGE - len(dets)].tolist():
+            dets.append(_pooled(rng, pool, h, w, cat + 1))
+        for cat, score, box, segm in dets[:DETS_PER_IMAGE]:
+            results.append(
+                {
+                    "image_id": image_id,
+                    "category_id": cat,
+                    "score": score,
+                    "bbox": box,
+                    "segmentation": segm,
+                }
+            )
+    dataset = {
+        "info": {},
+        "licenses": [],
+        "images": images,
+        "categories": cats,
+        "annotations": anns,
+    }
+    for path, obj in ((gt_path, dataset), (results_path, results)):
+        with open(path, "w") as f:
+            json.dump(obj, f, separators=(",", ":"))
+    return len(anns), len(results)
+
+
+def _jittered(rng, box, poly, h, w, cat):
+    x, y, bw, bh = box
+    j = rng.normal(0, 0.1, 4) * [bw, bh, bw, bh]
+    nw, nh = max(bw + j[2], 2.0), max(bh + j[3], 2.0)
+    nx, ny = float(np.clip(x + j[0], 0, w - nw)), float(np.clip(y + j[1], 0, h - nh))
+    p = (np.asarray(poly).reshape(-1, 2) - [x, y]) * [nw / bw, nh / bh] + [nx, ny]
+    new_box = [round(nx, 2), round(ny, 2), round(nw, 2), round(nh, 2)]
+    return (
+        cat,
+        round(float(rng.uniform(0.2, 1.0)), 4),
+        new_box,
+        _rle(np.round(p.ravel(), 2).tolist(), h, w),
+    )
+
+
+def _pooled(rng, pool, h, w, cat, high=0.5):
+    boxes, rles = pool[(h, w)]
+    j = int(rng.integers(len(boxes)))
+    return cat, round(float(rng.uniform(0.0001, high)), 4), boxes[j], rles[j]
+
+
+# ----------------------------------------------------------------------------- children
+
+
+def _child_lvis_api(gt_path, results_path, task):
+    from lvis import LVIS, LVISEval, LVISResults
+
+    gt = LVIS(gt_path)
+    with open(results_path) as f:
+        results = json.load(f)
+    if task == "segm":  # mask areas for APs/APm/APl, as the fast evaluator uses
+        for r in results:
+            r.pop("bbox", None)
+    lvis_eval = LVISEval(gt, LVISResults(gt, results, max_dets=300), task)
+    lvis_eval.run()
+    return dict(lvis_eval.get_results())
+
+
+def _child_fce(gt_path, results_path, task):
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    gt = COCO(gt_path)
+    with open(results_path) as f:
+        results = json.load(f)
+    if task == "segm":
+        for r in results:
+            r.pop("bbox", None)
+    dt = gt.loadRes(results)
+    ev = COCOeval_faster(gt, dt, task, lvis_style=True, print_function=lambda *a: None)
+    ev.params.maxDets = [300]
+    ev.run()
+    s = ev.stats_as_dict
+    names = {"AP": "AP_all", "AP50": "AP_50", "AP75": "AP_75", "APs": "AP_small"}
+    names.update(APm="AP_medium", APl="AP_large", APr="APr", APc="APc", APf="APf")
+    names.update({"AR@300": "AR_all", "ARs@300": "AR_small", "ARm@300": "AR_medium"})
+    names["ARl@300"] = "AR_large"
+    return {k: s[v] for k, v in names.items()}
+
+
+def _child_fast(gt_path, results_path, task):
+    from lvis_longtail.evaluation import LVISGroundTruth, load_lvis_results, run_lvis_eval
+
+    with open(gt_path) as f:
+        dataset = json.load(f)
+    required = ("bbox",) if task == "bbox" else ("segmentation",)
+    results = load_lvis_results(results_path, dataset, required=required)
+    result = run_lvis_eval(LVISGroundTruth(dataset), results, task, 300, evaluator="fast")
+    return dict(result.metrics)
+
+
+CHILDREN = {"lvis_api": _child_lvis_api, "fce": _child_fce, "fast": _child_fast}
+
+
+def run_child(name, *args):
+    """Run ``--child name args`` in a fresh process: (result dict, seconds, peak RSS MiB)."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, *map(str, args), out]
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"child {name} {args} failed with exit code {proc.returncode}")
+    with open(out) as f:
+        result = json.load(f)
+    os.remove(out)
+    return result, usage.ru_maxrss / 1024  # KiB on Linux
+
+
+def child_main(name, args):
+    out = args[-1]
+    start = time.perf_counter()
+    result = CHILDREN[name](*args[:-1])
+    seconds = time.perf_counter() - start
+    with open(out, "w") as f:
+        json.dump({"result": result, "seconds": seconds}, f)
+
+
+def _percent(v):
+    return v * 100 if v >= 0 else -1.0
+
+
+def max_diff(a, b):
+    """Largest |a - b| over lvis-api's metrics, in percent (AP 25.3 = 25.3)."""
+    return max(abs(_percent(a[k]) - _percent(b[k])) for k in a)
+
+
+def print_table(rows):
+    print()
+    print(
+        "| task | evaluator | time (s) | lvis-api / it | peak RSS (MiB) | max |metric diff| (AP points) |"
+    )
+    print("|---|---|---:|---:|---:|---:|")
+    for task, runs in rows:
+        ref = runs.get("lvis_api")
+        for name, (result, seconds, rss) in runs.items():
+            ratio = f"{ref[1] / seconds:.2f}x" if ref else "n/a"
+            diff = f"{max_diff(ref[0], result):.1e}" if ref else "n/a"
+            print(f"| {task} | {name} | {seconds:.1f} | {ratio} | {rss:.0f} | {diff} |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=5000)
+    parser.add_argument("--quick", action="store_true", help="500 images; export at 250/500/1000")
+    parser.add_argument("--tasks", nargs="+", default=["bbox", "segm"])
+    parser.add_argument("--skip", nargs="*", default=[], help="evaluators to skip, e.g. fce")
+    parser.add_argument("--export-images", type=int, nargs="*", default=None)
+    parser.add_argument("--workdir", default=None, help="keep the generated files here")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child_main(args.child[0], args.child[1:])
+    num_images = 500 if args.quick else args.images
+    workdir = args.workdir or tempfile.mkdtemp(prefix="lvis_eval_speed_")
+    os.makedirs(workdir, exist_ok=True)
+    gt_path = os.path.join(workdir, "gt.json")
+    results_path = os.path.join(workdir, "results.json")
+    start = time.perf_counter()
+    num_anns, num_dets = generate(num_images, args.seed, gt_path, results_path)
+    print(
+        f"Generated {num_images:,} images, {NUM_CATEGORIES} categories, {num_anns:,} annotations, "
+        f"{num_dets:,} detections in {time.perf_counter() - start:.0f} s "
+        f"(results file {os.path.getsize(results_path) / 2**20:.0f} MiB)."
+    )
+    rows = []
+    for task in args.tasks:
+        runs = {}
+        for name in ("lvis_api", "fce", "fast"):
+            if name in args.skip:
+                continue
+            out, rss = run_child(name, gt_path, results_path, task)
+            runs[name] = (out["result"], out["seconds"], rss)
+            print(f"  {task:4s} {name:8s} {out['seconds']:7.1f} s  peak RSS {rss:7.0f} MiB")
+        rows.append((task, runs))
+    print_table(rows)
+    return 0

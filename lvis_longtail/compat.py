@@ -1,0 +1,169 @@
+"""Run-time compatibility layer between detectron2 0.6 and today's packages.
+
+:func:`apply` is called when :mod:`lvis_longtail` is imported. Import ``lvis_longtail`` before
+``detectron2.data``, ``detectron2.engine`` or ``detectron2.layers``: with detectron2 0.6 and
+Pillow >= 10 those fail at import time otherwise (``train_net.py`` and the tests do so).
+Every shim checks whether it is needed and does nothing otherwise, so a
+complete or newer detectron2 build is used untouched. Each shim states the break it fixes;
+``tests/test_compat.py`` proves each one.
+"""
+
+import functools
+import importlib.util
+import random
+import sys
+import types
+
+import numpy as np
+
+_APPLIED = False
+
+# Functions of ``detectron2._C`` that report build information (``collect_env_info``); the
+# stub answers them instead of failing, so ``default_setup`` can log the environment.
+_C_INFO = {
+    "get_compiler_version": lambda: "not built (pure-Python detectron2)",
+    "get_cuda_version": lambda: "not built (pure-Python detectron2)",
+    "has_cuda": lambda: False,
+}
+
+
+class MissingCOpsModule(types.ModuleType):
+    """Stands in for ``detectron2._C`` when detectron2 was installed without its C++ ops.
+
+    Importing succeeds (``detectron2.layers`` and ``detectron2.evaluation`` import ``_C`` at
+    module import time); calling any op raises a ``RuntimeError`` that names it.
+    """
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name in _C_INFO:
+            return _C_INFO[name]
+        raise RuntimeError(
+            f"detectron2._C.{name} is unavailable: this detectron2 was installed without its "
+            "C++ ops (rotated boxes, deformable convolution, ROIAlignRotated, the fast COCO "
+            "evaluator). Build detectron2 from source to use them; Mask R-CNN and everything "
+            "in lvis_longtail run without them."
+        )
+
+
+def _stub_missing_c_ops() -> None:
+    """detectron2 0.6 from the PyPI sdist has no compiled ``detectron2._C``."""
+    if "detectron2._C" in sys.modules or importlib.util.find_spec("detectron2") is None:
+        return
+    if importlib.util.find_spec("detectron2._C") is not None:
+        return
+    import detectron2
+
+    stub = MissingCOpsModule("detectron2._C")
+    sys.modules["detectron2._C"] = stub
+    detectron2._C = stub
+
+
+def _pillow_linear() -> None:
+    """Pillow 10 removed ``Image.LINEAR``, a default argument in d2's ``transform.py``."""
+    from PIL import Image
+
+    if not hasattr(Image, "LINEAR"):
+        Image.LINEAR = Image.BILINEAR
+
+
+class _NumpyWithFloat(types.ModuleType):
+    """numpy, plus the ``np.float`` alias removed in NumPy 1.24 (lvis-api 0.5.3 uses it)."""
+
+    float = float
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+def _lvis_numpy_float() -> None:
+    """lvis-api 0.5.3 ``eval.py`` calls ``astype(np.float)``; scoped to that module only."""
+    if hasattr(np, "float") or importlib.util.find_spec("lvis") is None:
+        return
+    import lvis.eval
+
+    if not isinstance(lvis.eval.np, _NumpyWithFloat):
+        lvis.eval.np = _NumpyWithFloat("numpy")
+
+
+def _map_dataset_retry() -> None:
+    """``MapDataset.__getitem__`` retries with ``random.sample(<set>)``: TypeError on 3.11+."""
+    from detectron2.data import common
+
+    def __getitem__(self, idx):
+        retry_count = 0
+        cur_idx = int(idx)
+        while True:
+            data = self._map_func(self._dataset[cur_idx])
+            if data is not None:
+                self._fallback_candidates.add(cur_idx)
+                return data
+            retry_count += 1
+            self._fallback_candidates.discard(cur_idx)
+            if not self._fallback_candidates:
+                raise RuntimeError("the dataset mapper returned None for every sample")
+            cur_idx = self._rng.choice(sorted(self._fallback_candidates))
+            if retry_count >= 3:
+                common.logging.getLogger(common.__name__).warning(
+                    f"Failed to apply `_map_func` for idx: {idx}, retry count: {retry_count}"
+                )
+
+    try:
+        random.sample({0}, k=1)
+    except TypeError:
+        common.MapDataset.__getitem__ = __getitem__
+
+
+def _ddp_on_cpu() -> None:
+    """``create_ddp_model`` passes ``device_ids=[local_rank]``, which DDP rejects on CPU."""
+    from detectron2.engine import defaults
+
+    original = defaults.create_ddp_model
+    if getattr(original, "_lvis_longtail_cpu", False):
+        return
+
+    @functools.wraps(original)
+    def create_ddp_model(model, *, fp16_compression=False, **kwargs):
+        if "device_ids" not in kwargs and next(model.parameters()).device.type == "cpu":
+            kwargs["device_ids"] = None
+        return original(model, fp16_compression=fp16_compression, **kwargs)
+
+    create_ddp_model._lvis_longtail_cpu = True
+    defaults.create_ddp_model = create_ddp_model
+
+
+def _lr_scheduler_checkpoint() -> None:
+    """d2's ``LRScheduler`` hook only checkpoints ``_LRScheduler`` instances; torch 2.x
+    schedulers derive from ``LRScheduler``, and would silently restart on resume."""
+    import torch
+    from detectron2.engine import hooks
+
+    base = getattr(torch.optim.lr_scheduler, "LRScheduler", None)
+    if base is None or getattr(hooks.LRScheduler, "_lvis_longtail_state", False):
+        return
+
+    def state_dict(self):
+        return self.scheduler.state_dict() if isinstance(self.scheduler, base) else {}
+
+    def load_state_dict(self, state_dict):
+        if isinstance(self.scheduler, base):
+            self.scheduler.load_state_dict(state_dict)
+
+    hooks.LRScheduler.state_dict = state_dict
+    hooks.LRScheduler.load_state_dict = load_state_dict
+    hooks.LRScheduler._lvis_longtail_state = True
+
+
+def apply() -> None:
+    """Apply every needed shim once. Safe to call repeatedly."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    _stub_missing_c_ops()
+    _pillow_linear()
+    _lvis_numpy_float()
+    _map_dataset_retry()
+    _ddp_on_cpu()
+    _lr_scheduler_checkpoint()
+    _APPLIED = True

@@ -1,0 +1,21 @@
+"""Datasets of lvis_longtail. Importing this module registers the built-in dataset names."""
+
+from lvis_longtail.data.builtin import register_builtin, register_from_config
+from lvis_longtail.data.class_stats import ClassStats, get_class_stats
+from lvis_longtail.data.lvis_format import (
+    LVISFormatError,
+    load_lvis_format_json,
+    register_lvis_format,
+)
+
+register_builtin()
+
+__all__ = [
+    "ClassStats",
+    "LVISFormatError",
+    "get_class_stats",
+    "load_lvis_format_json",
+    "register_builtin",
+    "register_from_config",
+    "register_lvis_format",
+]

@@ -1,0 +1,490 @@
+"""A deterministic, long-tailed synthetic instance-segmentation dataset in LVIS v1 format.
+
+Every class is a (shape, color) pair, so appearance alone identifies it. Half of the shapes are
+thin or hollow (ring, frame, diagonal bar, L, thin plus, thin X), with mask area well below half
+of their box area. Train classes follow a log-linear long tail (LVIS-like frequent, common and
+rare groups); val and test-dev use the square root of those weights, renormalized.
+
+Objects never overlap (masks keep a 2 px margin), and every image is painted from the very
+masks pycocotools rasterizes from the written polygons, so pixels and annotations agree exactly.
+Hollow shapes are unions of overlapping simple polygons (two half-annuli for a ring, four strips
+for a frame), since LVIS polygons cannot express holes.
+
+Layout written under ``out_dir``::
+
+    annotations/lt_synthetic_{train,val,test_dev}.json   (test_dev: image info only)
+    images/{train,val,test_dev}/000000000001.png
+
+Usage::
+
+    python -m lvis_longtail.data.synthetic --out datasets/lt_synthetic --seed 0
+"""
+
+import argparse
+import collections
+import itertools
+import json
+import os
+import time
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from lvis_longtail.data.class_stats import frequency_group
+
+SPLITS = ("train", "val", "test_dev")
+COLORS = {  # RGB, saturated and far from the low-saturation background
+    "red": (220, 30, 30),
+    "green": (30, 190, 50),
+    "blue": (40, 70, 235),
+    "yellow": (240, 220, 30),
+    "magenta": (215, 40, 205),
+    "cyan": (30, 205, 215),
+    "orange": (250, 140, 10),
+}
+# Head-to-tail ratio of the train class weights (log-linear in frequency rank).
+TRAIN_HEAD_TAIL_RATIO = 500.0
+NOT_EXHAUSTIVE_FRACTION = 0.05
+NUM_NEGATIVES = (3, 6)
+MARGIN_PX = 2
+_RANK_SEED = 1234  # fixed, so class frequencies do not change with ``seed``
+_SQUARE = np.array([(-1, -1), (1, -1), (1, 1), (-1, 1)], dtype=np.float64)
+_RHOMBUS = np.array([(0, -1), (0.6, 0), (0, 1), (-0.6, 0)])
+
+
+def _rot(points, degrees):
+    """Rotate (N, 2) points about the origin by ``degrees``."""
+    a = np.deg2rad(degrees)
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    return np.asarray(points, dtype=np.float64) @ rot.T
+
+
+def _arc(radius, start, stop, n, rx=None):
+    """(n, 2) points on an elliptical arc from ``start`` to ``stop`` degrees."""
+    a = np.deg2rad(np.linspace(start, stop, n))
+    return np.stack([(rx or radius) * np.cos(a), radius * np.sin(a)], axis=1)
+
+
+def _arc_points(s):
+    return int(np.clip(s, 16, 48))
+
+
+def _cross(s, t, angle):
+    """A plus of two strokes (length ``s``, width ``t``) rotated by ``angle``: 12 vertices."""
+    arm = [(-t / 2, -s / 2), (t / 2, -s / 2), (t / 2, -t / 2)]
+    return [_rot(np.concatenate([_rot(arm, 90 * k) for k in range(4)]), angle)]
+
+
+def _ring(rng, s, t):
+    r_out, r_in, n = s / 2, s / 2 - t, _arc_points(s) // 2 + 1
+    halves = [(-5.0, 185.0), (175.0, 365.0)]  # overlapping halves: their union has no seam
+    return [np.concatenate([_arc(r_out, a, b, n), _arc(r_in, b, a, n)]) for a, b in halves]
+
+
+def _frame(rng, s, t):
+    a = 0.4 * s
+    strips = [(-a, -a, a, -a + t), (-a, a - t, a, a), (-a, -a, -a + t, a), (a - t, -a, a, a)]
+    angle = rng.uniform(-15, 15)
+    return [_rot([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], angle) for x0, y0, x1, y1 in strips]
+
+
+def _bar(rng, s, t):
+    pts = [(-s / 2, -t / 2), (s / 2, -t / 2), (s / 2, t / 2), (-s / 2, t / 2)]
+    return [_rot(pts, rng.choice([-1.0, 1.0]) * rng.uniform(20, 70))]  # never axis-aligned
+
+
+def _lshape(rng, s, t):
+    n = 0.8 * s
+    pts = np.array([(0, 0), (n, 0), (n, t), (t, t), (t, n), (0, n)]) - n / 2
+    return [_rot(pts, 90 * rng.integers(4) + rng.uniform(-15, 15))]
+
+
+def _star(rng, s, t):
+    radii = np.tile([s / 2, 0.45 * s / 2], 5)
+    a = np.deg2rad(np.arange(10) * 36.0 + rng.uniform(0, 72))
+    return [np.stack([radii * np.cos(a), radii * np.sin(a)], axis=1)]
+
+
+def _ellipse(rng, s, t):
+    return [_rot(_arc(s / 4, 0, 360, _arc_points(s), rx=s / 2)[:-1], rng.uniform(0, 180))]
+
+
+# name -> (builder(rng, size, thickness) -> list of (N, 2) polygons about the origin, thin?).
+# Filled and thin shapes alternate, so any K >= 2 gets both kinds.
+SHAPES = {
+    "square": (lambda r, s, t: [_rot(_SQUARE * 0.4 * s, r.uniform(-15, 15))], False),
+    "ring": (_ring, True),
+    "disk": (lambda r, s, t: [_arc(s / 2, 0, 360, _arc_points(s))[:-1]], False),
+    "frame": (_frame, True),
+    "triangle": (lambda r, s, t: [_rot(_arc(s / 2, 0, 240, 3), r.uniform(0, 120))], False),
+    "bar": (_bar, True),
+    "diamond": (lambda r, s, t: [_rot(_RHOMBUS * s / 2, r.uniform(-15, 15))], False),
+    "lshape": (_lshape, True),
+    "star": (_star, False),
+    "thin_plus": (lambda r, s, t: _cross(s, t, r.uniform(-10, 10)), True),
+    "ellipse": (_ellipse, False),
+    "thin_x": (lambda r, s, t: _cross(s, t, 45 + r.uniform(-10, 10)), True),
+}
+_SHAPE_NAMES = tuple(SHAPES)
+_COLOR_NAMES = tuple(COLORS)
+
+
+def class_specs(num_classes):
+    """The (shape, color) of each class: class ``i`` (0-based) gets shape ``i % 12``.
+
+    Returns:
+        list of (shape_name, color_name), length ``num_classes``, all pairs distinct.
+    """
+    ns, nc = len(_SHAPE_NAMES), len(_COLOR_NAMES)
+    if not 1 <= num_classes <= ns * nc:
+        raise ValueError(f"num_classes must be in [1, {ns * nc}], got {num_classes}")
+    return [
+        (_SHAPE_NAMES[i % ns], _COLOR_NAMES[(i // ns + 3 * (i % ns)) % nc])
+        for i in range(num_classes)
+    ]
+
+
+def class_weights(num_classes, split):
+    """Sampling weights of the classes, (K,), summing to 1.
+
+    Train: log-linear in a frequency rank (head / tail = ``TRAIN_HEAD_TAIL_RATIO``). The rank
+    order is fixed (independent of the seed) and alternates filled and thin classes, each kind
+    shuffled, so every frequency group holds both kinds in equal measure.
+    Val and test-dev: the square root of the train weights, renormalized.
+    """
+    rng = np.random.default_rng(_RANK_SEED)
+    thin = np.array([SHAPES[shape][1] for shape, _ in class_specs(num_classes)])
+    kinds = [rng.permutation(np.flatnonzero(thin == t)).tolist() for t in (False, True)]
+    order = [c for pair in itertools.zip_longest(*kinds) for c in pair if c is not None]
+    ranks = np.argsort(order)
+    beta = np.log(TRAIN_HEAD_TAIL_RATIO) / max(num_classes - 1, 1)
+    w = np.exp(-beta * ranks)
+    w = w if split == "train" else np.sqrt(w)
+    return w / w.sum()
+
+
+def class_quotas(total, weights, min_per_class):
+    """Instance count per class: ``min_per_class`` each, the rest by largest remainder."""
+    quotas = np.full(len(weights), min_per_class, dtype=np.int64)
+    raw = (total - quotas.sum()) * np.asarray(weights)
+    quotas += np.floor(raw).astype(np.int64)
+    left = total - quotas.sum()
+    quotas[np.argsort(-(raw - np.floor(raw)), kind="stable")[:left]] += 1
+    return quotas
+
+
+def assign_classes(rng, num_images, weights, min_per_class):
+    """Draw 2-6 objects per image and deal out classes following ``weights``.
+
+    Args:
+        rng: a ``np.random.Generator``.
+        num_images: number of images.
+        weights: (K,) class weights summing to 1.
+        min_per_class: instances every class gets, lowered to ``total // K`` if there are
+            fewer than ``K * min_per_class`` objects in all.
+
+    Returns:
+        list (one per image) of 0-based class ids, rarest class (lowest quota) first, and the
+        per-class quotas, (K,).
+    """
+    counts = rng.integers(2, 7, size=num_images)
+    total, k = int(counts.sum()), len(weights)
+    quotas = class_quotas(total, weights, min(min_per_class, total // k))
+    labels = np.repeat(np.arange(k), quotas)
+    rng.shuffle(labels)
+    chunks = np.split(labels, np.cumsum(counts)[:-1])
+    return [sorted(c.tolist(), key=lambda c_: (quotas[c_], c_)) for c in chunks], quotas
+
+
+def polygons_to_rle(polygons, height, width):
+    """Merged RLE of flat polygons ``[[x1, y1, x2, y2, ...], ...]`` (pycocotools)."""
+    return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+
+
+def _place(rng, shape, size, size_min, occupied):
+    """Sample a pose for one object whose mask avoids ``occupied``; None if it does not fit."""
+    h, w = occupied.shape
+    for attempt in range(40):
+        if attempt and attempt % 8 == 0:
+            size = max(size_min, 0.85 * size)
+        polys = SHAPES[shape][0](rng, size, max(2.5, 0.09 * size))
+        pts = np.concatenate(polys)
+        lo, hi = pts.min(0), pts.max(0)
+        room = np.array([w, h]) - 2.0 - (hi - lo)
+        if (room <= 1.0).any():
+            size = max(size_min, 0.85 * size)
+            continue
+        shift = 1.0 - lo + rng.uniform(0, room)
+        flat = [np.round(p + shift, 2).ravel().tolist() for p in polys]
+        mask = mask_utils.decode(polygons_to_rle(flat, h, w)).astype(bool)
+        if mask.sum() >= 8 and not (mask & occupied).any():
+            return flat, mask
+    return None
+
+
+def _background(rng, h, w):
+    """Smooth low-contrast, low-saturation background with gray distractor specks, (H, W, 3)."""
+    base = rng.uniform(80, 150) + rng.uniform(-10, 10, size=3)
+    blobs = cv2.resize(rng.normal(0, 14, (5, 5, 3)), (w, h), interpolation=cv2.INTER_CUBIC)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    grad = (rng.uniform(-25, 25) * xx + rng.uniform(-25, 25) * yy)[..., None]
+    img = base + blobs + grad + rng.normal(0, 3, (h, w, 3))
+    for _ in range(rng.integers(0, 9)):
+        center = (int(rng.integers(w)), int(rng.integers(h)))
+        gray = float(np.clip(base.mean() + rng.uniform(-40, 40), 0, 255))
+        cv2.circle(img, center, int(rng.integers(1, 3)), (gray, gray, gray), -1)
+    return img
+
+
+def _make_image(rng, h, w, labels, specs, size_range, thin_min):
+    """Place and paint ``labels``; returns the RGB image and [(label, polygons, mask), ...]."""
+    img = _background(rng, h, w)
+    occupied = np.zeros((h, w), dtype=bool)
+    kernel = np.ones((2 * MARGIN_PX + 1, 2 * MARGIN_PX + 1), np.uint8)
+    objects = []
+    for label in labels:
+        shape, color = specs[label]
+        lo = max(size_range[0], thin_min) if SHAPES[shape][1] else size_range[0]
+        size = float(np.exp(rng.uniform(np.log(lo), np.log(max(lo, size_range[1])))))
+        placed = _place(rng, shape, size, lo, occupied)
+        if placed is None:
+            continue
+        flat, mask = placed
+        occupied |= cv2.dilate(mask.astype(np.uint8), kernel).astype(bool)
+        paint = np.array(COLORS[color]) * rng.uniform(0.92, 1.0)
+        img[mask] = paint + rng.normal(0, 4, (int(mask.sum()), 3))
+        objects.append((label, flat, mask))
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), objects
+
+
+def _annotation(ann_id, image_id, label, flat, height, width):
+    pts = np.concatenate([np.reshape(p, (-1, 2)) for p in flat])
+    (x0, y0), (x1, y1) = pts.min(0), pts.max(0)
+    area = float(mask_utils.area(polygons_to_rle(flat, height, width)))
+    bbox = [round(float(v), 2) for v in (x0, y0, x1 - x0, y1 - y0)]
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": label + 1,
+        "segmentation": flat,
+        "bbox": bbox,
+        "area": area,
+    }
+
+
+def _image_record(image_id, split, h, w):
+    rel = f"{split}/{image_id:012d}.png"
+    return {
+        "id": image_id,
+        "width": w,
+        "height": h,
+        "file_name": rel,
+        "coco_url": f"http://synthetic.invalid/{rel}",
+        "flickr_url": f"http://synthetic.invalid/flickr/{rel}",
+        "date_captured": "2024-01-01 00:00:00",
+        "license": 1,
+        "neg_category_ids": [],
+        "not_exhaustive_category_ids": [],
+    }
+
+
+def _label_image(rng, record, objects, quotas, num_classes):
+    """Choose negatives and, for ~5% of images, one instance to leave unannotated.
+
+    Returns:
+        the (label, polygons) pairs to annotate.
+    """
+    present = sorted({o[0] for o in objects})
+    absent = np.setdiff1d(np.arange(num_classes), present)
+    n_neg = min(int(rng.integers(NUM_NEGATIVES[0], NUM_NEGATIVES[1] + 1)), len(absent))
+    record["neg_category_ids"] = sorted(int(c) + 1 for c in rng.choice(absent, n_neg, False))
+    kept = [(o[0], o[1]) for o in objects]
+    if rng.random() < NOT_EXHAUSTIVE_FRACTION:
+        labels = [o[0] for o in objects]
+        # Never thin out a class that is rare in this split, unless the image has two of it.
+        cands = [c for c in present if quotas[c] > 10 or labels.count(c) > 1]
+        if cands:
+            c = int(rng.choice(cands))
+            kept.pop(int(rng.choice([i for i, x in enumerate(labels) if x == c])))
+            record["not_exhaustive_category_ids"] = [c + 1]
+    return kept
+
+
+def _progress(items, desc, enabled):
+    """``items`` wrapped in a tqdm bar when ``enabled`` (and tqdm is installed)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, unit="img", disable=not enabled)
+
+
+def _write_atomic(path, data):
+    """Write ``data`` (bytes) to ``path`` via a temp file in the same folder and os.replace."""
+    tmp = os.path.join(os.path.dirname(path), f".tmp{os.getpid()}_{os.path.basename(path)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _generate_split(cfg, split, first_image_id, first_ann_id):
+    """Render one split; returns (image records, annotations)."""
+    si = SPLITS.index(split)
+    h, w, k = cfg["h"], cfg["w"], len(cfg["specs"])
+    n = cfg[f"num_{split}"]
+    rng = np.random.default_rng([cfg["seed"], si])
+    labels, quotas = assign_classes(rng, n, class_weights(k, split), 1 if si == 0 else 3)
+    if split == "train" and quotas.min() < 1:
+        raise ValueError(f"{n} train images hold too few objects for {k} classes")
+    img_dir = os.path.join(cfg["out_dir"], "images", split)
+    os.makedirs(img_dir, exist_ok=True)
+    images, anns = [], []
+    for i in _progress(range(n), f"{split} images", cfg["progress"]):
+        img_rng = np.random.default_rng([cfg["seed"], si, i])
+        img, objects = _make_image(img_rng, h, w, labels[i], cfg["specs"], *cfg["sizes"])
+        record = _image_record(first_image_id + i, split, h, w)
+        for label, flat in _label_image(img_rng, record, objects, quotas, k):
+            ann_id = first_ann_id + len(anns)
+            anns.append(_annotation(ann_id, record["id"], label, flat, h, w))
+        if split == "test_dev":
+            record["neg_category_ids"], record["not_exhaustive_category_ids"] = [], []
+        images.append(record)
+        if cfg["write_images"]:
+            png = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))[1]
+            _write_atomic(os.path.join(cfg["out_dir"], "images", record["file_name"]), png)
+    return images, anns
+
+
+def build_categories(specs, train_anns):
+    """LVIS v1 category records with counts and frequency from the train annotations."""
+    images_of = [set() for _ in specs]
+    inst = np.zeros(len(specs), dtype=np.int64)
+    for a in train_anns:
+        images_of[a["category_id"] - 1].add(a["image_id"])
+        inst[a["category_id"] - 1] += 1
+    cats = []
+    for i, (shape, color) in enumerate(specs):
+        name = f"{color}_{shape}"
+        thin = SHAPES[shape][1]
+        kind = "thin or hollow" if thin else "filled"
+        cats.append(
+            {
+                "id": i + 1,
+                "name": name,
+                "synset": f"{name}.n.01",
+                "synonyms": [name],
+                "def": f"a {kind} {shape.replace('_', ' ')} painted {color}",
+                "frequency": frequency_group(len(images_of[i])),
+                "image_count": len(images_of[i]),
+                "instance_count": int(inst[i]),
+                "thin": thin,
+            }
+        )
+    return cats
+
+
+def generate(
+    out_dir,
+    seed=0,
+    num_train=800,
+    num_val=150,
+    num_test=50,
+    image_size=(128, 128),
+    num_classes=24,
+    *,
+    write_images=True,
+    progress=True,
+):
+    """Generate the dataset under ``out_dir``; the same arguments give byte-identical files.
+
+    Args:
+        out_dir: output root; gets ``annotations/`` and ``images/``.
+        seed: random seed of the images and of the class assignment (not of class frequency
+            ranks, which are fixed).
+        num_train, num_val, num_test: images per split.
+        image_size: (height, width); object sizes scale with ``min(height, width) / 128``.
+        num_classes: K, at most 84 (12 shapes x 7 colors).
+        write_images: False writes only the jsons (for quick statistics).
+        progress: show a progress bar while rendering.
+
+    Returns:
+        dict split name -> path of its json.
+    """
+    h, w = (int(v) for v in image_size)
+    scale = min(h, w) / 128.0
+    cfg = {
+        "out_dir": out_dir,
+        "seed": seed,
+        "h": h,
+        "w": w,
+        "specs": class_specs(num_classes),
+        "num_train": num_train,
+        "num_val": num_val,
+        "num_test_dev": num_test,
+        "sizes": ((12 * scale, 60 * scale), 22 * scale),
+        "write_images": write_images,
+        "progress": progress,
+    }
+    splits, next_image, next_ann = {}, 1, 1
+    for split in SPLITS:
+        splits[split] = _generate_split(cfg, split, next_image, next_ann)
+        next_image += cfg[f"num_{split}"]
+        next_ann += len(splits[split][1])
+    categories = build_categories(cfg["specs"], splits["train"][1])
+    missing = [c["name"] for c in categories if c["image_count"] == 0]
+    if missing:
+        raise RuntimeError(f"classes without a train image: {missing}; use more train images")
+    return _write_jsons(cfg, splits, categories)
+
+
+def _write_jsons(cfg, splits, categories):
+    info = {
+        "description": f"lvis_longtail synthetic long-tailed dataset (seed {cfg['seed']})",
+        "url": "http://synthetic.invalid",
+        "version": "1.0",
+        "year": 2024,
+        "contributor": "lvis_longtail",
+        "date_created": "2024-01-01",
+    }
+    licenses = [
+        {"id": 1, "name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}
+    ]
+    ann_dir = os.path.join(cfg["out_dir"], "annotations")
+    os.makedirs(ann_dir, exist_ok=True)
+    paths = {}
+    for split, (images, anns) in splits.items():
+        data = {"info": info, "licenses": licenses, "images": images}
+        if split != "test_dev":
+            data["annotations"] = anns
+        data["categories"] = categories
+        paths[split] = os.path.join(ann_dir, f"lt_synthetic_{split}.json")
+        _write_atomic(paths[split], json.dumps(data, separators=(",", ":")).encode())
+    return paths
+
+
+def main(argv=None):
+    """Command-line entry point; see the module docstring."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", dest="out_dir", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-train", type=int, default=800)
+    p.add_argument("--num-val", type=int, default=150)
+    p.add_argument("--num-test", type=int, default=50)
+    p.add_argument("--image-size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"))
+    p.add_argument("--num-classes", type=int, default=24)
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    paths = generate(**vars(args))
+    with open(paths["train"]) as f:
+        groups = collections.Counter(c["frequency"] for c in json.load(f)["categories"])
+    print(f"wrote {', '.join(paths.values())} in {time.perf_counter() - start:.1f} s")
+    print(f"train classes: {groups['r']} rare, {groups['c']} common, {groups['f']} frequent")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""detectron2's ``launch()``, extended to CPU processes.
+
+detectron2 0.6's ``launch`` asserts CUDA in every worker and uses NCCL. With ``backend="gloo"``
+(what ``train_net.py`` picks for ``MODEL.DEVICE cpu``) the same multi-process, multi-machine
+semantics run on CPU, so the distributed code paths can be tested without a GPU. With a GPU,
+detectron2's own ``launch`` is called unchanged.
+"""
+
+import logging
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from detectron2.engine import launch as d2_launch
+from detectron2.engine.launch import _find_free_port
+from detectron2.utils import comm
+
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+
+def launch(
+    main_func,
+    num_processes_per_machine: int,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    dist_url: str = None,
+    args=(),
+    backend: str = "nccl",
+    timeout: timedelta = DEFAULT_TIMEOUT,
+):
+    """Run ``main_func(*args)`` in ``num_processes_per_machine`` processes on each machine.
+
+    Args:
+        main_func: the function every process runs.
+        num_processes_per_machine: GPUs per machine (nccl) or CPU processes per machine (gloo).
+        num_machines, machine_rank, dist_url, timeout: as in detectron2's ``launch``;
+            ``dist_url="auto"`` picks a free local port (single machine only).
+        backend: "nccl" (detectron2's launch, one GPU per process) or "gloo" (CPU processes).
+    """
+    if backend != "gloo":
+        return d2_launch(
+            main_func,
+            num_processes_per_machine,
+            num_machines,
+            machine_rank,
+            dist_url,
+            args,
+            timeout,
+        )
+    world_size = num_machines * num_processes_per_machine
+    if world_size == 1:
+        return main_func(*args)
+    if dist_url == "auto":
+        if num_machines != 1:
+            raise ValueError("dist_url='auto' is not supported in multi-machine jobs")
+        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    mp.start_processes(
+        _cpu_worker,
+        nprocs=num_processes_per_machine,
+        args=(
+            main_func,
+            world_size,
+            num_processes_per_machine,
+            machine_rank,
+            dist_url,
+            args,
+            timeout,
+        ),
+        daemon=False,
+        start_method="spawn",
+    )
+
+
+def _cpu_worker(
+    local_rank, main_func, world_size, per_machine, machine_rank, dist_url, args, timeout
+):
+    global_rank = machine_rank * per_machine + local_rank
+    try:
+        dist.init_process_group(
+            "gloo", init_method=dist_url, world_size=world_size, rank=global_rank, timeout=timeout
+        )
+    except Exception as e:
+        logging.getLogger(__name__).error(f"Process group URL: {dist_url}")
+        raise e
+    # detectron2's comm.get_local_rank() needs the group of the processes on this machine.
+    for i in range(world_size // per_machine):
+        group = dist.new_group(list(range(i * per_machine, (i + 1) * per_machine)))
+        if i == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
+    torch.set_num_threads(max(1, torch.get_num_threads() // per_machine))
+    comm.synchronize()
+    main_func(*args)

@@ -1,0 +1,157 @@
+"""Small random LVIS-format splits and results, rich in the cases that break evaluators.
+
+For parity tests and smoke tests of evaluation code (no images are rendered). A split made by
+:func:`random_split` has every federated case: positive, negative and unknown categories per
+image, not-exhaustively annotated categories, categories without ground truth, images
+without annotations, all three area ranges and frequency groups, and (optionally) a few
+annotations with ``ignore`` or area 0. :func:`random_results` adds jittered true positives,
+duplicates, false positives of every kind, tied scores and zero-area boxes.
+"""
+
+from typing import List
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+FREQUENCIES = ("r", "c", "f")
+
+
+def _polygon(rng, x, y, w, h) -> List[float]:
+    """A random convex-ish polygon (8 vertices) inside the box, as a flat list."""
+    a = np.sort(rng.uniform(0, 2 * np.pi, 8))
+    r = rng.uniform(0.7, 1.0, 8)
+    cx, cy = x + w / 2, y + h / 2
+    px = np.clip(cx + r * np.cos(a) * w / 2, x, x + w)
+    py = np.clip(cy + r * np.sin(a) * h / 2, y, y + h)
+    return np.round(np.stack([px, py], 1).ravel(), 2).tolist()
+
+
+def _random_box(rng, height, width, scale=None):
+    side = scale if scale is not None else float(np.exp(rng.uniform(np.log(6), np.log(150))))
+    w = float(np.clip(side * rng.uniform(0.7, 1.3), 3, width - 2))
+    h = float(np.clip(side * rng.uniform(0.7, 1.3), 3, height - 2))
+    x = float(rng.uniform(0, width - w))
+    y = float(rng.uniform(0, height - h))
+    return [round(x, 2), round(y, 2), round(w, 2), round(h, 2)]
+
+
+def random_split(
+    seed: int = 0,
+    num_images: int = 8,
+    num_categories: int = 10,
+    size=(160, 200),
+    oddities: bool = True,
+) -> dict:
+    """An LVIS-format split with annotations (polygon masks).
+
+    Category ``k`` (id ``k + 1``) has frequency ``FREQUENCIES[k % 3]``; the last category
+    never has ground truth. Image 0 has no annotations. With ``oddities``, one annotation
+    has area 0 and one has ``ignore: 1``, which lvis-api skips and ignores respectively.
+    """
+    rng = np.random.default_rng(seed)
+    height, width = size
+    cats = [
+        {"id": k + 1, "name": f"c{k + 1}", "synset": f"c{k + 1}.n.01", "frequency": f}
+        for k, f in zip(range(num_categories), FREQUENCIES * num_categories)
+    ]
+    with_gt = num_categories - 1
+    images, anns = [], []
+    for i in range(num_images):
+        image_id = 10 * (i + 1)
+        positives = [] if i == 0 else sorted(rng.choice(with_gt, rng.integers(1, 4), False))
+        others = [k for k in range(num_categories) if k not in positives]
+        negatives = rng.choice(others, min(len(others), int(rng.integers(1, 4))), False)
+        not_exhaustive = [positives[0] + 1] if positives and rng.random() < 0.5 else []
+        images.append(
+            {
+                "id": image_id,
+                "height": height,
+                "width": width,
+                "file_name": f"{image_id}.jpg",
+                "neg_category_ids": sorted(int(k) + 1 for k in negatives),
+                "not_exhaustive_category_ids": not_exhaustive,
+            }
+        )
+        for k in positives:
+            for _ in range(int(rng.integers(1, 4))):
+                box = _random_box(rng, height, width)
+                poly = _polygon(rng, *box)
+                rle = mask_utils.merge(mask_utils.frPyObjects([poly], height, width))
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": image_id,
+                        "category_id": int(k) + 1,
+                        "bbox": box,
+                        "area": float(mask_utils.area(rle)),
+                        "segmentation": [poly],
+                    }
+                )
+    if oddities and len(anns) > 3:
+        anns[1]["area"] = 0.0
+        anns[2]["ignore"] = 1
+    return {"info": {}, "licenses": [], "images": images, "categories": cats, "annotations": anns}
+
+
+def _rle(polygon, height, width):
+    rle = mask_utils.merge(mask_utils.frPyObjects([polygon], height, width))
+    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+
+
+def _moved(polygon, box, new_box):
+    """``polygon`` (inside ``box``) mapped into ``new_box``."""
+    p = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+    (x, y, w, h), (nx, ny, nw, nh) = box, new_box
+    p = (p - [x, y]) * [nw / w, nh / h] + [nx, ny]
+    return np.round(p.ravel(), 2).tolist()
+
+
+def random_results(
+    dataset: dict, seed: int = 0, false_positives: int = 12, masks: bool = True
+) -> List[dict]:
+    """LVIS result records for ``dataset``: for each annotation 0-2 jittered detections of its
+    category (so some objects are missed and some found twice), plus ``false_positives`` per
+    image of random categories (positive, negative or unknown for the image). Scores have 2
+    decimals, so ties are common; a few boxes have zero width. Image 0 gets no detections."""
+    rng = np.random.default_rng(seed)
+    cat_ids = [c["id"] for c in dataset["categories"]]
+    by_image = {}
+    for ann in dataset["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    records = []
+    for image in dataset["images"][1:]:
+        h, w = image["height"], image["width"]
+        dets = []
+        for ann in by_image.get(image["id"], []):
+            x, y, bw, bh = ann["bbox"]
+            for _ in range(int(rng.integers(0, 3))):
+                jitter = rng.normal(0, 0.08, 4) * [bw, bh, bw, bh]
+                nw, nh = max(bw + jitter[2], 2.0), max(bh + jitter[3], 2.0)
+                nx = float(np.clip(x + jitter[0], 0, w - nw))
+                ny = float(np.clip(y + jitter[1], 0, h - nh))
+                new_box = [round(nx, 2), round(ny, 2), nw, nh]
+                dets.append(
+                    (
+                        ann["category_id"],
+                        new_box,
+                        _moved(ann["segmentation"][0], ann["bbox"], new_box),
+                    )
+                )
+        for _ in range(false_positives):
+            box = _random_box(rng, h, w)
+            dets.append((int(rng.choice(cat_ids)), box, _polygon(rng, *box)))
+        for cat, box, polygon in dets:
+            box = [round(float(v), 2) for v in box]
+            if rng.random() < 0.03:
+                box[2] = 0.0
+            record = {
+                "image_id": image["id"],
+                "category_id": int(cat),
+                "score": round(float(rng.uniform(0.05, 1.0)), 2),
+                "bbox": box,
+            }
+            if masks:
+                record["segmentation"] = _rle(polygon, h, w)
+            records.append(record)
+    order = rng.permutation(len(records))  # results need not be grouped by image
+    return [records[i] for i in order]

@@ -1,0 +1,256 @@
+"""Mask head with the balanced (dice + area-ratio-weighted BCE) mask loss, optional boundary
+supervision and an optional normalized (cosine) mask predictor.
+
+The loss functions themselves are pure and live in :mod:`lvis_longtail.modeling.mask_losses`.
+"""
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, cat
+from detectron2.modeling.roi_heads.mask_head import (
+    ROI_MASK_HEAD_REGISTRY,
+    MaskRCNNConvUpsampleHead,
+    mask_rcnn_inference,
+)
+from detectron2.structures import Instances
+from detectron2.utils.events import get_event_storage
+from torch import nn
+from torch.nn import functional as F
+
+from lvis_longtail.modeling.mask_losses import boundary_loss, dice_loss, weighted_bce_loss
+
+__all__ = ["DiceBCEMaskHead", "NormedConv2d", "mask_rcnn_targets", "select_class_masks"]
+
+
+class NormedConv2d(nn.Conv2d):
+    """1x1 cosine predictor: ``scale * conv(x / |x|, W / |W|) + b``, features L2-normalised
+    per pixel over channels, each output's weights L2-normalised over input channels
+    (the Seesaw recipe's normalized mask predictor, scale 20)."""
+
+    def __init__(self, in_channels: int, out_channels: int, scale: float = 20.0, eps=1e-6):
+        super().__init__(in_channels, out_channels, kernel_size=1)
+        self.scale = scale
+        self.eps = eps
+        nn.init.normal_(self.weight, std=0.01)
+        nn.init.constant_(self.bias, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(x, dim=1, eps=self.eps) * self.scale
+        weight = F.normalize(self.weight, dim=1, eps=self.eps)
+        return F.conv2d(x, weight, self.bias)
+
+
+def mask_rcnn_targets(
+    instances: List[Instances], mask_side_len: int, device: torch.device
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mask targets as in detectron2's ``mask_rcnn_loss``: each GT mask cropped to its
+    proposal box and resized to ``mask_side_len``.
+
+    Args:
+        instances: per-image foreground proposals with ``proposal_boxes``, ``gt_classes``
+            and ``gt_masks`` (BitMasks or PolygonMasks).
+        mask_side_len: M.
+        device: device of the returned tensors.
+
+    Returns:
+        (R, M, M) bool targets and (R,) int64 GT classes, R = total number of proposals.
+    """
+    masks, classes = [], []
+    for inst in instances:
+        if len(inst) == 0:
+            continue
+        crop = inst.gt_masks.crop_and_resize(inst.proposal_boxes.tensor, mask_side_len)
+        # BitMasks and PolygonMasks give bool; a float rasterization is thresholded.
+        masks.append(crop if crop.dtype == torch.bool else crop > 0.5)
+        classes.append(inst.gt_classes.to(dtype=torch.int64))
+    if not masks:
+        empty = torch.zeros((0, mask_side_len, mask_side_len), dtype=torch.bool, device=device)
+        return empty, torch.zeros((0,), dtype=torch.int64, device=device)
+    return cat(masks, dim=0).to(device=device), cat(classes, dim=0).to(device=device)
+
+
+def select_class_masks(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """(R, K, M, M) or class-agnostic (R, 1, M, M) logits -> (R, M, M) of each RoI's class."""
+    if logits.size(1) == 1:
+        return logits[:, 0]
+    return logits[torch.arange(logits.size(0), device=logits.device), classes]
+
+
+def _log_mask_accuracy(logits: torch.Tensor, targets: torch.Tensor, vis_period: int) -> None:
+    """detectron2's ``mask_rcnn/{accuracy,false_positive,false_negative}`` scalars (and the
+    prediction/GT images every ``vis_period`` iterations)."""
+    gt = targets > 0.5 if targets.dtype != torch.bool else targets
+    incorrect = (logits > 0) != gt
+    num_pos = gt.sum().item()
+    storage = get_event_storage()
+    storage.put_scalar("mask_rcnn/accuracy", 1 - incorrect.sum().item() / max(gt.numel(), 1))
+    storage.put_scalar(
+        "mask_rcnn/false_positive",
+        (incorrect & ~gt).sum().item() / max(gt.numel() - num_pos, 1.0),
+    )
+    storage.put_scalar(
+        "mask_rcnn/false_negative", (incorrect & gt).sum().item() / max(num_pos, 1.0)
+    )
+    if vis_period > 0 and storage.iter % vis_period == 0:
+        vis = torch.cat([logits.detach().float().sigmoid(), gt.float()], dim=2)
+        for idx, m in enumerate(vis):
+            storage.put_image(
+                f"Left: mask prediction;   Right: mask GT ({idx})", m[None].repeat(3, 1, 1)
+            )
+
+
+@ROI_MASK_HEAD_REGISTRY.register()
+class DiceBCEMaskHead(MaskRCNNConvUpsampleHead):
+    """Identical to detectron2's ``MaskRCNNConvUpsampleHead`` (``NUM_CONV`` 3x3 convs, a 2x
+    deconv, a 1x1 predictor), except:
+
+    * the loss is the balanced mask loss of the LVIS 2020 1st-place report:
+      ``BCE_LOSS_WEIGHT * weighted BCE`` as ``loss_mask`` plus ``DICE_LOSS_WEIGHT * dice`` as
+      ``loss_mask_dice`` (:mod:`~lvis_longtail.modeling.mask_losses`; reconstructed forms).
+      ``DICE_LOSS_WEIGHT 0, FG_WEIGHT_MAX 1`` gives exactly detectron2's loss;
+    * with ``BOUNDARY_LOSS_WEIGHT > 0``, boundary supervision ("intermediate boundary
+      supervision" in the report, after Boundary-preserving Mask R-CNN): a class-agnostic
+      1x1 conv ``boundary_predictor`` on the upsampled features predicts the mask boundary,
+      supervised by BCE + dice against the 3x3 morphological gradient of the mask target
+      (``loss_mask_boundary``). It shapes the shared features only: it is not used at test
+      time, and with weight 0 it is not built (no parameters, no compute);
+    * ``PREDICTOR: "NormedConv"`` replaces the 1x1 predictor by :class:`NormedConv2d`
+      (scale ``NORMED_SCALE``).
+
+    Heavier head (the report's "three more convolutions"): ``NUM_CONV: 7`` = detectron2's 4
+    plus 3. The report also uses deformable RoI pooling, which needs detectron2's C++ ops
+    and is not provided here.
+
+    Call protocol: ``forward(x, instances)`` as every detectron2 mask head (losses in
+    training, ``pred_masks`` at inference), plus :meth:`forward_train` for ROI heads that
+    need the logits as well (mask scoring).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape,
+        *,
+        dice_weight: float = 1.0,
+        bce_weight: float = 1.0,
+        fg_weight_max: float = 10.0,
+        boundary_weight: float = 0.0,
+        predictor: str = "Conv",
+        normed_scale: float = 20.0,
+        **kwargs,
+    ):
+        """
+        Args:
+            input_shape, num_classes, conv_dims, conv_norm, loss_weight, vis_period: as
+                detectron2's ``MaskRCNNConvUpsampleHead`` (``loss_weight`` multiplies all
+                terms).
+            dice_weight: weight of the dice term (``loss_mask_dice``).
+            bce_weight: weight of the area-ratio-weighted BCE (``loss_mask``).
+            fg_weight_max: upper clip of the foreground pixel weight.
+            boundary_weight: weight of ``loss_mask_boundary``; 0 = no boundary branch.
+            predictor: "Conv" or "NormedConv".
+            normed_scale: scale of the NormedConv predictor.
+        """
+        super().__init__(input_shape, **kwargs)
+        self.dice_weight = dice_weight
+        self.bce_weight = bce_weight
+        self.fg_weight_max = fg_weight_max
+        self.boundary_weight = boundary_weight
+        if predictor == "NormedConv":
+            old = self.predictor
+            # Re-assigning keeps the module's position in the nn.Sequential order.
+            self.predictor = NormedConv2d(old.in_channels, old.out_channels, normed_scale)
+        elif predictor != "Conv":
+            raise ValueError(f"Unknown MODEL.ROI_MASK_HEAD.PREDICTOR: {predictor!r}")
+        self.boundary_predictor = None
+        if boundary_weight > 0:
+            self.boundary_predictor = Conv2d(self.predictor.in_channels, 1, kernel_size=1)
+            nn.init.normal_(self.boundary_predictor.weight, std=0.001)
+            nn.init.constant_(self.boundary_predictor.bias, 0)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        head = cfg.MODEL.ROI_MASK_HEAD
+        ret.update(
+            dice_weight=head.DICE_LOSS_WEIGHT,
+            bce_weight=head.BCE_LOSS_WEIGHT,
+            fg_weight_max=head.FG_WEIGHT_MAX,
+            boundary_weight=head.BOUNDARY_LOSS_WEIGHT,
+            predictor=head.PREDICTOR,
+            normed_scale=head.NORMED_SCALE,
+        )
+        return ret
+
+    def mask_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, C, S, S) RoI features -> (R, D, 2S, 2S) features after convs and deconv."""
+        for conv in self.conv_norm_relus:
+            x = conv(x)
+        return self.deconv_relu(self.deconv(x))
+
+    def layers(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, C, S, S) RoI features -> (R, K or 1, 2S, 2S) mask logits."""
+        return self.predictor(self.mask_features(x))
+
+    def forward(self, x: torch.Tensor, instances: List[Instances]):
+        if not self.training:
+            mask_rcnn_inference(self.layers(x), instances)
+            return instances
+        gt_masks, gt_classes = mask_rcnn_targets(instances, 2 * x.shape[-1], x.device)
+        return self.forward_train(x, gt_masks, gt_classes)[0]
+
+    def forward_train(
+        self, x: torch.Tensor, gt_masks: torch.Tensor, gt_classes: torch.Tensor
+    ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+        """
+        Args:
+            x: (R, C, S, S) RoI features of foreground proposals.
+            gt_masks: (R, 2S, 2S) mask targets (see :func:`mask_rcnn_targets`).
+            gt_classes: (R,) GT classes.
+
+        Returns:
+            The loss dict and the (R, K or 1, 2S, 2S) mask logits.
+        """
+        features = self.mask_features(x)
+        logits = self.predictor(features)
+        boundary_logits = None
+        if self.boundary_predictor is not None:
+            boundary_logits = self.boundary_predictor(features)[:, 0]
+        return self.losses(logits, gt_masks, gt_classes, boundary_logits), logits
+
+    def losses(
+        self,
+        logits: torch.Tensor,
+        gt_masks: torch.Tensor,
+        gt_classes: torch.Tensor,
+        boundary_logits: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            logits: (R, K or 1, M, M) mask logits.
+            gt_masks: (R, M, M) mask targets.
+            gt_classes: (R,) GT classes (ignored if class-agnostic).
+            boundary_logits: (R, M, M) boundary logits, or None when the branch is off.
+
+        Returns:
+            ``loss_mask``, ``loss_mask_dice`` and, with the boundary branch,
+            ``loss_mask_boundary``.
+        """
+        assert logits.size(2) == logits.size(3) == gt_masks.size(1), "mask size mismatch"
+        selected = select_class_masks(logits, gt_classes)
+        if selected.numel() > 0:
+            _log_mask_accuracy(selected, gt_masks, self.vis_period)
+        w = self.loss_weight
+        losses = {
+            "loss_mask": w
+            * self.bce_weight
+            * weighted_bce_loss(selected, gt_masks, self.fg_weight_max),
+            "loss_mask_dice": w * self.dice_weight * dice_loss(selected, gt_masks),
+        }
+        if boundary_logits is not None:
+            losses["loss_mask_boundary"] = (
+                w * self.boundary_weight * boundary_loss(boundary_logits, gt_masks)
+            )
+        return losses

@@ -1,0 +1,91 @@
+"""Each shim of lvis_longtail.compat, proven against the break it fixes."""
+
+import numpy as np
+import pytest
+import torch
+
+import lvis_longtail  # noqa: F401
+from lvis_longtail import compat
+
+
+def test_missing_c_ops_import_but_fail_clearly_when_called():
+    from detectron2 import _C
+
+    if not isinstance(_C, compat.MissingCOpsModule):
+        pytest.fail("this environment is expected to run the pure-Python detectron2 build")
+    from detectron2.layers.rotated_boxes import pairwise_iou_rotated  # imports _C at import
+
+    boxes = torch.tensor([[10.0, 10.0, 4.0, 4.0, 0.0]])
+    with pytest.raises(RuntimeError, match=r"box_iou_rotated is unavailable.*C\+\+ ops"):
+        pairwise_iou_rotated(boxes, boxes)
+
+
+def test_collect_env_info_runs_without_c_ops():
+    from detectron2.utils.collect_env import collect_env_info
+
+    info = collect_env_info()
+    assert "detectron2" in info and "not built (pure-Python detectron2)" in info
+
+
+def test_pillow_linear_alias_lets_transforms_import():
+    from detectron2.data.transforms import ExtentTransform
+    from PIL import Image
+
+    assert Image.LINEAR == Image.BILINEAR
+    assert ExtentTransform((0, 0, 4, 4), (2, 2)).interp == Image.BILINEAR
+
+
+def test_numpy_float_alias_is_scoped_to_lvis_eval():
+    import lvis.eval
+
+    assert lvis.eval.np.float is float
+    assert lvis.eval.np.cumsum is np.cumsum
+    assert not hasattr(np, "float"), "numpy itself must stay unpatched"
+
+
+def test_map_dataset_retries_when_mapper_returns_none():
+    from detectron2.data.common import MapDataset
+
+    ds = MapDataset(list(range(5)), lambda x: None if x == 0 else x * 10)
+    assert ds[0] in {10, 20, 30, 40}  # TypeError on Python >= 3.11 without the shim
+
+
+def test_map_dataset_fails_clearly_when_every_sample_is_none():
+    from detectron2.data.common import MapDataset
+
+    ds = MapDataset([1, 2], lambda x: None)
+    with pytest.raises(RuntimeError, match="returned None for every sample"):
+        ds[0]
+
+
+def test_lr_scheduler_hook_checkpoints_torch2_schedulers():
+    from detectron2.engine.hooks import LRScheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    hook = LRScheduler(opt, sched)
+    state = hook.state_dict()
+    assert state["last_epoch"] == 3
+    fresh_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    fresh = torch.optim.lr_scheduler.StepLR(fresh_opt, step_size=1, gamma=0.5)
+    LRScheduler(fresh_opt, fresh).load_state_dict(state)
+    assert fresh.last_epoch == 3
+
+
+def test_create_ddp_model_is_identity_in_one_process():
+    from detectron2.engine.defaults import create_ddp_model
+
+    model = torch.nn.Linear(2, 2)
+    assert create_ddp_model(model, broadcast_buffers=False) is model
+
+
+def test_apply_is_idempotent():
+    from detectron2.engine import defaults
+
+    before = defaults.create_ddp_model
+    compat._APPLIED = False
+    compat.apply()
+    assert defaults.create_ddp_model is before

@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Train, evaluate and export with lvis_longtail.
+
+    python train_net.py --config-file configs/tiny/mask_rcnn_R18_FPN_tiny_softmax.yaml
+    python train_net.py --config-file F --eval-only MODEL.WEIGHTS output/.../model_final.pth
+    python train_net.py --config-file F --num-gpus 8
+    python train_net.py --config-file F --num-gpus 2 MODEL.DEVICE cpu   # 2 CPU processes (gloo)
+
+Evaluating a split with annotations prints and saves LVIS AP, APr/APc/APf; a split without
+annotations (LVIS test-dev) is exported to OUTPUT_DIR/inference/<dataset>/
+lvis_instances_results.json for the evaluation server.
+"""
+
+# isort: off
+import lvis_longtail  # noqa: F401  (first: compat layer, registries, datasets)
+
+# isort: on
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, default_setup
+
+from lvis_longtail.engine import Trainer, launch, setup_cfg
+
+
+def setup(args):
+    cfg = setup_cfg(args.config_file, args.opts)
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        return Trainer.test(cfg, model)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    device = setup_cfg(args.config_file, args.opts).MODEL.DEVICE
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+        backend="gloo" if device == "cpu" else "nccl",
+    )
