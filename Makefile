@@ -15,7 +15,7 @@ $(STAMP): requirements.lock pyproject.toml lvis_longtail/tools/install_detectron
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q pip==25.3
 	$(BIN)/python -m pip install -q -r requirements.lock
-	$(BIN)/python -m lvis_longtail.tools.install_detectron2 --cache .cache --constraint requirements.lock
+	$(BIN)/python lvis_longtail/tools/install_detectron2.py --cache .cache --constraint requirements.lock
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -125,6 +125,20 @@ def test_cascade_heads_with_long_tail_predictors(storage):
     assert all(p.cls_loss.cum_samples.sum() > 0 for p in predictors)
 
 
+def test_cascade_heads_share_the_long_tail_mask_branch(storage):
+    model = small_model(
+        "MODEL.ROI_HEADS.NAME", "LongTailCascadeROIHeads",
+        "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", True,
+        "MODEL.ROI_MASK_HEAD.LEVEL_ASSIGNMENT", "area_ratio",
+        "MODEL.ROI_MASK_HEAD.TEST_AREA_RATIO", "two_pass",
+        "MODEL.ROI_MASK_HEAD.MASK_SCORING", True,
+    )  # fmt: skip
+    heads = model.roi_heads
+    assert heads.mask_level_assignment == "area_ratio" and heads.mask_iou_head is not None
+    check_train_and_infer(model, storage, ("loss_maskiou",))
+    assert all(out["instances"].has("mask_scores") for out in infer(model))
+
+
 def test_softmax_ce_is_detectron2s_default_predictor(storage):
     ours = small_model("MODEL.ROI_BOX_HEAD.CLS_LOSS_NAME", "SoftmaxCE")
     theirs = small_model("MODEL.ROI_HEADS.NAME", "StandardROIHeads")

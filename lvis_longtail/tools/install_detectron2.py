@@ -13,7 +13,9 @@ own ``setup.py`` cannot build. This script:
 The missing ``detectron2._C`` and other incompatibilities with today's packages are handled at
 run time by :mod:`lvis_longtail.compat`.
 
-Usage: ``python -m lvis_longtail.tools.install_detectron2 [--cache DIR] [--constraint FILE]``
+Usage: ``python lvis_longtail/tools/install_detectron2.py [--cache DIR] [--constraint FILE]``
+(run as a file, not with ``-m``: importing the ``lvis_longtail`` package needs detectron2, and
+this script imports nothing but the standard library).
 """
 
 import argparse

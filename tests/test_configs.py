@@ -1,0 +1,29 @@
+"""Every YAML under configs/ loads, and builds a model with its own settings."""
+
+import pytest
+from conftest import REPO, register_unit_stats
+from detectron2.modeling import build_model
+
+from lvis_longtail.config import setup_cfg
+
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def test_configs_exist():
+    names = {p.relative_to(REPO / "configs").as_posix() for p in CONFIGS}
+    assert {"LVISv1/Base-MaskRCNN-R50-FPN.yaml", "tiny/Base-MaskRCNN-Tiny.yaml"} <= names
+    assert len(names) >= 20
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
+def test_config_loads_and_builds(path):
+    cfg = setup_cfg(str(path))
+    k = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    assert k == (1203 if "LVISv1" in path.parts else 24)
+    # Class statistics come from the training set's json; stand in statistics of the same K.
+    stats = register_unit_stats(k, name=f"lt_unit_stats_{k}")
+    cfg = setup_cfg(
+        str(path), ["DATASETS.TRAIN", f"('{stats}',)", "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""]
+    )
+    model = build_model(cfg)
+    assert model.roi_heads.num_classes == k
