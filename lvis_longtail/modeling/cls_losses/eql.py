@@ -7,13 +7,12 @@ from typing import Dict
 
 import torch
 from detectron2.config import configurable
-from torch.nn import functional as F
 
 from lvis_longtail.data.class_stats import get_class_stats
 
-from .base import ClassificationLoss, empty_loss, prior_logit, sigmoid_predicted_classes
+from .base import empty_loss
 from .registry import CLS_LOSS_REGISTRY
-from .sigmoid import one_hot_bce
+from .sigmoid import SigmoidCE, one_hot_bce
 
 
 def eql_loss(logits: torch.Tensor, gt_classes: torch.Tensor, rare: torch.Tensor) -> torch.Tensor:
@@ -38,13 +37,14 @@ def eql_loss(logits: torch.Tensor, gt_classes: torch.Tensor, rare: torch.Tensor)
 
 
 @CLS_LOSS_REGISTRY.register()
-class EQL(ClassificationLoss):
+class EQL(SigmoidCE):
     """Equalization Loss over K sigmoid logits (no background logit).
 
-    ``rare`` marks classes with training image frequency f_j = image_count_j / num_images below
-    lambda (``EQL.LAMBDA``); a non-persistent buffer derived from the dataset. Bias init: prior
-    ``EQL.PRIOR_PROB``. Inference: ``[sigmoid(z), 0]``. Accuracy: background is predicted when
-    no class reaches probability 0.5.
+    Identical to :class:`SigmoidCE` (logit layout, bias init, inference, accuracy), except for
+    the loss weights: ``rare`` marks classes with training image frequency
+    f_j = image_count_j / num_images below lambda (``EQL.LAMBDA``), a non-persistent buffer
+    derived from the dataset; their negative terms from foreground RoIs are dropped. Bias
+    init: prior ``EQL.PRIOR_PROB``.
     """
 
     @configurable
@@ -63,12 +63,12 @@ class EQL(ClassificationLoss):
             lambda_: frequency threshold of the suppressed (rare) classes.
             prior_prob: initial sigmoid probability of every class.
         """
-        super().__init__(num_classes)
+        super().__init__(num_classes, prior_prob=prior_prob)
         if image_frequency.numel() != num_classes:
             raise ValueError(
                 f"image_frequency has {image_frequency.numel()} classes, not {num_classes}"
             )
-        self.lambda_, self.prior_prob = lambda_, prior_prob
+        self.lambda_ = lambda_
         self.register_buffer("rare", torch.as_tensor(image_frequency) < lambda_, persistent=False)
 
     @classmethod
@@ -81,21 +81,8 @@ class EQL(ClassificationLoss):
             "prior_prob": eql.PRIOR_PROB,
         }
 
-    @property
-    def num_logits(self) -> int:
-        return self.num_classes
-
-    def init_bias(self, bias: torch.Tensor) -> None:
-        torch.nn.init.constant_(bias, prior_logit(self.prior_prob))
-
     def forward(self, logits: torch.Tensor, gt_classes: torch.Tensor) -> Dict[str, torch.Tensor]:
         return {"loss_cls": eql_loss(logits, gt_classes, self.rare)}
-
-    def predict_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        return F.pad(torch.sigmoid(logits.float()), (0, 1))
-
-    def predict_classes(self, logits: torch.Tensor) -> torch.Tensor:
-        return sigmoid_predicted_classes(torch.sigmoid(logits.float()))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lambda={self.lambda_}, suppressed={int(self.rare.sum())}"
