@@ -39,6 +39,7 @@ def add_longtail_config(cfg: CN) -> CN:
     """Add lvis_longtail's keys, with their defaults, to a detectron2 config in place."""
     _add_dataset_config(cfg)
     _add_model_config(cfg)
+    _add_roi_heads_config(cfg)
     _add_box_head_config(cfg)
     _add_mask_head_config(cfg)
     _add_test_config(cfg)
@@ -61,6 +62,14 @@ def _add_model_config(cfg: CN) -> None:
     # Softmax (start it from a trained model with MODEL.WEIGHTS). A prefix that matches no
     # parameter is an error.
     cfg.MODEL.FROZEN_MODULES = []
+
+
+def _add_roi_heads_config(cfg: CN) -> None:
+    # Box size (sqrt of area, input pixels) pooled from FPN level 4 by the box and mask RoI
+    # poolers: level = floor(4 + log2(sqrt(w h) / CANONICAL_BOX_SIZE)), clamped to the
+    # pooled levels. 224 is detectron2's constant, made for ~800 px images; scale it with the
+    # input size (the tiny 128 px configs use 36), or every RoI is pooled from P2.
+    cfg.MODEL.ROI_HEADS.CANONICAL_BOX_SIZE = 224
 
 
 def _add_box_head_config(cfg: CN) -> None:

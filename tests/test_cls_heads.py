@@ -140,7 +140,10 @@ def test_cascade_heads_share_the_long_tail_mask_branch(storage):
 
 
 def test_softmax_ce_is_detectron2s_default_predictor(storage):
-    ours = small_model("MODEL.ROI_BOX_HEAD.CLS_LOSS_NAME", "SoftmaxCE")
+    # detectron2's poolers hard-code the canonical box size 224
+    ours = small_model(
+        "MODEL.ROI_BOX_HEAD.CLS_LOSS_NAME", "SoftmaxCE", "MODEL.ROI_HEADS.CANONICAL_BOX_SIZE", 224
+    )
     theirs = small_model("MODEL.ROI_HEADS.NAME", "StandardROIHeads")
     theirs.load_state_dict(ours.state_dict())  # same parameter names and shapes
     losses_ours, losses_theirs = train_step(ours, seed=3), train_step(theirs, seed=3)

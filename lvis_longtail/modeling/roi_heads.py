@@ -50,6 +50,9 @@ class LongTailROIHeads(StandardROIHeads):
       ``PREDICTOR`` and ``BOUNDARY_LOSS_WEIGHT`` options are rejected for other heads.
 
     With all three off, the mask branch runs detectron2's ``_forward_mask`` unchanged.
+
+    Every RoI pooler uses ``MODEL.ROI_HEADS.CANONICAL_BOX_SIZE`` (detectron2's poolers
+    hard-code 224, which sends every RoI of a small-image config to P2).
     """
 
     @configurable
@@ -73,6 +76,14 @@ class LongTailROIHeads(StandardROIHeads):
         self.mask_level_assignment = mask_level_assignment
         self.mask_test_area_ratio = mask_test_area_ratio
         self.mask_iou_head = mask_iou_head
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        for key in ("box_pooler", "mask_pooler", "keypoint_pooler"):
+            if ret.get(key) is not None:  # detectron2 hard-codes 224 in every pooler
+                ret[key].canonical_box_size = cfg.MODEL.ROI_HEADS.CANONICAL_BOX_SIZE
+        return ret
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
