@@ -14,12 +14,18 @@ metrics, and its peak RSS is read with ``os.wait4`` (per child, not the max over
 - ``lvis_api``: lvis-api 0.5.3 as the LVIS server runs it (``LVIS``, ``LVISResults`` with
   300 per image, ``LVISEval``; segm without the records' ``bbox``, i.e. mask areas);
 - ``fce``: faster-coco-eval 1.8.0 ``COCOeval_faster(lvis_style=True)`` (for reference);
-- ``fast``: ``load_lvis_results`` (validating) + ``evaluate_lvis_results(evaluator="fast")``.
+- ``fast``: ``load_split_json`` + ``load_lvis_results(..., as_table=True)`` (every record
+  checked) + ``run_lvis_eval(evaluator="fast")``, as ``evaluate_lvis_results`` runs it.
 
-The table gives both times, the ratio lvis-api / fast, peak RSS of each and the largest
-absolute difference over every metric (AP ... APf, AR@300, ARs/m/l@300). Then, streamed
-export: peak RSS of a child that pushes N images through ``LVISResultsStore`` (per-image
-records to disk) and writes the validated results file, for growing N.
+Every child imports the same modules before its timer starts. The table gives the times, the
+ratio lvis-api / evaluator, the child's peak RSS (imports included: ~1 GiB of it is torch and
+detectron2, imported by ``lvis_longtail``), its peak above the RSS right after the imports
+(``/proc/self/clear_refs``), and the largest absolute difference over every metric (AP ...
+APf, AR@300, ARs/m/l@300) in AP points. Then, export: peak RSS of a child that pushes N images
+of 300 records through ``LVISResultsStore`` and writes the validated results file from the
+shards (``streamed``), against holding them in a list first (``in_memory``, what the evaluator
+did before), for growing N. Compare times within one run only: other load on the machine
+changes them.
 
     python benchmarks/eval_speed.py                 # full: 5,000 images (several minutes)
     python benchmarks/eval_speed.py --quick         # 500 images, export at 250/500/1000
@@ -33,6 +39,7 @@ import lvis_longtail  # noqa: F401  (first: compat layer incl. lvis-api's np.flo
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -140,12 +147,14 @@ def generate(num_images, seed, gt_path, results_path):
             dets.append(_pooled(rng, pool, h, w, k + 1, high=0.6))
         # the rest: mostly categories the image says nothing about (ignored by the federated
         # rules), some positive (false positives and duplicates) and negative ones
-        cats = rng.choice(NUM_CATEGORIES, DETS_PER_IMAGE, p=weight)
+        bg_cats = rng.choice(NUM_CATEGORIES, DETS_PER_IMAGE, p=weight)
         u = rng.random(DETS_PER_IMAGE)
-        cats = np.where(u < 0.2, rng.choice(positives, DETS_PER_IMAGE), cats)
+        bg_cats = np.where(u < 0.2, rng.choice(positives, DETS_PER_IMAGE), bg_cats)
         if len(negatives):
-            cats = np.where((u >= 0.2) & (u < 0.3), rng.choice(negatives, DETS_PER_IMAGE), cats)
-        for cat in cats[: DETS_PER_IMAGE - len(dets)].tolist():
+            bg_cats = np.where(
+                (u >= 0.2) & (u < 0.3), rng.choice(negatives, DETS_PER_IMAGE), bg_cats
+            )
+        for cat in bg_cats[: DETS_PER_IMAGE - len(dets)].tolist():
             dets.append(_pooled(rng, pool, h, w, cat + 1))
         for cat, score, box, segm in dets[:DETS_PER_IMAGE]:
             results.append(
@@ -231,41 +240,130 @@ def _child_fce(gt_path, results_path, task):
 
 def _child_fast(gt_path, results_path, task):
     from lvis_longtail.evaluation import LVISGroundTruth, load_lvis_results, run_lvis_eval
+    from lvis_longtail.evaluation.lvis_evaluation import load_split_json
 
-    with open(gt_path) as f:
-        dataset = json.load(f)
+    dataset = load_split_json(gt_path)
     required = ("bbox",) if task == "bbox" else ("segmentation",)
-    results = load_lvis_results(results_path, dataset, required=required)
-    result = run_lvis_eval(LVISGroundTruth(dataset), results, task, 300, evaluator="fast")
+    table = load_lvis_results(results_path, dataset, required=required, as_table=True)
+    result = run_lvis_eval(LVISGroundTruth(dataset), table, task, 300, evaluator="fast")
     return dict(result.metrics)
 
 
-CHILDREN = {"lvis_api": _child_lvis_api, "fce": _child_fce, "fast": _child_fast}
+def _image_records(rng, pool, image_id, h, w):
+    """One image's 300 records, as ``instances_to_lvis_records`` makes them."""
+    boxes, rles = pool[(h, w)]
+    picks = rng.integers(len(boxes), size=DETS_PER_IMAGE).tolist()
+    cats = (rng.integers(NUM_CATEGORIES, size=DETS_PER_IMAGE) + 1).tolist()
+    scores = rng.uniform(0, 1, DETS_PER_IMAGE).tolist()
+    return [
+        {
+            "image_id": image_id,
+            "category_id": c,
+            "score": s,
+            "bbox": boxes[j],
+            "segmentation": rles[j],
+        }
+        for j, c, s in zip(picks, cats, scores)
+    ]
+
+
+def _child_export(mode, num_images, workdir):
+    """Push ``num_images`` images of 300 records through the store (``streamed``) or a list
+    (``in_memory``: what the evaluator did before) and write the validated results file."""
+    from lvis_longtail.evaluation import EvalProtocol, LVISResultsStore, export_shards
+    from lvis_longtail.evaluation.export import records_for_export, write_json_atomic
+    from lvis_longtail.evaluation.validation import SplitIndex, validate_lvis_results
+
+    rng = np.random.default_rng(0)
+    pool = _mask_pool(rng)
+    sizes = [IMAGE_SIZES[i % len(IMAGE_SIZES)] for i in range(int(num_images))]
+    split = {
+        "images": [{"id": i + 1, "height": h, "width": w} for i, (h, w) in enumerate(sizes)],
+        "categories": [{"id": k + 1} for k in range(NUM_CATEGORIES)],
+    }
+    out = os.path.join(workdir, f"export_{mode}_{num_images}.json")
+    shard = os.path.join(workdir, f"export_{num_images}.shard")
+    if mode == "streamed":
+        with LVISResultsStore(shard) as store:
+            for i, (h, w) in enumerate(sizes):
+                store.add(i + 1, _image_records(rng, pool, i + 1, h, w))
+        summary = export_shards([shard], out, SplitIndex(split), EvalProtocol())
+        os.remove(shard)
+    else:
+        records = []
+        for i, (h, w) in enumerate(sizes):
+            records.extend(_image_records(rng, pool, i + 1, h, w))
+        exported = records_for_export(records, 300)
+        summary = validate_lvis_results(exported, split, 300)
+        write_json_atomic(exported, out)
+    os.remove(out)
+    return {"num_detections": summary["num_detections"]}
+
+
+CHILDREN = {
+    "lvis_api": _child_lvis_api,
+    "fce": _child_fce,
+    "fast": _child_fast,
+    "export": _child_export,
+}
 
 
 def run_child(name, *args):
-    """Run ``--child name args`` in a fresh process: (result dict, seconds, peak RSS MiB)."""
+    """Run ``--child name args`` in a fresh process.
+
+    Returns:
+        (child's json: result, seconds, baseline_mib, growth_mib; peak RSS MiB of the whole
+        child from ``os.wait4``, imports included)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, *map(str, args), out]
     proc = subprocess.Popen(cmd)
     _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"child {name} {args} failed with exit code {proc.returncode}")
+    if os.waitstatus_to_exitcode(status):
+        raise RuntimeError(f"child {name} {args} failed with status {status}")
     with open(out) as f:
         result = json.load(f)
     os.remove(out)
-    return result, usage.ru_maxrss / 1024  # KiB on Linux
+    return result, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
 
 
 def child_main(name, args):
+    """Imports first (the same for every child), then the timed run. ``growth_mib``: the
+    peak RSS during the run above the RSS after the imports (VmHWM reset via clear_refs)."""
+    import faster_coco_eval  # noqa: F401
+    import lvis  # noqa: F401
+
+    import lvis_longtail.evaluation  # noqa: F401
+
     out = args[-1]
+    baseline = _status_kib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak (VmHWM) to the current RSS
+    except OSError:
+        pass
     start = time.perf_counter()
     result = CHILDREN[name](*args[:-1])
     seconds = time.perf_counter() - start
+    growth = (_status_kib("VmHWM") - baseline) / 1024
     with open(out, "w") as f:
-        json.dump({"result": result, "seconds": seconds}, f)
+        json.dump(
+            {
+                "result": result,
+                "seconds": seconds,
+                "baseline_mib": baseline / 1024,
+                "growth_mib": growth,
+            },
+            f,
+        )
 
 
 def _percent(v):
@@ -280,15 +378,20 @@ def max_diff(a, b):
 def print_table(rows):
     print()
     print(
-        "| task | evaluator | time (s) | lvis-api / it | peak RSS (MiB) | max |metric diff| (AP points) |"
+        "| task | evaluator | time (s) | lvis-api time / its time | peak RSS (MiB) "
+        "| peak above post-import RSS (MiB) | max abs metric diff vs lvis-api (AP points) |"
     )
-    print("|---|---|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for task, runs in rows:
         ref = runs.get("lvis_api")
-        for name, (result, seconds, rss) in runs.items():
-            ratio = f"{ref[1] / seconds:.2f}x" if ref else "n/a"
-            diff = f"{max_diff(ref[0], result):.1e}" if ref else "n/a"
-            print(f"| {task} | {name} | {seconds:.1f} | {ratio} | {rss:.0f} | {diff} |")
+        for name, (out, rss) in runs.items():
+            seconds = out["seconds"]
+            ratio = f"{ref[0]['seconds'] / seconds:.2f}x" if ref else "n/a"
+            diff = f"{max_diff(ref[0]['result'], out['result']):.1e}" if ref else "n/a"
+            print(
+                f"| {task} | {name} | {seconds:.1f} | {ratio} | {rss:.0f} "
+                f"| {out['growth_mib']:.0f} | {diff} |"
+            )
 
 
 def main(argv=None):
@@ -323,8 +426,34 @@ def main(argv=None):
             if name in args.skip:
                 continue
             out, rss = run_child(name, gt_path, results_path, task)
-            runs[name] = (out["result"], out["seconds"], rss)
-            print(f"  {task:4s} {name:8s} {out['seconds']:7.1f} s  peak RSS {rss:7.0f} MiB")
+            runs[name] = (out, rss)
+            print(
+                f"  {task:4s} {name:8s} {out['seconds']:7.1f} s  peak RSS {rss:7.0f} MiB "
+                f"(+{out['growth_mib']:.0f} MiB over the post-import {out['baseline_mib']:.0f})",
+                flush=True,
+            )
         rows.append((task, runs))
     print_table(rows)
+    export_images = args.export_images or ([250, 500, 1000] if args.quick else [1000, 2000, 4000])
+    print()
+    print(
+        "| export | images | detections | time (s) | peak RSS (MiB) "
+        "| peak above post-import (MiB) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for mode in ("in_memory", "streamed"):
+        for n in export_images:
+            out, rss = run_child("export", mode, n, workdir)
+            dets = out["result"]["num_detections"]
+            print(
+                f"| {mode} | {n:,} | {dets:,} | {out['seconds']:.1f} | {rss:.0f} "
+                f"| {out['growth_mib']:.0f} |",
+                flush=True,
+            )
+    if not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

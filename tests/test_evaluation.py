@@ -17,7 +17,6 @@ from lvis import LVIS, LVISEval, LVISResults
 
 import lvis_longtail  # noqa: F401  (applies the compat layer: lvis-api's np.float)
 from lvis_longtail.evaluation import (
-    METRICS,
     LVISLongTailEvaluator,
     LVISResultsError,
     evaluate_lvis_results,

@@ -108,5 +108,7 @@ def train_image_counts(cfg):
         return None
     if counts is None:
         return None
-    mapping = meta.get("thing_dataset_id_to_contiguous_id") or {k + 1: k for k in range(len(counts))}
+    mapping = meta.get("thing_dataset_id_to_contiguous_id") or {
+        k + 1: k for k in range(len(counts))
+    }
     return {cat: int(counts[k]) for cat, k in mapping.items() if k < len(counts)}

@@ -4,12 +4,9 @@ per-class diagnostics, and results export for the LVIS test-dev server."""
 from lvis_longtail.evaluation.detections import DetectionTable, cap_per_image, top_k_per_class
 from lvis_longtail.evaluation.evaluator import LVISLongTailEvaluator
 from lvis_longtail.evaluation.export import (
-    LVISResultsError,
     instances_to_lvis_records,
-    load_lvis_results,
     records_for_export,
     records_for_task,
-    validate_lvis_results,
     write_json_atomic,
 )
 from lvis_longtail.evaluation.fast_eval import LVISGroundTruth, evaluate_detections, metric_names
@@ -20,7 +17,13 @@ from lvis_longtail.evaluation.lvis_evaluation import (
     run_lvis_eval,
 )
 from lvis_longtail.evaluation.protocol import PROTOCOLS, ClassScoreThresholds, EvalProtocol
-from lvis_longtail.evaluation.store import LVISResultsStore, export_shards, read_shards
+from lvis_longtail.evaluation.shard_export import export_shards
+from lvis_longtail.evaluation.store import LVISResultsStore, read_shards
+from lvis_longtail.evaluation.validation import (
+    LVISResultsError,
+    load_lvis_results,
+    validate_lvis_results,
+)
 
 __all__ = [
     "ClassScoreThresholds",

@@ -1,4 +1,18 @@
-"""``LVISLongTailEvaluator``: detectron2's evaluator interface over the streaming store."""
+"""LVIS evaluation and results export as a detectron2 ``DatasetEvaluator``.
+
+Differs from detectron2's ``LVISEvaluator`` in:
+
+- predictions are streamed to a per-process shard on disk as they are processed
+  (:mod:`.store`), not gathered in RAM; the results file is written from the shards, chunk by
+  chunk, validated against the split and atomically (:mod:`.shard_export`);
+- two protocols (:mod:`.protocol`, ``TEST.EVAL_PROTOCOL``): ``standard`` (300 per image) and
+  ``fixed`` (Fixed AP: 10,000 per class, no per-image cap), for the metrics and the file;
+- two evaluators with the same numbers (``TEST.LVIS_EVALUATOR``): ``fast`` (:mod:`.fast_eval`)
+  and ``lvis_api`` (the official code);
+- ``Instances.mask_scores`` (Mask Scoring) ranks segm; test-dev (no annotations) is only
+  exported; empty predictions give AP 0 instead of crashing;
+- per-class diagnostics (:mod:`.diagnostics`): ``lvis_per_class.csv`` and a plot.
+"""
 
 import dataclasses
 import logging
@@ -16,12 +30,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
 
 from lvis_longtail.evaluation import diagnostics
-from lvis_longtail.evaluation.export import (
-    RESULTS_FILE,
-    SplitIndex,
-    instances_to_lvis_records,
-    write_json_atomic,
-)
+from lvis_longtail.evaluation.export import instances_to_lvis_records, write_json_atomic
 from lvis_longtail.evaluation.fast_eval import LVISGroundTruth, evaluate_detections
 from lvis_longtail.evaluation.lvis_evaluation import (
     EVALUATORS,
@@ -33,13 +42,14 @@ from lvis_longtail.evaluation.lvis_evaluation import (
     run_lvis_eval,
 )
 from lvis_longtail.evaluation.protocol import ClassScoreThresholds, EvalProtocol
+from lvis_longtail.evaluation.shard_export import export_shards
 from lvis_longtail.evaluation.store import (
     LVISResultsStore,
-    export_shards,
     read_shards,
     shards_have_masks,
     table_to_records,
 )
+from lvis_longtail.evaluation.validation import RESULTS_FILE, SplitIndex
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +132,7 @@ class LVISLongTailEvaluator(DatasetEvaluator):
         self._evaluator = evaluator
         self._flush_every = flush_every
         self._cpu = torch.device("cpu")
-        self._store = None
-        self._tmp_dir = None
+        self._store = self._tmp_dir = None
         self.reset()
 
     @property
@@ -132,19 +141,20 @@ class LVISLongTailEvaluator(DatasetEvaluator):
 
     @property
     def store(self) -> LVISResultsStore:
-        """This process's shard (its ``num_buffered_images`` stays <= ``flush_every``)."""
+        """This process's shard, created on first use after :meth:`reset` (its
+        ``num_buffered_images`` stays <= ``flush_every``)."""
+        if self._store is None:
+            rank = comm.get_rank()
+            if self._output_dir:
+                folder = os.path.join(self._output_dir, SHARD_DIR)
+            else:
+                self._tmp_dir = folder = tempfile.mkdtemp(prefix="lvis_results_")
+            name = f"{self._dataset_name}.rank{rank}.shard"
+            self._store = LVISResultsStore(os.path.join(folder, name), self._flush_every)
         return self._store
 
     def reset(self):
-        self._close()
-        rank = comm.get_rank()
-        if self._output_dir:
-            folder = os.path.join(self._output_dir, SHARD_DIR)
-        else:
-            self._tmp_dir = folder = tempfile.mkdtemp(prefix="lvis_results_")
-        self._store = LVISResultsStore(
-            os.path.join(folder, f"{self._dataset_name}.rank{rank}.shard"), self._flush_every
-        )
+        self._discard()
         self._thresholds = {}
         if self._protocol.name == "fixed":
             k = self._protocol.dets_per_class
@@ -167,7 +177,7 @@ class LVISLongTailEvaluator(DatasetEvaluator):
                 )
                 if self._thresholds:
                     self._update_thresholds(records)
-            self._store.add(inp["image_id"], records)
+            self.store.add(inp["image_id"], records)
 
     def _classes(self, instances) -> np.ndarray:
         """Dataset category ids of the predicted classes (-1: unmapped)."""
@@ -196,27 +206,42 @@ class LVISLongTailEvaluator(DatasetEvaluator):
             segm = [r.get("segm_score", r["score"]) for r in records]
             self._thresholds["mask_scores"].update(cats, segm)
 
-    def _close(self):
+    def _discard(self):
+        """Close and delete this process's shard (a new one starts on the next image)."""
         if self._store is not None:
             self._store.close()
+            if os.path.exists(self._store.path):
+                os.remove(self._store.path)
+            self._remove_empty_folder(os.path.dirname(self._store.path))
+        if self._tmp_dir:
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+        self._store = self._tmp_dir = None
+
+    @staticmethod
+    def _remove_empty_folder(folder):
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
 
     def _shard_paths(self) -> Optional[list]:
         """Paths of every rank's shard, readable on the main process (None elsewhere)."""
-        self._store.close()
+        store = self.store  # created here if no image was processed
+        store.close()
         if not self._distributed or comm.get_world_size() == 1:
-            return [self._store.path]
+            return [store.path]
         comm.synchronize()
-        paths = comm.all_gather(self._store.path)
+        paths = comm.all_gather(store.path)
         # the main process's view; shards it cannot see (no shared disk) travel by gather
         visible = comm.all_gather(
             [os.path.exists(p) for p in paths] if comm.is_main_process() else None
         )[0]
         own = None
         if not visible[comm.get_rank()]:
-            with open(self._store.path, "rb") as f:
+            with open(store.path, "rb") as f:
                 own = f.read()
         payloads = comm.gather(own, dst=0)
         if not comm.is_main_process():
+            if own is not None:  # sent: the main process has its copy
+                self._discard()
             return None
         for rank, data in enumerate(payloads):
             if data is not None:
@@ -226,7 +251,7 @@ class LVISLongTailEvaluator(DatasetEvaluator):
         return paths
 
     def _work_dir(self) -> str:
-        return os.path.dirname(self._store.path)
+        return os.path.dirname(self.store.path)
 
     def evaluate(self):
         """Export (and, with annotations, evaluate) the predictions; see the class docstring."""
@@ -243,11 +268,7 @@ class LVISLongTailEvaluator(DatasetEvaluator):
         for path in paths:
             if os.path.exists(path):
                 os.remove(path)
-        folder = self._work_dir()
-        if os.path.isdir(folder) and not os.listdir(folder):
-            os.rmdir(folder)
-        if self._tmp_dir:
-            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+        self._discard()
 
     def _evaluate(self, paths):
         dataset = load_split_json(self._json_file)

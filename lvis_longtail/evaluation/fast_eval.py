@@ -33,12 +33,11 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Dict, List, Optional
 
-import faster_coco_eval.faster_eval_api_cpp as _fce
 import numpy as np
 from lvis.eval import Params
 from pycocotools import mask as mask_utils
 
-from lvis_longtail.evaluation.detections import DetectionTable, cap_per_image
+from lvis_longtail.evaluation.detections import DetectionTable, cap_per_image, gc_paused
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +194,11 @@ def evaluate_detections(
     """
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    with gc_paused():
+        return _evaluate(gt, dets, iou_type, max_dets)
+
+
+def _evaluate(gt, dets, iou_type, max_dets) -> "LVISEvalResult":
     start = time.perf_counter()
     params = Params(iou_type)
     params.max_dets = max_dets
@@ -236,18 +240,21 @@ def _prepare_detections(gt, dets: DetectionTable, iou_type, max_dets) -> _Prepar
     if (img < 0).any():
         bad = dets.image_id[img < 0][0]
         raise ValueError(f"detections of image {bad}, which is not an image of the split")
+    if iou_type == "bbox" and dets.bbox is None and len(dets):
+        raise ValueError("bbox evaluation needs a 'bbox' in every detection")
+    if iou_type == "segm" and dets.masks is None and dets.mask_area is None and len(dets):
+        raise ValueError("segm evaluation needs a 'segmentation' in every detection")
     score = dets.task_score(iou_type)
-    rows = np.flatnonzero(cap_per_image(img, score, max_dets))
-    cat = gt.category_index(dets.category_id[rows])
-    rows, img, cat = rows[cat >= 0], img[rows][cat >= 0], cat[cat >= 0]
-    # lvis-api drops detections with area 0 (get_ann_ids keeps 0 < area < inf)
-    table = dets.take(rows)
-    area = table.areas(iou_type)
+    rows = np.flatnonzero(cap_per_image(img, score, max_dets))  # LVISResults' cap first
+    img, cat = img[rows], gt.category_index(dets.category_id[rows])
     key = gt.pair_key(img, cat)
     # federated rules: only categories positive or negative in the image are evaluated
-    keep = (area > 0) & (area < math.inf)
-    keep &= _isin_sorted(key, gt.pos_keys) | _isin_sorted(key, gt.neg_keys)
-    keep = np.flatnonzero(keep)
+    keep = (cat >= 0) & (_isin_sorted(key, gt.pos_keys) | _isin_sorted(key, gt.neg_keys))
+    rows, img, cat, key = rows[keep], img[keep], cat[keep], key[keep]
+    table = dets.take(rows)
+    area = table.areas(iou_type)
+    # lvis-api drops detections with area 0 (get_ann_ids keeps 0 < area < inf)
+    keep = np.flatnonzero((area > 0) & (area < math.inf))
     order = keep[np.lexsort((keep, img[keep], cat[keep]))]
     return _Prepared(
         table=table.take(order),
@@ -271,6 +278,18 @@ def _bounds(sorted_groups: np.ndarray, num_groups: int) -> np.ndarray:
     return np.searchsorted(sorted_groups, np.arange(num_groups + 1))
 
 
+def _cpp():
+    """faster-coco-eval's C++ module (its internal API: pinned to faster-coco-eval 1.8.0)."""
+    try:
+        import faster_coco_eval.faster_eval_api_cpp as cpp
+    except ImportError as e:
+        raise ImportError(
+            "the fast LVIS evaluator needs faster-coco-eval (pip install faster-coco-eval==1.8.0);"
+            " or set TEST.LVIS_EVALUATOR lvis_api / evaluator='lvis_api'"
+        ) from e
+    return cpp
+
+
 def _evaluate_category(gt, dets: _Prepared, g_rows, d_rows, iou_type, params):
     """One C++ evaluate + accumulate over the images where the category occurs.
 
@@ -280,10 +299,10 @@ def _evaluate_category(gt, dets: _Prepared, g_rows, d_rows, iou_type, params):
     images = np.union1d(g_img, d_img)  # sorted: lvis-api's image order
     g_cut = np.searchsorted(g_img, images, side="right").tolist()
     d_cut = np.searchsorted(d_img, images, side="right").tolist()
-    gt_data, dt_data = _fce.Dataset(), _fce.Dataset()
-    for image, r, mid, area, ignore in zip(
+    cpp = _cpp()
+    gt_data, dt_data = cpp.Dataset(), cpp.Dataset()
+    for image, mid, area, ignore in zip(
         g_img.tolist(),
-        g_rows.tolist(),
         gt.ann_match_id[g_rows].tolist(),
         gt.ann_area[g_rows].tolist(),
         gt.ann_ignore[g_rows].tolist(),
@@ -316,7 +335,7 @@ def _evaluate_category(gt, dets: _Prepared, g_rows, d_rows, iou_type, params):
         catIds=[0.0],
         imgIds=img_list,
     )
-    out = _fce.COCOevalEvaluateAccumulate(cpp_params, ious, gt_data, dt_data, img_list, [0.0], True)
+    out = cpp.COCOevalEvaluateAccumulate(cpp_params, ious, gt_data, dt_data, img_list, [0.0], True)
     return out["precision"][:, :, 0, :, 0], out["recall"][:, 0, :, 0]
 
 

@@ -1,21 +1,15 @@
-"""LVIS evaluation (exact lvis-api numbers, fast) and export of results for the LVIS server.
+"""Evaluate LVIS results in one call, with lvis-api's numbers, by either evaluator.
 
-Differs from detectron2's ``LVISEvaluator`` in:
+- ``fast`` (:mod:`.fast_eval`): lvis-api's rules and numbers, several times faster, in less
+  memory; takes records, a results file or a :class:`~.detections.DetectionTable`;
+- ``lvis_api``: lvis-api 0.5.3 itself (``LVISResults`` + ``LVISEval``), for cross-checks.
 
-- predictions are streamed to a per-process shard on disk as they are processed
-  (:mod:`.store`), not gathered in RAM; the results file is written from the shards, chunk by
-  chunk, validated against the split and atomically;
-- two protocols (:mod:`.protocol`): ``standard`` (300 per image) and ``fixed`` (Fixed AP:
-  10,000 per class, no per-image cap), for evaluation and the exported file alike;
-- two evaluators giving the same numbers: ``fast`` (:mod:`.fast_eval`, several times faster
-  than lvis-api, in less memory) and ``lvis_api`` (the official code, for cross-checks);
-- ``Instances.mask_scores`` (Mask Scoring) ranks segm; test-dev (no annotations) is only
-  exported; empty predictions give AP 0 instead of crashing;
-- per-class diagnostics (:mod:`.diagnostics`): ``lvis_per_class.csv`` and a plot.
-
-Reported metrics are lvis-api's (AP, AP50, AP75, APs/m/l, APr/c/f, AR@300, ARs/m/l@300) times
-100; lvis-api answers -1 where a metric is undefined (no ground truth in that group or area
-range), which stays -1 here, never NaN, so ``lvis_metrics.json`` is strict JSON.
+Both take the same protocol arguments: the per-image cap ``max_dets`` (LVIS standard 300) and,
+for Fixed AP, ``dets_per_class`` (10,000) with ``max_dets=-1``. Reported metrics are lvis-api's
+(AP, AP50, AP75, APs/m/l, APr/c/f, AR@300, ARs/m/l@300) times 100; lvis-api answers -1 where a
+metric is undefined (no ground truth in that group or area range), which stays -1 here, never
+NaN, so ``lvis_metrics.json`` is strict JSON. The dataset evaluator built on these is
+:class:`~.evaluator.LVISLongTailEvaluator`.
 """
 
 import json
@@ -30,10 +24,8 @@ import numpy as np
 from detectron2.utils.file_io import PathManager
 from lvis import LVIS, LVISEval, LVISResults
 
-from lvis_longtail.evaluation.detections import DetectionTable, top_k_per_class
-from lvis_longtail.evaluation.export import (
-    records_for_task,
-)
+from lvis_longtail.evaluation.detections import DetectionTable, gc_paused, top_k_per_class
+from lvis_longtail.evaluation.export import records_for_task
 from lvis_longtail.evaluation.fast_eval import (
     LVISEvalResult,
     LVISGroundTruth,
@@ -183,7 +175,7 @@ def evaluate_lvis_results(
         gt: the split with annotations: its json dict, its path, an lvis-api ``LVIS`` or an
             :class:`~.fast_eval.LVISGroundTruth` (reuse one across tasks and calls).
         results: LVIS records, a results json path (not validated: see
-            :func:`~.export.load_lvis_results`) or a :class:`~.detections.DetectionTable`.
+            :func:`~.validation.load_lvis_results`) or a :class:`~.detections.DetectionTable`.
             Ranked by ``score``, for segm by ``segm_score`` where a record has one; segm uses
             the mask area for APs/APm/APl. Empty results give AP 0, no error.
         iou_type: "bbox" or "segm".
@@ -204,7 +196,7 @@ def evaluate_lvis_results(
 def load_split_json(json_file: str) -> dict:
     """The split's LVIS json as a dict (``images``, ``categories``, maybe ``annotations``)."""
     start = time.perf_counter()
-    with PathManager.open(json_file) as f:
+    with PathManager.open(json_file) as f, gc_paused():
         dataset = json.load(f)
     logger.info(f"Loaded {json_file} in {time.perf_counter() - start:.1f} s.")
     return dataset

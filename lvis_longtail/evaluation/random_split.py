@@ -58,10 +58,11 @@ def random_split(
     images, anns = [], []
     for i in range(num_images):
         image_id = 10 * (i + 1)
-        positives = [] if i == 0 else sorted(rng.choice(with_gt, rng.integers(1, 4), False))
+        drawn = rng.choice(with_gt, rng.integers(1, 4), False).tolist()
+        positives = [] if i == 0 else sorted(drawn)
         others = [k for k in range(num_categories) if k not in positives]
         negatives = rng.choice(others, min(len(others), int(rng.integers(1, 4))), False)
-        not_exhaustive = [positives[0] + 1] if positives and rng.random() < 0.5 else []
+        not_exhaustive = [int(positives[0]) + 1] if positives and rng.random() < 0.5 else []
         images.append(
             {
                 "id": image_id,
@@ -155,3 +156,33 @@ def random_results(
             records.append(record)
     order = rng.permutation(len(records))  # results need not be grouped by image
     return [records[i] for i in order]
+
+
+def model_outputs(dataset: dict, records: List[dict]):
+    """``(inputs, outputs)`` pairs, one per image of ``dataset``, as a detectron2 model gives
+    them for ``records`` (category id k is contiguous class k - 1; masks decoded from the
+    RLEs; ``segm_score`` becomes ``mask_scores``), to drive an evaluator's ``process``."""
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    by_image = {}
+    for r in records:
+        by_image.setdefault(r["image_id"], []).append(r)
+    pairs = []
+    for image in dataset["images"]:
+        h, w = image["height"], image["width"]
+        recs = by_image.get(image["id"], [])
+        inst = Instances((h, w))
+        xywh = np.array([r["bbox"] for r in recs], dtype=np.float32).reshape(-1, 4)
+        xywh[:, 2:] += xywh[:, :2]
+        inst.pred_boxes = Boxes(torch.from_numpy(xywh))
+        inst.scores = torch.tensor([r["score"] for r in recs], dtype=torch.float32)
+        inst.pred_classes = torch.tensor([r["category_id"] - 1 for r in recs], dtype=torch.long)
+        masks = np.zeros((len(recs), h, w), dtype=bool)
+        if recs and "segmentation" in recs[0]:
+            masks = mask_utils.decode([r["segmentation"] for r in recs]).transpose(2, 0, 1)
+        inst.pred_masks = torch.from_numpy(masks.astype(bool))
+        if recs and "segm_score" in recs[0]:
+            inst.mask_scores = torch.tensor([r["segm_score"] for r in recs], dtype=torch.float32)
+        pairs.append(({"image_id": image["id"], "height": h, "width": w}, {"instances": inst}))
+    return pairs

@@ -17,24 +17,13 @@ by image id, then by the model's order within the image.
 
 import logging
 import os
-from collections import Counter
 from typing import Iterator, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from lvis_longtail.evaluation.detections import DetectionTable, MaskSource, rle_areas
-from lvis_longtail.evaluation.export import (
-    RESULTS_FILE,
-    SEGM_SCORE,
-    JsonListWriter,
-    LVISResultsError,
-    SplitIndex,
-    _record_problem,
-    first_bad_row,
-    record_error,
-    record_json,
-    results_summary,
-)
+from lvis_longtail.evaluation.export import SEGM_SCORE
+from lvis_longtail.evaluation.validation import LVISResultsError
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +235,7 @@ def read_shards(paths: Sequence[str]):
     for index, path in enumerate(paths):
         for chunk in iter_chunks(path):
             total += len(chunk.entries)
-            keep = np.isin(chunk.rows["entry"], _first_entries(chunk, seen))
+            keep = np.isin(chunk.rows["entry"], first_entries(chunk, seen))
             rows.append(chunk.rows[keep])
             files.append(np.full(int(keep.sum()), index, dtype=np.int32))
     if total > len(seen):
@@ -265,7 +254,7 @@ def read_shards(paths: Sequence[str]):
         image_id=rows["image_id"],
         category_id=rows["category_id"],
         score=rows["score"],
-        segm_score=None if np.isnan(segm_score).all() else _file_scores(rows),
+        segm_score=None if np.isnan(segm_score).all() else file_scores(rows),
         bbox=rows["bbox"],
         mask_area=rows["mask_area"] if masks is not None else None,
         masks=masks,
@@ -273,40 +262,12 @@ def read_shards(paths: Sequence[str]):
     return table, len(seen)
 
 
-def _file_scores(rows: np.ndarray) -> np.ndarray:
+def file_scores(rows: np.ndarray) -> np.ndarray:
     """The score the results file carries: the segm score where there is one."""
     return np.where(np.isnan(rows["segm_score"]), rows["score"], rows["segm_score"])
 
 
-def _fixed_selection(paths, protocol, seen: set) -> dict:
-    """{(file, chunk): row mask} of Fixed AP's top ``dets_per_class`` by file score.
-
-    Reads only the rows' fixed fields; the ranking is :func:`read_shards`' order."""
-    keys, image, cat, score = [], [], [], []
-    for f, path in enumerate(paths):
-        for c, chunk in enumerate(iter_chunks(path)):
-            first = _first_entries(chunk, seen)
-            rows = chunk.rows
-            keys.append(((f, c), len(rows)))
-            image.append(rows["image_id"])
-            cat.append(rows["category_id"])
-            score.append(np.where(np.isin(rows["entry"], first), _file_scores(rows), np.nan))
-    n = sum(k[1] for k in keys)
-    seq = np.arange(n)
-    image, cat, score = (np.concatenate(a) if a else np.zeros(0) for a in (image, cat, score))
-    order = np.lexsort((seq, image))
-    valid = ~np.isnan(score[order])
-    keep = np.zeros(n, dtype=bool)
-    rows = order[valid]
-    keep[rows] = protocol.select(image[rows], cat[rows], score[rows])
-    out, start = {}, 0
-    for key, count in keys:
-        out[key] = keep[start : start + count]
-        start += count
-    return out
-
-
-def _first_entries(chunk: Chunk, seen: set) -> List[int]:
+def first_entries(chunk: Chunk, seen: set) -> List[int]:
     """Entries of the chunk whose image was not seen before (and mark them seen)."""
     first = []
     for image_id, entry in chunk.entries.tolist():
@@ -314,124 +275,6 @@ def _first_entries(chunk: Chunk, seen: set) -> List[int]:
             seen.add(image_id)
             first.append(entry)
     return first
-
-
-class _NoFile:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def write(self, items):
-        pass
-
-
-def _row_record(row, counts: Optional[str]) -> dict:
-    record = {
-        "image_id": int(row["image_id"]),
-        "category_id": int(row["category_id"]),
-        "score": float(_file_scores(row[None])[0]),
-        "bbox": row["bbox"].tolist(),
-    }
-    if counts is not None:
-        record["segmentation"] = {"size": [int(row["height"]), int(row["width"])], "counts": counts}
-    return record
-
-
-def export_shards(
-    paths: Sequence[str],
-    path: Optional[str],
-    split: SplitIndex,
-    protocol,
-    *,
-    with_masks: bool = True,
-    source: Optional[str] = None,
-) -> dict:
-    """Write the results file of the shards, streamed chunk by chunk, checked on the way.
-
-    The file holds :data:`~.export.EXPORT_FIELDS` per record (``score``: the segm score where
-    there is one), the records the protocol keeps (standard: per image the
-    ``max_dets_per_image`` best by that score; fixed: per class the ``dets_per_class`` best),
-    in the order they were processed. Written atomically; nothing is written if a record
-    breaks the format (:func:`~.export.validate_lvis_results`'s checks and messages).
-
-    Args:
-        paths: shard files, in rank order.
-        path: the results file; None only checks.
-        split: the split's images and categories.
-        protocol: an :class:`~.protocol.EvalProtocol`.
-        with_masks: every record must have a mask (``segmentation``).
-        source: the name used in messages (default: ``path``).
-
-    Returns:
-        :func:`~.export.validate_lvis_results`' summary.
-    """
-    source = source or path or RESULTS_FILE
-    seen = set()
-    selection = _fixed_selection(paths, protocol, seen) if protocol.name == "fixed" else None
-    required = ("bbox", "segmentation") if with_masks else ("bbox",)
-    images, cats = split.images, set(split.category_ids.tolist())
-    per_image, detected, index = Counter(), set(), 0
-    with JsonListWriter(path) if path else _NoFile() as writer:
-        for f, shard in enumerate(paths):
-            for c, chunk in enumerate(iter_chunks(shard, with_blob=True)):
-                rows = chunk.rows
-                if selection is None:
-                    keep = np.isin(rows["entry"], _first_entries(chunk, seen))
-                    keep[keep] = protocol.select(
-                        rows["image_id"][keep], rows["category_id"][keep], _file_scores(rows[keep])
-                    )
-                else:
-                    keep = selection[(f, c)]
-                rows = rows[keep]
-                counts = [None] * len(rows)
-                if len(rows) and (rows["counts_start"] >= 0).all():
-                    rel = (rows["counts_start"] - chunk.blob_offset).tolist()
-                    lens = rows["counts_len"].tolist()
-                    counts = [chunk.blob[s : s + n].decode("ascii") for s, n in zip(rel, lens)]
-                bad = (
-                    None
-                    if not len(rows)
-                    else first_bad_row(
-                        split,
-                        rows["image_id"],
-                        rows["category_id"],
-                        _file_scores(rows),
-                        rows["bbox"],
-                        np.stack([rows["height"], rows["width"]], 1)
-                        if counts[0] is not None
-                        else None,
-                    )
-                )
-                if with_masks and len(rows) and counts[0] is None:
-                    bad = 0 if bad is None else bad
-                if bad is not None:
-                    record = _row_record(rows[bad], counts[bad])
-                    problem = _record_problem(record, images, cats, required)
-                    raise LVISResultsError(record_error(source, index + bad, *problem))
-                scores = _file_scores(rows).tolist()
-                writer.write(
-                    [
-                        record_json(i, k, s, b, (h, w), m)
-                        for i, k, s, b, h, w, m in zip(
-                            rows["image_id"].tolist(),
-                            rows["category_id"].tolist(),
-                            scores,
-                            rows["bbox"].tolist(),
-                            rows["height"].tolist(),
-                            rows["width"].tolist(),
-                            counts,
-                        )
-                    ]
-                )
-                per_image.update(rows["image_id"].tolist())
-                detected.update(np.unique(rows["category_id"]).tolist())
-                index += len(rows)
-    name = os.path.basename(source)
-    summary = results_summary(name, index, per_image, len(images), cats=detected)
-    summary["num_processed_images"] = len(seen)
-    return summary
 
 
 def shards_have_masks(paths: Sequence[str]) -> bool:

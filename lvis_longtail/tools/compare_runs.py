@@ -110,7 +110,8 @@ def _table(changes: List[dict]) -> str:
         for c in changes
     ]
     headers = ["id", "class", "freq", "train imgs", "A", "B", "B - A"]
-    return tabulate(rows, headers=headers, tablefmt="github") if rows else "(none)"
+    table = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+    return table if rows else "(none)"
 
 
 def format_report(result: Dict, metric: str, path_a: str, path_b: str, top: int) -> str:

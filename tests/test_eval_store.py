@@ -1,0 +1,263 @@
+"""Streaming store, both protocols end to end, and results files that must be rejected."""
+
+import copy
+import json
+import logging
+import os
+import uuid
+
+import numpy as np
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from lvis import LVISEval, LVISResults
+
+import lvis_longtail  # noqa: F401  (applies the compat layer: lvis-api's np.float)
+from lvis_longtail.evaluation import (
+    ClassScoreThresholds,
+    LVISLongTailEvaluator,
+    LVISResultsError,
+    LVISResultsStore,
+    load_lvis_results,
+    read_shards,
+)
+from lvis_longtail.evaluation.lvis_evaluation import LoadedLVIS
+from lvis_longtail.evaluation.random_split import model_outputs, random_results, random_split
+from lvis_longtail.evaluation.store import iter_chunks
+
+RESULTS = "lvis_instances_results.json"
+
+
+def register(tmp_path, dataset):
+    json_file = tmp_path / f"split_{uuid.uuid4().hex[:8]}.json"
+    json_file.write_text(json.dumps(dataset))
+    name = f"lt_store_{uuid.uuid4().hex}"
+    DatasetCatalog.register(name, lambda: [])
+    num = len(dataset["categories"])
+    MetadataCatalog.get(name).set(
+        json_file=str(json_file), thing_classes=[f"c{k + 1}" for k in range(num)]
+    )
+    return name
+
+
+def lvis_api_on_file(dataset, path, task, max_dets=300):
+    with open(path) as f:
+        records = json.load(f)
+    if task == "segm":
+        for r in records:
+            r.pop("bbox")
+    gt = LoadedLVIS(copy.deepcopy(dataset))
+    lvis_eval = LVISEval(gt, LVISResults(gt, records, max_dets=max_dets), task)
+    lvis_eval.params.max_dets = max_dets
+    lvis_eval.run()
+    return {m: v * 100 if v >= 0 else -1.0 for m, v in lvis_eval.get_results().items()}
+
+
+def assert_close(ours, expected, tol=1e-9):
+    assert list(ours) == list(expected)
+    assert all(abs(ours[m] - expected[m]) <= tol for m in expected), (ours, expected)
+
+
+def run(evaluator, pairs):
+    evaluator.reset()
+    for inputs, outputs in pairs:
+        evaluator.process([inputs], [outputs])
+    return evaluator.evaluate()
+
+
+def test_process_streams_to_disk_and_matches_lvis_api(tmp_path):
+    dataset = random_split(7, num_images=9)
+    name = register(tmp_path, dataset)
+    pairs = model_outputs(dataset, random_results(dataset, 7))
+    evaluator = LVISLongTailEvaluator(name, str(tmp_path), distributed=False, flush_every=2)
+    evaluator.reset()
+    shard, sizes = evaluator.store.path, []
+    for inputs, outputs in pairs:
+        evaluator.process([inputs], [outputs])
+        assert evaluator.store.num_buffered_images <= 2  # the in-memory bound
+        sizes.append(os.path.getsize(shard))
+    assert sizes[1] > 0 and sizes == sorted(sizes) and sizes[-1] > sizes[2]  # written as we go
+    assert evaluator.store.num_images == len(pairs)
+    results = evaluator.evaluate()
+    assert not os.path.exists(shard)  # shards removed, the results file stays
+    for task in ("bbox", "segm"):
+        assert_close(results[task], lvis_api_on_file(dataset, tmp_path / RESULTS, task))
+    # the official evaluator through the same evaluator class: the same numbers
+    slow = LVISLongTailEvaluator(name, None, distributed=False, evaluator="lvis_api")
+    for task, metrics in run(slow, pairs).items():
+        assert_close(metrics, results[task])
+
+
+def test_standard_protocol_caps_each_image_by_score(tmp_path):
+    dataset = random_split(8, num_images=6)
+    name = register(tmp_path, dataset)
+    records = random_results(dataset, 8, false_positives=20)
+    evaluator = LVISLongTailEvaluator(name, str(tmp_path), distributed=False, max_dets_per_image=3)
+    results = run(evaluator, model_outputs(dataset, records))
+    exported = load_lvis_results(
+        str(tmp_path / RESULTS), dataset, max_dets=3, required=("bbox", "segmentation")
+    )
+    for image in dataset["images"]:
+        scores = sorted((r["score"] for r in records if r["image_id"] == image["id"]), reverse=True)
+        kept = sorted((r["score"] for r in exported if r["image_id"] == image["id"]), reverse=True)
+        assert kept == pytest.approx(scores[:3])
+    for task in ("bbox", "segm"):
+        assert_close(results[task], lvis_api_on_file(dataset, tmp_path / RESULTS, task, 3))
+    saved = json.loads((tmp_path / "lvis_metrics.json").read_text())
+    assert saved["protocol"] == {"name": "standard", "max_dets_per_image": 3, "dets_per_class": -1}
+
+
+def test_fixed_protocol_keeps_top_k_per_class_without_per_image_cap(tmp_path):
+    dataset = random_split(9, num_images=8)
+    name = register(tmp_path, dataset)
+    records = random_results(dataset, 9, false_positives=25)
+    k = 3
+    evaluator = LVISLongTailEvaluator(
+        name,
+        str(tmp_path),
+        distributed=False,
+        protocol="fixed",
+        dets_per_class=k,
+        max_dets_per_image=2,  # ignored by the fixed protocol
+    )
+    results = run(evaluator, model_outputs(dataset, records))
+    exported = load_lvis_results(str(tmp_path / RESULTS), dataset, required=("segmentation",))
+    per_image = np.bincount([r["image_id"] for r in exported])
+    assert per_image.max() > 2  # no per-image cap
+    for cat in {r["category_id"] for r in records}:
+        mine = [r for r in records if r["category_id"] == cat]
+        # ties: lower image id first, then the model's order (records are in that order
+        # within an image after model_outputs groups them)
+        ranked = sorted(mine, key=lambda r: (-np.float32(r["score"]), r["image_id"]))[:k]
+        got = sorted((r["image_id"], r["score"]) for r in exported if r["category_id"] == cat)
+        want = sorted((r["image_id"], float(np.float32(r["score"]))) for r in ranked)
+        assert got == want
+    for task in ("bbox", "segm"):
+        assert_close(results[task], lvis_api_on_file(dataset, tmp_path / RESULTS, task, -1))
+        assert "AR@-1" in results[task]
+
+
+def test_fixed_thresholds_drop_detections_before_they_are_stored(tmp_path):
+    dataset = random_split(1, num_images=3, num_categories=4)
+    name = register(tmp_path, dataset)
+    image_a, image_b = dataset["images"][1]["id"], dataset["images"][2]["id"]
+    box = {"bbox": [10.0, 10.0, 20.0, 20.0], "category_id": 1}
+    first = [dict(box, image_id=image_a, score=s) for s in (0.9, 0.8, 0.7, 0.6)]
+    second = [dict(box, image_id=image_b, score=s) for s in (0.85, 0.8, 0.75)]
+    evaluator = LVISLongTailEvaluator(
+        name, None, distributed=False, protocol="fixed", dets_per_class=2, tasks=("bbox",)
+    )
+    evaluator.reset()
+    for inputs, outputs in model_outputs(dataset, first + second)[1:]:
+        evaluator.process([inputs], [outputs])
+    # k = 2: after image a the threshold is 0.8; 0.85 and the tied 0.8 of image b are stored
+    assert evaluator.store.num_rows == 4 + 2
+    results = evaluator.evaluate()
+    assert set(results) == {"bbox"}
+
+
+def test_class_score_thresholds():
+    t = ClassScoreThresholds(k=3)
+    assert t.threshold(5) == -np.inf
+    t.update(np.array([5, 5, 7, 5, 5, 5, 5]), np.array([0.1, 0.9, 0.5, 0.3, 0.3, 0.2, 0.8]))
+    assert t.finalize() == {5: 0.3}  # the 3rd best of class 5; class 7 has fewer than 3
+    assert t.keep(np.array([5, 5, 7]), np.array([0.29, 0.3, 0.01])).tolist() == [False, True, True]
+    t.update(np.array([5, 5]), np.array([0.95, 0.99]))
+    assert t.finalize()[5] == pytest.approx(0.9)  # only ever rises
+
+
+def test_store_chunks_truncation_and_duplicates(tmp_path, caplog):
+    path = str(tmp_path / "rank0.shard")
+    record = {"image_id": 1, "category_id": 2, "score": 0.5, "bbox": [1.0, 2.0, 3.0, 4.0]}
+    with LVISResultsStore(path, flush_every=2) as store:
+        store.add(1, [record, dict(record, score=0.25)])
+        store.add(2, [])
+        store.add(1, [dict(record, score=0.75)])  # image 1 again: ignored
+        assert store.num_buffered_images == 1
+    assert [len(c.entries) for c in iter_chunks(path)] == [2, 1]
+    with caplog.at_level(logging.WARNING):
+        table, num_images = read_shards([path])
+    assert num_images == 2 and table.score.tolist() == [0.5, 0.25]
+    assert "1 images were processed more than once" in caplog.text
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:-10])
+    with pytest.raises(LVISResultsError, match=r"rank0.shard: chunk 1 at byte \d+ is truncated"):
+        read_shards([path])
+    with open(path, "wb") as f:
+        f.write(b"garbage" + data)
+    with pytest.raises(LVISResultsError, match="chunk 0 at byte 0 is corrupt"):
+        read_shards([path])
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda text: text[: len(text) - 50], r"not a complete JSON document \(truncated\?\)"),
+        (lambda text: text.replace('"score"', '"score",', 1), r"not a complete JSON document"),
+        (lambda text: '{"results": ' + text + "}", "is a dict, not a list of records"),
+        (
+            lambda text: text.replace('"score":', '"scor":', 1),
+            "record 0, field 'score': is missing",
+        ),
+    ],
+)
+def test_corrupted_results_files_are_rejected(tmp_path, damage, message):
+    dataset = random_split(4)
+    text = json.dumps(random_results(dataset, 4))
+    path = tmp_path / "results.json"
+    path.write_text(damage(text))
+    with pytest.raises(LVISResultsError, match=rf"^{path}: .*{message}"):
+        load_lvis_results(str(path), dataset)
+
+
+def test_load_rejects_records_that_do_not_fit_the_split(tmp_path):
+    dataset = random_split(4)
+    records = random_results(dataset, 4)
+    records[3]["segmentation"]["size"] = [1, 1]
+    records[5]["image_id"] = 12345
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(LVISResultsError, match="record 3, field 'segmentation': size"):
+        load_lvis_results(str(path), dataset, required=())  # present fields are checked
+    del records[3]["segmentation"]
+    path.write_text(json.dumps(records))
+    with pytest.raises(LVISResultsError, match="record 3, field 'segmentation': is missing"):
+        load_lvis_results(str(path), dataset, required=("segmentation",))
+    with pytest.raises(LVISResultsError, match="record 5, field 'image_id': 12345 is not an"):
+        load_lvis_results(str(path), dataset)
+    path.write_text(json.dumps(records[:3] * 2))
+    with pytest.raises(LVISResultsError, match=r"record \d, field 'image_id'.*max_dets=1"):
+        load_lvis_results(str(path), dataset, max_dets=1)
+
+
+def test_shards_of_other_ranks_travel_by_gather_when_not_on_a_shared_disk(tmp_path, monkeypatch):
+    """The main process of 2 ranks: rank 1's shard is not visible, so its bytes are gathered."""
+    from detectron2.utils import comm
+
+    dataset = random_split(6, num_images=6)
+    name = register(tmp_path, dataset)
+    pairs = model_outputs(dataset, random_results(dataset, 6))
+    rank1 = LVISLongTailEvaluator(name, str(tmp_path / "elsewhere"), distributed=False)
+    for inputs, outputs in pairs[3:]:
+        rank1.process([inputs], [outputs])
+    rank1.store.close()
+    other = rank1.store.path
+    payload = open(other, "rb").read()
+    os.remove(other)  # not on the main process's disk
+
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    monkeypatch.setattr(comm, "synchronize", lambda: None)
+    # all_gather 1: every rank's shard path; all_gather 2: the main's view of which exist
+    answers = iter([lambda own: [own, other], lambda own: [own, None]])
+    monkeypatch.setattr(comm, "all_gather", lambda value: next(answers)(value))
+    monkeypatch.setattr(comm, "gather", lambda value, dst=0: [value, payload])
+    evaluator = LVISLongTailEvaluator(name, str(tmp_path / "out"), distributed=True)
+    both = run(evaluator, pairs[:3])
+    single = LVISLongTailEvaluator(name, str(tmp_path / "single"), distributed=False)
+    assert both == run(single, pairs)
+    assert sorted(os.listdir(tmp_path / "out")) == [  # received shard removed
+        "lvis_instances_results.json",
+        "lvis_metrics.json",
+        "lvis_per_class.csv",
+        "lvis_per_class.png",
+    ]
