@@ -103,7 +103,7 @@ def test_sigmoid_prior_bias_and_class_agnostic_regression(storage):
         "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", True,
     )  # fmt: skip
     predictor = model.roi_heads.box_predictor
-    assert torch.sigmoid(predictor.cls_score.bias).allclose(torch.tensor(1e-3))
+    assert torch.sigmoid(predictor.cls_score.bias).allclose(torch.tensor(0.5))  # zero bias
     assert predictor.bbox_pred.out_features == 4
     check_train_and_infer(model, storage)
 

@@ -110,7 +110,7 @@ class EQLv2(ClassificationLoss):
         gamma: float = 12.0,
         mu: float = 0.8,
         alpha: float = 4.0,
-        prior_prob: float = 1e-3,
+        prior_prob: float = 0.5,
     ):
         super().__init__(num_classes)
         self.gamma, self.mu, self.alpha, self.prior_prob = gamma, mu, alpha, prior_prob
