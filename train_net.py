@@ -17,6 +17,8 @@ import lvis_longtail  # noqa: F401  (first: compat layer, registries, datasets)
 # isort: on
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from lvis_longtail.engine import Trainer, launch, setup_cfg
 
@@ -24,6 +26,7 @@ from lvis_longtail.engine import Trainer, launch, setup_cfg
 def setup(args):
     cfg = setup_cfg(args.config_file, args.opts)
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="lvis_longtail")
     return cfg
 
 

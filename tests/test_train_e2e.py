@@ -174,6 +174,7 @@ def test_two_cpu_processes_with_gloo(synthetic_root, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (tmp_path / "log.txt").read_text()
     assert "Rank of current process: 0. World size: 2" in log
+    assert "Saved LVIS results (standard protocol)" in log  # lvis_longtail's loggers reach it
     metrics = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
     trained = [m for m in metrics if "total_loss" in m]
     assert trained and all(math.isfinite(m["total_loss"]) for m in trained)
