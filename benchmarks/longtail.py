@@ -12,16 +12,17 @@ results file, and writes ``benchmarks/results/longtail.md`` plus PNG plots::
     python benchmarks/longtail.py --report-only        # re-aggregate finished runs
 
 Finished runs (a ``benchmark_run.json`` with rc 0 in their folder) are reused, so an
-interrupted benchmark continues where it stopped; ``--force`` retrains everything. Diagnostic
-methods (``eqlv2_bias0``, ``bags_long``) run only when named in ``--methods``. The report
+interrupted benchmark continues where it stopped; ``--force`` retrains everything. The diagnostic
+method ``bags_long`` runs only when named in ``--methods``. The report
 appends ``<results>/longtail_notes.md`` (the hand-written interpretation) if it exists.
 
-Schedule: ``--iters`` (default 250 at batch 4, 1/6 of the base 1500) with warmup and LR steps
-scaled from the base config; the BAGS fine-tune runs a third of it, as in its leaf (500 of
-1500). Repeat-factor sampling uses ``--repeat-threshold`` (default 0.13): detectron2's t = 0.001
-oversamples nothing on an 800-image set (the rarest class is in 3/800 = 0.0037 of the images),
-while 0.13 oversamples the classes in fewer than ~104 images, the same rare + common groups that
-t = 0.001 oversamples on LVIS v1 (and that the tiny EQL leaf's lambda 0.13 suppresses).
+Schedule: ``--iters`` (default 250 at batch 4, 1/4 of the base 1000) with warmup and LR steps
+scaled from the base config; the BAGS fine-tune runs a third of it. Repeat-factor sampling
+uses ``--repeat-threshold`` (default 0.13, as the tiny configs): detectron2's t = 0.001
+oversamples nothing on an 800-image set (the rarest class is in 3/800 = 0.0037 of the
+images), while 0.13 oversamples the classes in fewer than ~104 images, the same rare + common
+groups that t = 0.001 oversamples on LVIS v1 (and that the tiny EQL leaf's lambda 0.13
+suppresses).
 """
 
 import argparse
@@ -105,13 +106,6 @@ METHODS = (
 # (prior 0.5) as in the reference (tztztztztz/eqlv2 ``bbox_head.py::init_weights``), instead of
 # prior 1e-3 on all K+1 logits, the background logit included.
 DIAGNOSTICS = (
-    Method(
-        "eqlv2_bias0",
-        "EQLv2 (no RFS), bias init 0 [diagnostic]",
-        "mask_rcnn_R18_FPN_tiny_eqlv2.yaml",
-        ("MODEL.ROI_BOX_HEAD.EQLV2.PRIOR_PROB", "0.5"),
-        rfs=False,
-    ),
     Method(
         "bags_long",
         "GroupSoftmax, fine-tune as long as the training [diagnostic]",
