@@ -38,6 +38,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from lvis_longtail.utils.io import atomic_write
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join("configs", "tiny")
 TRAIN_SET, VAL_SET = "lt_synthetic_train", "lt_synthetic_val"
@@ -335,10 +337,8 @@ def wall_span(invocations: List[dict]) -> float:
 
 
 def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def class_info(gt_json: str, train_json: str) -> Dict[int, dict]:

@@ -32,6 +32,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from lvis_longtail.data.class_stats import frequency_group
+from lvis_longtail.utils.io import atomic_write
 
 SPLITS = ("train", "val", "test_dev")
 COLORS = {  # RGB, saturated and far from the low-saturation background
@@ -321,15 +322,9 @@ def _progress(items, desc, enabled):
 
 
 def _write_atomic(path, data):
-    """Write ``data`` (bytes) to ``path`` via a temp file in the same folder and os.replace."""
-    tmp = os.path.join(os.path.dirname(path), f".tmp{os.getpid()}_{os.path.basename(path)}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write ``data`` (bytes) to ``path`` atomically."""
+    with atomic_write(path, "wb") as f:
+        f.write(data)
 
 
 def _generate_split(cfg, split, first_image_id, first_ann_id):

@@ -23,6 +23,8 @@ from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 
+from lvis_longtail.utils.io import atomic_write
+
 CSV_FILE = "lvis_per_class.csv"
 PLOT_FILE = "lvis_per_class.png"
 BASE_COLUMNS = (
@@ -82,13 +84,11 @@ def _pct(value) -> Optional[float]:
 def write_csv(path: str, rows: List[dict]) -> None:
     """Write the rows atomically (blank cells for None)."""
     fields = list(rows[0]) if rows else list(BASE_COLUMNS)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    os.replace(tmp, path)
 
 
 def read_csv(path: str) -> List[dict]:
@@ -165,9 +165,8 @@ def plot(path: str, rows: List[dict], group_metrics: Mapping[str, Mapping[str, f
     if group_metrics:
         bars.legend()
     fig.tight_layout()
-    tmp = f"{path}.{os.getpid()}.tmp.png"
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png")
 
 
 def save(output_dir: str, dataset: dict, per_task: Mapping[str, object], train_counts) -> Dict:

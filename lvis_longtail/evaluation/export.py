@@ -13,10 +13,8 @@ IoU) carry one more key, ``"segm_score"``, until :func:`records_for_export` or
 evaluates segm. Without ``mask_scores`` both tasks and the file use the box score.
 """
 
-import json
 import logging
 import os
-import secrets
 from collections import defaultdict
 from json.encoder import encode_basestring_ascii
 from typing import Callable, Mapping, Optional, Sequence
@@ -27,6 +25,7 @@ from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.structures import Instances
 
 from lvis_longtail.evaluation.validation import RESULTS_FILE, LVISResultsError
+from lvis_longtail.utils.io import temp_path, write_json_atomic
 
 __all__ = [
     "EXPORT_FIELDS",
@@ -149,26 +148,6 @@ def records_for_task(records: Sequence[dict], task: str, max_dets: int) -> list[
     return out
 
 
-def write_json_atomic(obj, path: str) -> None:
-    """Write ``obj`` as strict JSON (no NaN) to ``path`` atomically: a temporary file in the
-    same folder, then ``os.replace``. A failed write leaves any previous file untouched."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(
-        directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    )
-    try:
-        with open(tmp, "x") as f:
-            json.dump(obj, f, separators=(",", ":"), allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def record_json(image_id, category_id, score, bbox, size=None, counts=None) -> str:
     """One record as compact JSON, byte-identical to ``json.dumps(record, separators=(",",
     ":"))`` with the keys in :data:`EXPORT_FIELDS` order (finite numbers only)."""
@@ -187,12 +166,8 @@ class JsonListWriter:
     (:func:`write_json_atomic`'s guarantee for streamed output)."""
 
     def __init__(self, path: str):
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
         self.path = path
-        self.tmp = os.path.join(
-            directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        )
+        self.tmp = temp_path(path)
         self._file: Optional[object] = None
         self._first = True
 
