@@ -4,12 +4,33 @@ Selectors live on the node that owns the component (``MODEL.ROI_BOX_HEAD.CLS_LOS
 each method's parameters in a sub-node (``MODEL.ROI_BOX_HEAD.SEESAW.P``).
 """
 
+from typing import Dict, Tuple
+
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 
 class ConfigError(ValueError):
     """A config file or option names an unknown key or has a malformed value."""
+
+
+# Keys whose value must be one of a fixed set: full key -> valid values. Filled by _enum() as
+# the keys are defined below, so the valid values of an enum live next to its definition.
+ENUM_KEYS: Dict[str, Tuple] = {}
+
+
+def _enum(cfg: CN, key: str, default, choices) -> None:
+    """Define the key ``key`` (full dotted path) of ``cfg`` with ``default`` and record its
+    valid values in :data:`ENUM_KEYS`."""
+    choices = tuple(choices)
+    if default not in choices:
+        raise ValueError(f"default {default!r} of {key} is not one of {choices}")
+    *path, leaf = key.split(".")
+    node = cfg
+    for part in path:
+        node = node[part]
+    node[leaf] = default
+    ENUM_KEYS[key] = choices
 
 
 def setup_cfg(config_file: str, opts=()) -> CN:
@@ -83,7 +104,7 @@ def _add_box_head_config(cfg: CN) -> None:
     head.CLS_LOSS_WEIGHT = 1.0
     # Classifier layer: "Linear" or "NormedLinear" (cosine classifier: scaled dot product of
     # L2-normalised features and weights, plus a bias). Works with every CLS_LOSS_NAME.
-    head.CLS_PREDICTOR = "Linear"
+    _enum(cfg, "MODEL.ROI_BOX_HEAD.CLS_PREDICTOR", "Linear", ("Linear", "NormedLinear"))
     # Scale tau of the NormedLinear classifier.
     head.NORMED_SCALE = 20.0
 
@@ -151,14 +172,14 @@ def _add_mask_head_config(cfg: CN) -> None:
     head.BOUNDARY_LOSS_WEIGHT = 0.0
     # Mask predictor: "Conv" (detectron2's 1x1 conv) or "NormedConv" (cosine, scale
     # NORMED_SCALE; the Seesaw recipe's normalized mask predictor).
-    head.PREDICTOR = "Conv"
+    _enum(cfg, "MODEL.ROI_MASK_HEAD.PREDICTOR", "Conv", ("Conv", "NormedConv"))
     head.NORMED_SCALE = 20.0
     # Mask RoI feature-level assignment: "box" (detectron2's rule on sqrt(w h)) or
     # "area_ratio" (on sqrt(w h r), r = mask area / box area of the matched GT).
-    head.LEVEL_ASSIGNMENT = "box"
+    _enum(cfg, "MODEL.ROI_MASK_HEAD.LEVEL_ASSIGNMENT", "box", ("box", "area_ratio"))
     # With LEVEL_ASSIGNMENT "area_ratio", how r is obtained at test time: "one" (r = 1, the
     # box rule) or "two_pass" (predict, estimate r from the predicted mask, re-pool, predict).
-    head.TEST_AREA_RATIO = "one"
+    _enum(cfg, "MODEL.ROI_MASK_HEAD.TEST_AREA_RATIO", "one", ("one", "two_pass"))
     # Mask Scoring R-CNN's MaskIoU head: segm score = box score x predicted mask IoU.
     head.MASK_SCORING = False
     head.MASK_SCORING_LOSS_WEIGHT = 0.5
@@ -173,10 +194,10 @@ def _add_test_config(cfg: CN) -> None:
     # 1000 (LVIS v1 val needs ~600 per image on average: 10,000 x 1203 / 19,809), and keep
     # MODEL.ROI_HEADS.SCORE_THRESH_TEST low (1e-4). The evaluator's per-class score thresholds
     # (the running 10,000th score of each class) drop the rest before masks are encoded.
-    cfg.TEST.EVAL_PROTOCOL = "standard"
+    _enum(cfg, "TEST.EVAL_PROTOCOL", "standard", ("standard", "fixed"))
     cfg.TEST.FIXED_AP = CN()
     # Detections kept per class over the split by the "fixed" protocol (10,000 for LVIS).
     cfg.TEST.FIXED_AP.DETS_PER_CLASS = 10000
     # Which code computes LVIS AP: "fast" (lvis_longtail.evaluation.fast_eval: lvis-api's
     # numbers, several times faster, less memory) or "lvis_api" (lvis-api 0.5.3 itself).
-    cfg.TEST.LVIS_EVALUATOR = "fast"
+    _enum(cfg, "TEST.LVIS_EVALUATOR", "fast", ("fast", "lvis_api"))
