@@ -64,6 +64,7 @@ def add_longtail_config(cfg: CN) -> CN:
     _add_box_head_config(cfg)
     _add_mask_head_config(cfg)
     _add_test_config(cfg)
+    _add_frequency_prior_config(cfg)
     return cfg
 
 
@@ -97,7 +98,8 @@ def _add_box_head_config(cfg: CN) -> None:
     head = cfg.MODEL.ROI_BOX_HEAD
     # Classification loss of the box predictor, a name in CLS_LOSS_REGISTRY: "SoftmaxCE"
     # (detectron2's behaviour), "SigmoidCE", "SeesawLoss", "EQL", "EQLv2", "GroupSoftmax"
-    # (Balanced Group Softmax), "FederatedLoss". The loss decides how many logits the
+    # (Balanced Group Softmax), "FederatedLoss", "BalancedSoftmax", "LogitAdjustedCE", "ECMLoss"
+    # (see _add_frequency_prior_config). The loss decides how many logits the
     # classifier produces and how they become [K class scores, background] probabilities.
     head.CLS_LOSS_NAME = "SoftmaxCE"
     # Weight of the classification loss term(s).
@@ -201,3 +203,43 @@ def _add_test_config(cfg: CN) -> None:
     # Which code computes LVIS AP: "fast" (lvis_longtail.evaluation.fast_eval: lvis-api's
     # numbers, several times faster, less memory) or "lvis_api" (lvis-api 0.5.3 itself).
     _enum(cfg, "TEST.LVIS_EVALUATOR", "fast", ("fast", "lvis_api"))
+
+
+def _add_frequency_prior_config(cfg: CN) -> None:
+    """Losses and post-hoc calibrations built on the training class counts (docs/methods.md,
+    "Balanced Softmax and logit adjustment", "ECM loss", "NorCal")."""
+    head = cfg.MODEL.ROI_BOX_HEAD
+    count_sources = ("image", "instance")
+    # Logit-adjusted softmax CE (Menon et al., ICLR 2021), CLS_LOSS_NAME "LogitAdjustedCE":
+    # softmax CE of z_c + TAU log(K pi_c) for the K classes (z_bg unshifted); inference uses
+    # z. pi_c = n_c / sum n, n = the training COUNT ("image": images containing the class,
+    # "instance": its instances), each clamped to >= 1. TAU 0 is plain softmax CE.
+    head.LOGIT_ADJUSTMENT = CN()
+    head.LOGIT_ADJUSTMENT.TAU = 1.0
+    _enum(cfg, "MODEL.ROI_BOX_HEAD.LOGIT_ADJUSTMENT.COUNT", "image", count_sources)
+    # Balanced Softmax (Ren et al., NeurIPS 2020), CLS_LOSS_NAME "BalancedSoftmax": the same
+    # loss with TAU = 1 and its own COUNT.
+    head.BALANCED_SOFTMAX = CN()
+    _enum(cfg, "MODEL.ROI_BOX_HEAD.BALANCED_SOFTMAX.COUNT", "image", count_sources)
+    # Effective Class-Margin loss (Cho & Kraehenbuehl, ECCV 2022), CLS_LOSS_NAME "ECMLoss":
+    # K+1 sigmoid logits with margins and weights from the training image counts; the
+    # background count is FG_BG_RATIO x the summed class counts (the reference's empirical
+    # ratio of Mask R-CNN).
+    head.ECM = CN()
+    head.ECM.FG_BG_RATIO = 6.3313
+
+    # Post-hoc calibration of the box classifier's softmax scores at inference (no training):
+    # "none"; "norcal" (NorCal, Pan et al., NeurIPS 2021): class logits z_c - GAMMA log N_c,
+    # background untouched, renormalised by the loss's softmax; "logit_adjustment" (Menon et
+    # al., post-hoc form): z_c - TAU log(K pi_c). Counts as above, from DATASETS.TRAIN. Only
+    # for losses with softmax probabilities (SoftmaxCE, SeesawLoss, GroupSoftmax,
+    # BalancedSoftmax, LogitAdjustedCE); a sigmoid loss is an error. Pick GAMMA / TAU on a
+    # validation split with `python -m lvis_longtail.tools.norcal_sweep`.
+    _enum(cfg, "TEST.CLS_CALIBRATION", "none", ("none", "norcal", "logit_adjustment"))
+    cfg.TEST.NORCAL = CN()
+    # N_c^GAMMA; 0 = no calibration. No published default (the reference tunes it per model).
+    cfg.TEST.NORCAL.GAMMA = 0.6
+    _enum(cfg, "TEST.NORCAL.COUNT", "image", count_sources)
+    cfg.TEST.LOGIT_ADJUSTMENT = CN()
+    cfg.TEST.LOGIT_ADJUSTMENT.TAU = 1.0
+    _enum(cfg, "TEST.LOGIT_ADJUSTMENT.COUNT", "image", count_sources)

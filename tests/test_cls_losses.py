@@ -1,7 +1,7 @@
 """Golden-value tests of the box classification losses (lvis_longtail.modeling.cls_losses).
 
-Every expected value is derived by hand from the methods' equations (METHODS.md) on tiny logits
-chosen so that softmax/sigmoid take simple values (e.g. z = log([1, 2, 3]) gives softmax
+Every expected value is derived by hand from the methods' equations (docs/methods.md) on tiny
+logits chosen so that softmax/sigmoid take simple values (e.g. z = log([1, 2, 3]) gives softmax
 [1/6, 2/6, 3/6]; z = 0 gives sigmoid 1/2 and BCE log 2).
 """
 
@@ -48,6 +48,9 @@ ALL_NAMES = [
     "EQLv2",
     "GroupSoftmax",
     "FederatedLoss",
+    "BalancedSoftmax",
+    "LogitAdjustedCE",
+    "ECMLoss",
 ]
 
 
@@ -104,6 +107,9 @@ def test_contract_of_every_loss():
         # unit instance counts [800, 282, 152, 100, 70, 54, 42, 34]: bins [10, 100) and
         # [100, 1000) hold 4 classes each, [0, 10) and >= 1000 are empty and dropped
         "GroupSoftmax": k + 1 + 3,
+        "BalancedSoftmax": k + 1,
+        "LogitAdjustedCE": k + 1,
+        "ECMLoss": k + 1,
     }
     for name, loss in build_all(k).items():
         assert loss.num_logits == expected_logits[name]

@@ -1,7 +1,7 @@
 """Box predictor of lvis_longtail: detectron2's FastRCNNOutputLayers with a pluggable
 classification loss (``CLS_LOSS_REGISTRY``) and classifier layer (Linear / NormedLinear)."""
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -11,7 +11,12 @@ from detectron2.structures import Instances
 from torch import nn
 from torch.nn import functional as F
 
-from lvis_longtail.modeling.cls_losses import ClassificationLoss, build_cls_loss
+from lvis_longtail.modeling.cls_losses import (
+    ClassificationLoss,
+    ClassLogitCalibration,
+    build_cls_calibration,
+    build_cls_loss,
+)
 
 __all__ = ["LongTailFastRCNNOutputLayers", "NormedLinear", "build_classifier"]
 
@@ -64,7 +69,9 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
       (``CLS_LOSS_WEIGHT``), and logs accuracy the loss's way; ``loss_box_reg`` is
       detectron2's;
     - :meth:`predict_probs` returns the loss's ``[K class scores, background]`` (R, K+1), so
-      :meth:`inference` (detectron2's ``fast_rcnn_inference``) works for every layout.
+      :meth:`inference` (detectron2's ``fast_rcnn_inference``) works for every layout; with
+      ``TEST.CLS_CALIBRATION`` (NorCal, post-hoc logit adjustment) the logits are calibrated
+      first (``self.calibration``).
 
     Box regression (class-specific or agnostic) is unchanged. The loss module's buffers
     (Seesaw's counts, EQLv2's gradient statistics) are part of this module's state_dict.
@@ -78,6 +85,7 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
         cls_loss: ClassificationLoss,
         cls_predictor: str = "Linear",
         normed_scale: float = 20.0,
+        calibration: Optional[ClassLogitCalibration] = None,
         **kwargs,
     ):
         """
@@ -86,6 +94,7 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
             cls_loss: classification loss for ``num_classes`` classes.
             cls_predictor: "Linear" or "NormedLinear".
             normed_scale: scale of the NormedLinear classifier.
+            calibration: post-hoc calibration of the logits at inference, or None.
         """
         super().__init__(input_shape, **kwargs)
         if cls_loss.num_classes != self.num_classes:
@@ -97,12 +106,14 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
             cls_predictor, self.cls_score.in_features, cls_loss.num_logits, normed_scale
         )
         cls_loss.init_bias(self.cls_score.bias)
+        self.calibration = calibration
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
         head = cfg.MODEL.ROI_BOX_HEAD
         ret["cls_loss"] = build_cls_loss(cfg, ret["num_classes"])
+        ret["calibration"] = build_cls_calibration(cfg, ret["cls_loss"])
         ret["cls_predictor"] = head.CLS_PREDICTOR
         ret["normed_scale"] = head.NORMED_SCALE
         ret["loss_weight"] = {**ret["loss_weight"], "loss_cls": head.CLS_LOSS_WEIGHT}
@@ -137,7 +148,10 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
     def predict_probs(
         self, predictions: Tuple[torch.Tensor, torch.Tensor], proposals: List[Instances]
     ) -> Tuple[torch.Tensor, ...]:
-        """Per image (Ri, K+1) scores from ``self.cls_loss.predict_probs``."""
+        """Per image (Ri, K+1) scores from ``self.cls_loss.predict_probs``, of the calibrated
+        logits when ``self.calibration`` is set."""
         scores, _ = predictions
+        if self.calibration is not None:
+            scores = self.calibration(scores)
         num_inst_per_image = [len(p) for p in proposals]
         return self.cls_loss.predict_probs(scores).split(num_inst_per_image, dim=0)

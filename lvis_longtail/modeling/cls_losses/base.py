@@ -5,7 +5,7 @@ Labels follow detectron2: ``gt_classes`` in [0, K], K = background.
 """
 
 import math
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,17 @@ class ClassificationLoss(nn.Module):
     def init_bias(self, bias: torch.Tensor) -> None:
         """Initialise the classifier bias (L,) in place; zeros by default."""
         nn.init.constant_(bias, 0.0)
+
+    def class_logit_columns(self) -> Optional[torch.Tensor]:
+        """(K,) int64 column of each class's logit inside a softmax over classes, or None when
+        the probabilities are not softmax-based (sigmoid losses; the default).
+
+        Post-hoc calibration (NorCal, logit adjustment) subtracts a per-class offset from these
+        columns and applies :meth:`predict_probs` unchanged, so a softmax loss supports it by
+        naming the columns; the other logits (background, objectness, "others") stay as they
+        are.
+        """
+        return None
 
     def forward(self, logits: torch.Tensor, gt_classes: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Loss terms of one batch of RoIs.

@@ -203,6 +203,10 @@ class GroupSoftmax(ClassificationLoss):
     def predict_probs(self, logits: torch.Tensor) -> torch.Tensor:
         return group_softmax_probs(logits, self.group_slices, self.class_columns)
 
+    def class_logit_columns(self) -> torch.Tensor:
+        """Each class's column in its group; "others" and the background group untouched."""
+        return self.class_columns.clone()
+
     def extra_repr(self) -> str:
         sizes = [b - a - 1 for a, b in self.group_slices[1:]]
         return f"{super().extra_repr()}, bin_edges={self.bin_edges}, classes_per_group={sizes}"

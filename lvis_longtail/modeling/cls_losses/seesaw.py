@@ -133,5 +133,9 @@ class SeesawLoss(ClassificationLoss):
         obj_probs = F.softmax(logits[:, self.num_classes :], dim=1)
         return torch.cat([class_probs * obj_probs[:, :1], obj_probs[:, 1:]], dim=1)
 
+    def class_logit_columns(self) -> torch.Tensor:
+        """The K class logits; calibration leaves the objectness pair untouched."""
+        return torch.arange(self.num_classes)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, p={self.p}, q={self.q}, eps={self.eps}"

@@ -40,3 +40,6 @@ class SoftmaxCE(ClassificationLoss):
 
     def predict_probs(self, logits: torch.Tensor) -> torch.Tensor:
         return F.softmax(logits.float(), dim=-1)
+
+    def class_logit_columns(self) -> torch.Tensor:
+        return torch.arange(self.num_classes)
