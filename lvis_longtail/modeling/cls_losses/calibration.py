@@ -24,6 +24,7 @@ from torch import nn
 from .base import ClassificationLoss
 from .priors import centered_log_prior, log_counts, training_class_counts
 
+
 class ClassLogitCalibration(nn.Module):
     """z' = z - strength * b, b zero outside the class columns.
 
