@@ -24,9 +24,12 @@ from torch.nn import functional as F
 from lvis_longtail.data.class_stats import ClassStats, frequency_group
 from lvis_longtail.modeling.cls_losses import (
     EQL,
+    BalancedSoftmax,
+    ECMLoss,
     EQLv2,
     FederatedLoss,
     GroupSoftmax,
+    LogitAdjustedCE,
     SeesawLoss,
     SigmoidCE,
     SoftmaxCE,
@@ -67,6 +70,11 @@ def build_losses(num_classes: int, stats: ClassStats):
         "EQLv2": EQLv2(num_classes=num_classes),
         "GroupSoftmax": GroupSoftmax(num_classes=num_classes, instance_count=stats.instance_count),
         "FederatedLoss": FederatedLoss(num_classes=num_classes, image_count=stats.image_count),
+        "BalancedSoftmax": BalancedSoftmax(num_classes=num_classes, class_counts=stats.image_count),
+        "LogitAdjustedCE": LogitAdjustedCE(
+            num_classes=num_classes, class_counts=stats.instance_count, tau=1.0
+        ),
+        "ECMLoss": ECMLoss(num_classes=num_classes, class_counts=stats.image_count),
     }
 
 
