@@ -1,7 +1,7 @@
 """LVIS results records: made from ``Instances``, capped per image, written to disk.
 
-A *record* is one detection in the LVIS results format (METHODS.md §9), in original image
-coordinates::
+A *record* is one detection in the LVIS results format (docs/methods.md, "LVIS
+evaluation"), in original image coordinates::
 
     {"image_id": int, "category_id": int (the dataset's own id), "score": float,
      "bbox": [x, y, w, h], "segmentation": {"size": [h, w], "counts": str}}

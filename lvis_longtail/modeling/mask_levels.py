@@ -4,9 +4,9 @@ detectron2 (FPN paper Eq. 1) pools an RoI of size w x h from level
 ``k = clamp(floor(k0 + log2(sqrt(w h) / 224)), k_min, k_max)``, k0 = 4. The report adds the
 ratio ``r = A_mask / A_box`` of the instance: ``k = clamp(floor(k0 + log2(sqrt(w h r) / 224)),
 k_min, k_max)``, so a large box around a thin object is pooled from a finer level. The
-report's equation was lost from the text we have; this is the reconstruction of
-``docs/METHODS.md`` §6 (k0 and 224 are the ``ROIPooler`` arguments, so they stay
-configurable in code). ``r = 1`` is exactly detectron2's rule.
+report does not print the equation in full; this is the reconstruction of
+docs/methods.md, "Area-ratio level assignment" (k0 and 224 are the ``ROIPooler``
+arguments, so they stay configurable in code). ``r = 1`` is exactly detectron2's rule.
 
 * Training: r of each positive proposal's matched GT (:func:`gt_area_ratios`).
 * Test: r is unknown. Either r = 1, or two passes (:func:`two_pass_mask_logits`): predict

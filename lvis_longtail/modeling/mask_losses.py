@@ -1,8 +1,8 @@
 """Pure mask-loss functions of the balanced mask loss (LVIS 2020 1st place, Tan et al.,
 arXiv 2009.01559) and of the auxiliary boundary supervision.
 
-The report's equations were lost from the text we have; the forms below are the
-reconstruction of ``docs/METHODS.md`` §6 and every free choice is an argument:
+The report does not print the equations in full; the forms below are the reconstruction
+of docs/methods.md, "Balanced mask loss", and every free choice is an argument:
 
 * dice, per RoI: ``1 - (2 sum(p y) + eps) / (sum(p) + sum(y) + eps)``, eps = 1, mean over RoIs;
 * area-ratio-weighted BCE: ``-sum_i w_i [y log p + (1 - y) log(1 - p)] / sum_i w_i`` per RoI,

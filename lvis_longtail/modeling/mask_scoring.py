@@ -1,4 +1,4 @@
-"""Mask Scoring R-CNN's MaskIoU head (Huang et al., CVPR 2019; ``docs/METHODS.md`` §8).
+"""Mask Scoring R-CNN's MaskIoU head (Huang et al., CVPR 2019; docs/methods.md, "Mask Scoring").
 
 The head regresses the IoU between each predicted mask (binarised at 0.5) and its GT from
 concat(mask RoI features (C, S, S), maxpool2(sigmoid(mask logits of the class)) (1, S, S)):
