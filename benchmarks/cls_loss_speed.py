@@ -12,6 +12,7 @@ affects both sides alike.
 
     python benchmarks/cls_loss_speed.py [--images 16] [--rois-per-image 512] [--repeats 15]
     python benchmarks/cls_loss_speed.py --threads 2   # pin the number of CPU threads
+    python benchmarks/cls_loss_speed.py --losses SoftmaxCE ECMLoss   # a subset
 """
 
 import argparse
@@ -108,6 +109,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    parser.add_argument("--losses", nargs="+", help="names of the losses to time (default: all)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,8 +119,14 @@ def main():
     labels = synthetic_labels(args.images, args.rois_per_image, stats, args.fg_fraction, generator)
     labels = labels.to(args.device)
     num_rois = labels.numel()
+    losses = build_losses(args.classes, stats)
+    unknown = sorted(set(args.losses or ()) - set(losses))
+    if unknown:
+        parser.error(f"--losses: unknown {unknown}; valid: {', '.join(losses)}")
     losses = {
-        name: loss.to(args.device) for name, loss in build_losses(args.classes, stats).items()
+        name: loss.to(args.device)
+        for name, loss in losses.items()
+        if not args.losses or name in args.losses
     }
 
     def total(loss, logits):

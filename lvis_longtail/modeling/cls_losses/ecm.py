@@ -58,9 +58,8 @@ def ecm_loss(
     """
     if gt_classes.numel() == 0:
         return empty_loss(logits)
-    margin_logits = 2 * logits.float() + shift.float()
     weight = weight.float()
-    loss, _ = one_hot_bce(margin_logits, gt_classes, weight, weight)
+    loss, _ = one_hot_bce(logits.float(), gt_classes, weight, weight, scale=2.0, shift=shift)
     return loss / gt_classes.numel()
 
 

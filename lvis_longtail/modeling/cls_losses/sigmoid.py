@@ -21,9 +21,16 @@ class _OneHotBCE(torch.autograd.Function):
     """Autograd function of :func:`one_hot_bce` (weights are constants)."""
 
     @staticmethod
-    def forward(ctx, logits, gt_classes, pos_weight, neg_weight, positive_row_neg_weight):
+    def forward(
+        ctx, logits, gt_classes, pos_weight, neg_weight, positive_row_neg_weight, scale, shift
+    ):
         # the weighted sums below are products, which autocast would run in fp16 / bf16
         with torch.autocast(device_type=logits.device.type, enabled=False):
+            if shift is not None:  # u = scale z + shift, in one pass and outside autograd
+                logits = torch.add(shift, logits, alpha=scale)
+            elif scale != 1.0:
+                logits = logits * scale
+            ctx.scale = scale
             return _OneHotBCE._forward(
                 ctx, logits, gt_classes, pos_weight, neg_weight, positive_row_neg_weight
             )
@@ -59,11 +66,12 @@ class _OneHotBCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_prob_sum):
         probs, rows, cols, pos_weight, neg_weight, positive_row_neg_weight = ctx.saved_tensors
+        grad_loss = grad_loss * ctx.scale  # du/dz
         grad = probs * (neg_weight * grad_loss)  # dBCE(z, 0)/dz = sigmoid(z)
         if positive_row_neg_weight is not None:
             grad[rows] = probs[rows] * (positive_row_neg_weight * grad_loss)
         grad[rows, cols] = (probs[rows, cols] - 1) * pos_weight[cols] * grad_loss
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def one_hot_bce(
@@ -72,8 +80,11 @@ def one_hot_bce(
     pos_weight: torch.Tensor,
     neg_weight: torch.Tensor,
     positive_row_neg_weight: Optional[torch.Tensor] = None,
+    scale: float = 1.0,
+    shift: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Weighted sigmoid BCE against one-hot targets, summed (not averaged).
+    """Weighted sigmoid BCE against one-hot targets, summed (not averaged), of the logits
+    u = scale z + shift (z itself by default; ECM's margins use scale 2).
 
     y_rj = 1[j = gt_r]; a label >= C (the background when there is no background logit) gives
     an all-zero row. W_rj = pos_weight_j where y_rj = 1; otherwise neg_weight_j, or
@@ -83,14 +94,17 @@ def one_hot_bce(
         logits: (R, C) logits; the computation runs in their dtype.
         gt_classes: (R,) int64 labels.
         pos_weight, neg_weight, positive_row_neg_weight: (C,) per-class weights.
+        scale: factor of the logits.
+        shift: optional (C,) offset added to the scaled logits.
 
     Returns:
-        (loss, prob_sum): sum_rj W_rj BCE(z_rj, y_rj), differentiable w.r.t. ``logits``; and
-        (C,) sum_r sigmoid(z_rj) without gradient.
+        (loss, prob_sum): sum_rj W_rj BCE(u_rj, y_rj), differentiable w.r.t. ``logits``; and
+        (C,) sum_r sigmoid(u_rj) without gradient.
     """
     weights = [pos_weight, neg_weight, positive_row_neg_weight]
     weights = [None if w is None else w.to(logits.dtype) for w in weights]
-    return _OneHotBCE.apply(logits, gt_classes, *weights)
+    shift = None if shift is None else shift.to(logits.dtype)
+    return _OneHotBCE.apply(logits, gt_classes, *weights, float(scale), shift)
 
 
 def sigmoid_ce_loss(logits: torch.Tensor, gt_classes: torch.Tensor) -> torch.Tensor:
