@@ -25,8 +25,16 @@ def two_aspect_sets(tmp_path_factory):
     """Landscape and portrait images, so the aspect-ratio buckets hold partial batches."""
     root = tmp_path_factory.mktemp("resume_data")
     for name, size in (("wide", (48, 64)), ("tall", (64, 48))):
-        generate(str(root / name), seed=3, num_train=12, num_val=1, num_test=1,
-                 image_size=size, num_classes=6, progress=False)
+        generate(
+            str(root / name),
+            seed=3,
+            num_train=12,
+            num_val=1,
+            num_test=1,
+            image_size=size,
+            num_classes=6,
+            progress=False,
+        )
         register_synthetic(str(root / name), prefix=f"lt_resume_{name}")
     return root
 

@@ -53,8 +53,8 @@ COMPLETENESS_MARKERS = (
 )
 
 # What detectron2 0.6 imports at run time, minus what only its optional tools use (black:
-# LazyConfig.to_py formatting; pydot, future: caffe2 export, gone from PyTorch). hydra-core
-# (LazyConfig.apply_overrides) is pinned with omegaconf in requirements.lock.
+# LazyConfig.to_py formatting, pinned in requirements.lock; pydot, future: caffe2 export, gone
+# from PyTorch). hydra-core (LazyConfig.apply_overrides) is pinned with omegaconf there too.
 RUNTIME_REQUIRES = [
     "Pillow>=7.1",
     "matplotlib",
