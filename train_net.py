@@ -24,7 +24,7 @@ from lvis_longtail.engine import Trainer, launch, setup_cfg
 
 
 def setup(args):
-    cfg = setup_cfg(args.config_file, args.opts)
+    cfg = setup_cfg(args.config_file, args.opts, check_files=True, eval_only=args.eval_only)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="lvis_longtail")
     return cfg
@@ -45,7 +45,9 @@ def main(args):
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
-    device = setup_cfg(args.config_file, args.opts).MODEL.DEVICE
+    # the whole config is checked here, before any process starts or data is loaded
+    cfg = setup_cfg(args.config_file, args.opts, check_files=True, eval_only=args.eval_only)
+    device = cfg.MODEL.DEVICE
     launch(
         main,
         args.num_gpus,
