@@ -125,6 +125,7 @@ def add_longtail_config(cfg: CN) -> CN:
     _add_box_head_config(cfg)
     _add_mask_head_config(cfg)
     _add_test_config(cfg)
+    _add_cpu_threads_config(cfg)
     return cfg
 
 
@@ -262,3 +263,15 @@ def _add_test_config(cfg: CN) -> None:
     # Which code computes LVIS AP: "fast" (lvis_longtail.evaluation.fast_eval: lvis-api's
     # numbers, several times faster, less memory) or "lvis_api" (lvis-api 0.5.3 itself).
     _enum(cfg, "TEST.LVIS_EVALUATOR", "fast", ("fast", "lvis_api"))
+
+
+def _add_cpu_threads_config(cfg: CN) -> None:
+    # Threads of each training/evaluation process on CPU (MODEL.DEVICE cpu), applied by
+    # lvis_longtail.engine.launch.configure_cpu_threads: torch intra-op threads and OpenCV's
+    # (DataLoader workers run torch with one thread and OpenCV with OPENCV_THREADS). 0 = auto:
+    # $LVIS_LONGTAIL_CPU_THREADS, else $OMP_NUM_THREADS, else the cores per process minus
+    # DATALOADER.NUM_WORKERS (at least 1): torch's default, one thread per core in every
+    # process, oversubscribes a small machine and slows it several-fold once anything else
+    # runs. Not used on GPU.
+    cfg.MODEL.CPU_THREADS = 0
+    cfg.MODEL.OPENCV_THREADS = 1
