@@ -34,7 +34,7 @@ DETECTRON2_ENUM_KEYS: Dict[str, Tuple] = {
     "INPUT.MIN_SIZE_TRAIN_SAMPLING": ("choice", "range"),
     "MODEL.RPN.BBOX_REG_LOSS_TYPE": ("smooth_l1", "giou"),
     "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE": ("smooth_l1", "giou"),
-    "MODEL.ROI_BOX_HEAD.POOLER_TYPE": ("ROIAlign", "ROIAlignV2", "ROIPool"),
+    "MODEL.ROI_BOX_HEAD.POOLER_TYPE": ("ROIAlign", "ROIAlignV2", "ROIPool", "ROIAlignRotated"),
     "MODEL.ROI_MASK_HEAD.POOLER_TYPE": ("ROIAlign", "ROIAlignV2", "ROIPool"),
 }
 
