@@ -8,44 +8,57 @@
 
 Evaluating a split with annotations prints and saves LVIS AP, APr/APc/APf; a split without
 annotations (LVIS test-dev) is exported to OUTPUT_DIR/inference/<dataset>/
-lvis_instances_results.json for the evaluation server.
+lvis_instances_results.json for the evaluation server. The run ends with a short summary of
+both. On CPU, each process's thread counts follow MODEL.CPU_THREADS (lvis_longtail/config.py).
 """
 
 # isort: off
 import lvis_longtail  # noqa: F401  (first: compat layer, registries, datasets)
 
 # isort: on
+import time
+
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from lvis_longtail.engine import Trainer, launch, setup_cfg
+from lvis_longtail.engine.launch import configure_cpu_threads
+from lvis_longtail.engine.summary import format_summary
 
 
 def setup(args):
-    cfg = setup_cfg(args.config_file, args.opts)
+    cfg = setup_cfg(args.config_file, args.opts, check_files=True, eval_only=args.eval_only)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="lvis_longtail")
+    configure_cpu_threads(cfg, args.num_gpus)
     return cfg
 
 
 def main(args):
+    start = time.perf_counter()
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
-        return Trainer.test(cfg, model)
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+        results = Trainer.test(cfg, model)
+    else:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        results = trainer.train()
+    if comm.is_main_process():
+        print(format_summary(cfg, results or {}, time.perf_counter() - start), flush=True)
+    return results
 
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
-    device = setup_cfg(args.config_file, args.opts).MODEL.DEVICE
+    # the whole config is checked here, before any process starts or data is loaded
+    cfg = setup_cfg(args.config_file, args.opts, check_files=True, eval_only=args.eval_only)
+    device = cfg.MODEL.DEVICE
     launch(
         main,
         args.num_gpus,

@@ -9,6 +9,7 @@ complete or newer detectron2 build is used untouched. Each shim states the break
 """
 
 import functools
+import importlib.abc
 import importlib.util
 import random
 import sys
@@ -69,9 +70,11 @@ def _pillow_linear() -> None:
 
 
 class _NumpyWithFloat(types.ModuleType):
-    """numpy, plus the ``np.float`` alias removed in NumPy 1.24 (lvis-api 0.5.3 uses it)."""
+    """numpy, plus the ``np.float`` and ``np.int`` aliases removed in NumPy 1.24 (lvis-api
+    0.5.3 and detectron2 0.6 use them)."""
 
     float = float
+    int = int
 
     def __getattr__(self, name):
         return getattr(np, name)
@@ -113,6 +116,80 @@ def _map_dataset_retry() -> None:
         random.sample({0}, k=1)
     except TypeError:
         common.MapDataset.__getitem__ = __getitem__
+
+
+def _detectron2_numpy_int() -> None:
+    """NumPy 2 removed ``np.int``: d2's ``print_instances_class_histogram`` (``data/build.py``)
+    and ``SemSegEvaluator`` use it, and the histogram's error is swallowed by its caller, so the
+    per-category instance table never printed. Scoped to those two modules."""
+    if hasattr(np, "int") or importlib.util.find_spec("detectron2") is None:
+        return
+    from detectron2.data import build
+    from detectron2.evaluation import sem_seg_evaluation
+
+    for module in (build, sem_seg_evaluation):
+        if not isinstance(module.np, _NumpyWithFloat):
+            module.np = _NumpyWithFloat("numpy")
+
+
+class _MissingCaffe2:
+    """Any name reached through the ``caffe2`` stub: attribute access works (d2's export code
+    uses caffe2 types in annotations), calling raises an error naming the missing name."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _MissingCaffe2(f"{self._name}.{attr}")
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(
+            f"{self._name} is unavailable: caffe2 is not part of PyTorch >= 1.10, so "
+            "detectron2.export's caffe2/ONNX-via-caffe2 path (Caffe2Tracer.export_caffe2, "
+            "Caffe2Model) cannot run. TorchScript export (scripting_with_instances, "
+            "TracingAdapter, Caffe2Tracer.export_torchscript) works."
+        )
+
+    def __repr__(self):
+        return f"<missing caffe2 name {self._name}>"
+
+
+class MissingCaffe2Module(types.ModuleType):
+    """Stands in for ``caffe2`` and its submodules (``caffe2.proto.caffe2_pb2``,
+    ``caffe2.python.core``, ...), which ``detectron2.export`` imports at module level."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _MissingCaffe2(f"{self.__name__}.{name}")
+
+
+class _Caffe2StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves :class:`MissingCaffe2Module` for ``caffe2`` and every ``caffe2.*`` import."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "caffe2" or name.startswith("caffe2."):
+            return importlib.util.spec_from_loader(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = MissingCaffe2Module(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+def _stub_caffe2() -> None:
+    """``detectron2.export`` imports caffe2 (removed from PyTorch) at module level, so even its
+    TorchScript export could not be imported."""
+    if importlib.util.find_spec("caffe2") is not None:
+        return
+    if not any(isinstance(f, _Caffe2StubFinder) for f in sys.meta_path):
+        sys.meta_path.append(_Caffe2StubFinder())
 
 
 def _ddp_on_cpu() -> None:
@@ -163,6 +240,8 @@ def apply() -> None:
     _stub_missing_c_ops()
     _pillow_linear()
     _lvis_numpy_float()
+    _detectron2_numpy_int()
+    _stub_caffe2()
     _map_dataset_retry()
     _ddp_on_cpu()
     _lr_scheduler_checkpoint()

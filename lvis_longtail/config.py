@@ -19,6 +19,53 @@ class ConfigError(ValueError):
 ENUM_KEYS: Dict[str, Tuple] = {}
 
 
+# detectron2 keys this project depends on whose valid values are a fixed set (detectron2 0.6
+# checks some late, e.g. the sampler when the loader is built, or only with a bare error).
+DETECTRON2_ENUM_KEYS: Dict[str, Tuple] = {
+    "DATALOADER.SAMPLER_TRAIN": (
+        "TrainingSampler",
+        "RepeatFactorTrainingSampler",
+        "RandomSubsetTrainingSampler",
+    ),
+    "SOLVER.LR_SCHEDULER_NAME": ("WarmupMultiStepLR", "WarmupCosineLR"),
+    "SOLVER.WARMUP_METHOD": ("linear", "constant"),
+    "SOLVER.CLIP_GRADIENTS.CLIP_TYPE": ("value", "norm"),
+    "INPUT.MASK_FORMAT": ("polygon", "bitmask"),
+    "INPUT.MIN_SIZE_TRAIN_SAMPLING": ("choice", "range"),
+    "MODEL.RPN.BBOX_REG_LOSS_TYPE": ("smooth_l1", "giou"),
+    "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE": ("smooth_l1", "giou"),
+    "MODEL.ROI_BOX_HEAD.POOLER_TYPE": ("ROIAlign", "ROIAlignV2", "ROIPool", "ROIAlignRotated"),
+    "MODEL.ROI_MASK_HEAD.POOLER_TYPE": ("ROIAlign", "ROIAlignV2", "ROIPool"),
+}
+
+# Keys that name an entry of a detectron2-style registry: full key -> "module:REGISTRY"
+# (imported only when a config is checked, so this module stays light), plus names the
+# builder accepts without a registry entry. A new *_NAME key is checked once listed here.
+REGISTRY_KEYS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
+    "MODEL.META_ARCHITECTURE": ("detectron2.modeling.meta_arch.build:META_ARCH_REGISTRY", ()),
+    "MODEL.BACKBONE.NAME": ("detectron2.modeling.backbone.build:BACKBONE_REGISTRY", ()),
+    "MODEL.PROPOSAL_GENERATOR.NAME": (
+        "detectron2.modeling.proposal_generator.build:PROPOSAL_GENERATOR_REGISTRY",
+        ("PrecomputedProposals",),
+    ),
+    "MODEL.RPN.HEAD_NAME": ("detectron2.modeling.proposal_generator.rpn:RPN_HEAD_REGISTRY", ()),
+    "MODEL.ANCHOR_GENERATOR.NAME": (
+        "detectron2.modeling.anchor_generator:ANCHOR_GENERATOR_REGISTRY",
+        (),
+    ),
+    "MODEL.ROI_HEADS.NAME": ("detectron2.modeling.roi_heads.roi_heads:ROI_HEADS_REGISTRY", ()),
+    "MODEL.ROI_BOX_HEAD.NAME": ("detectron2.modeling.roi_heads.box_head:ROI_BOX_HEAD_REGISTRY", ()),
+    "MODEL.ROI_MASK_HEAD.NAME": (
+        "detectron2.modeling.roi_heads.mask_head:ROI_MASK_HEAD_REGISTRY",
+        (),
+    ),
+    "MODEL.ROI_BOX_HEAD.CLS_LOSS_NAME": (
+        "lvis_longtail.modeling.cls_losses.registry:CLS_LOSS_REGISTRY",
+        (),
+    ),
+}
+
+
 def _enum(cfg: CN, key: str, default, choices) -> None:
     """Define the key ``key`` (full dotted path) of ``cfg`` with ``default`` and record its
     valid values in :data:`ENUM_KEYS`."""
@@ -33,25 +80,39 @@ def _enum(cfg: CN, key: str, default, choices) -> None:
     ENUM_KEYS[key] = choices
 
 
-def setup_cfg(config_file: str, opts=()) -> CN:
+def setup_cfg(
+    config_file: str, opts=(), *, check_files: bool = False, eval_only: bool = False
+) -> CN:
     """Load a config: detectron2 defaults + lvis_longtail keys + ``config_file`` + ``opts``.
 
-    Also registers the datasets listed in ``DATASETS.LVIS_FORMAT``. Returns a frozen config.
+    Also registers the datasets listed in ``DATASETS.LVIS_FORMAT``, then checks the whole
+    config (:func:`lvis_longtail.config_check.check_config`: enum values, registry names,
+    dataset files, cross-key rules) before any model is built or data loaded. With
+    ``check_files`` (``train_net.py``) the registered datasets' json files must exist too,
+    except, with ``eval_only``, the training sets'. Returns a frozen config.
+
+    Raises:
+        ConfigError: an unknown key (with the closest known keys), a flag placed among the
+            ``KEY VALUE`` options, or a value :func:`check_config` rejects.
     """
+    from lvis_longtail.config_check import check_config, check_opts, unknown_key_error
     from lvis_longtail.data import register_from_config
 
     cfg = get_cfg()
     add_longtail_config(cfg)
+    opts = list(opts)
+    check_opts(opts)
     # yacs reports an unknown key as a KeyError (file) or a bare AssertionError (opts).
     try:
         cfg.merge_from_file(config_file)
     except KeyError as e:
-        raise ConfigError(f"{config_file}: {e.args[0]}") from None
+        raise unknown_key_error(cfg, config_file, e.args[0]) from None
     try:
-        cfg.merge_from_list(list(opts))
+        cfg.merge_from_list(opts)
     except (AssertionError, KeyError) as e:
-        raise ConfigError(f"command-line options: {e.args[0]}") from None
+        raise unknown_key_error(cfg, "command-line options", e.args[0]) from None
     register_from_config(cfg)
+    check_config(cfg, check_files=check_files, eval_only=eval_only)
     cfg.freeze()
     return cfg
 
@@ -65,6 +126,7 @@ def add_longtail_config(cfg: CN) -> CN:
     _add_mask_head_config(cfg)
     _add_test_config(cfg)
     _add_frequency_prior_config(cfg)
+    _add_cpu_threads_config(cfg)
     return cfg
 
 
@@ -243,3 +305,15 @@ def _add_frequency_prior_config(cfg: CN) -> None:
     cfg.TEST.LOGIT_ADJUSTMENT = CN()
     cfg.TEST.LOGIT_ADJUSTMENT.TAU = 1.0
     _enum(cfg, "TEST.LOGIT_ADJUSTMENT.COUNT", "image", count_sources)
+
+
+def _add_cpu_threads_config(cfg: CN) -> None:
+    # Threads of each training/evaluation process on CPU (MODEL.DEVICE cpu), applied by
+    # lvis_longtail.engine.launch.configure_cpu_threads: torch intra-op threads and OpenCV's
+    # (DataLoader workers run torch with one thread and OpenCV with OPENCV_THREADS). 0 = auto:
+    # $LVIS_LONGTAIL_CPU_THREADS, else $OMP_NUM_THREADS, else the cores per process minus
+    # DATALOADER.NUM_WORKERS (at least 1): torch's default, one thread per core in every
+    # process, oversubscribes a small machine and slows it several-fold once anything else
+    # runs. Not used on GPU.
+    cfg.MODEL.CPU_THREADS = 0
+    cfg.MODEL.OPENCV_THREADS = 1

@@ -89,3 +89,56 @@ def test_apply_is_idempotent():
     compat._APPLIED = False
     compat.apply()
     assert defaults.create_ddp_model is before
+
+
+def test_numpy_int_alias_lets_the_instance_histogram_print(monkeypatch):
+    from detectron2.data import build
+
+    assert not hasattr(np, "int"), "numpy itself must stay unpatched"
+    printed = []
+    monkeypatch.setattr(build, "log_first_n", lambda lvl, msg, **kw: printed.append(msg))
+    dicts = [{"annotations": [{"category_id": 0}, {"category_id": 1}, {"category_id": 1}]}]
+    build.print_instances_class_histogram(dicts, ["cat", "dog"])
+    assert "Distribution of instances among all 2 categories" in printed[0]
+    assert "total" in printed[0] and "3" in printed[0]
+
+
+def test_detectron2_export_imports_and_caffe2_use_fails_clearly():
+    import detectron2.export as export
+    from detectron2.export.api import caffe2_pb2
+
+    assert callable(export.TracingAdapter) and callable(export.scripting_with_instances)
+    with pytest.raises(RuntimeError, match=r"caffe2\.proto\.caffe2_pb2\.NetDef is unavailable"):
+        caffe2_pb2.NetDef()
+
+
+def test_torchscript_export_of_a_detectron2_module_works():
+    from detectron2.export import TracingAdapter
+
+    model = torch.nn.Conv2d(3, 2, 1)
+    adapter = TracingAdapter(model, torch.zeros(1, 3, 4, 4))
+    traced = torch.jit.trace(adapter, adapter.flattened_inputs)
+    x = torch.rand(1, 3, 4, 4)
+    torch.testing.assert_close(traced(x)[0], model(x))
+
+
+def test_model_zoo_configs_and_projects_are_installed():
+    from detectron2 import model_zoo
+    from detectron2.config import get_cfg
+    from detectron2.projects import point_rend
+
+    path = model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml")
+    cfg = get_cfg()
+    cfg.merge_from_file(path)
+    assert cfg.MODEL.MASK_ON and cfg.MODEL.RESNETS.DEPTH == 50
+    point_rend.add_pointrend_config(cfg)
+    assert "POINT_HEAD" in cfg.MODEL
+
+
+def test_lazy_config_overrides_use_hydra():
+    from detectron2 import model_zoo
+    from detectron2.config import LazyConfig
+
+    cfg = LazyConfig.load(model_zoo.get_config_file("common/optim.py"))
+    cfg = LazyConfig.apply_overrides(cfg, ["SGD.lr=0.5", "SGD.momentum=0.8"])
+    assert cfg.SGD.lr == 0.5 and cfg.SGD.momentum == 0.8

@@ -34,3 +34,18 @@ def test_visualize_writes_drawn_images(tmp_path):
     assert np.abs(drawn.astype(int) - cv2.imread(str(inputs / "img1.png")).astype(int)).sum() > 0
     meta = visualize.class_metadata(visualize.setup_cfg(str(TINY_BASE), argv[10:]))
     assert meta.thing_classes == classes
+
+
+def test_visualize_warns_without_weights_and_upscales(tmp_path, caplog):
+    inputs = tmp_path / "small.png"
+    cv2.imwrite(str(inputs), np.full((32, 48, 3), 90, dtype=np.uint8))
+    out = tmp_path / "drawn"
+    argv = [
+        "--config-file", str(TINY_BASE), "--input", str(inputs), "--output", str(out),
+        "--scale", "3", "MODEL.ROI_HEADS.NUM_CLASSES", "3", "DATASETS.TRAIN", "()",
+        "DATASETS.TEST", "()", "MODEL.RPN.POST_NMS_TOPK_TEST", "10",
+    ]  # fmt: skip
+    with caplog.at_level("WARNING", logger="lvis_longtail.tools.visualize"):
+        assert visualize.main(argv) == 0
+    assert "No MODEL.WEIGHTS given" in caplog.text
+    assert cv2.imread(str(out / "small.png")).shape == (96, 144, 3)

@@ -7,8 +7,10 @@ detectron2's own ``launch`` is called unchanged.
 """
 
 import logging
+import os
 from datetime import timedelta
 
+import cv2
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -88,6 +90,34 @@ def _cpu_worker(
         group = dist.new_group(list(range(i * per_machine, (i + 1) * per_machine)))
         if i == machine_rank:
             comm._LOCAL_PROCESS_GROUP = group
-    torch.set_num_threads(max(1, torch.get_num_threads() // per_machine))
     comm.synchronize()
     main_func(*args)
+
+
+def cpu_threads(cfg, processes_per_machine: int = 1) -> int:
+    """Torch threads per process for ``MODEL.CPU_THREADS`` (see lvis_longtail/config.py):
+    the key, else ``$LVIS_LONGTAIL_CPU_THREADS``, else ``$OMP_NUM_THREADS``, else
+    ``cores // processes - DATALOADER.NUM_WORKERS``, at least 1."""
+    if cfg.MODEL.CPU_THREADS > 0:
+        return int(cfg.MODEL.CPU_THREADS)
+    for var in ("LVIS_LONGTAIL_CPU_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    per_process = max(1, (cores or 1) // max(1, processes_per_machine))
+    return max(1, per_process - cfg.DATALOADER.NUM_WORKERS)
+
+
+def configure_cpu_threads(cfg, processes_per_machine: int = 1) -> None:
+    """Set torch's and OpenCV's thread counts of this process for CPU runs (no-op on GPU);
+    DataLoader workers inherit OpenCV's setting and torch sets one thread in each."""
+    if cfg.MODEL.DEVICE != "cpu":
+        return
+    threads = cpu_threads(cfg, processes_per_machine)
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(int(cfg.MODEL.OPENCV_THREADS))
+    logging.getLogger(__name__).info(
+        f"CPU threads: torch {threads}, OpenCV {cfg.MODEL.OPENCV_THREADS} per process "
+        "(MODEL.CPU_THREADS, $LVIS_LONGTAIL_CPU_THREADS or $OMP_NUM_THREADS to change)"
+    )

@@ -7,6 +7,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
 
 from lvis_longtail.config import setup_cfg  # noqa: F401  (re-exported)
+from lvis_longtail.engine.resume import DataStream
 from lvis_longtail.evaluation import LVISLongTailEvaluator
 
 logger = logging.getLogger(__name__)
@@ -60,8 +61,32 @@ class Trainer(DefaultTrainer):
       APr/APc/APf under ``TEST.EVAL_PROTOCOL``, per-class diagnostics, and the results file,
       which is all a test-dev split gets).
 
-    Training data, the repeat-factor sampler, checkpointing and resume are detectron2's own.
+    Training data and the repeat-factor sampler are detectron2's own. Checkpoints also hold
+    what detectron2 0.6 leaves out, so ``--resume`` continues exactly (see
+    :mod:`lvis_longtail.engine.resume`): the optimizer and AMP grad scaler
+    (``SimpleTrainer``/``AMPTrainer.state_dict`` under ``"_trainer"``, as later detectron2
+    versions do), the training sampler's position and aspect-ratio buckets, and the RNGs.
     """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._data_stream = DataStream.attach(self._trainer)
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        if self._data_stream is not None:
+            ret["data_stream"] = self._data_stream.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:  # checkpoints of detectron2 0.6's trainer have none
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning("Checkpoint has no optimizer state: SGD momentum restarts from 0.")
+        if self._data_stream is not None and "data_stream" in state_dict:
+            self._data_stream.load_state_dict(state_dict["data_stream"])
 
     @classmethod
     def build_model(cls, cfg):

@@ -7,9 +7,15 @@ A RUN is a per-class csv (``lvis_per_class.csv``, written by the evaluator next 
 ``output/x`` if only one dataset was evaluated there. Classes are matched by category id;
 those without a value in either run (no ground truth) are left out. Prints the mean change per
 frequency group and the ``--top`` classes with the largest gains and losses (B - A).
+
+Two runs must be evaluations of the same dataset: runs whose folders name different datasets
+(``inference/<dataset>/``) or whose csv files list different classes are refused. Reading two
+csv files needs no torch or detectron2 (this module imports only the standard library and
+tabulate; ``lvis_longtail`` skips its model set-up where torch is absent).
 """
 
 import argparse
+import csv
 import glob
 import os
 import sys
@@ -17,9 +23,68 @@ from typing import Dict, List, Optional
 
 from tabulate import tabulate
 
-from lvis_longtail.evaluation.diagnostics import CSV_FILE, read_csv
-
 GROUPS = ("r", "c", "f")
+# The per-class csv of lvis_longtail.evaluation.diagnostics (not imported: that package
+# needs torch); text columns stay strings, blank cells are None, numbers are parsed.
+CSV_FILE = "lvis_per_class.csv"
+_TEXT_COLUMNS = ("name", "frequency")
+
+
+def read_csv(path: str) -> List[dict]:
+    """The rows of a per-class csv, as ``lvis_longtail.evaluation.diagnostics`` writes it."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "category_id" not in reader.fieldnames:
+            raise ValueError(f"{path}: not a per-class csv (no 'category_id' column)")
+        rows = []
+        for line, raw in enumerate(reader, start=2):
+            row = {k: (v if k in _TEXT_COLUMNS else _number(v)) for k, v in raw.items()}
+            if not isinstance(row["category_id"], int):
+                raise ValueError(f"{path}: line {line}: category_id {raw['category_id']!r}")
+            rows.append(row)
+    return rows
+
+
+def _number(value: Optional[str]):
+    if value is None or value.strip() == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            return float(value)
+        except ValueError:
+            return value
+
+
+def dataset_of(csv_path: str) -> Optional[str]:
+    """The dataset a csv was evaluated on, from ``.../inference/<dataset>/lvis_per_class.csv``."""
+    folder = os.path.dirname(os.path.abspath(csv_path))
+    if os.path.basename(os.path.dirname(folder)) == "inference":
+        return os.path.basename(folder)
+    return None
+
+
+def check_same_dataset(path_a: str, rows_a: List[dict], path_b: str, rows_b: List[dict]):
+    """Raise ValueError unless A and B evaluate the same dataset (same folder name where
+    both have one, and the same category ids and names)."""
+    da, db = dataset_of(path_a), dataset_of(path_b)
+    if da and db and da != db:
+        raise ValueError(f"A is an evaluation of '{da}', B of '{db}': compare the same dataset")
+    names_a = {r["category_id"]: r.get("name") for r in rows_a}
+    names_b = {r["category_id"]: r.get("name") for r in rows_b}
+    if names_a != names_b:
+        only = sorted(set(names_a) ^ set(names_b))
+        renamed = sorted(k for k in set(names_a) & set(names_b) if names_a[k] != names_b[k])
+        detail = (
+            f"category ids in one run only: {only[:5]}"
+            if only
+            else f"category {renamed[0]} is '{names_a[renamed[0]]}' in A, "
+            f"'{names_b[renamed[0]]}' in B"
+        )
+        raise ValueError(
+            f"A and B list different classes, so they are not the same dataset ({detail})"
+        )
 
 
 def find_csv(run: str) -> str:
@@ -145,6 +210,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         path_a, path_b = find_csv(args.run_a), find_csv(args.run_b)
         rows_a, rows_b = read_csv(path_a), read_csv(path_b)
+        check_same_dataset(path_a, rows_a, path_b, rows_b)
         metric = args.metric or default_metric(rows_a, rows_b)
         result = compare(rows_a, rows_b, metric, args.top)
     except (OSError, ValueError) as e:
