@@ -75,7 +75,6 @@ class LongTailHTCLiteROIHeads(LongTailCascadeROIHeads):
         ret.update(mask_train_stage=stage, context_fuse_box=node.FUSE_BOX)
         ret["context_fuse_mask"] = node.FUSE_MASK
         if node.ENABLED:
-            ret["context_head"] = GlobalContextHead(cfg, input_shape)
             roi_channels = input_shape[cfg.MODEL.ROI_HEADS.IN_FEATURES[0]].channels
             if (node.FUSE_BOX or node.FUSE_MASK) and node.CONV_DIM != roi_channels:
                 raise ValueError(
@@ -83,6 +82,7 @@ class LongTailHTCLiteROIHeads(LongTailCascadeROIHeads):
                     f"feature channels ({roi_channels}, MODEL.FPN.OUT_CHANNELS) to fuse the "
                     "context (FUSE_BOX / FUSE_MASK)"
                 )
+            ret["context_head"] = GlobalContextHead(cfg, input_shape)
         return ret
 
     def forward(self, images, features: Dict[str, torch.Tensor], proposals, targets=None):
