@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, cat
+from detectron2.layers import Conv2d
 from detectron2.modeling.roi_heads.mask_head import (
     ROI_MASK_HEAD_REGISTRY,
     MaskRCNNConvUpsampleHead,
@@ -64,18 +64,8 @@ def mask_rcnn_targets(
     Returns:
         (R, M, M) bool targets and (R,) int64 GT classes, R = total number of proposals.
     """
-    masks, classes = [], []
-    for inst in instances:
-        if len(inst) == 0:
-            continue
-        crop = inst.gt_masks.crop_and_resize(inst.proposal_boxes.tensor, mask_side_len)
-        # BitMasks and PolygonMasks give bool; a float rasterization is thresholded.
-        masks.append(crop if crop.dtype == torch.bool else crop > 0.5)
-        classes.append(inst.gt_classes.to(dtype=torch.int64))
-    if not masks:
-        empty = torch.zeros((0, mask_side_len, mask_side_len), dtype=torch.bool, device=device)
-        return empty, torch.zeros((0,), dtype=torch.int64, device=device)
-    return cat(masks, dim=0).to(device=device), cat(classes, dim=0).to(device=device)
+    targets = build_mask_targets(instances, mask_side_len, device)
+    return targets.masks, targets.classes
 
 
 def select_class_masks(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from detectron2.layers import cat
 from detectron2.structures import Instances
 
-from lvis_longtail.modeling.mask_levels import MIN_AREA_RATIO, gt_mask_areas
+from lvis_longtail.modeling.mask_levels import MIN_AREA_RATIO, gt_area_ratios, gt_mask_areas
 from lvis_longtail.modeling.mask_scoring import gt_area_fraction
 
 __all__ = ["MaskHeadContract", "MaskHeadOutputs", "MaskTargets", "build_mask_targets"]
@@ -105,15 +105,11 @@ def build_mask_targets(
         crop = (crop if crop.dtype == torch.bool else crop > 0.5).to(device=device)
         masks.append(crop)
         classes.append(inst.gt_classes.to(device=device, dtype=torch.int64))
-        if area_ratios or area_fractions:
-            mask_area = gt_mask_areas(inst).to(device)
         if area_ratios:
-            box_area = inst.gt_boxes.area().float().to(device)
-            ratio = torch.where(box_area > 0, mask_area / box_area.clamp(min=1e-6), 1.0)
-            ratios.append(ratio.clamp(min=min_ratio, max=1.0))
+            ratios.append(gt_area_ratios([inst], min_ratio).to(device))
         if area_fractions:
             proposal_area = inst.proposal_boxes.area().to(device)
-            fractions.append(gt_area_fraction(crop, proposal_area, mask_area))
+            fractions.append(gt_area_fraction(crop, proposal_area, gt_mask_areas(inst).to(device)))
     empty = torch.zeros((0,), dtype=torch.float32, device=device)
     masks.append(torch.zeros((0, mask_side_len, mask_side_len), dtype=torch.bool, device=device))
     classes.append(torch.zeros((0,), dtype=torch.int64, device=device))
