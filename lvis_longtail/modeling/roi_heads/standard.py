@@ -187,10 +187,8 @@ class LongTailROIHeads(StandardROIHeads):
         )
         boxes = [x.proposal_boxes for x in instances]
         pooler_boxes = _pooler_boxes(boxes, features[0])
-        x = self._pool_mask(
-            features, pooler_boxes, pooler_levels(self.mask_pooler, boxes, targets.area_ratios),
-            context,
-        )  # fmt: skip
+        levels = pooler_levels(self.mask_pooler, boxes, targets.area_ratios)
+        x = self._pool_mask(features, pooler_boxes, levels, context)
         outputs = self.mask_head.train_outputs(x)
         losses = self.mask_head.mask_losses(outputs, targets)
         if self.mask_iou_head is not None:
