@@ -127,6 +127,8 @@ def add_longtail_config(cfg: CN) -> CN:
     _add_test_config(cfg)
     _add_frequency_prior_config(cfg)
     _add_cpu_threads_config(cfg)
+    _add_mask_inference_config(cfg)
+    _add_htc_lite_config(cfg)
     return cfg
 
 
@@ -317,3 +319,42 @@ def _add_cpu_threads_config(cfg: CN) -> None:
     # runs. Not used on GPU.
     cfg.MODEL.CPU_THREADS = 0
     cfg.MODEL.OPENCV_THREADS = 1
+
+
+def _add_mask_inference_config(cfg: CN) -> None:
+    # Mask inference runs this many RoIs at a time; each chunk keeps only its predicted
+    # class's mask logits, so peak memory is chunk x K x M x M instead of detections x K x M x M
+    # (LVIS, 300 detections: 1.1 GB of fp32 logits at once). The masks do not depend on it.
+    # 0 = all RoIs at once. Every lvis_longtail ROI heads and every mask option honour it.
+    cfg.MODEL.ROI_MASK_HEAD.TEST_CHUNK_SIZE = 32
+
+
+def _add_htc_lite_config(cfg: CN) -> None:
+    # HTC-Lite (MODEL.ROI_HEADS.NAME "LongTailHTCLiteROIHeads"): the cascade's stage whose
+    # positives train its one mask head, 0-based, negative from the last (-1: the last stage,
+    # HTC-Lite's choice; 0 with the context head off is exactly LongTailCascadeROIHeads).
+    cfg.MODEL.ROI_HEADS.HTC_LITE = CN()
+    cfg.MODEL.ROI_HEADS.HTC_LITE.MASK_TRAIN_STAGE = -1
+    # Global context head of HTC-Lite (read by LongTailHTCLiteROIHeads only): convs + global
+    # average pooling on one FPN level give an image vector, trained to predict the image's
+    # categories (multi-label BCE, "loss_context") and added to the RoI features.
+    head = cfg.MODEL.ROI_CONTEXT_HEAD = CN()
+    head.ENABLED = True
+    # Backbone feature it reads (SCNet's global context head reads P6).
+    head.IN_FEATURE = "p6"
+    # Number of 3x3 convs (residual in pairs) and their width D, the context vector's size.
+    # Fusing needs D = the RoI feature channels (MODEL.FPN.OUT_CHANNELS).
+    head.NUM_CONV = 4
+    head.CONV_DIM = 256
+    # detectron2 norm of the convs: "" (none), "GN", "SyncBN", ...
+    head.NORM = ""
+    # Weight of loss_context. HTC-Lite's is unpublished; 3.0 is SCNet's global context loss
+    # weight (the closest published head).
+    head.LOSS_WEIGHT = 3.0
+    # Federated (LVIS) loss: count only the image's positive classes and its verified
+    # negatives (neg_category_ids); other categories are unverified on LVIS. Training then
+    # uses lvis_longtail.data.image_labels.LVISImageLabelsMapper (the Trainer picks it).
+    head.FEDERATED = False
+    # Add the context vector to the pooled RoI features of every box stage / of the mask head.
+    head.FUSE_BOX = True
+    head.FUSE_MASK = True

@@ -160,7 +160,13 @@ def _check_datasets(cfg, errors: List[str], check_files: bool, eval_only: bool) 
 
 @rule
 def _cascade_needs_class_agnostic_boxes(cfg) -> Optional[str]:
-    if "Cascade" in cfg.MODEL.ROI_HEADS.NAME and not cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG:
+    from detectron2.modeling import ROI_HEADS_REGISTRY
+    from detectron2.modeling.roi_heads import CascadeROIHeads
+
+    name = cfg.MODEL.ROI_HEADS.NAME
+    heads = ROI_HEADS_REGISTRY._obj_map.get(name)  # an unknown name is reported by its own check
+    is_cascade = heads is not None and issubclass(heads, CascadeROIHeads)
+    if is_cascade and not cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG:
         return (
             f"MODEL.ROI_HEADS.NAME {cfg.MODEL.ROI_HEADS.NAME!r} regresses class-agnostic boxes "
             "at every stage: set MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG True"

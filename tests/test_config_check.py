@@ -106,9 +106,11 @@ def test_registered_dataset_files_are_checked_when_asked(tmp_path, monkeypatch):
     assert "dataset 'lt_synthetic_vall' is not registered; closest: 'lt_synthetic_val'" in msg
 
 
-def test_cascade_heads_need_class_agnostic_box_regression():
-    msg = error_of(["MODEL.ROI_HEADS.NAME", "LongTailCascadeROIHeads"])
+@pytest.mark.parametrize("name", ["LongTailCascadeROIHeads", "LongTailHTCLiteROIHeads"])
+def test_cascade_heads_need_class_agnostic_box_regression(name):
+    msg = error_of(["MODEL.ROI_HEADS.NAME", name])
     assert "set MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG True" in msg
+    setup_cfg(str(TINY_BASE), ["MODEL.ROI_HEADS.NAME", "LongTailROIHeads"])
     setup_cfg(
         str(TINY_BASE),
         [

@@ -3,10 +3,11 @@
 import logging
 import os
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import MetadataCatalog, build_detection_train_loader
 from detectron2.engine import DefaultTrainer
 
 from lvis_longtail.config import setup_cfg  # noqa: F401  (re-exported)
+from lvis_longtail.data.image_labels import LVISImageLabelsMapper, needs_image_labels
 from lvis_longtail.engine.resume import DataStream
 from lvis_longtail.evaluation import LVISLongTailEvaluator
 
@@ -94,6 +95,14 @@ class Trainer(DefaultTrainer):
         model = super().build_model(cfg)
         freeze_modules(model, cfg.MODEL.FROZEN_MODULES)
         return model
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's; a federated context head (HTC-Lite) also gets each image's verified
+        negative classes on its GT instances (:mod:`lvis_longtail.data.image_labels`)."""
+        if needs_image_labels(cfg):
+            return build_detection_train_loader(cfg, mapper=LVISImageLabelsMapper(cfg, True))
+        return super().build_train_loader(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

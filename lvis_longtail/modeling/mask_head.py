@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, cat
+from detectron2.layers import Conv2d
 from detectron2.modeling.roi_heads.mask_head import (
     ROI_MASK_HEAD_REGISTRY,
     MaskRCNNConvUpsampleHead,
@@ -20,8 +20,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from lvis_longtail.modeling.mask_losses import boundary_loss, dice_loss, weighted_bce_loss
+from lvis_longtail.modeling.mask_targets import MaskHeadOutputs, MaskTargets, build_mask_targets
 
-__all__ = ["DiceBCEMaskHead", "NormedConv2d", "mask_rcnn_targets", "select_class_masks"]
+__all__ = [
+    "DiceBCEMaskHead",
+    "LongTailMaskRCNNConvUpsampleHead",
+    "NormedConv2d",
+    "mask_rcnn_targets",
+    "select_class_masks",
+]
 
 
 class NormedConv2d(nn.Conv2d):
@@ -57,18 +64,8 @@ def mask_rcnn_targets(
     Returns:
         (R, M, M) bool targets and (R,) int64 GT classes, R = total number of proposals.
     """
-    masks, classes = [], []
-    for inst in instances:
-        if len(inst) == 0:
-            continue
-        crop = inst.gt_masks.crop_and_resize(inst.proposal_boxes.tensor, mask_side_len)
-        # BitMasks and PolygonMasks give bool; a float rasterization is thresholded.
-        masks.append(crop if crop.dtype == torch.bool else crop > 0.5)
-        classes.append(inst.gt_classes.to(dtype=torch.int64))
-    if not masks:
-        empty = torch.zeros((0, mask_side_len, mask_side_len), dtype=torch.bool, device=device)
-        return empty, torch.zeros((0,), dtype=torch.int64, device=device)
-    return cat(masks, dim=0).to(device=device), cat(classes, dim=0).to(device=device)
+    targets = build_mask_targets(instances, mask_side_len, device)
+    return targets.masks, targets.classes
 
 
 def select_class_masks(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -102,7 +99,39 @@ def _log_mask_accuracy(logits: torch.Tensor, targets: torch.Tensor, vis_period: 
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
-class DiceBCEMaskHead(MaskRCNNConvUpsampleHead):
+class LongTailMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
+    """detectron2's ``MaskRCNNConvUpsampleHead`` (same layers, initialisation, parameter
+    names, loss and logged accuracy) with the mask-branch contract of
+    :mod:`~lvis_longtail.modeling.mask_targets`: :meth:`output_side`, :meth:`train_outputs`
+    and :meth:`mask_losses` on prebuilt :class:`MaskTargets`. lvis_longtail's ROI heads build
+    it for ``ROI_MASK_HEAD.NAME: MaskRCNNConvUpsampleHead``."""
+
+    def output_side(self, pooled_side: int) -> int:
+        """M = 2S (one 2x deconv)."""
+        return 2 * pooled_side
+
+    def train_outputs(self, x: torch.Tensor) -> MaskHeadOutputs:
+        """(R, C, S, S) -> logits (R, K or 1, 2S, 2S)."""
+        return MaskHeadOutputs(logits=self.layers(x))
+
+    def mask_losses(
+        self, outputs: MaskHeadOutputs, targets: MaskTargets
+    ) -> Dict[str, torch.Tensor]:
+        """detectron2's ``mask_rcnn_loss``: mean BCE of each RoI's GT-class mask, times
+        ``loss_weight``, as ``loss_mask`` (``logits.sum() * 0`` without positives)."""
+        logits = outputs.logits
+        if len(targets) == 0:
+            return {"loss_mask": logits.sum() * 0}
+        selected = select_class_masks(logits, targets.classes)
+        _log_mask_accuracy(selected, targets.masks, self.vis_period)
+        loss = F.binary_cross_entropy_with_logits(
+            selected.float(), targets.masks.float(), reduction="mean"
+        )
+        return {"loss_mask": loss * self.loss_weight}
+
+
+@ROI_MASK_HEAD_REGISTRY.register()
+class DiceBCEMaskHead(LongTailMaskRCNNConvUpsampleHead):
     """Identical to detectron2's ``MaskRCNNConvUpsampleHead`` (``NUM_CONV`` 3x3 convs, a 2x
     deconv, a 1x1 predictor), except:
 
@@ -124,8 +153,8 @@ class DiceBCEMaskHead(MaskRCNNConvUpsampleHead):
     and is not provided here.
 
     Call protocol: ``forward(x, instances)`` as every detectron2 mask head (losses in
-    training, ``pred_masks`` at inference), plus :meth:`forward_train` for ROI heads that
-    need the logits as well (mask scoring).
+    training, ``pred_masks`` at inference), plus the mask-branch contract of its parent
+    (:meth:`train_outputs`, :meth:`mask_losses`) and :meth:`forward_train`.
     """
 
     @configurable
@@ -198,8 +227,23 @@ class DiceBCEMaskHead(MaskRCNNConvUpsampleHead):
         if not self.training:
             mask_rcnn_inference(self.layers(x), instances)
             return instances
-        gt_masks, gt_classes = mask_rcnn_targets(instances, 2 * x.shape[-1], x.device)
-        return self.forward_train(x, gt_masks, gt_classes)[0]
+        targets = build_mask_targets(instances, self.output_side(x.shape[-1]), x.device)
+        return self.mask_losses(self.train_outputs(x), targets)
+
+    def train_outputs(self, x: torch.Tensor) -> MaskHeadOutputs:
+        """(R, C, S, S) -> logits (R, K or 1, 2S, 2S) and, with the boundary branch,
+        boundary logits (R, 2S, 2S)."""
+        features = self.mask_features(x)
+        boundary_logits = None
+        if self.boundary_predictor is not None:
+            boundary_logits = self.boundary_predictor(features)[:, 0]
+        return MaskHeadOutputs(self.predictor(features), boundary_logits)
+
+    def mask_losses(
+        self, outputs: MaskHeadOutputs, targets: MaskTargets
+    ) -> Dict[str, torch.Tensor]:
+        """:meth:`losses` of the outputs on the targets."""
+        return self.losses(outputs.logits, targets.masks, targets.classes, outputs.boundary_logits)
 
     def forward_train(
         self, x: torch.Tensor, gt_masks: torch.Tensor, gt_classes: torch.Tensor
@@ -213,12 +257,9 @@ class DiceBCEMaskHead(MaskRCNNConvUpsampleHead):
         Returns:
             The loss dict and the (R, K or 1, 2S, 2S) mask logits.
         """
-        features = self.mask_features(x)
-        logits = self.predictor(features)
-        boundary_logits = None
-        if self.boundary_predictor is not None:
-            boundary_logits = self.boundary_predictor(features)[:, 0]
-        return self.losses(logits, gt_masks, gt_classes, boundary_logits), logits
+        outputs = self.train_outputs(x)
+        losses = self.losses(outputs.logits, gt_masks, gt_classes, outputs.boundary_logits)
+        return losses, outputs.logits
 
     def losses(
         self,

@@ -32,8 +32,11 @@ __all__ = [
     "assign_boxes_to_levels_by_area",
     "gt_area_ratios",
     "gt_mask_areas",
+    "pool_at_levels",
+    "pooler_levels",
     "predicted_area_ratios",
     "two_pass_mask_logits",
+    "two_pass_pooled",
 ]
 
 MIN_AREA_RATIO = 0.01
@@ -114,6 +117,39 @@ def assign_boxes_to_levels_by_area(
     return levels.clamp(min=min_level, max=max_level).to(torch.int64) - min_level
 
 
+def pooler_levels(
+    pooler: ROIPooler, box_lists: List[Boxes], area_ratios: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """(M,) level offsets (0 = ``pooler.min_level``) of the boxes for any ``ROIPooler``
+    (detectron2's rule when ``area_ratios`` is None)."""
+    return assign_boxes_to_levels_by_area(
+        box_lists,
+        area_ratios,
+        pooler.min_level,
+        pooler.max_level,
+        pooler.canonical_box_size,
+        pooler.canonical_level,
+    )
+
+
+def pool_at_levels(
+    pooler: ROIPooler, x: List[torch.Tensor], pooler_boxes: torch.Tensor, levels: torch.Tensor
+) -> torch.Tensor:
+    """Pool (M, 5) boxes in pooler format (batch index, x0, y0, x1, y1) from the given (M,)
+    level offsets with ``pooler``'s level poolers (what ``ROIPooler.forward`` does after
+    assigning levels). Returns (M, C, S, S)."""
+    assert len(x) == len(pooler.level_poolers), "one feature map per pooler level"
+    num_boxes, channels = pooler_boxes.size(0), x[0].shape[1]
+    if len(pooler.level_poolers) == 1:
+        return pooler.level_poolers[0](x[0], pooler_boxes)
+    out = x[0].new_zeros((num_boxes, channels) + tuple(pooler.output_size))
+    for level, level_pooler in enumerate(pooler.level_poolers):
+        inds = nonzero_tuple(levels == level)[0]
+        if inds.numel() > 0:
+            out.index_put_((inds,), level_pooler(x[level], pooler_boxes[inds]))
+    return out
+
+
 class AreaRatioROIPooler(ROIPooler):
     """``ROIPooler`` whose level assignment can take a per-box area ratio
     (:func:`assign_boxes_to_levels_by_area`). Without ratios it is detectron2's pooler."""
@@ -122,30 +158,13 @@ class AreaRatioROIPooler(ROIPooler):
         self, box_lists: List[Boxes], area_ratios: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """(M,) level offsets (0 = ``min_level``) of the boxes."""
-        return assign_boxes_to_levels_by_area(
-            box_lists,
-            area_ratios,
-            self.min_level,
-            self.max_level,
-            self.canonical_box_size,
-            self.canonical_level,
-        )
+        return pooler_levels(self, box_lists, area_ratios)
 
     def pool_at_levels(
         self, x: List[torch.Tensor], pooler_boxes: torch.Tensor, levels: torch.Tensor
     ) -> torch.Tensor:
-        """Pool (M, 5) boxes in pooler format (batch index, x0, y0, x1, y1) from the given
-        (M,) level offsets. Returns (M, C, S, S)."""
-        assert len(x) == len(self.level_poolers), "one feature map per pooler level"
-        num_boxes, channels = pooler_boxes.size(0), x[0].shape[1]
-        if len(self.level_poolers) == 1:
-            return self.level_poolers[0](x[0], pooler_boxes)
-        out = x[0].new_zeros((num_boxes, channels) + tuple(self.output_size))
-        for level, pooler in enumerate(self.level_poolers):
-            inds = nonzero_tuple(levels == level)[0]
-            if inds.numel() > 0:
-                out.index_put_((inds,), pooler(x[level], pooler_boxes[inds]))
-        return out
+        """:func:`pool_at_levels` with this pooler."""
+        return pool_at_levels(self, x, pooler_boxes, levels)
 
     def forward(
         self,
@@ -196,15 +215,34 @@ def two_pass_mask_logits(
         the (M,) bool mask of the RoIs that were re-pooled.
     """
     pooler_boxes = convert_boxes_to_pooler_format(box_lists)
-    levels = pooler.assign_levels(box_lists)
-    features = pooler.pool_at_levels(x, pooler_boxes, levels)
+
+    def pool(boxes: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        return pool_at_levels(pooler, x, boxes, levels)
+
+    return two_pass_pooled(pooler, pool, pooler_boxes, classes, predict, min_ratio)
+
+
+def two_pass_pooled(
+    pooler: ROIPooler,
+    pool: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    pooler_boxes: torch.Tensor,
+    classes: torch.Tensor,
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    min_ratio: float = MIN_AREA_RATIO,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`two_pass_mask_logits` on (M, 5) boxes in pooler format, pooling with
+    ``pool(pooler_boxes, levels) -> (m, C, S, S)`` (which may also fuse per-image features
+    into the RoI features); ``pooler`` gives the level rule. Same returns."""
+    box_lists = [Boxes(pooler_boxes[:, 1:])]
+    levels = pooler_levels(pooler, box_lists)
+    features = pool(pooler_boxes, levels)
     logits = predict(features)
     ratios = predicted_area_ratios(logits, classes, min_ratio)
-    new_levels = pooler.assign_levels(box_lists, ratios)
+    new_levels = pooler_levels(pooler, box_lists, ratios)
     changed = new_levels != levels
     if changed.any():
         inds = nonzero_tuple(changed)[0]
-        new_features = pooler.pool_at_levels(x, pooler_boxes[inds], new_levels[inds])
+        new_features = pool(pooler_boxes[inds], new_levels[inds])
         # In place: the (M, K, 2S, 2S) logits are large (K = 1203); inference only.
         features.index_put_((inds,), new_features)
         logits.index_put_((inds,), predict(new_features))

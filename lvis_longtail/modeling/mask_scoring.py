@@ -176,18 +176,28 @@ class MaskIoUHead(nn.Module):
         targets = mask_iou_targets(mask_logits, gt_masks, area_fraction)
         return {"loss_maskiou": self.loss_weight * mask_iou_loss(pred_iou, gt_classes, targets)}
 
+    def predict_iou(
+        self, features: torch.Tensor, mask_logits: torch.Tensor, classes: torch.Tensor
+    ) -> torch.Tensor:
+        """(R,) fp32 predicted IoU of each RoI's (predicted) class, clamped to [0, 1]
+        (features and mask_logits as in :meth:`forward`, classes (R,))."""
+        if classes.numel() == 0:
+            return features.new_zeros((0,), dtype=torch.float32)
+        pred_iou = self(features, mask_logits)
+        rows = torch.arange(pred_iou.size(0), device=pred_iou.device)
+        return pred_iou[rows, classes].float().clamp(0.0, 1.0)
+
+    @staticmethod
+    def set_mask_scores(iou: torch.Tensor, instances: List[Instances]) -> None:
+        """Set ``mask_scores = scores * iou`` on each of ``instances`` ((R,) ``iou``
+        concatenated over images in their order)."""
+        for inst, iou_i in zip(instances, iou.split([len(i) for i in instances])):
+            inst.mask_scores = inst.scores * iou_i.to(inst.scores.dtype)
+
     def inference(
         self, features: torch.Tensor, mask_logits: torch.Tensor, instances: List[Instances]
     ) -> None:
         """Set ``mask_scores = scores * clamp(predicted IoU of pred_classes, 0, 1)`` on each
         of ``instances`` (which hold ``scores`` and ``pred_classes``)."""
-        if sum(len(i) for i in instances) == 0:
-            for inst in instances:
-                inst.mask_scores = inst.scores.clone()
-            return
         classes = cat([i.pred_classes for i in instances])
-        pred_iou = self(features, mask_logits)
-        rows = torch.arange(pred_iou.size(0), device=pred_iou.device)
-        iou = pred_iou[rows, classes].float().clamp(0.0, 1.0)
-        for inst, iou_i in zip(instances, iou.split([len(i) for i in instances])):
-            inst.mask_scores = inst.scores * iou_i.to(inst.scores.dtype)
+        self.set_mask_scores(self.predict_iou(features, mask_logits, classes), instances)

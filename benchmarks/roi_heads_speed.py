@@ -1,0 +1,250 @@
+"""Speed and memory of Mask R-CNN, Cascade Mask R-CNN and HTC-Lite (all with Seesaw Loss),
+same backbone and data, side by side in one run, printed as ratios to Cascade Mask R-CNN.
+
+Training: one step (forward, backward, SGD update) on a batch of ``--batch`` random images
+with 1-4 rectangular instances each, median over ``--iters`` steps after ``--warmup``; the
+three models' steps are interleaved, so drifting machine load affects them alike.
+Inference: one image at a time (``model.eval()``, no grad), median per image.
+Peak memory: CUDA ``max_memory_allocated`` of one training step and of one inference; on CPU
+the peak RSS above the process's baseline, each model in its own forked child. The last row
+is HTC-Lite's inference with ``ROI_MASK_HEAD.TEST_CHUNK_SIZE 0`` (all RoIs at once).
+
+Bar: HTC-Lite <= 1.05x Cascade Mask R-CNN in training and inference (detectron2's cascade
+already runs one mask head; HTC-Lite adds the context head on P6 and the fusion).
+
+    .venv/bin/python benchmarks/roi_heads_speed.py                 # tiny R18 models, K = 1203
+    .venv/bin/python benchmarks/roi_heads_speed.py --quick         # fewer steps, 2 cores
+    .venv/bin/python benchmarks/roi_heads_speed.py --preset lvis --device cuda   # R50, 800 px
+"""
+
+import argparse
+import os
+import resource
+import statistics
+import time
+
+# isort: off
+import lvis_longtail  # noqa: F401  (first: compat layer for detectron2 0.6)
+
+# isort: on
+import numpy as np
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from lvis_longtail.config import setup_cfg
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESETS = {
+    # name: (config folder, leaves, image (h, w))
+    "tiny": (
+        "tiny",
+        {
+            "Mask R-CNN": "mask_rcnn_R18_FPN_tiny_seesaw",
+            "Cascade Mask R-CNN": "cascade_mask_rcnn_R18_FPN_tiny_seesaw",
+            "HTC-Lite": "htc_lite_R18_FPN_tiny_seesaw",
+        },
+        (128, 160),
+    ),
+    "lvis": (
+        "LVISv1",
+        {
+            "Mask R-CNN": "mask_rcnn_R50_FPN_2x_seesaw",
+            "Cascade Mask R-CNN": "cascade_mask_rcnn_R50_FPN_1x_seesaw",
+            "HTC-Lite": "htc_lite_R50_FPN_1x_seesaw",
+        },
+        (800, 1088),
+    ),
+}
+REFERENCE = "Cascade Mask R-CNN"
+
+
+def make_batch(n, size, num_classes, device, seed):
+    """``n`` random images of ``size`` with 1-4 rectangular GT instances each."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    batch = []
+    for _ in range(n):
+        k = int(torch.randint(1, 5, (1,), generator=g))
+        xy = torch.rand(k, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
+        wh = 16 + torch.rand(k, 2, generator=g) * torch.tensor([w * 0.4 - 16, h * 0.4 - 16])
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        masks = np.zeros((k, h, w), dtype=bool)
+        for i, (a, b, c, d) in enumerate(boxes.round().int().tolist()):
+            masks[i, b:d, a:c] = True
+        inst = Instances((h, w))
+        inst.gt_boxes = Boxes(boxes)
+        inst.gt_classes = torch.randint(0, num_classes, (k,), generator=g)
+        inst.gt_masks = BitMasks(torch.from_numpy(masks))
+        image = torch.randint(0, 256, (3, h, w), generator=g).float()
+        batch.append({"image": image.to(device), "instances": inst, "height": h, "width": w})
+    return batch
+
+
+def build(preset, leaf, args, extra=()):
+    folder = PRESETS[preset][0]
+    # Random batches carry no neg_category_ids: the context loss is not federated here.
+    # Score threshold 0: every model keeps TEST.DETECTIONS_PER_IMAGE detections (equal work).
+    opts = [
+        "MODEL.ROI_HEADS.NUM_CLASSES", str(args.num_classes), "MODEL.WEIGHTS", "",
+        "MODEL.DEVICE", args.device, "MODEL.ROI_CONTEXT_HEAD.FEDERATED", "False",
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", *extra,
+    ]  # fmt: skip
+    cfg = setup_cfg(os.path.join(REPO, "configs", folder, f"{leaf}.yaml"), opts)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    return model, optimizer
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def train_step(model, optimizer, batch):
+    model.train()
+    losses = model(batch)
+    optimizer.zero_grad()
+    sum(losses.values()).backward()
+    optimizer.step()
+
+
+def infer(model, image):
+    model.eval()
+    with torch.no_grad():
+        return model([image])[0]["instances"]
+
+
+def measure_times(models, args, size):
+    batches = [make_batch(args.batch, size, args.num_classes, args.device, s) for s in range(3)]
+    images = [{k: d[k] for k in ("image", "height", "width")} for d in batches[0]]
+    train_t = {name: [] for name in models}
+    infer_t = {name: [] for name in models}
+    dets = {name: [] for name in models}
+    with EventStorage(0):
+        for it in range(args.warmup + args.iters):
+            for name, (model, optimizer) in models.items():
+                _sync(args.device)
+                start = time.perf_counter()
+                train_step(model, optimizer, batches[it % len(batches)])
+                _sync(args.device)
+                elapsed = time.perf_counter() - start
+                if it >= args.warmup:
+                    train_t[name].append(elapsed)
+            for name, (model, _) in models.items():
+                image = images[it % len(images)]
+                _sync(args.device)
+                start = time.perf_counter()
+                out = infer(model, image)
+                _sync(args.device)
+                elapsed = time.perf_counter() - start
+                if it >= args.warmup:
+                    infer_t[name].append(elapsed)
+                    dets[name].append(len(out))
+    return (
+        {k: statistics.median(v) for k, v in train_t.items()},
+        {k: statistics.median(v) for k, v in infer_t.items()},
+        {k: statistics.mean(v) for k, v in dets.items()},
+    )
+
+
+def _peak_of(fn, device):
+    """Peak memory (MiB) of ``fn()``: CUDA max allocated, or CPU peak RSS above the forked
+    child's starting RSS."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: its ru_maxrss starts at the parent's RSS at fork time
+        os.close(read)
+        base = _rss_mib()
+        fn()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        os.write(write, f"{peak - base:.1f}".encode())
+        os._exit(0)
+    os.close(write)
+    value = os.read(read, 64).decode()
+    os.waitpid(pid, 0)
+    os.close(read)
+    return float(value)
+
+
+def _rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure_memory(models, args, size):
+    batch = make_batch(args.batch, size, args.num_classes, args.device, 7)
+    image = {k: batch[0][k] for k in ("image", "height", "width")}
+    out = {}
+    for name, (model, optimizer) in models.items():
+
+        def train_once(model=model, optimizer=optimizer):
+            with EventStorage(0):
+                train_step(model, optimizer, batch)
+
+        out[name] = (
+            _peak_of(train_once, args.device),
+            _peak_of(lambda m=model: infer(m, image), args.device),
+        )
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--num-classes", type=int, default=1203)
+    parser.add_argument("--batch", type=int, default=2, help="images per training step")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="3 steps after 1 warm-up")
+    args = parser.parse_args()
+    if args.quick:
+        args.iters, args.warmup = 3, 1
+    folder, leaves, size = PRESETS[args.preset]
+    models = {name: build(args.preset, leaf, args) for name, leaf in leaves.items()}
+    # memory first: forked children must not inherit a parent that has run OpenMP regions
+    memory = measure_memory(models, args, size)
+    unchunked = build(
+        args.preset, leaves["HTC-Lite"], args, ["MODEL.ROI_MASK_HEAD.TEST_CHUNK_SIZE", "0"]
+    )
+    image = {
+        k: v
+        for k, v in make_batch(1, size, args.num_classes, args.device, 7)[0].items()
+        if k != "instances"
+    }
+    unchunked_peak = _peak_of(lambda: infer(unchunked[0], image), args.device)
+    train_t, infer_t, dets = measure_times(models, args, size)
+    unit = "MiB CUDA allocated" if args.device.startswith("cuda") else "MiB peak RSS above baseline"
+    print(
+        f"preset {args.preset} ({folder}), {args.device}, K = {args.num_classes}, images "
+        f"{size[0]}x{size[1]}, batch {args.batch}, median of {args.iters} after {args.warmup}"
+    )
+    print(
+        "| model | train step (ms) | vs Cascade | inference / image (ms) | vs Cascade "
+        f"| detections | train peak | inference peak ({unit}) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    ref_t, ref_i = train_t[REFERENCE], infer_t[REFERENCE]
+    for name in models:
+        print(
+            f"| {name} | {1000 * train_t[name]:.1f} | {train_t[name] / ref_t:.3f}x | "
+            f"{1000 * infer_t[name]:.1f} | {infer_t[name] / ref_i:.3f}x | {dets[name]:.0f} | "
+            f"{memory[name][0]:.0f} | {memory[name][1]:.0f} |"
+        )
+    print(f"| HTC-Lite, TEST_CHUNK_SIZE 0 | | | | | | | {unchunked_peak:.0f} |")
+    ok = train_t["HTC-Lite"] <= 1.05 * ref_t and infer_t["HTC-Lite"] <= 1.05 * ref_i
+    print(f"bar HTC-Lite <= 1.05x Cascade in training and inference: {'met' if ok else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()

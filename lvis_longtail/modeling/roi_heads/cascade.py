@@ -1,0 +1,36 @@
+"""LongTailCascadeROIHeads: detectron2's Cascade R-CNN with the long-tail box predictor at
+every stage and :class:`LongTailROIHeads`'s mask branch."""
+
+from detectron2.modeling import ROI_HEADS_REGISTRY
+from detectron2.modeling.roi_heads import CascadeROIHeads
+
+from lvis_longtail.modeling.fast_rcnn import LongTailFastRCNNOutputLayers
+from lvis_longtail.modeling.roi_heads.standard import LongTailROIHeads
+
+
+@ROI_HEADS_REGISTRY.register()
+class LongTailCascadeROIHeads(CascadeROIHeads, LongTailROIHeads):
+    """What changes relative to detectron2's ``CascadeROIHeads``: each stage's box predictor
+    is a :class:`LongTailFastRCNNOutputLayers` (with that stage's box2box weights, and its own
+    classification loss and loss state), so ``CLS_LOSS_NAME`` and ``CLS_PREDICTOR`` apply to
+    every stage; the mask branch, the poolers and ``forward_with_given_boxes`` are
+    :class:`LongTailROIHeads`'s (the method resolution order ``CascadeROIHeads`` ->
+    ``LongTailROIHeads`` -> ``StandardROIHeads`` takes the box branch from the cascade and
+    the rest from ``LongTailROIHeads``). As in detectron2, one mask head is trained on the
+    first stage's sampled proposals and run once on the final boxes.
+
+    At inference detectron2 averages the stages' *probabilities* (each stage's loss turns its
+    logits into [K scores, background] first); mmdetection averages logits and applies the
+    activation once. Like the parent, class-agnostic box regression is required.
+    """
+
+    @classmethod
+    def _init_box_head(cls, cfg, input_shape):
+        ret = super()._init_box_head(cfg, input_shape)
+        ret["box_predictors"] = [
+            LongTailFastRCNNOutputLayers(
+                cfg, head.output_shape, box2box_transform=predictor.box2box_transform
+            )
+            for head, predictor in zip(ret["box_heads"], ret["box_predictors"])
+        ]
+        return ret

@@ -1,0 +1,159 @@
+"""HTC-Lite (the MMDet team's LVIS 2020 entry, Seesaw Loss paper appendix D.1): a Cascade
+Mask R-CNN with global context encoding and one mask head trained on the last stage."""
+
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import cat
+from detectron2.modeling import ROI_HEADS_REGISTRY
+from detectron2.modeling.roi_heads.cascade_rcnn import _ScaleGradient
+from detectron2.structures import Instances, pairwise_iou
+
+from lvis_longtail.modeling.roi_heads.cascade import LongTailCascadeROIHeads
+from lvis_longtail.modeling.roi_heads.context_head import GlobalContextHead, fuse_context
+
+
+@ROI_HEADS_REGISTRY.register()
+class LongTailHTCLiteROIHeads(LongTailCascadeROIHeads):
+    """What changes relative to :class:`LongTailCascadeROIHeads` (each stage keeps its
+    long-tail box predictor and its own loss state):
+
+    * with ``MODEL.ROI_CONTEXT_HEAD.ENABLED``, a :class:`GlobalContextHead` computes an
+      (N, D) image vector from ``IN_FEATURE`` (P6) and adds ``loss_context`` (multi-label
+      category presence, optionally federated); the vector is added to the pooled RoI
+      features of every stage's box head (``FUSE_BOX``) and of the mask head
+      (``FUSE_MASK``, on every inference path, ``forward_with_given_boxes`` included, which
+      computes it from the given features when not passed);
+    * the one mask head is trained on the positives of stage
+      ``MODEL.ROI_HEADS.HTC_LITE.MASK_TRAIN_STAGE`` (default -1, the last): the matched
+      ``gt_masks`` (every ``gt_*`` field) follow the proposals to that stage, which
+      detectron2's ``_match_and_label_boxes`` does not do. At inference it runs once, on the
+      final boxes. No interleaving, no mask information flow between stages.
+
+    With the context head off and ``MASK_TRAIN_STAGE 0`` it computes exactly what
+    ``LongTailCascadeROIHeads`` computes.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        context_head: Optional[GlobalContextHead] = None,
+        context_fuse_box: bool = True,
+        context_fuse_mask: bool = True,
+        mask_train_stage: int = -1,
+        **kwargs,
+    ):
+        """
+        Args:
+            context_head: the global context head, or None for no context.
+            context_fuse_box: add the context vector to every stage's box RoI features.
+            context_fuse_mask: add it to the mask RoI features.
+            mask_train_stage: stage whose positives train the mask head (0-based; negative
+                counts from the last).
+            kwargs: as :class:`LongTailCascadeROIHeads`.
+        """
+        super().__init__(**kwargs)
+        self.context_head = context_head
+        self.context_fuse_box = context_fuse_box
+        self.context_fuse_mask = context_fuse_mask
+        self.mask_train_stage = mask_train_stage % self.num_cascade_stages
+        self._forward_state: Optional[dict] = None  # per-forward: box context, stage proposals
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        stages = len(cfg.MODEL.ROI_BOX_CASCADE_HEAD.IOUS)
+        stage = cfg.MODEL.ROI_HEADS.HTC_LITE.MASK_TRAIN_STAGE
+        if not -stages <= stage < stages:
+            raise ValueError(
+                f"MODEL.ROI_HEADS.HTC_LITE.MASK_TRAIN_STAGE {stage} is not a stage of the "
+                f"{stages}-stage cascade (MODEL.ROI_BOX_CASCADE_HEAD.IOUS)"
+            )
+        node = cfg.MODEL.ROI_CONTEXT_HEAD
+        ret.update(mask_train_stage=stage, context_fuse_box=node.FUSE_BOX)
+        ret["context_fuse_mask"] = node.FUSE_MASK
+        if node.ENABLED:
+            roi_channels = input_shape[cfg.MODEL.ROI_HEADS.IN_FEATURES[0]].channels
+            if (node.FUSE_BOX or node.FUSE_MASK) and node.CONV_DIM != roi_channels:
+                raise ValueError(
+                    f"MODEL.ROI_CONTEXT_HEAD.CONV_DIM ({node.CONV_DIM}) must equal the RoI "
+                    f"feature channels ({roi_channels}, MODEL.FPN.OUT_CHANNELS) to fuse the "
+                    "context (FUSE_BOX / FUSE_MASK)"
+                )
+            ret["context_head"] = GlobalContextHead(cfg, input_shape)
+        return ret
+
+    def forward(self, images, features: Dict[str, torch.Tensor], proposals, targets=None):
+        del images
+        context, losses = None, {}
+        if self.context_head is not None:
+            context, logits = self.context_head(features)
+            if self.training:
+                losses.update(self.context_head.losses(logits, targets))
+        mask_context = context if self.context_fuse_mask else None
+        self._forward_state = {
+            "box_context": context if self.context_fuse_box else None,
+            "stage_proposals": [],
+        }
+        try:
+            if self.training:
+                proposals = self.label_and_sample_proposals(proposals, targets)
+                losses.update(self._forward_box(features, proposals, targets))
+                mask_proposals = self._forward_state["stage_proposals"][self.mask_train_stage]
+                losses.update(self._forward_mask(features, mask_proposals, mask_context))
+                losses.update(self._forward_keypoint(features, proposals))
+                return proposals, losses
+            pred_instances = self._forward_box(features, proposals)
+        finally:
+            self._forward_state = None
+        return self.forward_with_given_boxes(features, pred_instances, mask_context), {}
+
+    def forward_with_given_boxes(
+        self,
+        features: Dict[str, torch.Tensor],
+        instances: List[Instances],
+        context: Optional[torch.Tensor] = None,
+    ) -> List[Instances]:
+        """Masks of given boxes (test-time augmentation calls this); the context vector is
+        computed from ``features`` when the mask fuses it and none is given."""
+        if context is None and self.context_head is not None and self.context_fuse_mask:
+            context = self.context_head(features)[0]
+        return super().forward_with_given_boxes(features, instances, context)
+
+    def _run_stage(self, features: List[torch.Tensor], proposals: List[Instances], stage: int):
+        """detectron2's stage (pool, scale gradient, box head, predictor) with the context
+        vector added to the pooled features; records the stage's proposals."""
+        state = self._forward_state
+        context = None
+        if state is not None:
+            state["stage_proposals"].append(proposals)
+            context = state["box_context"]
+        if context is None:
+            return super()._run_stage(features, proposals, stage)
+        box_features = self.box_pooler(features, [x.proposal_boxes for x in proposals])
+        batch_index = cat(
+            [torch.full((len(p),), i, device=context.device) for i, p in enumerate(proposals)]
+        ).long()
+        box_features = fuse_context(box_features, batch_index, context)
+        box_features = _ScaleGradient.apply(box_features, 1.0 / self.num_cascade_stages)
+        return self.box_predictor[stage](self.box_head[stage](box_features))
+
+    @torch.no_grad()
+    def _match_and_label_boxes(self, proposals, stage, targets):
+        """detectron2's matching; at the mask-training stage every other ``gt_*`` field of the
+        matched GT (``gt_masks``) is copied onto the proposals too."""
+        proposals = super()._match_and_label_boxes(proposals, stage, targets)
+        if not self.mask_on or stage != self.mask_train_stage:
+            return proposals
+        for props, gts in zip(proposals, targets):
+            if len(gts) == 0 or len(props) == 0:
+                continue  # all background: no mask target needed
+            matched, _ = self.proposal_matchers[stage](
+                pairwise_iou(gts.gt_boxes, props.proposal_boxes)
+            )
+            for name, value in gts.get_fields().items():
+                if name.startswith("gt_") and not props.has(name):
+                    props.set(name, value[matched])
+        return proposals
