@@ -62,6 +62,7 @@ def test_bootstrap_constant_and_degenerate():
     assert 0.0 <= low < 1.0 < high <= 2.0
     assert stats.bootstrap_group_diff(varied, base) == (low, high)  # deterministic
     assert stats.bootstrap_group_diff(base[:1], base[:1]) is None
+    assert stats.bootstrap_group_diff(base * np.nan, base) is None
     with pytest.raises(ValueError, match="seeds, classes"):
         stats.bootstrap_group_diff(base[0], base[0])
 
@@ -255,3 +256,37 @@ def test_driver_modes(driver, tmp_path):
     assert set(cpu.methods) == set(M.default_methods())
     with open(os.devnull, "w"):
         assert json.loads(json.dumps(driver.DATASETS))  # generator options are plain json
+
+
+def test_page_from_finished_runs(tmp_path, driver):
+    """The results page from constructed run folders: tables, intervals, csv/json check."""
+    from lvis_longtail.benchmark import page
+
+    val_json = tmp_path / "val.json"
+    val_json.write_text(json.dumps({"images": [{"id": 1}], "categories": CATEGORIES}))
+    args = driver.parse_args(["--seeds", "0", "1", "--output", str(tmp_path / "runs")])
+    args.results = str(tmp_path / "results")
+    runs = plan.plan_runs(["softmax_rfs", "dicebce"], [0, 1], _settings(tmp_path / "runs"))
+    ap = {"softmax": 30.0, "softmax_rfs": 31.0, "dicebce": 33.0}
+    for run in runs[1:]:  # not the pre-training run: the page reads the rows
+        out = os.path.join(run.out_dir, "inference", plan.DATASET_NAMES["val"])
+        os.makedirs(out)
+        v = ap[run.name] + run.seed
+        _write_csv(tmp_path / "pc.csv", {1: v, 2: v - 20, 3: v - 10}, {1: v, 2: v - 25, 3: 0.0})
+        os.replace(tmp_path / "pc.csv", os.path.join(out, page.CSV_FILE))
+        lvis = {"bbox": {"AP": v - 10, "APr": v - 15, "APc": -1, "APf": v + 1}}  # APf off by 1
+        with open(os.path.join(out, page.METRICS_FILE), "w") as f:
+            json.dump(lvis, f)
+        with open(os.path.join(run.out_dir, plan.RUN_FILE), "w") as f:
+            json.dump({"rc": 0, "fingerprint": run.fingerprint, "wall_s": 60.0}, f)
+    path = page.write(args, runs, driver.DATASETS, str(val_json))
+    text = open(path).read()
+    assert path.endswith("longtail.md")
+    assert "| SoftmaxCE + RFS | 21.5 ± 0.7 |" in text  # bbox AP: v - 10, v = 31 + seed
+    assert "| DiceBCEMaskHead + RFS | SoftmaxCE + RFS | +2.0 |" not in text  # 2 seeds: intervals
+    assert "+2.0 [+2.0, +2.0]*" in text  # dicebce - softmax_rfs = 2 on every seed and class
+    assert "target ≥ 30: NOT met" in text  # the baseline's csv bbox AP: mean(30, 10, 20) = 20
+    assert "bbox/APf: csv" in text  # the constructed json disagrees on APf
+    assert f"- *DiceBCEMaskHead + RFS*: {M.NOTES['dicebce']}" in text
+    summary = json.load(open(path[:-3] + ".json"))
+    assert summary["per_run"]["dicebce"]["1"]["bbox/APr"] == pytest.approx(34 - 15)

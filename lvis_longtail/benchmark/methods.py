@@ -98,6 +98,34 @@ METHODS: Tuple[Method, ...] = (
 )
 # fmt: on
 
+# What each row's paired difference shows, and what it cannot show (the results page lists
+# these under the tables; a new row may add one line here).
+NOTES = {
+    "softmax": "the reference level: how far a plain softmax detector is from its frequent "
+    "classes on its rare ones (APf - APr).",
+    "softmax_rfs": "what repeat-factor sampling alone does at this schedule; not what it does "
+    "at LVIS scale, where t = 0.001 targets a different share of the images.",
+    "sigmoid": "the effect of independent sigmoid logits over softmax, with the same sampler; "
+    "the prior-initialised bias also changes early convergence, which a short schedule shows "
+    "as a gain on every group.",
+    "seesaw": "Seesaw + the normalised classifier together against softmax + RFS; cannot "
+    "separate the two.",
+    "eql": "EQL's rare-class gradient suppression (λ 0.13 tuned to this split's frequency), "
+    "with RFS; not its LVIS λ.",
+    "eqlv2": "EQLv2 without RFS against softmax without RFS (the authors' recipe).",
+    "fedloss": "the federated loss's sampled negatives, with RFS.",
+    "bags": "a decoupled group-softmax classifier fine-tuned on frozen SoftmaxCE + RFS "
+    "features of the same seed; it cannot fix those features.",
+    "dicebce": "the balanced (Dice + BCE) mask loss against the stock mask head: segm and "
+    "segm thin; box changes come only through the shared backbone.",
+    "dicebce_arealevel": "adds area-ratio RoI level assignment to the balanced mask loss; "
+    "compare it with the DiceBCE row for the assignment alone.",
+    "heavymask": "the LVIS 2020 1st place's mask recipe as a whole (balanced loss, area-ratio "
+    "levels, boundary supervision, 7 convs); not which part helps, nor deformable pooling.",
+    "maskscoring": "mask-IoU rescoring of masks: segm only (boxes keep their scores).",
+    "bags_long": "BAGS with a fine-tune as long as the training (diagnostic of the schedule).",
+}
+
 
 def methods_by_name(methods: Sequence[Method] = METHODS) -> dict:
     """``{name: Method}``; rejects duplicate names and unknown bases or references."""

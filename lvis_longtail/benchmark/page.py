@@ -8,7 +8,7 @@ import time
 from typing import Dict, List, Sequence
 
 from lvis_longtail.benchmark import plots
-from lvis_longtail.benchmark.methods import BASELINE, methods_by_name
+from lvis_longtail.benchmark.methods import BASELINE, NOTES, methods_by_name
 from lvis_longtail.benchmark.plan import DATASET_NAMES, Run
 from lvis_longtail.benchmark.report import (
     check_against_metrics,
@@ -181,6 +181,10 @@ def write(args, runs: Sequence[Run], datasets: dict, val_json: str) -> str:
         deltas(lambda m: m.group == "mask", MASK_KEYS),
         "",
         ROW_NOTES,
+        "",
+        "What each row shows, and cannot show:",
+        "",
+        *(f"- *{m.label}*: {NOTES[m.name]}" for m in shown if m.name in NOTES),
         "",
         f"![APr/APc/APf per row]({groups_png})",
         "",

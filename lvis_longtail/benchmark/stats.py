@@ -8,6 +8,7 @@ a benchmark uses (1-100).
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -126,19 +127,21 @@ def bootstrap_group_diff(
         seed: of the resampling generator (the interval is deterministic).
 
     Returns:
-        (low, high), or None when there are fewer than 2 seeds or 2 classes.
+        (low, high), or None when there are fewer than 2 seeds or 2 classes or no values.
     """
     diff = np.asarray(method_ap, dtype=np.float64) - np.asarray(base_ap, dtype=np.float64)
     if diff.ndim != 2:
         raise ValueError(f"per-class AP must be (seeds, classes), got shape {diff.shape}")
     s, c = diff.shape
-    if s < 2 or c < 2:
+    if s < 2 or c < 2 or np.isnan(diff).all():
         return None
     rng = np.random.default_rng(seed)
     seeds = rng.integers(0, s, size=(num_samples, s, 1))
     classes = rng.integers(0, c, size=(num_samples, 1, c))
     cells = diff[seeds, classes]  # (B, S, C)
-    means = np.nanmean(cells.reshape(num_samples, -1), axis=1)
+    with warnings.catch_warnings():  # a sample of only NaN cells gives NaN, left out below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.nanmean(cells.reshape(num_samples, -1), axis=1)
     alpha = (1 - level) / 2
     low, high = np.nanquantile(means, [alpha, 1 - alpha])
     return float(low), float(high)
