@@ -290,3 +290,20 @@ def test_page_from_finished_runs(tmp_path, driver):
     assert f"- *DiceBCEMaskHead + RFS*: {M.NOTES['dicebce']}" in text
     summary = json.load(open(path[:-3] + ".json"))
     assert summary["per_run"]["dicebce"]["1"]["bbox/APr"] == pytest.approx(34 - 15)
+
+
+def test_extract_init_keeps_backbone(tmp_path):
+    import torch
+
+    src, dst = str(tmp_path / "model_final.pth"), str(tmp_path / plan.INIT_FILE)
+    state = {"backbone.bottom_up.w": torch.ones(2), "backbone.fpn_lateral2.b": torch.zeros(1)}
+    torch.save(
+        {"model": {**state, "roi_heads.box_predictor.w": torch.ones(3)}, "iteration": 9}, src
+    )
+    assert plan.extract_init(src, dst) == 2
+    loaded = torch.load(dst, weights_only=False)["model"]
+    assert sorted(loaded) == sorted(state) and torch.equal(
+        loaded["backbone.bottom_up.w"], state["backbone.bottom_up.w"]
+    )
+    with pytest.raises(ValueError, match="no weights start with"):
+        plan.extract_init(src, dst, prefixes=("nope.",))
