@@ -40,7 +40,7 @@ from lvis_longtail.utils.io import write_json_atomic  # noqa: E402
 # mode -> (seeds, iterations, pre-training iterations, parallel runs)
 MODES = {
     "quick": ((0,), 60, 150, 2),
-    "cpu": ((0, 1, 2), 300, 600, 2),
+    "cpu": ((0, 1, 2), 300, 1000, 2),
     "cuda": ((0, 1, 2, 3, 4), 1000, 2000, 3),
 }
 DATASETS = {  # generator options (lvis_longtail.data.synthetic.generate)
@@ -98,8 +98,13 @@ def execute(
     """Run the pending runs, ``jobs`` at a time, each after its dependencies (a run whose
     dependency failed is skipped); each finished run gets its ``benchmark_run.json``."""
     pending = [r for r in runs if force or not r.done()]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+
+    def env(run):  # the pre-training runs alone: it gets every job's threads
+        n = str(threads * jobs if run.method is None else threads)
+        out = dict(os.environ, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n)
+        out["PYTHONPATH"] = REPO + os.pathsep + out.get("PYTHONPATH", "")
+        return out
+
     active, failed, finished = {}, set(), set()
     print(f"{len(pending)} of {len(runs)} runs to do, {jobs} at a time, {threads} thread(s) each")
     while pending or active:
@@ -119,7 +124,7 @@ def execute(
             log.write(" ".join(shlex.quote(c) for c in run.cmd) + "\n")
             log.flush()
             proc = subprocess.Popen(
-                run.cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+                run.cmd, cwd=REPO, env=env(run), stdout=log, stderr=subprocess.STDOUT
             )
             active[run.key] = (run, proc, time.time(), log, os.getloadavg())
             print(f"START {run.key}", flush=True)
@@ -163,7 +168,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="MODEL.DEVICE; cuda selects the GPU mode")
     p.add_argument("--seeds", type=int, nargs="+", help="default: per mode (cpu: 0 1 2)")
     p.add_argument("--iters", type=int, help="iterations per row (cpu: 300)")
-    p.add_argument("--pretrain-iters", type=int, help="shared pre-training (cpu: 600; 0: none)")
+    p.add_argument("--pretrain-iters", type=int, help="shared pre-training (cpu: 1000; 0: none)")
     p.add_argument("--methods", nargs="+", help="rows (default: all but diagnostics)")
     p.add_argument("--jobs", type=int, help="runs in parallel (cpu: 2)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (cpus // jobs)")

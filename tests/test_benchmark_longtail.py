@@ -247,7 +247,7 @@ def test_execute_reuses_finished_runs(tmp_path, driver):
 def test_driver_modes(driver, tmp_path):
     cpu = driver.parse_args(["--output", str(tmp_path)])
     assert (cpu.mode, cpu.seeds, cpu.iters, cpu.pretrain_iters, cpu.jobs) == (
-        "cpu", [0, 1, 2], 300, 600, 2,
+        "cpu", [0, 1, 2], 300, 1000, 2,
     )  # fmt: skip
     quick = driver.parse_args(["--quick"])
     assert (quick.mode, quick.seeds, quick.iters) == ("quick", [0], 60)
