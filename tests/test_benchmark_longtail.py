@@ -279,14 +279,17 @@ def test_page_from_finished_runs(tmp_path, driver):
             json.dump(lvis, f)
         with open(os.path.join(run.out_dir, plan.RUN_FILE), "w") as f:
             json.dump({"rc": 0, "fingerprint": run.fingerprint, "wall_s": 60.0}, f)
+    missing = next(r for r in runs if r.key == "softmax/seed1")
+    os.remove(os.path.join(missing.out_dir, "inference", plan.DATASET_NAMES["val"], page.CSV_FILE))
     path = page.write(args, runs, driver.DATASETS, str(val_json))
     text = open(path).read()
     assert path.endswith("longtail.md")
     assert "| SoftmaxCE + RFS | 21.5 ± 0.7 |" in text  # bbox AP: v - 10, v = 31 + seed
     assert "| DiceBCEMaskHead + RFS | SoftmaxCE + RFS | +2.0 |" not in text  # 2 seeds: intervals
     assert "+2.0 [+2.0, +2.0]*" in text  # dicebce - softmax_rfs = 2 on every seed and class
-    assert "target ≥ 30: NOT met" in text  # the baseline's csv bbox AP: mean(30, 10, 20) = 20
+    assert "bbox AP 20.0 on val (target ≥ 30: NOT met)" in text  # seed 0: mean(30, 10, 20)
     assert "bbox/APf: csv" in text  # the constructed json disagrees on APf
+    assert "softmax/seed1 per-class csv missing" in text
     assert f"- *DiceBCEMaskHead + RFS*: {M.NOTES['dicebce']}" in text
     summary = json.load(open(path[:-3] + ".json"))
     assert summary["per_run"]["dicebce"]["1"]["bbox/APr"] == pytest.approx(34 - 15)
