@@ -1,90 +1,312 @@
-"""The long-tail benchmark's planning, aggregation and table code (no training)."""
+"""The long-tail benchmark: interval math, per-class csv report, planning and run reuse (no
+training)."""
 
 import importlib.util
+import json
 import math
 import os
+import sys
 
+import numpy as np
 import pytest
+
+from lvis_longtail.benchmark import methods as M
+from lvis_longtail.benchmark import plan, report, stats
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "longtail.py")
 
 
 @pytest.fixture(scope="module")
-def lt():
+def driver():
     spec = importlib.util.spec_from_file_location("benchmark_longtail", _PATH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def _metrics(ap, apr, apc, apf):
-    task = {"AP": ap, "APr": apr, "APc": apc, "APf": apf}
-    return {"bbox": dict(task), "segm": {k: v / 2 for k, v in task.items()}}
+# ----------------------------------------------------------------------------- statistics
+@pytest.mark.parametrize(
+    "df, q975", [(1, 12.706205), (2, 4.302653), (4, 2.776445), (9, 2.262157), (30, 2.042272)]
+)
+def test_t_quantile_matches_tables(df, q975):
+    assert stats.t_quantile(0.975, df) == pytest.approx(q975, abs=2e-5)
+    assert stats.t_quantile(0.025, df) == pytest.approx(-q975, abs=2e-5)
+    assert stats.t_cdf(0.0, df) == pytest.approx(0.5)
 
 
-CLASSES = {
-    1: {"name": "a", "frequency": "f", "thin": False, "train_instances": 500},
-    2: {"name": "b", "frequency": "r", "thin": True, "train_instances": 3},
-    3: {"name": "c", "frequency": "c", "thin": True, "train_instances": 40},
-}
+def test_paired_t_ci_by_hand():
+    ci = stats.paired_t_ci([1.0, 2.0, 3.0])  # mean 2, sd 1, half 4.302653 / sqrt(3)
+    assert (ci.mean, ci.std, ci.n) == (2.0, 1.0, 3)
+    assert ci.half_width == pytest.approx(4.302653 / math.sqrt(3), abs=1e-4)
+    assert ci.low == pytest.approx(2 - 2.484138, abs=1e-4) and ci.excludes_zero is False
+    assert stats.paired_t_ci([5.0, 5.2, 4.8, 5.0]).excludes_zero
+    single = stats.paired_t_ci([3.0, float("nan")])
+    assert single.n == 1 and single.mean == 3.0 and math.isnan(single.low)
+    assert stats.paired_t_ci([]).n == 0
 
 
-def test_mean_std(lt):
-    assert lt.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sample std
-    assert lt.mean_std([4.0]) == (4.0, 0.0)
-    assert lt.mean_std([float("nan"), 2.0]) == (2.0, 0.0)
-    assert all(math.isnan(v) for v in lt.mean_std([]))
+def test_seeds_needed_by_hand():
+    # sd 1, half-width 1: t(5) / sqrt(6) = 1.049 > 1, t(6) / sqrt(7) = 0.925 <= 1
+    assert stats.seeds_needed(1.0, 1.0) == 7
+    assert stats.seeds_needed(0.0, 1.0) == 2
+    assert stats.seeds_needed(100.0, 1.0, max_seeds=50) == 51
+    with pytest.raises(ValueError, match="half_width"):
+        stats.seeds_needed(1.0, 0.0)
 
 
-def test_run_metrics_thin_average(lt):
-    per_class = {"bbox": {"1": 30.0, "2": 0.0, "3": 10.0}, "segm": {"1": 20.0, "2": 2.0, "3": 4.0}}
-    m = lt.run_metrics(_metrics(10, 1, 5, 20), per_class, CLASSES)
-    assert m["bbox/APr"] == 1 and m["segm/APf"] == 10
-    assert m["segm/thin"] == pytest.approx(3.0)  # classes 2 and 3
-    assert m["bbox/thin"] == pytest.approx(5.0)
-    assert m["segm/filled"] == pytest.approx(20.0)
-    assert "segm/thin" not in lt.run_metrics(_metrics(10, 1, 5, 20), None, CLASSES)
+def test_bootstrap_constant_and_degenerate():
+    base = np.array([[10.0, 20.0, 30.0], [12.0, 22.0, 32.0]])
+    assert stats.bootstrap_group_diff(base + 1.5, base) == pytest.approx((1.5, 1.5))
+    varied = base + np.array([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]])  # class diffs 0, 1, 2
+    low, high = stats.bootstrap_group_diff(varied, base)
+    assert 0.0 <= low < 1.0 < high <= 2.0
+    assert stats.bootstrap_group_diff(varied, base) == (low, high)  # deterministic
+    assert stats.bootstrap_group_diff(base[:1], base[:1]) is None
+    assert stats.bootstrap_group_diff(base * np.nan, base) is None
+    with pytest.raises(ValueError, match="seeds, classes"):
+        stats.bootstrap_group_diff(base[0], base[0])
 
 
-def test_aggregate_and_paired_delta(lt):
-    per_run = {
-        "softmax": {0: {"bbox/APr": 1.0, "wall_s": 100.0}, 1: {"bbox/APr": 3.0, "wall_s": 120.0}},
-        "seesaw": {0: {"bbox/APr": 4.0, "wall_s": 110.0}, 1: {"bbox/APr": 5.0, "wall_s": 130.0}},
-    }
-    agg = lt.aggregate(per_run)
-    assert agg["softmax"]["bbox/APr"] == (2.0, pytest.approx(math.sqrt(2)), 2)
-    assert agg["seesaw"]["d_bbox/APr"][:2] == (2.5, pytest.approx(math.sqrt(0.5)))
-    assert "d_wall_s" not in agg["seesaw"]  # only AP metrics get deltas
-    table = lt.markdown_table(agg, lt.METHODS)
-    rows = table.splitlines()
-    assert len(rows) == 4 and rows[0].startswith("| Method |")
-    assert "| SoftmaxCE (no RFS) |" in rows[2] and "2.0 ± 1.4" in rows[2] and "110 ± 14" in table
-    assert "+2.5 ± 0.7" in lt.delta_table(agg, lt.METHODS)
+# ----------------------------------------------------------------------------- report
+CATEGORIES = [
+    {"id": 1, "name": "a", "frequency": "f", "thin": False},
+    {"id": 2, "name": "b", "frequency": "r", "thin": True},
+    {"id": 3, "name": "c", "frequency": "r", "thin": False},
+    {"id": 4, "name": "d", "frequency": "c", "thin": True},
+]
+CLASSES = report.class_info(CATEGORIES)
 
 
-def test_schedule_scales_base(lt):
-    opts = dict(zip(*[iter(lt.schedule_opts(1500, finetune=False))] * 2))
-    assert opts["SOLVER.STEPS"] == "(1100, 1400)" and opts["SOLVER.WARMUP_ITERS"] == "100"
-    ft = dict(zip(*[iter(lt.schedule_opts(1500, finetune=True))] * 2))
-    assert ft["SOLVER.MAX_ITER"] == "500" and ft["SOLVER.STEPS"] == "(350, 450)"
+def _write_csv(path, bbox, segm):
+    lines = ["category_id,name,frequency,bbox_AP,bbox_AP50,segm_AP"]
+    for c in CATEGORIES:
+        b, s = bbox.get(c["id"], ""), segm.get(c["id"], "")
+        lines.append(f"{c['id']},{c['name']},{c['frequency']},{b},,{s}")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
 
 
-def test_plan_runs_finetune_depends_on_its_seed(lt, tmp_path):
-    args = lt.parse_args(["--seeds", "0", "1", "--methods", "bags", "--output", str(tmp_path)])
-    runs = lt.plan_runs(args)
+def test_read_per_class_and_metrics(tmp_path):
+    path = _write_csv(tmp_path / "pc.csv", {1: 40.0, 2: 10.0, 3: 20.0}, {1: 30.0, 2: 0.0, 3: 6.0})
+    pc = report.read_per_class(path)
+    assert pc["bbox"] == {1: 40.0, 2: 10.0, 3: 20.0}  # class 4: blank (no ground truth)
+    m = report.run_metrics(pc, CLASSES)
+    assert m["bbox/AP"] == pytest.approx(70 / 3) and m["bbox/APr"] == 15.0
+    assert m["bbox/APf"] == 40.0 and math.isnan(m["bbox/APc"])
+    assert m["segm/thin"] == 0.0 and m["segm/filled"] == 18.0  # thin: class 2 only
+    bad = report.check_against_metrics(m, {"bbox": {"AP": 70 / 3, "APr": 15.0, "APf": 41.0}})
+    assert bad == [("bbox/APf", 40.0, 41.0)]
+
+
+def test_read_per_class_errors_name_file_line_column(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("category_id,frequency,bbox_AP\n1,f,30\n2,r,high\n")
+    with pytest.raises(ValueError, match=r"bad.csv: line 3: bbox_AP 'high'"):
+        report.read_per_class(str(bad))
+    missing = tmp_path / "missing.csv"
+    missing.write_text("category_id,bbox_AP\n1,3\n")
+    with pytest.raises(ValueError, match=r"missing.csv: .*frequency"):
+        report.read_per_class(str(missing))
+
+
+def test_paired_difference_and_delta_table():
+    def pc(ap1, ap2, ap3):
+        return {"bbox": {1: ap1, 2: ap2, 3: ap3}, "segm": {1: ap1, 2: ap2, 3: ap3}}
+
+    ref = {0: pc(40, 10, 20), 1: pc(42, 12, 22), 2: pc(41, 11, 21)}
+    new = {0: pc(40, 12, 24), 1: pc(42, 14, 28), 2: pc(41, 12, 27)}  # APr diffs 3, 4, 3.5
+    res = report.paired(new, ref, CLASSES, "bbox/APr")
+    ci = res["ci"]
+    assert res["seeds"] == [0, 1, 2] and ci.mean == pytest.approx(3.5)
+    assert ci.std == pytest.approx(0.5) and ci.half_width == pytest.approx(1.242069, abs=1e-4)
+    low, high = res["boot"]
+    assert 1.0 <= low <= 3.5 <= high <= 6.0  # the (seed, class) cells range over 1-6
+    table = report.delta_table(
+        [("new", "New", "ref", "Ref")], {"new": new, "ref": ref}, CLASSES, ("bbox/APr",), target=1
+    )
+    row = table.splitlines()[2]
+    assert row.startswith("| New | Ref | +3.5 [+2.3, +4.7]* {")
+    assert row.endswith("| 4 |")  # sd 0.5: t(2) * 0.5 / sqrt(3) = 1.24 > 1, t(3) / 4 = 0.80
+    summary = report.summary_table([("ref", "Ref")], {"ref": ref}, CLASSES, ("bbox/APf",))
+    assert "| Ref | 41.0 ± 1.0 | 3 |" in summary
+
+
+# ----------------------------------------------------------------------------- planning
+def _settings(tmp_path, **kw):
+    opts = dict(
+        iters=300,
+        pretrain_iters=600,
+        device="cpu",
+        repeat_threshold=0.13,
+        output=str(tmp_path),
+        datasets={k: (f"{k}.json", "img") for k in ("pretrain", "train", "val")},
+        dataset_key="gen-v1",
+    )
+    opts.update(kw)
+    return plan.Settings(**opts)
+
+
+def _opt(cmd, key):
+    return cmd[cmd.index(key) + 1]
+
+
+def test_plan_order_dependencies_and_commands(tmp_path):
+    runs = plan.plan_runs(["bags", "eqlv2"], [0, 1], _settings(tmp_path))
     keys = [r.key for r in runs]
-    assert keys == ["softmax_rfs/seed0", "bags/seed0", "softmax_rfs/seed1", "bags/seed1"]
-    bags = [r for r in runs if r.method.name == "bags"]
-    assert [r.deps[0].key for r in bags] == ["softmax_rfs/seed0", "softmax_rfs/seed1"]
-    cmd = lt.run_command(bags[1], args)
-    assert cmd[cmd.index("MODEL.WEIGHTS") + 1].endswith(os.path.join("seed1", "model_final.pth"))
-    assert cmd[cmd.index("SEED") + 1] == "1"
-    assert "DATALOADER.REPEAT_THRESHOLD" in cmd
-    noRFS = lt.run_command(lt.Run(lt.METHODS_BY_NAME["softmax"], 0, "x"), args)
-    assert "DATALOADER.REPEAT_THRESHOLD" not in noRFS and "TrainingSampler" in noRFS
+    assert keys[0] == "pretrain/seed0"
+    assert keys[1:5] == ["softmax/seed0", "softmax_rfs/seed0", "bags/seed0", "eqlv2/seed0"]
+    by_key = {r.key: r for r in runs}
+    bags1 = by_key["bags/seed1"]
+    assert [d.key for d in bags1.deps] == ["softmax_rfs/seed1"]
+    assert _opt(bags1.cmd, "MODEL.WEIGHTS").endswith(os.path.join("seed1", "model_final.pth"))
+    assert _opt(bags1.cmd, "SOLVER.MAX_ITER") == "100"  # a third of 300
+    eqlv2 = by_key["eqlv2/seed1"]
+    assert _opt(eqlv2.cmd, "MODEL.WEIGHTS").endswith(plan.INIT_FILE)
+    assert _opt(eqlv2.cmd, "SEED") == "1" and "DATALOADER.REPEAT_THRESHOLD" not in eqlv2.cmd
+    assert _opt(eqlv2.cmd, "DATASETS.TEST") == "('lt_bench_val',)"
+    pre = runs[0].cmd
+    assert _opt(pre, "DATASETS.TRAIN") == "('lt_bench_pretrain',)"
+    assert _opt(pre, "SOLVER.STEPS") == "(420, 540)" and _opt(pre, "DATASETS.TEST") == "()"
+    scratch = plan.plan_runs(["softmax"], [0], _settings(tmp_path, pretrain_iters=0))
+    assert [r.key for r in scratch] == ["softmax/seed0"]
+    assert _opt(scratch[0].cmd, "MODEL.WEIGHTS") == ""
 
 
-def test_wall_span_of_overlapping_invocations(lt):
-    runs = [{"start_ts": 0.0, "wall_s": 100.0}, {"start_ts": 50.0, "wall_s": 100.0}]
-    assert lt.wall_span(runs) == 150.0
-    assert lt.wall_span([{"wall_s": 10.0}, {"wall_s": 5.0}]) == 15.0
+def test_eval_only_row_and_reference_rules(tmp_path):
+    tta = M.Method("tta", "TTA", M.SOFTMAX, ("TEST.AUG.ENABLED", "True"), base="softmax_rfs",
+                   eval_only=True)  # fmt: skip
+    table = M.METHODS + (tta,)
+    runs = plan.plan_runs(["tta"], [0], _settings(tmp_path), methods=table)
+    run = runs[-1]
+    assert run.cmd[4] == "--eval-only" and "SOLVER.MAX_ITER" not in run.cmd
+    assert _opt(run.cmd, "TEST.AUG.ENABLED") == "True"
+    assert _opt(run.cmd, "MODEL.WEIGHTS").endswith(
+        os.path.join("softmax_rfs", "seed0", "model_final.pth")
+    )
+    by = M.methods_by_name(table)
+    assert by["tta"].reference == "softmax_rfs" and by["eqlv2"].reference == "softmax"
+    assert by["dicebce"].reference == "softmax_rfs" and by["softmax"].reference is None
+    assert by["softmax_rfs"].reference == "softmax"
+    assert "bags_long" not in M.default_methods()
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        M.methods_by_name(M.METHODS + (M.Method("x", "X", M.SOFTMAX, base="nope"),))
+    with pytest.raises(ValueError, match="KEY VALUE"):
+        M.Method("x", "X", M.SOFTMAX, ("ONLY.KEY",))
+    with pytest.raises(ValueError, match="unknown benchmark methods"):
+        plan.plan_runs(["nope"], [0], _settings(tmp_path))
+
+
+def test_fingerprint_follows_upstream_changes(tmp_path):
+    a = {r.key: r for r in plan.plan_runs(["bags"], [0], _settings(tmp_path))}
+    b = {r.key: r for r in plan.plan_runs(["bags"], [0], _settings(tmp_path, pretrain_iters=500))}
+    c = {r.key: r for r in plan.plan_runs(["bags"], [0], _settings(tmp_path, dataset_key="v2"))}
+    same = {r.key: r for r in plan.plan_runs(["bags"], [0], _settings(tmp_path))}
+    for key in a:
+        assert a[key].fingerprint == same[key].fingerprint
+        assert a[key].fingerprint != b[key].fingerprint  # the pre-training changed
+        assert a[key].fingerprint != c[key].fingerprint  # the data changed
+    assert schedule_pairs(plan.schedule_opts(1000, False)) == {
+        "SOLVER.MAX_ITER": "1000",
+        "SOLVER.WARMUP_ITERS": "100",
+        "SOLVER.STEPS": "(700, 900)",
+        "SOLVER.CHECKPOINT_PERIOD": "10000",
+    }
+
+
+def schedule_pairs(opts):
+    return dict(zip(opts[::2], opts[1::2]))
+
+
+def test_execute_reuses_finished_runs(tmp_path, driver):
+    counter = tmp_path / "count.txt"
+    script = f"open({str(counter)!r}, 'a').write('x')"
+    runs = plan.plan_runs(["softmax", "softmax_rfs"], [0], _settings(tmp_path, pretrain_iters=0))
+    for run in runs:
+        run.cmd = [sys.executable, "-c", script]
+    driver.execute(runs, jobs=2, threads=1, force=False, poll_s=0.05)
+    assert counter.read_text() == "xx" and all(r.done() for r in runs)
+    rec = runs[0].record()
+    assert rec["rc"] == 0 and rec["fingerprint"] == runs[0].fingerprint and rec["wall_s"] >= 0
+    driver.execute(runs, jobs=2, threads=1, force=False, poll_s=0.05)  # nothing to do
+    assert counter.read_text() == "xx"
+    runs[1].cmd = runs[1].cmd + ["changed"]  # a changed command is stale: rerun only it
+    assert not runs[1].done()
+    driver.execute(runs, jobs=2, threads=1, force=False, poll_s=0.05)
+    assert counter.read_text() == "xxx"
+    failing = plan.plan_runs(["bags"], [0], _settings(tmp_path / "f", pretrain_iters=0))
+    assert [r.name for r in failing] == ["softmax", "softmax_rfs", "bags"]
+    for run in failing:
+        run.cmd = [sys.executable, "-c", script]
+    failing[1].cmd = [sys.executable, "-c", "raise SystemExit(3)"]
+    driver.execute(failing, jobs=1, threads=1, force=False, poll_s=0.05)
+    assert failing[1].record()["rc"] == 3 and not failing[1].done()
+    assert failing[2].record() is None  # its base failed: skipped
+    assert counter.read_text() == "xxxx"  # softmax ran
+
+
+def test_driver_modes(driver, tmp_path):
+    cpu = driver.parse_args(["--output", str(tmp_path)])
+    assert (cpu.mode, cpu.seeds, cpu.iters, cpu.pretrain_iters, cpu.jobs) == (
+        "cpu", [0, 1, 2], 300, 1000, 2,
+    )  # fmt: skip
+    quick = driver.parse_args(["--quick"])
+    assert (quick.mode, quick.seeds, quick.iters) == ("quick", [0], 60)
+    gpu = driver.parse_args(["--device", "cuda", "--pretrain-iters", "0"])
+    assert (gpu.mode, len(gpu.seeds), gpu.iters, gpu.pretrain_iters) == ("cuda", 5, 1000, 0)
+    assert set(cpu.methods) == set(M.default_methods())
+    with open(os.devnull, "w"):
+        assert json.loads(json.dumps(driver.DATASETS))  # generator options are plain json
+
+
+def test_page_from_finished_runs(tmp_path, driver):
+    """The results page from constructed run folders: tables, intervals, csv/json check."""
+    from lvis_longtail.benchmark import page
+
+    val_json = tmp_path / "val.json"
+    val_json.write_text(json.dumps({"images": [{"id": 1}], "categories": CATEGORIES}))
+    args = driver.parse_args(["--seeds", "0", "1", "--output", str(tmp_path / "runs")])
+    args.results = str(tmp_path / "results")
+    runs = plan.plan_runs(["softmax_rfs", "dicebce"], [0, 1], _settings(tmp_path / "runs"))
+    ap = {"softmax": 30.0, "softmax_rfs": 31.0, "dicebce": 33.0}
+    for run in runs[1:]:  # not the pre-training run: the page reads the rows
+        out = os.path.join(run.out_dir, "inference", plan.DATASET_NAMES["val"])
+        os.makedirs(out)
+        v = ap[run.name] + run.seed
+        _write_csv(tmp_path / "pc.csv", {1: v, 2: v - 20, 3: v - 10}, {1: v, 2: v - 25, 3: 0.0})
+        os.replace(tmp_path / "pc.csv", os.path.join(out, page.CSV_FILE))
+        lvis = {"bbox": {"AP": v - 10, "APr": v - 15, "APc": -1, "APf": v + 1}}  # APf off by 1
+        with open(os.path.join(out, page.METRICS_FILE), "w") as f:
+            json.dump(lvis, f)
+        with open(os.path.join(run.out_dir, plan.RUN_FILE), "w") as f:
+            json.dump({"rc": 0, "fingerprint": run.fingerprint, "wall_s": 60.0}, f)
+    missing = next(r for r in runs if r.key == "softmax/seed1")
+    os.remove(os.path.join(missing.out_dir, "inference", plan.DATASET_NAMES["val"], page.CSV_FILE))
+    path = page.write(args, runs, driver.DATASETS, str(val_json))
+    text = open(path).read()
+    assert path.endswith("longtail.md")
+    assert "| SoftmaxCE + RFS | 21.5 ± 0.7 |" in text  # bbox AP: v - 10, v = 31 + seed
+    assert "| DiceBCEMaskHead + RFS | SoftmaxCE + RFS | +2.0 |" not in text  # 2 seeds: intervals
+    assert "+2.0 [+2.0, +2.0]*" in text  # dicebce - softmax_rfs = 2 on every seed and class
+    assert "bbox AP 20.0 on val (target ≥ 30: NOT met)" in text  # seed 0: mean(30, 10, 20)
+    assert "bbox/APf: csv" in text  # the constructed json disagrees on APf
+    assert "softmax/seed1 per-class csv missing" in text
+    assert f"- *DiceBCEMaskHead + RFS*: {M.NOTES['dicebce']}" in text
+    summary = json.load(open(path[:-3] + ".json"))
+    assert summary["per_run"]["dicebce"]["1"]["bbox/APr"] == pytest.approx(34 - 15)
+
+
+def test_extract_init_keeps_backbone(tmp_path):
+    import torch
+
+    src, dst = str(tmp_path / "model_final.pth"), str(tmp_path / plan.INIT_FILE)
+    state = {"backbone.bottom_up.w": torch.ones(2), "backbone.fpn_lateral2.b": torch.zeros(1)}
+    torch.save(
+        {"model": {**state, "roi_heads.box_predictor.w": torch.ones(3)}, "iteration": 9}, src
+    )
+    assert plan.extract_init(src, dst) == 2
+    loaded = torch.load(dst, weights_only=False)["model"]
+    assert sorted(loaded) == sorted(state) and torch.equal(
+        loaded["backbone.bottom_up.w"], state["backbone.bottom_up.w"]
+    )
+    with pytest.raises(ValueError, match="no weights start with"):
+        plan.extract_init(src, dst, prefixes=("nope.",))

@@ -217,3 +217,39 @@ def test_class_assignment_helpers():
 def test_too_few_train_images(tmp_path):
     with pytest.raises(ValueError, match="too few"):
         synthetic.generate(tmp_path, num_train=2, num_val=2, num_test=2, progress=False)
+
+
+def _fill(data, thin):
+    ratios = [
+        ann["area"] / (ann["bbox"][2] * ann["bbox"][3])
+        for ann in data["train"]["annotations"]
+        if data["train"]["categories"][ann["category_id"] - 1]["thin"] == thin
+    ]
+    return float(np.mean(ratios))
+
+
+def test_benchmark_options(tmp_path):
+    """Thicker walls, a class-balanced split and a per-class val minimum (benchmark options)."""
+    small = {"num_train": 40, "num_val": 40, "num_test": 1, "write_images": False}
+    base = _load(synthetic.generate(str(tmp_path / "a"), progress=False, **small))
+    thick = _load(
+        synthetic.generate(
+            str(tmp_path / "b"), thickness_scale=1.5, eval_min_per_class=5, progress=False, **small
+        )
+    )
+    # walls 1.5x: thin shapes fill more of their box, still well below half of it
+    assert _fill(base, True) + 0.05 < _fill(thick, True) < 0.5
+
+    def rarest(data, n=7):  # val instances of the n rarest classes
+        counts = collections.Counter(a["category_id"] for a in data["val"]["annotations"])
+        return sorted(counts[c] for c in range(1, 25))[:n]
+
+    assert min(rarest(thick)) >= 4  # 5 asked; an object that does not fit is dropped
+    assert sum(rarest(thick)) > sum(rarest(base))
+    np.testing.assert_allclose(synthetic.class_weights(24, "train", 1.0), np.full(24, 1 / 24))
+    w = synthetic.class_weights(24, "train", 50.0)
+    assert w.max() / w.min() == pytest.approx(50.0)
+    with pytest.raises(ValueError, match="head_tail_ratio"):
+        synthetic.class_weights(24, "train", 0.5)
+    with pytest.raises(ValueError, match="thickness_scale"):
+        synthetic.generate(str(tmp_path / "c"), thickness_scale=0, progress=False, **small)

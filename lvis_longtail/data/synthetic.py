@@ -146,20 +146,22 @@ def class_specs(num_classes):
     ]
 
 
-def class_weights(num_classes, split):
+def class_weights(num_classes, split, head_tail_ratio=TRAIN_HEAD_TAIL_RATIO):
     """Sampling weights of the classes, (K,), summing to 1.
 
-    Train: log-linear in a frequency rank (head / tail = ``TRAIN_HEAD_TAIL_RATIO``). The rank
-    order is fixed (independent of the seed) and alternates filled and thin classes, each kind
-    shuffled, so every frequency group holds both kinds in equal measure.
+    Train: log-linear in a frequency rank (head / tail = ``head_tail_ratio``; 1 = uniform). The
+    rank order is fixed (independent of the seed) and alternates filled and thin classes, each
+    kind shuffled, so every frequency group holds both kinds in equal measure.
     Val and test-dev: the square root of the train weights, renormalized.
     """
+    if head_tail_ratio < 1:
+        raise ValueError(f"head_tail_ratio must be >= 1, got {head_tail_ratio}")
     rng = np.random.default_rng(_RANK_SEED)
     thin = np.array([SHAPES[shape][1] for shape, _ in class_specs(num_classes)])
     kinds = [rng.permutation(np.flatnonzero(thin == t)).tolist() for t in (False, True)]
     order = [c for pair in itertools.zip_longest(*kinds) for c in pair if c is not None]
     ranks = np.argsort(order)
-    beta = np.log(TRAIN_HEAD_TAIL_RATIO) / max(num_classes - 1, 1)
+    beta = np.log(head_tail_ratio) / max(num_classes - 1, 1)
     w = np.exp(-beta * ranks)
     w = w if split == "train" else np.sqrt(w)
     return w / w.sum()
@@ -203,13 +205,15 @@ def polygons_to_rle(polygons, height, width):
     return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
 
 
-def _place(rng, shape, size, size_min, occupied):
-    """Sample a pose for one object whose mask avoids ``occupied``; None if it does not fit."""
+def _place(rng, shape, size, size_min, occupied, thickness_scale=1.0):
+    """Sample a pose for one object whose mask avoids ``occupied``; None if it does not fit.
+
+    Thin shapes get walls ``thickness_scale * max(2.5, 0.09 * size)`` px wide."""
     h, w = occupied.shape
     for attempt in range(40):
         if attempt and attempt % 8 == 0:
             size = max(size_min, 0.85 * size)
-        polys = SHAPES[shape][0](rng, size, max(2.5, 0.09 * size))
+        polys = SHAPES[shape][0](rng, size, max(2.5, 0.09 * size) * thickness_scale)
         pts = np.concatenate(polys)
         lo, hi = pts.min(0), pts.max(0)
         room = np.array([w, h]) - 2.0 - (hi - lo)
@@ -238,7 +242,7 @@ def _background(rng, h, w):
     return img
 
 
-def _make_image(rng, h, w, labels, specs, size_range, thin_min):
+def _make_image(rng, h, w, labels, specs, size_range, thin_min, thickness_scale=1.0):
     """Place and paint ``labels``; returns the RGB image and [(label, polygons, mask), ...]."""
     img = _background(rng, h, w)
     occupied = np.zeros((h, w), dtype=bool)
@@ -248,7 +252,7 @@ def _make_image(rng, h, w, labels, specs, size_range, thin_min):
         shape, color = specs[label]
         lo = max(size_range[0], thin_min) if SHAPES[shape][1] else size_range[0]
         size = float(np.exp(rng.uniform(np.log(lo), np.log(max(lo, size_range[1])))))
-        placed = _place(rng, shape, size, lo, occupied)
+        placed = _place(rng, shape, size, lo, occupied, thickness_scale)
         if placed is None:
             continue
         flat, mask = placed
@@ -333,7 +337,8 @@ def _generate_split(cfg, split, first_image_id, first_ann_id):
     h, w, k = cfg["h"], cfg["w"], len(cfg["specs"])
     n = cfg[f"num_{split}"]
     rng = np.random.default_rng([cfg["seed"], si])
-    labels, quotas = assign_classes(rng, n, class_weights(k, split), 1 if si == 0 else 3)
+    weights = class_weights(k, split, cfg["head_tail_ratio"])
+    labels, quotas = assign_classes(rng, n, weights, 1 if si == 0 else cfg["eval_min_per_class"])
     if split == "train" and quotas.min() < 1:
         raise ValueError(f"{n} train images hold too few objects for {k} classes")
     img_dir = os.path.join(cfg["out_dir"], "images", split)
@@ -341,7 +346,9 @@ def _generate_split(cfg, split, first_image_id, first_ann_id):
     images, anns = [], []
     for i in _progress(range(n), f"{split} images", cfg["progress"]):
         img_rng = np.random.default_rng([cfg["seed"], si, i])
-        img, objects = _make_image(img_rng, h, w, labels[i], cfg["specs"], *cfg["sizes"])
+        img, objects = _make_image(
+            img_rng, h, w, labels[i], cfg["specs"], *cfg["sizes"], cfg["thickness_scale"]
+        )
         record = _image_record(first_image_id + i, split, h, w)
         for label, flat in _label_image(img_rng, record, objects, quotas, k):
             ann_id = first_ann_id + len(anns)
@@ -392,6 +399,9 @@ def generate(
     image_size=(128, 128),
     num_classes=24,
     *,
+    thickness_scale=1.0,
+    eval_min_per_class=3,
+    head_tail_ratio=TRAIN_HEAD_TAIL_RATIO,
     write_images=True,
     progress=True,
 ):
@@ -404,6 +414,13 @@ def generate(
         num_train, num_val, num_test: images per split.
         image_size: (height, width); object sizes scale with ``min(height, width) / 128``.
         num_classes: K, at most 84 (12 shapes x 7 colors).
+        thickness_scale: wall width of the thin and hollow shapes, as a multiple of the default
+            ``max(2.5, 0.09 * size)`` px (the long-tail benchmark uses thicker walls so that a
+            28 x 28 mask can resolve them).
+        eval_min_per_class: instances every class gets in val and test-dev (if there are
+            enough objects; the rest follow the square-root weights).
+        head_tail_ratio: train weight of the most over the least frequent class (1 = a
+            class-balanced split, e.g. the benchmark's pre-training set).
         write_images: False writes only the jsons (for quick statistics).
         progress: show a progress bar while rendering.
 
@@ -422,9 +439,17 @@ def generate(
         "num_val": num_val,
         "num_test_dev": num_test,
         "sizes": ((12 * scale, 60 * scale), 22 * scale),
+        "thickness_scale": float(thickness_scale),
+        "eval_min_per_class": int(eval_min_per_class),
+        "head_tail_ratio": float(head_tail_ratio),
         "write_images": write_images,
         "progress": progress,
     }
+    if not 0 < thickness_scale <= 3 or eval_min_per_class < 0:
+        raise ValueError(
+            "thickness_scale must be in (0, 3] and eval_min_per_class >= 0, got "
+            f"{thickness_scale} and {eval_min_per_class}"
+        )
     splits, next_image, next_ann = {}, 1, 1
     for split in SPLITS:
         splits[split] = _generate_split(cfg, split, next_image, next_ann)
@@ -472,6 +497,11 @@ def main(argv=None):
     p.add_argument("--num-test", type=int, default=50)
     p.add_argument("--image-size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"))
     p.add_argument("--num-classes", type=int, default=24)
+    p.add_argument("--thickness-scale", type=float, default=1.0, help="thin-shape wall factor")
+    p.add_argument("--eval-min-per-class", type=int, default=3, help="val/test-dev minimum")
+    p.add_argument(
+        "--head-tail-ratio", type=float, default=TRAIN_HEAD_TAIL_RATIO, help="1 = balanced"
+    )
     args = p.parse_args(argv)
     start = time.perf_counter()
     paths = generate(**vars(args))

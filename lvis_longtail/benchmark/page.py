@@ -1,0 +1,222 @@
+"""Write the long-tail benchmark's results page: collect finished runs, render the markdown
+(setup, summary, paired differences with intervals, plots) and a json of every number."""
+
+import json
+import math
+import os
+import time
+from typing import Dict, List, Sequence
+
+from lvis_longtail.benchmark import plots
+from lvis_longtail.benchmark.methods import BASELINE, NOTES, methods_by_name
+from lvis_longtail.benchmark.plan import DATASET_NAMES, Run
+from lvis_longtail.benchmark.report import (
+    check_against_metrics,
+    class_info,
+    delta_table,
+    read_per_class,
+    run_metrics,
+    summary_table,
+)
+from lvis_longtail.utils.io import atomic_write, write_json_atomic
+
+INVOCATION_FILE = "benchmark_invocations.json"
+CSV_FILE = "lvis_per_class.csv"
+METRICS_FILE = "lvis_metrics.json"
+TARGET_BBOX_AP = 30.0
+SUMMARY_KEYS = (
+    "bbox/AP", "bbox/APr", "bbox/APc", "bbox/APf",
+    "segm/AP", "segm/APr", "segm/APc", "segm/APf", "segm/thin", "bbox/thin",
+)  # fmt: skip
+CLS_KEYS = ("bbox/APr", "bbox/AP", "bbox/APc", "bbox/APf", "segm/APr")
+MASK_KEYS = ("segm/AP", "segm/APr", "segm/thin", "segm/APf", "bbox/AP")
+ROW_NOTES = """\
+How to read the rows. Every row is one config of `lvis_longtail/benchmark/methods.py`, trained
+per seed from the same pre-trained backbone + FPN on the same long-tailed train split. Each Δ is
+paired by seed against the row named under *vs*, the run that differs only in what the row
+adds (its base for fine-tunes and test-time rows; SoftmaxCE with the same sampler otherwise).
+`[a, b]` is the 95 % Student-t interval over seeds (`*`: excludes 0); `{a, b}` a 95 % bootstrap
+interval resampling seeds and the classes of the group together (it adds how much the few
+rare classes happen to favour a method); *seeds for ±1* is how many seeds a ±1-point t interval
+on the first Δ would need at the observed spread. A row shows what its change does to this
+detector, at this schedule, on synthetic shapes whose class is given by shape and colour; it
+cannot show what the method does on LVIS (real appearance variety, 1203 classes, 100k images),
+at other schedules, or for methods whose hyper-parameters were tuned for LVIS and not here."""
+
+
+def record_invocation(output: str, invocation: dict) -> None:
+    path = os.path.join(output, INVOCATION_FILE)
+    previous = read_invocations(output)
+    write_json_atomic(previous + [invocation], path)
+
+
+def read_invocations(output: str) -> List[dict]:
+    path = os.path.join(output, INVOCATION_FILE)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
+def collect(runs: Sequence[Run], val_dataset: str, classes: Dict[int, dict]):
+    """Per-class AP ``{row: {seed: PerClass}}``, run records, and csv/json mismatches."""
+    per_class: Dict[str, Dict[int, dict]] = {}
+    records: Dict[str, Dict[int, dict]] = {}
+    mismatches = []
+    for run in runs:
+        if run.method is None or not run.done():
+            continue
+        inference = os.path.join(run.out_dir, "inference", val_dataset)
+        csv_path = os.path.join(inference, CSV_FILE)
+        if not os.path.isfile(csv_path):  # reported on the page, not fatal
+            mismatches.append((run.key, "per-class csv missing", float("nan"), float("nan")))
+            continue
+        pc = read_per_class(csv_path)
+        per_class.setdefault(run.name, {})[run.seed] = pc
+        records.setdefault(run.name, {})[run.seed] = run.record()
+        metrics_path = os.path.join(inference, METRICS_FILE)
+        if os.path.isfile(metrics_path):
+            with open(metrics_path) as f:
+                bad = check_against_metrics(run_metrics(pc, classes), json.load(f))
+            mismatches += [(run.key, *m) for m in bad]
+    return per_class, records, mismatches
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def write(args, runs: Sequence[Run], datasets: dict, val_json: str) -> str:
+    """Write ``<results>/longtail[_mode].md``, its json and plots; returns the md path.
+
+    Args:
+        args: the driver's options (mode, seeds, iters, pretrain_iters, device,
+            repeat_threshold, output, results).
+        runs: the planned runs (finished ones are reported).
+        datasets: the generator options, for the page.
+        val_json: the val split's json (categories and thin flags).
+    """
+    with open(val_json) as f:
+        val = json.load(f)
+    classes = class_info(val["categories"])
+    train_images = {c["id"]: c.get("image_count", 0) for c in val["categories"]}
+    per_class, records, mismatches = collect(runs, DATASET_NAMES["val"], classes)
+    table = methods_by_name()
+    shown = [m for m in table.values() if m.name in per_class]
+    rows = [(m.name, m.label) for m in shown]
+    suffix = "" if args.mode == "cpu" else f"_{args.mode}"
+    os.makedirs(args.results, exist_ok=True)
+    groups_png, pc_png = f"longtail_groups{suffix}.png", f"longtail_per_class{suffix}.png"
+    plots.plot_groups(
+        os.path.join(args.results, groups_png), rows, per_class, classes, "mean ± std over seeds"
+    )
+    pc_rows = [r for r in rows if r[0] in (BASELINE, "softmax_rfs")]
+    plots.plot_per_class(
+        os.path.join(args.results, pc_png), pc_rows, per_class, classes, train_images
+    )
+
+    def deltas(group_filter, keys):
+        rows_ = [
+            (m.name, m.label, m.reference, table[m.reference].label)
+            for m in shown
+            if m.reference and group_filter(m)
+        ]
+        return delta_table(rows_, per_class, classes, keys)
+
+    base_runs = per_class.get(BASELINE, {})
+    base_ap = _mean([run_metrics(pc, classes)["bbox/AP"] for pc in base_runs.values()])
+    invocations = read_invocations(args.output)
+    wall = [r["wall_s"] for rs in records.values() for r in rs.values()]
+    spi = [
+        r.get("s_per_iter")
+        for n, rs in records.items()
+        for r in rs.values()
+        if table[n].kind == "train"
+    ]
+    pre = next((r for r in runs if r.method is None), None)
+    pre_rec = pre.record() if pre is not None and pre.done() else None
+    lines = [
+        f"# Long-tail benchmark on the synthetic LVIS-format dataset ({args.mode} mode)",
+        "",
+        "Produced by (later invocations reuse the finished runs of earlier ones):",
+        "",
+        *(
+            f"- `{i['command']}`: started {i['started']}, {i['wall_s'] / 60:.1f} min, {i['jobs']} "
+            f"run(s) at a time x {i['threads']} torch thread(s), {i['cpus']} CPUs, load average "
+            f"{i['loadavg_start'][0]:.1f} at the start, {i['loadavg_end'][0]:.1f} at the end"
+            for i in invocations
+        ),
+        "",
+        f"Per-run wall time (training + evaluation): mean {_mean(wall):.0f} s over {len(wall)} "
+        f"runs; training {_mean(spi):.3f} s/iter (median per run, mean over rows from "
+        f"the initialisation)"
+        + (f"; pre-training {pre_rec['wall_s'] / 60:.1f} min" if pre_rec else "")
+        + f". Report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        "- Data: `lvis_longtail.data.synthetic.generate` with "
+        + "; ".join(f"`{name}`: `{opts}`" for name, opts in datasets.items())
+        + f" — train 800 images (long tail, head/tail 500), val {len(val['images'])} images, "
+        f"{len(classes)} classes ({sum(c['frequency'] == 'r' for c in classes.values())} rare, "
+        f"{sum(c['frequency'] == 'c' for c in classes.values())} common, "
+        f"{sum(c['frequency'] == 'f' for c in classes.values())} frequent; "
+        f"{sum(c['thin'] for c in classes.values())} thin/hollow, walls 1.5x the default).",
+        f"- Initialisation: backbone + FPN of SoftmaxCE trained {args.pretrain_iters} iterations "
+        "on the class-balanced pre-training split (1600 images, another seed), cached; RPN and "
+        "RoI heads start fresh in every row."
+        if args.pretrain_iters
+        else "- Initialisation: none (every row from scratch).",
+        f"- Schedule: {args.iters} iterations at batch 4 (warmup 10 %, LR steps at 70 % and 90 "
+        f"%), fine-tunes a third of that; `DATALOADER.REPEAT_THRESHOLD {args.repeat_threshold}` "
+        f"for RFS rows; `MODEL.DEVICE {args.device}`; seeds {', '.join(map(str, args.seeds))}.",
+        f"- Baseline level: SoftmaxCE (no RFS) bbox AP {base_ap:.1f} on val (target ≥ "
+        f"{TARGET_BBOX_AP:.0f}: {'met' if base_ap >= TARGET_BBOX_AP else 'NOT met'}).",
+        "",
+        "## Summary (mean ± std over seeds; AP in %)",
+        "",
+        summary_table(rows, per_class, classes, SUMMARY_KEYS),
+        "",
+        "## Classification rows: paired differences to their reference",
+        "",
+        deltas(lambda m: m.group != "mask", CLS_KEYS),
+        "",
+        "## Mask rows: paired differences to their reference",
+        "",
+        deltas(lambda m: m.group == "mask", MASK_KEYS),
+        "",
+        ROW_NOTES,
+        "",
+        "What each row shows, and cannot show:",
+        "",
+        *(f"- *{m.label}*: {NOTES[m.name]}" for m in shown if m.name in NOTES),
+        "",
+        f"![APr/APc/APf per row]({groups_png})",
+        "",
+        f"![per-class AP vs training images]({pc_png})",
+        "",
+    ]
+    if mismatches:
+        lines += [
+            "**Warning**: a per-class csv is missing, or its group AP differs from "
+            "lvis_metrics.json:",
+            "",
+        ]
+        lines += [f"- {k} {key}: csv {a:.2f}, json {b:.2f}" for k, key, a, b in mismatches] + [""]
+    notes = os.path.join(args.results, f"longtail{suffix}_notes.md")
+    if os.path.isfile(notes):
+        with open(notes) as f:
+            lines += ["## Interpretation", "", f.read()]
+    path = os.path.join(args.results, f"longtail{suffix}.md")
+    with atomic_write(path) as f:
+        f.write("\n".join(lines))
+    summary = {
+        name: {
+            str(seed): {
+                k: (None if math.isnan(v) else v) for k, v in run_metrics(pc, classes).items()
+            }
+            for seed, pc in seeds.items()
+        }
+        for name, seeds in per_class.items()
+    }
+    write_json_atomic({"per_run": summary, "invocations": invocations}, path[:-3] + ".json")
+    return path

@@ -1,0 +1,205 @@
+"""Which runs the long-tail benchmark needs, their ``train_net.py`` command lines, and when a
+finished run can be reused.
+
+A run is reused when its folder holds a ``benchmark_run.json`` with return code 0 and the
+same *fingerprint* as planned: a hash of its command line (config, overrides, schedule,
+dataset paths, seed, device) and of its dependencies' fingerprints (the pre-training run, the
+base of a fine-tune) and of the generated datasets' options. Changing anything upstream
+therefore retrains exactly what it affects, and an interrupted benchmark continues where it
+stopped.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence
+
+from lvis_longtail.benchmark.methods import Method, methods_by_name
+
+RUN_FILE = "benchmark_run.json"
+PRETRAIN_CONFIG = "tiny/mask_rcnn_R18_FPN_tiny_softmax.yaml"
+PRETRAIN_SEED = 0
+INIT_FILE = "init_backbone.pth"
+DATASET_NAMES = {"pretrain": "lt_bench_pretrain", "train": "lt_bench_train", "val": "lt_bench_val"}
+
+
+@dataclass
+class Settings:
+    """What every run of one benchmark invocation shares.
+
+    Attributes:
+        iters: training iterations of a row (fine-tunes: ``Method.length`` of it).
+        pretrain_iters: iterations of the shared pre-training (0: every row from scratch).
+        device: ``MODEL.DEVICE``.
+        repeat_threshold: ``DATALOADER.REPEAT_THRESHOLD`` of the rows with RFS.
+        output: runs folder.
+        datasets: ``{"pretrain" | "train" | "val": (json file, image root)}``.
+        dataset_key: hash of the generator options of the datasets (part of fingerprints).
+        python: interpreter of the runs.
+        configs: the ``configs/`` folder.
+    """
+
+    iters: int
+    pretrain_iters: int
+    device: str
+    repeat_threshold: float
+    output: str
+    datasets: Mapping[str, tuple]
+    dataset_key: str = ""
+    python: str = "python"
+    configs: str = "configs"
+
+
+@dataclass
+class Run:
+    """One training (or evaluation) of the benchmark."""
+
+    name: str
+    seed: int
+    out_dir: str
+    method: Optional[Method] = None  # None: the pre-training run
+    deps: List["Run"] = field(default_factory=list)
+    cmd: List[str] = field(default_factory=list)
+    salt: str = ""  # the datasets' generator options
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}/seed{self.seed}"
+
+    @property
+    def fingerprint(self) -> str:
+        parts = self.cmd[1:] + [self.salt] + [d.fingerprint for d in self.deps]  # no interpreter
+        return hashlib.sha1("\0".join(parts).encode()).hexdigest()[:16]
+
+    def record(self) -> Optional[dict]:
+        path = os.path.join(self.out_dir, RUN_FILE)
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def done(self) -> bool:
+        rec = self.record()
+        return bool(rec) and rec.get("rc") == 0 and rec.get("fingerprint") == self.fingerprint
+
+
+def schedule_opts(iters: int, finetune: bool, length: float = 1 / 3) -> List[str]:
+    """Solver overrides of ``iters`` iterations, in the tiny base schedule's proportions
+    (1000 iterations: warmup 100, LR steps at 70 % and 90 %); a fine-tune runs
+    ``length * iters`` with warmup 10 %."""
+    if finetune:
+        iters = max(10, round(iters * length))
+    warmup = round(0.1 * iters)
+    steps = (round(0.7 * iters), round(0.9 * iters))
+    return [
+        "SOLVER.MAX_ITER", str(iters),
+        "SOLVER.WARMUP_ITERS", str(max(1, warmup)),
+        "SOLVER.STEPS", f"({steps[0]}, {steps[1]})",
+        "SOLVER.CHECKPOINT_PERIOD", str(10 * iters),
+    ]  # fmt: skip
+
+
+def _dataset_opts(s: Settings, train: str, test: Optional[str]) -> List[str]:
+    entries = [[DATASET_NAMES[k], *map(str, s.datasets[k])] for k in sorted(s.datasets)]
+    return [
+        "DATASETS.LVIS_FORMAT", repr(entries),
+        "DATASETS.TRAIN", f"('{DATASET_NAMES[train]}',)",
+        "DATASETS.TEST", f"('{DATASET_NAMES[test]}',)" if test else "()",
+    ]  # fmt: skip
+
+
+def pretrain_command(run: Run, s: Settings) -> List[str]:
+    """Class-balanced pre-training of the whole detector on the pre-training split."""
+    opts = ["DATALOADER.SAMPLER_TRAIN", "TrainingSampler"]
+    opts += schedule_opts(s.pretrain_iters, False)
+    opts += _dataset_opts(s, "pretrain", None)
+    opts += ["OUTPUT_DIR", run.out_dir, "SEED", str(run.seed), "MODEL.DEVICE", s.device]
+    config = os.path.join(s.configs, PRETRAIN_CONFIG)
+    return [s.python, "train_net.py", "--config-file", config] + opts
+
+
+def method_command(run: Run, s: Settings) -> List[str]:
+    """The ``train_net.py`` command line of one row x seed."""
+    m = run.method
+    opts = list(m.opts)
+    if m.kind != "eval":
+        opts += schedule_opts(s.iters, m.kind == "finetune", m.length)
+    opts += _dataset_opts(s, "train", "val")
+    opts += ["OUTPUT_DIR", run.out_dir, "SEED", str(run.seed), "MODEL.DEVICE", s.device]
+    opts += ["TEST.EVAL_PERIOD", "0"]
+    if m.rfs:
+        opts += ["DATALOADER.REPEAT_THRESHOLD", str(s.repeat_threshold)]
+    elif "DATALOADER.SAMPLER_TRAIN" not in m.opts[::2]:
+        opts += ["DATALOADER.SAMPLER_TRAIN", "TrainingSampler"]
+    if m.base:
+        opts += ["MODEL.WEIGHTS", os.path.join(run.deps[0].out_dir, "model_final.pth")]
+    elif run.deps:  # the pre-trained backbone
+        opts += ["MODEL.WEIGHTS", os.path.join(run.deps[0].out_dir, INIT_FILE)]
+    else:
+        opts += ["MODEL.WEIGHTS", ""]
+    head = [s.python, "train_net.py", "--config-file", os.path.join(s.configs, m.config)]
+    return head + (["--eval-only"] if m.kind == "eval" else []) + opts
+
+
+def plan_runs(names: Sequence[str], seeds: Sequence[int], s: Settings, methods=None) -> List[Run]:
+    """All runs for rows ``names`` x ``seeds``, bases added, in execution order.
+
+    Order: the pre-training run, then seed by seed (an interrupted benchmark leaves whole
+    seeds), rows before the rows that start from them.
+    """
+    table = methods_by_name(methods) if methods is not None else methods_by_name()
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"unknown benchmark methods {unknown}; known: {sorted(table)}")
+    wanted: List[str] = []
+
+    def add(name: str) -> None:
+        m = table[name]
+        for dep in (m.base, m.reference):
+            if dep and dep not in wanted:
+                add(dep)
+        if name not in wanted:
+            wanted.append(name)
+
+    for name in names:
+        add(name)
+    pre = None
+    if s.pretrain_iters > 0:
+        pre = Run("pretrain", PRETRAIN_SEED, os.path.join(s.output, "pretrain"))
+        pre.cmd, pre.salt = pretrain_command(pre, s), s.dataset_key
+    runs: Dict[str, Run] = {}
+    ordered = [pre] if pre else []
+    for seed in seeds:
+        for name in wanted:
+            m = table[name]
+            run = Run(name, seed, os.path.join(s.output, name, f"seed{seed}"), method=m)
+            if m.base:
+                run.deps = [runs[f"{m.base}/seed{seed}"]]
+            elif pre:
+                run.deps = [pre]
+            run.cmd, run.salt = method_command(run, s), s.dataset_key
+            runs[run.key] = run
+            ordered.append(run)
+    return ordered
+
+
+def extract_init(model_final: str, out_path: str, prefixes: Sequence[str] = ("backbone.",)):
+    """Keep the ``prefixes`` weights of a checkpoint (the pre-trained backbone + FPN) in a
+    new checkpoint ``{"model": {...}}``; the RoI heads and RPN of every row start fresh.
+
+    Returns:
+        the number of tensors kept.
+    """
+    import torch
+
+    from lvis_longtail.utils.io import atomic_write
+
+    state = torch.load(model_final, map_location="cpu", weights_only=False)
+    state = state.get("model", state)
+    kept = {k: v for k, v in state.items() if k.startswith(tuple(prefixes))}
+    if not kept:
+        raise ValueError(f"{model_final}: no weights start with {list(prefixes)}")
+    with atomic_write(out_path, "wb") as f:
+        torch.save({"model": kept, "__author__": "lvis_longtail benchmark"}, f)
+    return len(kept)
