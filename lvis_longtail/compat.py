@@ -155,6 +155,28 @@ def _lr_scheduler_checkpoint() -> None:
     hooks.LRScheduler._lvis_longtail_state = True
 
 
+# --- Deformable convolution without detectron2._C (issue 15) ------------------------------
+
+
+def _deform_conv_via_torchvision() -> None:
+    """d2's ``DeformConv``/``ModulatedDeformConv`` call ``_C`` ops (CPU: no backward at all).
+
+    Only when ``_C`` is the :class:`MissingCOpsModule` stub: the module-level functions
+    ``deform_conv`` and ``modulated_deform_conv`` of ``detectron2.layers.deform_conv``, which
+    the two modules look up at call time, become :mod:`lvis_longtail.layers.deform_conv`'s
+    (torchvision's ``deform_conv2d``: same offset/mask layout, autograd on CPU and GPU).
+    ``MODEL.RESNETS.DEFORM_ON_PER_STAGE`` etc. then work on a PyPI-only install.
+    """
+    if not isinstance(sys.modules.get("detectron2._C"), MissingCOpsModule):
+        return
+    from detectron2.layers import deform_conv as d2_deform_conv
+
+    from lvis_longtail.layers import deform_conv as tv_deform_conv
+
+    d2_deform_conv.deform_conv = tv_deform_conv.deform_conv
+    d2_deform_conv.modulated_deform_conv = tv_deform_conv.modulated_deform_conv
+
+
 def apply() -> None:
     """Apply every needed shim once. Safe to call repeatedly."""
     global _APPLIED
@@ -166,4 +188,5 @@ def apply() -> None:
     _map_dataset_retry()
     _ddp_on_cpu()
     _lr_scheduler_checkpoint()
+    _deform_conv_via_torchvision()
     _APPLIED = True
