@@ -155,7 +155,7 @@ def _lr_scheduler_checkpoint() -> None:
     hooks.LRScheduler._lvis_longtail_state = True
 
 
-# --- Deformable convolution without detectron2._C (issue 15) ------------------------------
+# --- Deformable convolution without detectron2._C; SyncBN on CPU (issue 15) --------------
 
 
 def _deform_conv_via_torchvision() -> None:
@@ -177,6 +177,30 @@ def _deform_conv_via_torchvision() -> None:
     d2_deform_conv.modulated_deform_conv = tv_deform_conv.modulated_deform_conv
 
 
+class _TorchNNWithCPUSyncBN(types.ModuleType):
+    """torch.nn, whose ``SyncBatchNorm`` is ``lvis_longtail.layers.LongTailSyncBatchNorm``."""
+
+    def __getattr__(self, name):
+        import torch.nn
+
+        if name == "SyncBatchNorm":
+            from lvis_longtail.layers.sync_bn import LongTailSyncBatchNorm
+
+            return LongTailSyncBatchNorm
+        return getattr(torch.nn, name)
+
+
+def _sync_bn_on_cpu() -> None:
+    """d2's ``get_norm("SyncBN")`` builds ``nn.SyncBatchNorm``, which raises on CPU tensors
+    whenever a process group exists: CPU (gloo) training with SyncBN failed. Scoped to
+    ``detectron2.layers.batch_norm``: its ``nn`` resolves ``SyncBatchNorm`` to a subclass
+    that all-reduces the statistics itself on CPU (``nn.SyncBatchNorm`` on accelerators)."""
+    from detectron2.layers import batch_norm
+
+    if not isinstance(batch_norm.nn, _TorchNNWithCPUSyncBN):
+        batch_norm.nn = _TorchNNWithCPUSyncBN("torch.nn")
+
+
 def apply() -> None:
     """Apply every needed shim once. Safe to call repeatedly."""
     global _APPLIED
@@ -189,4 +213,5 @@ def apply() -> None:
     _ddp_on_cpu()
     _lr_scheduler_checkpoint()
     _deform_conv_via_torchvision()
+    _sync_bn_on_cpu()
     _APPLIED = True

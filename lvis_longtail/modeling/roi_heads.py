@@ -14,6 +14,7 @@ from detectron2.modeling.roi_heads.mask_head import (
 from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
 from detectron2.structures import Instances
 
+from lvis_longtail.modeling.architecture import adjust_roi_heads, plain_pooler_cfg
 from lvis_longtail.modeling.fast_rcnn import LongTailFastRCNNOutputLayers
 from lvis_longtail.modeling.mask_head import (
     DiceBCEMaskHead,
@@ -79,11 +80,11 @@ class LongTailROIHeads(StandardROIHeads):
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        ret = super().from_config(cfg, input_shape)
+        ret = super().from_config(plain_pooler_cfg(cfg), input_shape)  # see adjust_roi_heads
         for key in ("box_pooler", "mask_pooler", "keypoint_pooler"):
             if ret.get(key) is not None:  # detectron2 hard-codes 224 in every pooler
                 ret[key].canonical_box_size = cfg.MODEL.ROI_HEADS.CANONICAL_BOX_SIZE
-        return ret
+        return adjust_roi_heads(cfg, input_shape, ret)  # deformable poolers, CARAFE mask head
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
