@@ -8,6 +8,10 @@ the process group: every process normalises with the statistics of the whole glo
 and the running statistics (unbiased variance, as in BatchNorm) are those of one process that
 saw the concatenated batch. :mod:`lvis_longtail.compat` makes detectron2's
 ``get_norm("SyncBN")`` build it.
+
+It is a ``BatchNorm2d`` subclass, not an ``nn.SyncBatchNorm`` one: DDP refuses to wrap CPU
+modules that contain ``nn.SyncBatchNorm`` layers. On accelerators its forward is
+``nn.SyncBatchNorm``'s.
 """
 
 import torch
@@ -19,11 +23,15 @@ from torch.nn import functional as F
 __all__ = ["LongTailSyncBatchNorm"]
 
 
-class LongTailSyncBatchNorm(nn.SyncBatchNorm):
-    """``nn.SyncBatchNorm`` (same arguments and state) that works on CPU process groups.
+class LongTailSyncBatchNorm(nn.BatchNorm2d):
+    """Synchronised BatchNorm over (N, C, H, W) inputs (``nn.SyncBatchNorm``'s arguments and
+    state) that also works on CPU process groups. Output: same shape as the input."""
 
-    Input (N, C, ...) -> output of the same shape.
-    """
+    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
+
+    def __init__(self, num_features: int, *args, process_group=None, **kwargs):
+        super().__init__(num_features, *args, **kwargs)
+        self.process_group = process_group
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (
@@ -32,7 +40,7 @@ class LongTailSyncBatchNorm(nn.SyncBatchNorm):
             and dist.is_available()
             and dist.is_initialized()
         ):
-            return super().forward(input)
+            return nn.SyncBatchNorm.forward(self, input)
         self._check_input_dim(input)
         group = self.process_group or dist.group.WORLD
         momentum = 0.0 if self.momentum is None else self.momentum
@@ -47,7 +55,7 @@ class LongTailSyncBatchNorm(nn.SyncBatchNorm):
             )  # fmt: skip
         c = input.shape[1]
         dims = [0] + list(range(2, input.dim()))
-        x = input.float()
+        x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
         count = x.new_full((1,), input.numel() / max(c, 1))
         stats = torch.cat([x.sum(dims), (x * x).sum(dims), count])
         if group is dist.group.WORLD:
