@@ -255,3 +255,9 @@ def _add_architecture_config(cfg: CN) -> None:
     _enum(cfg, "MODEL.TIMM.NORM", "", ("", "FrozenBN", "SyncBN", "naiveSyncBN"))
     # Stochastic depth of the timm model (drop_path_rate), 0 = off.
     cfg.MODEL.TIMM.DROP_PATH_RATE = 0.0
+    # Deformable convolution in the timm model, as MODEL.RESNETS.DEFORM_* for detectron2's
+    # ResNet: per stage res2..res5, every 3x3 nn.Conv2d becomes DCNv2 (DEFORM_MODULATED) or
+    # DCNv1 with DEFORM_NUM_GROUPS offset groups, weights kept, offsets from a zero-init conv.
+    cfg.MODEL.TIMM.DEFORM_ON_PER_STAGE = [False, False, False, False]
+    cfg.MODEL.TIMM.DEFORM_MODULATED = True
+    cfg.MODEL.TIMM.DEFORM_NUM_GROUPS = 1

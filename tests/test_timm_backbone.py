@@ -9,7 +9,7 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 
 from lvis_longtail.layers.sync_bn import LongTailSyncBatchNorm
-from lvis_longtail.modeling.backbones import TimmBackbone
+from lvis_longtail.modeling.backbones import TimmBackbone, TimmDeformConv2d
 
 TIMM = ["MODEL.BACKBONE.NAME", "build_timm_fpn_backbone", "MODEL.TIMM.NAME", "convnext_atto"]
 
@@ -51,3 +51,22 @@ def test_clear_errors():
         TimmBackbone("efficientnet_lite0", norm="FrozenBN")
     with pytest.raises(RuntimeError, match="Unknown model"):
         build_model(tiny_cfg(opts=TIMM[:2] + ["MODEL.TIMM.NAME", "no_such_model"]))
+
+
+def test_deformable_stages_start_as_the_plain_model():
+    torch.manual_seed(0)
+    plain = TimmBackbone("resnet18").eval()
+    torch.manual_seed(0)
+    deform = TimmBackbone(
+        "resnet18", deform_on_per_stage=(False, True, False, True), deform_modulated=False
+    ).eval()
+    kinds = [type(m) for m in deform.body.layer2.modules()]
+    assert kinds.count(TimmDeformConv2d) == 4 and TimmDeformConv2d not in map(
+        type, deform.body.layer3.modules()
+    )
+    x = torch.randn(1, 3, 64, 64)
+    a, b = plain(x), deform(x)
+    for k in a:  # zero offsets: DCNv1 is the conv
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="has no 3x3 nn.Conv2d"):
+        TimmBackbone("convnext_atto", deform_on_per_stage=(True, False, False, False))

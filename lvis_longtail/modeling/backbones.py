@@ -20,12 +20,56 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from torch import nn
+from torchvision.ops import deform_conv2d
 
 from lvis_longtail.layers.sync_bn import LongTailSyncBatchNorm
 from lvis_longtail.modeling.architecture import carafe_from_cfg
 
 __all__ = ["LongTailFPN", "TimmBackbone", "build_longtail_resnet_fpn_backbone",
            "build_timm_fpn_backbone", "convert_batchnorm"]  # fmt: skip
+
+
+class TimmDeformConv2d(nn.Module):
+    """A 3x3 ``nn.Conv2d`` turned into a deformable conv (DCNv2 if ``modulated``, else DCNv1)
+    with the same weight, bias, stride, padding, dilation and groups. Offsets (and masks,
+    through a sigmoid) come from a zero-initialised 3x3 conv over the same input, as in
+    detectron2's ``DeformBottleneckBlock``: DCNv1 starts as the conv, DCNv2 as half of it."""
+
+    def __init__(self, conv: nn.Conv2d, modulated: bool = True, deformable_groups: int = 1):
+        super().__init__()
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dilation, self.modulated = conv.dilation, modulated
+        self.weight, self.bias = conv.weight, conv.bias
+        taps = conv.kernel_size[0] * conv.kernel_size[1] * deformable_groups
+        self.conv_offset = nn.Conv2d(conv.in_channels, (3 if modulated else 2) * taps,
+                                     conv.kernel_size, conv.stride, conv.padding,
+                                     conv.dilation)  # fmt: skip
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+        self.deformable_groups = deformable_groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv_offset(x)
+        args = (self.stride, self.padding, self.dilation)
+        if self.modulated:
+            o1, o2, mask = torch.chunk(out, 3, dim=1)
+            return deform_conv2d(x, torch.cat([o1, o2], 1), self.weight, self.bias, *args,
+                                 mask=mask.sigmoid())  # fmt: skip
+        return deform_conv2d(x, out, self.weight, self.bias, *args)
+
+
+def convert_to_deform_conv(module: nn.Module, modulated: bool, deformable_groups: int) -> int:
+    """Replace every 3x3 ``nn.Conv2d`` inside ``module`` by a :class:`TimmDeformConv2d`;
+    returns how many were replaced."""
+    count = 0
+    for name, child in module.named_children():
+        if type(child) is nn.Conv2d and child.kernel_size == (3, 3):
+            setattr(module, name, TimmDeformConv2d(child, modulated, deformable_groups))
+            count += 1
+        else:
+            count += convert_to_deform_conv(child, modulated, deformable_groups)
+    return count
+
 
 _NORMS = {"FrozenBN": FrozenBatchNorm2d, "SyncBN": LongTailSyncBatchNorm,
           "naiveSyncBN": NaiveSyncBatchNorm}  # fmt: skip
@@ -56,11 +100,14 @@ def convert_batchnorm(module: nn.Module, norm: str, where: str = "") -> nn.Modul
 
 class TimmBackbone(Backbone):
     """A timm ``features_only`` model as a detectron2 backbone with outputs ``res2``..``res5``
-    (strides 4..32); ``freeze_at`` and ``norm`` as ``MODEL.BACKBONE.FREEZE_AT`` and
-    ``MODEL.TIMM.NORM``. Input (N, 3, H, W) -> {"res2": (N, C2, H/4, W/4), ...}."""
+    (strides 4..32); ``freeze_at``, ``norm`` and ``deform_*`` as ``MODEL.BACKBONE.FREEZE_AT``,
+    ``MODEL.TIMM.NORM`` and ``MODEL.TIMM.DEFORM_*``.
+    Input (N, 3, H, W) -> {"res2": (N, C2, H/4, W/4), ..., "res5": (N, C5, H/32, W/32)}."""
 
     def __init__(self, name: str, in_chans: int = 3, pretrained_file: str = "",
-                 freeze_at: int = 0, norm: str = "", drop_path_rate: float = 0.0):  # fmt: skip
+                 freeze_at: int = 0, norm: str = "", drop_path_rate: float = 0.0,
+                 deform_on_per_stage=(False,) * 4, deform_modulated: bool = True,
+                 deform_num_groups: int = 1):  # fmt: skip
         super().__init__()
         import timm
 
@@ -84,8 +131,14 @@ class TimmBackbone(Backbone):
         self._out_feature_strides = {f"res{int(math.log2(s))}": s for s in (4, 8, 16, 32)}
         self._out_feature_channels = {k: info.channels()[i] for k, i in self._indices.items()}
         convert_batchnorm(self.body, norm)
-        self._freeze(freeze_at, [info.module_name(i).replace(".", "_") for i in
-                                 self._indices.values()])  # fmt: skip
+        stages = [info.module_name(i).replace(".", "_") for i in self._indices.values()]
+        for stage, deform in zip(stages, deform_on_per_stage):
+            if deform and not convert_to_deform_conv(
+                getattr(self.body, stage), deform_modulated, deform_num_groups
+            ):
+                raise ValueError(f"MODEL.TIMM.DEFORM_ON_PER_STAGE: stage {stage!r} of {name!r} "
+                                 "has no 3x3 nn.Conv2d to make deformable")  # fmt: skip
+        self._freeze(freeze_at, stages)
 
     def _freeze(self, freeze_at: int, stage_modules) -> None:
         """Freeze the stem (freeze_at >= 1) and res2..res{freeze_at}: no gradients, FrozenBN."""
@@ -161,5 +214,7 @@ def build_timm_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     """A timm model (``MODEL.TIMM``) + FPN (``MODEL.FPN``, ``UPSAMPLE_TYPE`` included)."""
     t = cfg.MODEL.TIMM
     bottom_up = TimmBackbone(t.NAME, input_shape.channels, t.PRETRAINED_FILE,
-                             cfg.MODEL.BACKBONE.FREEZE_AT, t.NORM, t.DROP_PATH_RATE)  # fmt: skip
+                             cfg.MODEL.BACKBONE.FREEZE_AT, t.NORM, t.DROP_PATH_RATE,
+                             t.DEFORM_ON_PER_STAGE, t.DEFORM_MODULATED,
+                             t.DEFORM_NUM_GROUPS)  # fmt: skip
     return _fpn(cfg, bottom_up)
