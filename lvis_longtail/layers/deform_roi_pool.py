@@ -33,16 +33,16 @@ from torch.nn import functional as F
 __all__ = ["DeformROIPooler", "deform_roi_align"]
 
 
-def _sample_positions(coord0, size, bins: int, grid, max_grid: int):
-    """Sample coordinates (R, bins, max_grid) of RoIAlign along one axis:
+def _sample_positions(coord0, size, bins: int, grid: int):
+    """Sample coordinates (R, bins, grid) of RoIAlign along one axis:
     start + p * bin + (i + 0.5) * bin / grid, the formula of torchvision's kernel."""
     bin_size = size / bins
     p = torch.arange(bins, device=size.device, dtype=size.dtype)
-    i = torch.arange(max_grid, device=size.device, dtype=size.dtype)
+    i = torch.arange(grid, device=size.device, dtype=size.dtype)
     return (
         coord0[:, None, None]
         + p[None, :, None] * bin_size[:, None, None]
-        + (i[None, None, :] + 0.5) * bin_size[:, None, None] / grid[:, None, None]
+        + (i[None, None, :] + 0.5) * bin_size[:, None, None] / grid
     )
 
 
@@ -55,6 +55,12 @@ def deform_roi_align(
     sampling_ratio: int,
 ) -> torch.Tensor:
     """RoIAlign (``aligned=True``) with every bin shifted by its own offset.
+
+    RoIs are grouped by their per-bin sample grid (fixed ``sampling_ratio``, or the adaptive
+    ceil(size / bins) of each RoI), so each group's sample positions are one dense tensor;
+    the samples of all groups and images are then read by a single ``grid_sample`` (one
+    column of points per image) and each bin averages its own: no padding of the grids, no
+    loop over RoIs or images.
 
     Args:
         features: (N, C, H, W) one feature map.
@@ -70,49 +76,61 @@ def deform_roi_align(
     """
     (kh, kw), (n, c, h, w) = output_size, features.shape
     num_rois = rois.shape[0]
+    output = features.new_zeros((num_rois, c, kh, kw))
     if num_rois == 0:
-        return features.new_zeros((0, c, kh, kw))
+        return output
     rois = rois.to(features.dtype)
+    batch = rois[:, 0].long()
     x0, y0 = rois[:, 1] * spatial_scale - 0.5, rois[:, 2] * spatial_scale - 0.5
     roi_w, roi_h = rois[:, 3] * spatial_scale - 0.5 - x0, rois[:, 4] * spatial_scale - 0.5 - y0
     if sampling_ratio > 0:
-        grid_h = grid_w = torch.full_like(roi_h, sampling_ratio)
+        grid_h = grid_w = torch.full_like(batch, sampling_ratio)
     else:
-        grid_h, grid_w = torch.ceil(roi_h / kh), torch.ceil(roi_w / kw)
-    max_h, max_w = max(int(grid_h.max()), 1), max(int(grid_w.max()), 1)
-    # (R, kh, Gh) and (R, kw, Gw) sample rows/columns, then each bin's shift
-    ys = _sample_positions(y0, roi_h, kh, grid_h.clamp(min=1), max_h)
-    xs = _sample_positions(x0, roi_w, kw, grid_w.clamp(min=1), max_w)
-    ys = ys[:, :, :, None, None] + (offsets[:, 1] * roi_h[:, None, None])[:, :, None, :, None]
-    xs = xs[:, None, None, :, :] + (offsets[:, 0] * roi_w[:, None, None])[:, :, None, :, None]
-    ys, xs = torch.broadcast_tensors(ys, xs)  # (R, kh, Gh, kw, Gw)
-    # RoIAlign's bilinear rule: 0 beyond one pixel outside, edge values within it.
-    inside = (ys >= -1) & (ys <= h) & (xs >= -1) & (xs <= w)
-    used_h = torch.arange(max_h, device=ys.device)[None, :] < grid_h[:, None]
-    used_w = torch.arange(max_w, device=ys.device)[None, :] < grid_w[:, None]
-    count = (grid_h * grid_w).clamp(min=1)
-    weight = inside * (used_h[:, None, :, None, None] & used_w[:, None, None, None, :])
-    weight = weight.to(features.dtype) / count[:, None, None, None, None]
-    grid = torch.stack(
-        [
-            xs.clamp(0, w - 1) * (2.0 / max(w - 1, 1)) - 1,
-            ys.clamp(0, h - 1) * (2.0 / max(h - 1, 1)) - 1,
-        ],
-        dim=-1,
-    ).reshape(num_rois, kh * max_h, kw * max_w, 2)
-
-    batch = rois[:, 0].long()
-    order = torch.argsort(batch, stable=True)
-    counts = torch.bincount(batch, minlength=n).tolist()
-    pooled = []
-    for b, idx in enumerate(order.split(counts)):  # one grid_sample per image
-        if idx.numel() == 0:
+        grid_h, grid_w = torch.ceil(roi_h / kh).long(), torch.ceil(roi_w / kw).long()
+    span = int(grid_w.max()) + 1
+    key = grid_h * span + grid_w
+    order = torch.argsort(key)
+    keys, counts = torch.unique_consecutive(key[order], return_counts=True)
+    groups, points, point_batch = [], [], []
+    for k, idx in zip(keys.tolist(), order.split(counts.tolist())):
+        gh, gw = divmod(k, span)
+        if gh == 0 or gw == 0:  # empty RoI: RoIAlign gives 0
             continue
-        g = grid[idx].reshape(1, -1, kw * max_w, 2)
-        s = F.grid_sample(features[b : b + 1], g, mode="bilinear", align_corners=True)
-        s = s.view(c, idx.numel(), kh, max_h, kw, max_w).transpose(0, 1)
-        pooled.append((s * weight[idx][:, None]).sum(dim=(3, 5)))
-    return torch.cat(pooled)[torch.argsort(order)]
+        ys = _sample_positions(y0[idx], roi_h[idx], kh, gh)  # (r, kh, gh)
+        xs = _sample_positions(x0[idx], roi_w[idx], kw, gw)  # (r, kw, gw)
+        off = offsets[idx]
+        ys = ys[:, :, :, None, None] + (off[:, 1] * roi_h[idx, None, None])[:, :, None, :, None]
+        xs = xs[:, None, None] + (off[:, 0] * roi_w[idx, None, None])[:, :, None, :, None]
+        ys, xs = torch.broadcast_tensors(ys, xs)  # (r, kh, gh, kw, gw)
+        # RoIAlign's bilinear rule: edge values up to one pixel outside, 0 beyond (moved far
+        # outside, where grid_sample's zero padding gives exactly 0 and no gradient).
+        outside = (ys < -1) | (ys > h) | (xs < -1) | (xs > w)
+        gx = xs.clamp(0, w - 1) * (2.0 / max(w - 1, 1)) - 1
+        gy = ys.clamp(0, h - 1) * (2.0 / max(h - 1, 1)) - 1
+        grid = torch.stack([gx.masked_fill(outside, -3.0), gy.masked_fill(outside, -3.0)], -1)
+        groups.append((idx, gh, gw))
+        points.append(grid.reshape(-1, 2))
+        point_batch.append(batch[idx].repeat_interleave(kh * gh * kw * gw))
+    if not groups:
+        return output
+    points, point_batch = torch.cat(points), torch.cat(point_batch)
+    # lay the points out as one (N, P, 1) column per image, padded with far-outside points
+    per_image = torch.bincount(point_batch, minlength=n)
+    first = torch.cumsum(per_image, 0) - per_image
+    by_image = torch.argsort(point_batch, stable=True)
+    slot = torch.empty_like(point_batch)
+    slot[by_image] = torch.arange(len(points), device=slot.device) - first[point_batch[by_image]]
+    column = points.new_full((n, int(per_image.max()), 2), -3.0)
+    column = column.index_put((point_batch, slot), points)
+    sampled = F.grid_sample(features, column[:, :, None], mode="bilinear", align_corners=True)
+    values = sampled[:, :, :, 0].transpose(1, 2)[point_batch, slot]  # (points, C)
+    sizes = [len(idx) * kh * gh * kw * gw for idx, gh, gw in groups]
+    pooled = []
+    for (idx, gh, gw), v in zip(groups, values.split(sizes)):  # split: cheap backward
+        pooled.append(v.view(len(idx), kh, gh, kw, gw, c).mean(dim=(2, 4)))
+    rois_in_order = torch.cat([idx for idx, _, _ in groups])
+    output = output.index_put((rois_in_order,), torch.cat(pooled).permute(0, 3, 1, 2))
+    return output
 
 
 class DeformROIPooler(ROIPooler):
