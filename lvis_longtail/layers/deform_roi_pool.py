@@ -9,8 +9,8 @@ followed by the paper's two steps: an FC branch maps each RoI's pooled features 
 
 each bin averaging the same bilinear samples as RoIAlign (a ``sampling_ratio`` grid per bin,
 or detectron2's adaptive ceil(size / bins) grid for 0). The last FC layer starts at zero, so
-a new pooler is exactly ROIAlignV2 and learns to deform. One offset branch serves all FPN
-levels (the RoI features of every level live in the same FPN channel space).
+a new pooler equals ROIAlignV2 (to float rounding) and learns to deform. One offset branch
+serves all FPN levels (the RoI features of every level live in the same FPN channel space).
 
 Selected by ``POOLER_TYPE: "DeformROIAlignV2"`` on ``MODEL.ROI_BOX_HEAD`` / ``ROI_MASK_HEAD``
 (:mod:`lvis_longtail.modeling.architecture` builds it for the ROI heads).
