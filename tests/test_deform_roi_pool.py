@@ -102,3 +102,16 @@ def test_roi_heads_build_and_train_with_deform_pooling(storage):
         ValueError, match="ROI_MASK_HEAD.POOLER_TYPE 'DeformROIAlignV2'.*AreaRatioROIPooler"
     ):
         build_model(cfg)
+
+
+def test_cascade_heads_get_the_deformable_box_pooler():
+    cfg = tiny_cfg(
+        opts=[
+            "MODEL.ROI_HEADS.NAME", "LongTailCascadeROIHeads",
+            "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "True",
+            "MODEL.ROI_BOX_HEAD.POOLER_TYPE", "DeformROIAlignV2",
+        ]
+    )  # fmt: skip
+    heads = build_model(cfg).roi_heads
+    assert isinstance(heads.box_pooler, DeformROIPooler) and len(heads.box_predictor) == 3
+    assert type(heads.mask_pooler) is ROIPooler

@@ -122,6 +122,8 @@ def deform_roi_align(
     slot[by_image] = torch.arange(len(points), device=slot.device) - first[point_batch[by_image]]
     column = points.new_full((n, int(per_image.max()), 2), -3.0)
     column = column.index_put((point_batch, slot), points)
+    if features.device.type == "cpu":  # CPU grid_sample reads channels-last ~1.5x faster
+        features = features.contiguous(memory_format=torch.channels_last)
     sampled = F.grid_sample(features, column[:, :, None], mode="bilinear", align_corners=True)
     values = sampled[:, :, :, 0].transpose(1, 2)[point_batch, slot]  # (points, C)
     sizes = [len(idx) * kh * gh * kw * gw for idx, gh, gw in groups]
