@@ -232,6 +232,52 @@ def _lr_scheduler_checkpoint() -> None:
     hooks.LRScheduler._lvis_longtail_state = True
 
 
+# --- Deformable convolution without detectron2._C; SyncBN on CPU (issue 15) --------------
+
+
+def _deform_conv_via_torchvision() -> None:
+    """d2's ``DeformConv``/``ModulatedDeformConv`` call ``_C`` ops (CPU: no backward at all).
+
+    Only when ``_C`` is the :class:`MissingCOpsModule` stub: the module-level functions
+    ``deform_conv`` and ``modulated_deform_conv`` of ``detectron2.layers.deform_conv``, which
+    the two modules look up at call time, become :mod:`lvis_longtail.layers.deform_conv`'s
+    (torchvision's ``deform_conv2d``: same offset/mask layout, autograd on CPU and GPU).
+    ``MODEL.RESNETS.DEFORM_ON_PER_STAGE`` etc. then work on a PyPI-only install.
+    """
+    if not isinstance(sys.modules.get("detectron2._C"), MissingCOpsModule):
+        return
+    from detectron2.layers import deform_conv as d2_deform_conv
+
+    from lvis_longtail.layers import deform_conv as tv_deform_conv
+
+    d2_deform_conv.deform_conv = tv_deform_conv.deform_conv
+    d2_deform_conv.modulated_deform_conv = tv_deform_conv.modulated_deform_conv
+
+
+class _TorchNNWithCPUSyncBN(types.ModuleType):
+    """torch.nn, whose ``SyncBatchNorm`` is ``lvis_longtail.layers.LongTailSyncBatchNorm``."""
+
+    def __getattr__(self, name):
+        import torch.nn
+
+        if name == "SyncBatchNorm":
+            from lvis_longtail.layers.sync_bn import LongTailSyncBatchNorm
+
+            return LongTailSyncBatchNorm
+        return getattr(torch.nn, name)
+
+
+def _sync_bn_on_cpu() -> None:
+    """d2's ``get_norm("SyncBN")`` builds ``nn.SyncBatchNorm``, which raises on CPU tensors
+    whenever a process group exists: CPU (gloo) training with SyncBN failed. Scoped to
+    ``detectron2.layers.batch_norm``: its ``nn`` resolves ``SyncBatchNorm`` to a subclass
+    that all-reduces the statistics itself on CPU (``nn.SyncBatchNorm`` on accelerators)."""
+    from detectron2.layers import batch_norm
+
+    if not isinstance(batch_norm.nn, _TorchNNWithCPUSyncBN):
+        batch_norm.nn = _TorchNNWithCPUSyncBN("torch.nn")
+
+
 def apply() -> None:
     """Apply every needed shim once. Safe to call repeatedly."""
     global _APPLIED
@@ -245,4 +291,6 @@ def apply() -> None:
     _map_dataset_retry()
     _ddp_on_cpu()
     _lr_scheduler_checkpoint()
+    _deform_conv_via_torchvision()
+    _sync_bn_on_cpu()
     _APPLIED = True

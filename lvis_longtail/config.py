@@ -129,6 +129,7 @@ def add_longtail_config(cfg: CN) -> CN:
     _add_cpu_threads_config(cfg)
     _add_mask_inference_config(cfg)
     _add_htc_lite_config(cfg)
+    _add_architecture_config(cfg)
     return cfg
 
 
@@ -358,3 +359,62 @@ def _add_htc_lite_config(cfg: CN) -> None:
     # Add the context vector to the pooled RoI features of every box stage / of the mask head.
     head.FUSE_BOX = True
     head.FUSE_MASK = True
+
+
+def _add_architecture_config(cfg: CN) -> None:
+    """Network options of the LVIS 2020 entries (deformable conv/pooling, CARAFE, timm)."""
+    # RoI pooler of the box and mask heads: detectron2's "ROIAlignV2" (default), "ROIAlign",
+    # "ROIPool", "ROIAlignRotated" (needs detectron2's C++ ops), or "DeformROIAlignV2":
+    # deformable RoI pooling (Dai et al. 2017; lvis_longtail.layers.deform_roi_pool):
+    # ROIAlignV2, an FC branch predicting per-bin offsets (zero-initialised: it starts as
+    # ROIAlignV2), then RoIAlign of the shifted bins. Not with LEVEL_ASSIGNMENT "area_ratio".
+    pooler_types = ("ROIAlignV2", "ROIAlign", "ROIPool", "ROIAlignRotated", "DeformROIAlignV2")
+    for name in ("ROI_BOX_HEAD", "ROI_MASK_HEAD"):
+        _enum(cfg, f"MODEL.{name}.POOLER_TYPE", "ROIAlignV2", pooler_types)
+        node = cfg.MODEL[name]
+        # "DeformROIAlignV2" parameters. FC_DIM: hidden width of the offset branch
+        # (C k k -> FC_DIM -> ReLU -> 2 k k, one branch shared by the FPN levels); GAMMA:
+        # bin offset = GAMMA * predicted offset * RoI (width, height), 0.1 in the paper.
+        node.DEFORM_POOL = CN()
+        node.DEFORM_POOL.FC_DIM = 1024
+        node.DEFORM_POOL.GAMMA = 0.1
+
+    # CARAFE content-aware upsampling (Wang et al. 2019; lvis_longtail.layers.carafe).
+    # FPN top-down path: "nearest" (detectron2's 2x nearest) or "carafe"; honoured by the
+    # backbone builders build_longtail_resnet_fpn_backbone and build_timm_fpn_backbone
+    # (detectron2's build_resnet_fpn_backbone always upsamples with "nearest").
+    _enum(cfg, "MODEL.FPN.UPSAMPLE_TYPE", "nearest", ("nearest", "carafe"))
+    # Mask head 2x upsampling: "deconv" (detectron2's ConvTranspose2d) or "carafe" (replaces
+    # the deconv of MaskRCNNConvUpsampleHead and heads derived from it).
+    _enum(cfg, "MODEL.ROI_MASK_HEAD.UPSAMPLE_TYPE", "deconv", ("deconv", "carafe"))
+    for node in (cfg.MODEL.FPN, cfg.MODEL.ROI_MASK_HEAD):
+        # CARAFE parameters (the paper's and mmdetection's defaults): channels of the 1x1
+        # channel compressor, kernel of the content encoder, reassembly neighbourhood.
+        node.CARAFE = CN()
+        node.CARAFE.COMPRESSED_CHANNELS = 64
+        node.CARAFE.ENCODER_KERNEL = 3
+        node.CARAFE.UP_KERNEL = 5
+
+    # timm backbones (BACKBONE.NAME "build_timm_fpn_backbone"; lvis_longtail.modeling.
+    # backbones): any timm model with features_only support and feature maps at strides 4, 8,
+    # 16, 32, named res2..res5 like detectron2's ResNet (select them with FPN.IN_FEATURES).
+    cfg.MODEL.TIMM = CN()
+    # timm model name, e.g. "resnest50d", "convnext_tiny", "resnet50".
+    cfg.MODEL.TIMM.NAME = "resnet50"
+    # Local file with the timm model's ImageNet weights (timm's own state-dict format:
+    # .pth/.bin/.safetensors); "" = random init. Nothing is ever downloaded. Weights in
+    # detectron2's layout (backbone.bottom_up.*) can instead be given by MODEL.WEIGHTS.
+    cfg.MODEL.TIMM.PRETRAINED_FILE = ""
+    # Normalisation layers: "" (the model's own), "FrozenBN", "SyncBN" (synchronised across
+    # processes, CPU/gloo included), "naiveSyncBN" (detectron2's NaiveSyncBatchNorm). The
+    # stages frozen by MODEL.BACKBONE.FREEZE_AT (1 = stem, 2 = stem + res2, ...) get
+    # FrozenBN and no gradients, as in detectron2's ResNet.
+    _enum(cfg, "MODEL.TIMM.NORM", "", ("", "FrozenBN", "SyncBN", "naiveSyncBN"))
+    # Stochastic depth of the timm model (drop_path_rate), 0 = off.
+    cfg.MODEL.TIMM.DROP_PATH_RATE = 0.0
+    # Deformable convolution in the timm model, as MODEL.RESNETS.DEFORM_* for detectron2's
+    # ResNet: per stage res2..res5, every 3x3 nn.Conv2d becomes DCNv2 (DEFORM_MODULATED) or
+    # DCNv1 with DEFORM_NUM_GROUPS offset groups, weights kept, offsets from a zero-init conv.
+    cfg.MODEL.TIMM.DEFORM_ON_PER_STAGE = [False, False, False, False]
+    cfg.MODEL.TIMM.DEFORM_MODULATED = True
+    cfg.MODEL.TIMM.DEFORM_NUM_GROUPS = 1

@@ -32,6 +32,7 @@ __all__ = [
     "assign_boxes_to_levels_by_area",
     "gt_area_ratios",
     "gt_mask_areas",
+    "plain_pool_at_levels",
     "pool_at_levels",
     "pooler_levels",
     "predicted_area_ratios",
@@ -136,8 +137,20 @@ def pool_at_levels(
     pooler: ROIPooler, x: List[torch.Tensor], pooler_boxes: torch.Tensor, levels: torch.Tensor
 ) -> torch.Tensor:
     """Pool (M, 5) boxes in pooler format (batch index, x0, y0, x1, y1) from the given (M,)
-    level offsets with ``pooler``'s level poolers (what ``ROIPooler.forward`` does after
-    assigning levels). Returns (M, C, S, S)."""
+    level offsets (what ``ROIPooler.forward`` does after assigning levels). A pooler with a
+    ``pool_at_levels`` method of its own (e.g. deformable RoI pooling, which adds a second,
+    shifted pass) is used through it, so the mask branch never bypasses a pooler's own
+    computation. Returns (M, C, S, S)."""
+    own = getattr(pooler, "pool_at_levels", None)
+    if own is not None:
+        return own(x, pooler_boxes, levels)
+    return plain_pool_at_levels(pooler, x, pooler_boxes, levels)
+
+
+def plain_pool_at_levels(
+    pooler: ROIPooler, x: List[torch.Tensor], pooler_boxes: torch.Tensor, levels: torch.Tensor
+) -> torch.Tensor:
+    """:func:`pool_at_levels` with ``pooler``'s level poolers only."""
     assert len(x) == len(pooler.level_poolers), "one feature map per pooler level"
     num_boxes, channels = pooler_boxes.size(0), x[0].shape[1]
     if len(pooler.level_poolers) == 1:
@@ -163,8 +176,8 @@ class AreaRatioROIPooler(ROIPooler):
     def pool_at_levels(
         self, x: List[torch.Tensor], pooler_boxes: torch.Tensor, levels: torch.Tensor
     ) -> torch.Tensor:
-        """:func:`pool_at_levels` with this pooler."""
-        return pool_at_levels(self, x, pooler_boxes, levels)
+        """:func:`plain_pool_at_levels` with this pooler."""
+        return plain_pool_at_levels(self, x, pooler_boxes, levels)
 
     def forward(
         self,

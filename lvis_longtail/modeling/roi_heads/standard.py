@@ -12,6 +12,7 @@ from detectron2.modeling.roi_heads.mask_head import mask_rcnn_inference
 from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
 from detectron2.structures import Boxes, Instances
 
+from lvis_longtail.modeling.architecture import adjust_roi_heads, plain_pooler_cfg
 from lvis_longtail.modeling.fast_rcnn import LongTailFastRCNNOutputLayers
 from lvis_longtail.modeling.mask_head import (
     DiceBCEMaskHead,
@@ -84,9 +85,9 @@ class LongTailROIHeads(StandardROIHeads):
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        ret = super().from_config(cfg, input_shape)
+        ret = super().from_config(plain_pooler_cfg(cfg), input_shape)  # see adjust_roi_heads
         cls._adjust_poolers(cfg, input_shape, ret)
-        return ret
+        return adjust_roi_heads(cfg, input_shape, ret)  # deformable poolers, CARAFE mask head
 
     @classmethod
     def _adjust_poolers(cls, cfg, input_shape, ret: dict) -> None:
@@ -101,7 +102,7 @@ class LongTailROIHeads(StandardROIHeads):
                 output_size=old.output_size,
                 scales=tuple(1.0 / input_shape[f].stride for f in ret["mask_in_features"]),
                 sampling_ratio=cfg.MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO,
-                pooler_type=cfg.MODEL.ROI_MASK_HEAD.POOLER_TYPE,
+                pooler_type=plain_pooler_cfg(cfg).MODEL.ROI_MASK_HEAD.POOLER_TYPE,
                 canonical_level=old.canonical_level,
             )
         for key in ("box_pooler", "mask_pooler", "keypoint_pooler"):

@@ -1,0 +1,79 @@
+"""CARAFE: Content-Aware ReAssembly of FEatures (Wang et al., ICCV 2019), in tensor code.
+
+Upsampling by ``scale`` where every output pixel l' is a weighted sum of the k_up x k_up
+neighbourhood of its source pixel l = floor(l' / scale), with weights predicted from the
+content:
+
+* kernel prediction: a 1x1 *channel compressor* (C -> C_m), a k_enc x k_enc *content
+  encoder* (C_m -> scale^2 k_up^2), *pixel shuffle* (scale^2 k_up^2 channels at H x W ->
+  k_up^2 at scale H x scale W) and a *softmax* over the k_up^2 weights of each output pixel;
+* reassembly: ``unfold`` gathers every source pixel's neighbourhood (zero padded), and each
+  output pixel takes the weighted sum of its source's neighbourhood.
+
+Memory: the unfolded input is C k_up^2 H W values (25x the input for k_up 5).
+"""
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["CARAFE"]
+
+
+class CARAFE(nn.Module):
+    """Content-aware upsampling; output channels = input channels.
+
+    Args:
+        channels: C.
+        scale: upsampling factor (2 for FPN and the mask head).
+        compressed_channels: C_m of the channel compressor (64 in the paper).
+        encoder_kernel: k_enc of the content encoder (3).
+        up_kernel: k_up, the reassembly neighbourhood (5).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        scale: int = 2,
+        compressed_channels: int = 64,
+        encoder_kernel: int = 3,
+        up_kernel: int = 5,
+    ):
+        super().__init__()
+        if up_kernel % 2 == 0 or encoder_kernel % 2 == 0:
+            raise ValueError(f"CARAFE kernels must be odd, got up {up_kernel}, "
+                             f"encoder {encoder_kernel}")  # fmt: skip
+        self.scale, self.up_kernel = int(scale), int(up_kernel)
+        self.compressor = nn.Conv2d(channels, compressed_channels, 1)
+        self.encoder = nn.Conv2d(
+            compressed_channels,
+            self.scale**2 * self.up_kernel**2,
+            encoder_kernel,
+            padding=encoder_kernel // 2,
+        )
+        nn.init.xavier_uniform_(self.compressor.weight)
+        nn.init.zeros_(self.compressor.bias)
+        nn.init.normal_(self.encoder.weight, std=1e-3)  # near-uniform kernels at start
+        nn.init.zeros_(self.encoder.bias)
+
+    def kernels(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, k_up^2, scale H, scale W) reassembly kernels, each summing to
+        1 over its k_up^2 weights (row-major over the neighbourhood)."""
+        k = F.pixel_shuffle(self.encoder(self.compressor(x)), self.scale)
+        return k.softmax(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, scale H, scale W)."""
+        return reassemble(x, self.kernels(x), self.scale)
+
+
+def reassemble(x: torch.Tensor, kernels: torch.Tensor, scale: int) -> torch.Tensor:
+    """CARAFE's reassembly: (N, C, H, W) features and (N, k^2, sH, sW) kernels ->
+    (N, C, sH, sW), output (i, j) = sum over the k x k neighbourhood of (i // s, j // s)."""
+    n, c, h, w = x.shape
+    k2 = kernels.shape[1]
+    k = int(round(k2**0.5))
+    neighbours = F.unfold(x, k, padding=k // 2).view(n, c, k2, h, w)
+    kernels = kernels.view(n, k2, h, scale, w, scale)
+    out = torch.einsum("nckhw,nkhawb->nchawb", neighbours, kernels)
+    return out.reshape(n, c, h * scale, w * scale)
