@@ -7,6 +7,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
 
 from lvis_longtail.config import setup_cfg  # noqa: F401  (re-exported)
+from lvis_longtail.data.loader import build_longtail_train_loader
 from lvis_longtail.evaluation import LVISLongTailEvaluator
 
 logger = logging.getLogger(__name__)
@@ -60,8 +61,15 @@ class Trainer(DefaultTrainer):
       APr/APc/APf under ``TEST.EVAL_PROTOCOL``, per-class diagnostics, and the results file,
       which is all a test-dev split gets).
 
-    Training data, the repeat-factor sampler, checkpointing and resume are detectron2's own.
+    - ``build_train_loader`` maps training images with ``LongTailDatasetMapper``
+      (``INPUT.AUGMENTATIONS``; multi-image steps draw through the same sampler).
+
+    The repeat-factor sampler, checkpointing and resume are detectron2's own.
     """
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_longtail_train_loader(cfg)
 
     @classmethod
     def build_model(cls, cfg):

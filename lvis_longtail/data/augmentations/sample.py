@@ -1,0 +1,320 @@
+"""The sample that augmentation steps pass along, and the geometry shared by the steps.
+
+A :class:`Sample` is one training image between loading and the model's ``Instances``:
+the image, detectron2 annotation dicts (``bbox`` in XYXY_ABS; ``segmentation`` as a list of
+flat polygons, or an ``(H, W)`` uint8 mask for bitmask/RLE data), per-image ignore boxes and the
+LVIS image-level class sets (contiguous ids). Polygons stay polygons wherever an operation
+allows it; only an occlusion that would cut a hole into a polygon rasterises the sample.
+"""
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, List, Sequence, Set
+
+import numpy as np
+import pycocotools.mask as mask_util
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.structures import BoxMode
+from fvcore.transforms.transform import Transform
+from shapely import geometry as sg
+from shapely.ops import unary_union
+
+
+@dataclass
+class Sample:
+    """One image and its targets while it is augmented.
+
+    Attributes:
+        image: ``(H, W, C)`` uint8 image in ``INPUT.FORMAT``.
+        annos: detectron2 annotation dicts; ``bbox`` XYXY_ABS, ``category_id`` contiguous,
+            ``segmentation`` a list of flat polygons or an ``(H, W)`` uint8 mask.
+        ignore_boxes: ``(M, 4)`` float32 XYXY_ABS regions that are neither fg nor bg.
+        pos: classes present in the image (contiguous ids).
+        neg: verified-negative classes (contiguous ids).
+        not_exhaustive: classes whose instances are not all annotated (contiguous ids).
+        recompute_boxes: a step changed geometry so that transformed boxes are not tight;
+            the mapper recomputes the boxes from the masks.
+    """
+
+    image: np.ndarray
+    annos: List[dict]
+    ignore_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    pos: Set[int] = field(default_factory=set)
+    neg: Set[int] = field(default_factory=set)
+    not_exhaustive: Set[int] = field(default_factory=set)
+    recompute_boxes: bool = False
+
+    @property
+    def hw(self):
+        return tuple(self.image.shape[:2])
+
+
+@dataclass
+class LazySample:
+    """An extra image of a multi-image step: its dataset record (cheap to inspect) and a
+    loader that reads it and runs it through the single-image steps before the step."""
+
+    record: dict
+    load: Callable[[], Sample]
+
+
+class SampleStep:
+    """An augmentation step that works on whole samples (instances included).
+
+    Subclasses implement :meth:`__call__`. ``num_extra`` is how many extra images the step
+    draws from the training sampler (0: single-image step).
+    """
+
+    num_extra = 0
+
+    def __call__(self, sample: Sample, extras: Sequence[LazySample]) -> Sample:
+        raise NotImplementedError  # abstract
+
+    def __repr__(self):
+        params = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(self).items()))
+        return f"{type(self).__name__}({params})"
+
+
+def merge_class_sets(samples: Sequence[Sample], pos: Set[int]):
+    """LVIS image-level labels of a combined image: ``pos`` (classes present), verified
+    negatives = classes negative in every source and not present, not-exhaustive = union."""
+    neg = set.intersection(*[set(s.neg) for s in samples]) - pos
+    nex = set.union(*[set(s.not_exhaustive) for s in samples])
+    return neg, nex
+
+
+def transform_sample(sample: Sample, transforms: T.TransformList, image=None) -> Sample:
+    """Apply detectron2 transforms to a sample's annotations and ignore boxes (and to its
+    image, unless the transformed ``image`` is given)."""
+    if image is None:
+        image = transforms.apply_image(sample.image)
+    hw = tuple(image.shape[:2])
+    annos = []
+    for anno in sample.annos:
+        segm = anno.get("segmentation")
+        if isinstance(segm, np.ndarray):
+            anno = {k: v for k, v in anno.items() if k != "segmentation"}
+            anno = utils.transform_instance_annotations(anno, transforms, hw)
+            anno["segmentation"] = transforms.apply_segmentation(segm)
+        else:
+            anno = utils.transform_instance_annotations(dict(anno), transforms, hw)
+        if isinstance(anno.get("segmentation"), list) and not anno["segmentation"]:
+            continue  # every polygon was cropped away
+        annos.append(anno)
+    out = copy.copy(sample)
+    out.image, out.annos = image, annos
+    out.ignore_boxes = clip_boxes(transforms.apply_box(sample.ignore_boxes), hw)
+    return out
+
+
+def clip_boxes(boxes: np.ndarray, hw) -> np.ndarray:
+    """Clip ``(M, 4)`` XYXY boxes to an image and drop the empty ones."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    h, w = hw
+    boxes = np.stack(
+        [boxes[:, 0].clip(0, w), boxes[:, 1].clip(0, h), boxes[:, 2].clip(0, w),
+         boxes[:, 3].clip(0, h)], axis=1,
+    )
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return boxes[keep]
+
+
+def normalize_annotation(anno: dict, hw) -> dict:
+    """A dataset annotation in :class:`Sample` form: XYXY_ABS box, RLE decoded to a mask."""
+    anno = dict(anno)
+    anno["bbox"] = BoxMode.convert(anno["bbox"], anno["bbox_mode"], BoxMode.XYXY_ABS)
+    anno["bbox_mode"] = BoxMode.XYXY_ABS
+    segm = anno.get("segmentation")
+    if isinstance(segm, dict):
+        if isinstance(segm.get("counts"), list):
+            segm = mask_util.frPyObjects(segm, *hw)
+        anno["segmentation"] = mask_util.decode(segm)
+    return anno
+
+
+def rasterize(segm, hw) -> np.ndarray:
+    """``(H, W)`` uint8 mask of a polygon list (pycocotools, as detectron2) or a mask."""
+    if isinstance(segm, np.ndarray):
+        return segm.astype(np.uint8)
+    if not segm:
+        return np.zeros(hw, np.uint8)
+    return utils.polygons_to_bitmask([np.asarray(p, np.float64) for p in segm], *hw).astype(
+        np.uint8
+    )
+
+
+def polygons_to_geometry(segm):
+    """A shapely geometry: the union of a polygon list's rings (LVIS polygons are unions)."""
+    parts = []
+    for p in segm:
+        pts = np.asarray(p, np.float64).reshape(-1, 2)
+        if len(pts) >= 3:
+            poly = sg.Polygon(pts)
+            parts.append(poly if poly.is_valid else poly.buffer(0))
+    return unary_union(parts) if parts else sg.Polygon()
+
+
+def geometry_to_polygons(geom):
+    """Flat polygons of a shapely geometry, or None if a part has a hole (not expressible
+    as an LVIS polygon list)."""
+    polys = []
+    for g in getattr(geom, "geoms", [geom]):
+        if isinstance(g, sg.Polygon) and g.area > 0:
+            if len(g.interiors):
+                return None
+            polys.append(np.asarray(g.exterior.coords[:-1], np.float64).reshape(-1))
+        elif hasattr(g, "geoms"):
+            sub = geometry_to_polygons(g)
+            if sub is None:
+                return None
+            polys.extend(sub)
+    return polys
+
+
+def _subtract_polygons(segm, cover):
+    """``segm`` (a union of polygons) minus the geometry ``cover``, ring by ring, so that
+    untouched rings stay exactly as they are; None if a hole would be cut."""
+    out = []
+    x0, y0, x1, y1 = cover.bounds if not cover.is_empty else (0, 0, -1, -1)
+    for p in segm:
+        pts = np.asarray(p, np.float64).reshape(-1, 2)
+        lo, hi = pts.min(0), pts.max(0)
+        if hi[0] <= x0 or hi[1] <= y0 or lo[0] >= x1 or lo[1] >= y1:
+            out.append(np.asarray(p, np.float64).reshape(-1))
+            continue
+        ring = polygons_to_geometry([p])
+        if not ring.intersects(cover):
+            out.append(np.asarray(p, np.float64).reshape(-1))
+            continue
+        rest = geometry_to_polygons(ring.difference(cover))
+        if rest is None:
+            return None
+        out.extend(rest)
+    return out
+
+
+def segm_box(segm):
+    """Tight XYXY box of a polygon list or mask (zeros if empty)."""
+    if isinstance(segm, np.ndarray):
+        ys, xs = np.nonzero(segm)
+        if not len(xs):
+            return np.zeros(4)
+        return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
+    pts = [np.asarray(p).reshape(-1, 2) for p in segm if len(p)]
+    if not pts:
+        return np.zeros(4)
+    pts = np.concatenate(pts)
+    return np.concatenate([pts.min(0), pts.max(0)])
+
+
+def segm_area(segm) -> float:
+    if isinstance(segm, np.ndarray):
+        return float(segm.sum())
+    return float(polygons_to_geometry(segm).area)
+
+
+def occlude(annos: List[dict], cover: List, hw, box_moved_thresh: float, min_area: float):
+    """Remove the pixels covered by ``cover`` (segmentations pasted on top) from ``annos``.
+
+    An instance is dropped if nothing is left, or if its box moved by more than
+    ``box_moved_thresh`` px and at most ``min_area`` px remain. Polygons stay polygons unless
+    a hole would be cut; then every segmentation of ``annos`` and ``cover`` is rasterised.
+
+    Returns:
+        (kept annotations, cover segmentations) -- both rasterised or both as given.
+    """
+    if not cover or not annos:
+        return annos, cover
+    rasterised = any(isinstance(a["segmentation"], np.ndarray) for a in annos) or any(
+        isinstance(c, np.ndarray) for c in cover
+    )
+    new_segms = None
+    if not rasterised:
+        union = unary_union([polygons_to_geometry(c) for c in cover])
+        new_segms = []
+        for a in annos:
+            new = _subtract_polygons(a["segmentation"], union)
+            if new is None:
+                new_segms = None
+                break
+            new_segms.append(new)
+    if new_segms is None:  # raster path
+        alpha = np.zeros(hw, bool)
+        cover = [rasterize(c, hw) for c in cover]
+        for c in cover:
+            alpha |= c.astype(bool)
+        new_segms = [rasterize(a["segmentation"], hw) & ~alpha for a in annos]
+        annos = [dict(a, segmentation=rasterize(a["segmentation"], hw)) for a in annos]
+    kept = []
+    for a, segm in zip(annos, new_segms):
+        area = segm_area(segm)
+        moved = np.abs(segm_box(segm) - segm_box(a["segmentation"])).max() > box_moved_thresh
+        if area <= 0 or (moved and area <= min_area):
+            continue
+        kept.append(dict(a, segmentation=segm, bbox=segm_box(segm)))
+    return kept, cover
+
+
+class CanvasPlaceTransform(Transform):
+    """Place an ``(src_h, src_w)`` image at offset ``(dx, dy)`` (may be negative) of an
+    ``(canvas_h, canvas_w)`` canvas filled with ``pad_value``; what falls outside is cut.
+    Polygons are shifted and clipped to the canvas."""
+
+    def __init__(self, dx, dy, src_h, src_w, canvas_h, canvas_w, pad_value=0.0):
+        super().__init__()
+        self._set_attributes(locals())
+
+    def _slices(self):
+        x0, y0 = max(self.dx, 0), max(self.dy, 0)
+        x1 = min(self.dx + self.src_w, self.canvas_w)
+        y1 = min(self.dy + self.src_h, self.canvas_h)
+        dst = (slice(y0, max(y1, y0)), slice(x0, max(x1, x0)))
+        src = (slice(y0 - self.dy, max(y1, y0) - self.dy), slice(x0 - self.dx, max(x1, x0) - self.dx))
+        return dst, src
+
+    def _place(self, img, pad_value):
+        out = np.full((self.canvas_h, self.canvas_w) + img.shape[2:], pad_value, img.dtype)
+        dst, src = self._slices()
+        out[dst] = img[src]
+        return out
+
+    def apply_image(self, img):
+        return self._place(img, self.pad_value)
+
+    def apply_segmentation(self, segmentation):
+        return self._place(segmentation, 0)
+
+    def apply_coords(self, coords):
+        return coords + np.array([self.dx, self.dy], dtype=coords.dtype)
+
+    def apply_polygons(self, polygons):
+        shifted = [self.apply_coords(np.asarray(p, np.float64)) for p in polygons]
+        return clip_polygons(shifted, 0, 0, self.canvas_w, self.canvas_h)
+
+
+def clip_polygons(polygons, x0, y0, w, h):
+    """Clip ``(N, 2)`` polygons to the window ``[x0, x0 + w] x [y0, y0 + h]``; polygons inside
+    it are kept as they are (no shapely call), the others are cut with shapely as detectron2's
+    ``CropTransform`` does. Coordinates stay in the input frame."""
+    out, cut = [], []
+    for p in polygons:
+        p = np.asarray(p, np.float64)
+        lo, hi = p.min(0), p.max(0)
+        if lo[0] >= x0 and lo[1] >= y0 and hi[0] <= x0 + w and hi[1] <= y0 + h:
+            out.append(p)
+        elif hi[0] > x0 and hi[1] > y0 and lo[0] < x0 + w and lo[1] < y0 + h:
+            cut.append(p)
+    if cut:
+        clipped = T.CropTransform(x0, y0, w, h).apply_polygons(cut)
+        out.extend(c + np.array([x0, y0], np.float64) for c in clipped)
+    return out
+
+
+class FastCropTransform(T.CropTransform):
+    """detectron2's ``CropTransform`` whose polygon clipping skips shapely for the polygons
+    that lie inside the crop (most of them); the result is the same masks (for valid polygons)."""
+
+    def apply_polygons(self, polygons):
+        clipped = clip_polygons(polygons, self.x0, self.y0, self.w, self.h)
+        return [self.apply_coords(p) for p in clipped]
