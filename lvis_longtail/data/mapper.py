@@ -36,7 +36,12 @@ from lvis_longtail.data.augmentations import (
     build_augmentation_steps,
     needs_box_recompute,
 )
-from lvis_longtail.data.augmentations.sample import normalize_annotation, transform_sample
+from lvis_longtail.data.augmentations.sample import (
+    boxes_to_polygons,
+    ignore_boxes,
+    normalize_annotation,
+    transform_sample,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +201,7 @@ class LongTailDatasetMapper(DatasetMapper):
         return Sample(
             image=image,
             annos=annos,
-            ignore_boxes=ignore.reshape(-1, 4),
+            ignore=boxes_to_polygons(ignore),
             pos={int(a["category_id"]) for a in annos},
             neg=self._contiguous(record, "neg_category_ids"),
             not_exhaustive=self._contiguous(record, "not_exhaustive_category_ids"),
@@ -220,7 +225,7 @@ class LongTailDatasetMapper(DatasetMapper):
         if had_instances and len(instances) == 0:
             return None
         out["instances"] = instances
-        out["ignore_boxes"] = Boxes(torch.as_tensor(sample.ignore_boxes, dtype=torch.float32))
+        out["ignore_boxes"] = Boxes(torch.as_tensor(ignore_boxes(sample), dtype=torch.float32))
         for key, ids in (
             ("pos_category_ids", sample.pos),
             ("neg_category_ids", sample.neg),

@@ -97,7 +97,7 @@ class CopyPasteStep(SampleStep):
         return Sample(
             image=image,
             annos=kept + pasted,
-            ignore_boxes=sample.ignore_boxes,
+            ignore=sample.ignore,
             pos=pos,
             neg=neg,
             not_exhaustive=nex,

@@ -58,13 +58,13 @@ class MosaicStep(SampleStep):
             canvas[dst] = resized[src]
             placed = transform_sample(tile, tfm, image=canvas)
             annos.extend(placed.annos)
-            ignores.append(placed.ignore_boxes)
+            ignores.extend(placed.ignore)
         pos = set().union(*[t.pos for t in tiles])
         neg, nex = merge_class_sets(tiles, pos)
         return Sample(
             image=canvas,
             annos=annos,
-            ignore_boxes=np.concatenate(ignores).astype(np.float32),
+            ignore=ignores,
             pos=pos,
             neg=neg,
             not_exhaustive=nex,

@@ -29,7 +29,9 @@ class Sample:
         image: ``(H, W, C)`` uint8 image in ``INPUT.FORMAT``.
         annos: detectron2 annotation dicts; ``bbox`` XYXY_ABS, ``category_id`` contiguous,
             ``segmentation`` a list of flat polygons or an ``(H, W)`` uint8 mask.
-        ignore_boxes: ``(M, 4)`` float32 XYXY_ABS regions that are neither fg nor bg.
+        ignore: regions that are neither fg nor bg, each an ``(N, 2)`` polygon (an ignore box
+            as its 4 corners): transformed like instance polygons, so that their output boxes
+            (:func:`ignore_boxes`) are those a GT box of the same region would get.
         pos: classes present in the image (contiguous ids).
         neg: verified-negative classes (contiguous ids).
         not_exhaustive: classes whose instances are not all annotated (contiguous ids).
@@ -39,7 +41,7 @@ class Sample:
 
     image: np.ndarray
     annos: List[dict]
-    ignore_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    ignore: List[np.ndarray] = field(default_factory=list)
     pos: Set[int] = field(default_factory=set)
     neg: Set[int] = field(default_factory=set)
     not_exhaustive: Set[int] = field(default_factory=set)
@@ -104,8 +106,23 @@ def transform_sample(sample: Sample, transforms: T.TransformList, image=None) ->
         annos.append(anno)
     out = copy.copy(sample)
     out.image, out.annos = image, annos
-    out.ignore_boxes = clip_boxes(transforms.apply_box(sample.ignore_boxes), hw)
+    out.ignore = [p for p in transforms.apply_polygons(sample.ignore) if len(p)]
     return out
+
+
+def boxes_to_polygons(boxes) -> List[np.ndarray]:
+    """``(M, 4)`` XYXY boxes as ``(4, 2)`` corner polygons."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return [np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]]) for x0, y0, x1, y1 in b]
+
+
+def ignore_boxes(sample: Sample) -> np.ndarray:
+    """``(M, 4)`` float32 XYXY boxes of a sample's ignore regions, clipped to the image,
+    empty ones dropped."""
+    if not sample.ignore:
+        return np.zeros((0, 4), np.float32)
+    boxes = np.stack([np.concatenate([p.min(0), p.max(0)]) for p in sample.ignore])
+    return clip_boxes(boxes, sample.hw)
 
 
 def clip_boxes(boxes: np.ndarray, hw) -> np.ndarray:
@@ -270,7 +287,10 @@ class CanvasPlaceTransform(Transform):
         x1 = min(self.dx + self.src_w, self.canvas_w)
         y1 = min(self.dy + self.src_h, self.canvas_h)
         dst = (slice(y0, max(y1, y0)), slice(x0, max(x1, x0)))
-        src = (slice(y0 - self.dy, max(y1, y0) - self.dy), slice(x0 - self.dx, max(x1, x0) - self.dx))
+        src = (
+            slice(y0 - self.dy, max(y1, y0) - self.dy),
+            slice(x0 - self.dx, max(x1, x0) - self.dx),
+        )
         return dst, src
 
     def _place(self, img, pad_value):
