@@ -195,8 +195,23 @@ def test_copy_paste_occlusion_removal(tmp_path):
     assert out.neg == {7} and out.not_exhaustive == {0, 1}
 
 
-def test_copy_paste_hole_rasterises(tmp_path):
+def test_copy_paste_hole_stays_polygons(tmp_path):
     out, dest, src = _paste(tmp_path, [(0, rect(10, 10, 70, 70))], [(5, rect(30, 30, 40, 40))])
+    segms = [a["segmentation"] for a in out.annos]
+    assert all(isinstance(s, list) for s in segms) and len(segms[0]) >= 2  # cut into pieces
+    inner = raster(rect(30, 30, 40, 40), HW).astype(bool)
+    ring = np.any([raster(p, HW) for p in segms[0]], axis=0)
+    assert iou(ring, raster(rect(10, 10, 70, 70), HW) & ~inner) > 0.97
+    assert not (ring & inner).any()
+    assert np.array_equal(raster(segms[1][0], HW).astype(bool), inner)
+
+
+def test_copy_paste_masks_onto_polygons_rasterises(tmp_path):
+    dest = write_record(tmp_path, "dest", HW, [(0, rect(10, 10, 70, 70))], seed=1)
+    src = write_record(tmp_path, "src", HW, [(5, rect(30, 30, 40, 40))], seed=2)
+    src["annotations"][0]["segmentation"] = raster(rect(30, 30, 40, 40), HW).astype(np.uint8)
+    mapper = LongTailDatasetMapper(aug_cfg(["CopyPaste"]), True)
+    out = CopyPasteStep(1.0, 100, 10, 30)(mapper.load_sample(dest), [lazy(mapper, src)])
     masks = [a["segmentation"] for a in out.annos]
     assert all(isinstance(m, np.ndarray) for m in masks)
     inner = raster(rect(30, 30, 40, 40), HW).astype(bool)

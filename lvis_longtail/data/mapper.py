@@ -186,7 +186,7 @@ class LongTailDatasetMapper(DatasetMapper):
         for anno in record.get("annotations", []):
             if anno.get("iscrowd", 0) != 0:
                 continue
-            anno = copy.deepcopy(anno)
+            anno = dict(anno)  # steps never modify annotation values in place
             if not self.use_instance_mask:
                 anno.pop("segmentation", None)
             if not self.use_keypoint:

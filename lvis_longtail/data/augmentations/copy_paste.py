@@ -14,8 +14,8 @@ from lvis_longtail.data.augmentations.sample import (
     SampleStep,
     merge_class_sets,
     occlude,
-    rasterize,
     transform_sample,
+    union_mask,
 )
 
 
@@ -85,13 +85,11 @@ class CopyPasteStep(SampleStep):
             sample.annos, [a["segmentation"] for a in pasted], (h, w),
             self.box_moved_thresh, self.min_visible_area,
         )
-        alpha = np.zeros((h, w), bool)
-        for c in covers:
-            alpha |= rasterize(c, (h, w)).astype(bool)
+        alpha = union_mask(covers, (h, w))
         if covers and isinstance(covers[0], np.ndarray):  # the sample was rasterised
             pasted = [dict(a, segmentation=c) for a, c in zip(pasted, covers)]
         image = sample.image.copy()
-        image[alpha] = src_img[alpha]
+        np.copyto(image, src_img, where=alpha[:, :, None])
         pos = set(sample.pos) | {int(a["category_id"]) for a in pasted}
         neg, nex = merge_class_sets([sample, src], pos)
         return Sample(

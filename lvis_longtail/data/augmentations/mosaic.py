@@ -52,8 +52,9 @@ class MosaicStep(SampleStep):
             dx = cx - nw if k in (0, 2) else cx
             dy = cy - nh if k in (0, 1) else cy
             place = CanvasPlaceTransform(dx, dy, nh, nw, ch, cw, self.pad_value)
-            tfm = T.TransformList([T.ResizeTransform(h, w, nh, nw), place])
-            resized = tfm.transforms[0].apply_image(tile.image)
+            resize = T.ResizeTransform(h, w, nh, nw) if (nh, nw) != (h, w) else T.NoOpTransform()
+            tfm = T.TransformList([resize, place])
+            resized = resize.apply_image(tile.image)
             dst, src = place._slices()
             canvas[dst] = resized[src]
             placed = transform_sample(tile, tfm, image=canvas)

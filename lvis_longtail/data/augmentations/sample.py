@@ -3,8 +3,8 @@
 A :class:`Sample` is one training image between loading and the model's ``Instances``:
 the image, detectron2 annotation dicts (``bbox`` in XYXY_ABS; ``segmentation`` as a list of
 flat polygons, or an ``(H, W)`` uint8 mask for bitmask/RLE data), per-image ignore boxes and the
-LVIS image-level class sets (contiguous ids). Polygons stay polygons wherever an operation
-allows it; only an occlusion that would cut a hole into a polygon rasterises the sample.
+LVIS image-level class sets (contiguous ids). Polygons stay polygons through every step
+(occlusion holes are opened into hole-free pieces); mask data stays masks.
 """
 
 import copy
@@ -87,27 +87,79 @@ def merge_class_sets(samples: Sequence[Sample], pos: Set[int]):
 
 
 def transform_sample(sample: Sample, transforms: T.TransformList, image=None) -> Sample:
-    """Apply detectron2 transforms to a sample's annotations and ignore boxes (and to its
-    image, unless the transformed ``image`` is given)."""
+    """Apply detectron2 transforms to a sample's annotations and ignore regions (and to its
+    image, unless the transformed ``image`` is given).
+
+    The arithmetic of detectron2's ``transform_instance_annotations``, batched over the
+    instances: one ``apply_box`` call for all boxes, and one ``apply_coords`` call for all
+    polygons of every transform that maps polygons point-wise (crops clip per instance).
+    """
     if image is None:
         image = transforms.apply_image(sample.image)
+    if not isinstance(transforms, T.TransformList):
+        transforms = T.TransformList([transforms])
     hw = tuple(image.shape[:2])
+    out = copy.copy(sample)
+    out.image = image
+    out.ignore = [p for p in transforms.apply_polygons(sample.ignore) if len(p)]
+    if any("keypoints" in a for a in sample.annos):
+        out.annos = [_transform_one(a, transforms, hw) for a in sample.annos]
+        out.annos = [a for a in out.annos if a is not None]
+        return out
+    if not sample.annos:
+        out.annos = []
+        return out
+    boxes = np.array([a["bbox"] for a in sample.annos], np.float64).reshape(-1, 4)
+    boxes = transforms.apply_box(boxes).clip(min=0)
+    boxes = np.minimum(boxes, list(hw + hw)[::-1])
+    polys = [
+        [np.asarray(p).reshape(-1, 2) for p in a["segmentation"]]
+        if isinstance(a.get("segmentation"), list) else None
+        for a in sample.annos
+    ]
+    polys = _transform_polygons(polys, transforms)
     annos = []
-    for anno in sample.annos:
+    for anno, box, poly in zip(sample.annos, boxes, polys):
+        anno = dict(anno, bbox=box, bbox_mode=BoxMode.XYXY_ABS)
         segm = anno.get("segmentation")
         if isinstance(segm, np.ndarray):
-            anno = {k: v for k, v in anno.items() if k != "segmentation"}
-            anno = utils.transform_instance_annotations(anno, transforms, hw)
             anno["segmentation"] = transforms.apply_segmentation(segm)
-        else:
-            anno = utils.transform_instance_annotations(dict(anno), transforms, hw)
-        if isinstance(anno.get("segmentation"), list) and not anno["segmentation"]:
-            continue  # every polygon was cropped away
+        elif isinstance(segm, list):
+            if not poly:
+                continue  # every polygon was cropped away
+            anno["segmentation"] = [p.reshape(-1) for p in poly]
         annos.append(anno)
-    out = copy.copy(sample)
-    out.image, out.annos = image, annos
-    out.ignore = [p for p in transforms.apply_polygons(sample.ignore) if len(p)]
+    out.annos = annos
     return out
+
+
+def _transform_polygons(polys, transforms: T.TransformList):
+    """Transform ``polys`` (per instance: a list of ``(N, 2)`` arrays, or None)."""
+    for t in transforms.transforms:
+        if type(t).apply_polygons is Transform.apply_polygons:  # point-wise
+            flat = [p for ps in polys if ps for p in ps]
+            if not flat:
+                continue
+            coords = t.apply_coords(np.concatenate(flat))
+            parts = iter(np.split(coords, np.cumsum([len(p) for p in flat])[:-1]))
+            polys = [[next(parts) for _ in ps] if ps else ps for ps in polys]
+        else:
+            polys = [t.apply_polygons(ps) if ps else ps for ps in polys]
+    return polys
+
+
+def _transform_one(anno, transforms, hw):
+    """detectron2's per-instance path (keypoints)."""
+    segm = anno.get("segmentation")
+    if isinstance(segm, np.ndarray):
+        anno = {k: v for k, v in anno.items() if k != "segmentation"}
+        anno = utils.transform_instance_annotations(anno, transforms, hw)
+        anno["segmentation"] = transforms.apply_segmentation(segm)
+    else:
+        anno = utils.transform_instance_annotations(dict(anno), transforms, hw)
+    if isinstance(anno.get("segmentation"), list) and not anno["segmentation"]:
+        return None
+    return anno
 
 
 def boxes_to_polygons(boxes) -> List[np.ndarray]:
@@ -161,6 +213,21 @@ def rasterize(segm, hw) -> np.ndarray:
     )
 
 
+def union_mask(segms, hw) -> np.ndarray:
+    """``(H, W)`` bool union of segmentations (polygon lists and/or masks), rasterised as
+    :func:`rasterize` does, with one pycocotools call for all polygons."""
+    out = np.zeros(hw, bool)
+    polys = [np.asarray(p, np.float64).reshape(-1) for s in segms if isinstance(s, list)
+             for p in s if len(p) >= 6]
+    if polys:
+        rle = mask_util.merge(mask_util.frPyObjects([p.tolist() for p in polys], *hw))
+        out |= mask_util.decode(rle).astype(bool)
+    for s in segms:
+        if isinstance(s, np.ndarray):
+            out |= s.astype(bool)
+    return out
+
+
 def polygons_to_geometry(segm):
     """A shapely geometry: the union of a polygon list's rings (LVIS polygons are unions)."""
     parts = []
@@ -172,26 +239,41 @@ def polygons_to_geometry(segm):
     return unary_union(parts) if parts else sg.Polygon()
 
 
-def geometry_to_polygons(geom):
-    """Flat polygons of a shapely geometry, or None if a part has a hole (not expressible
-    as an LVIS polygon list)."""
+def geometry_to_polygons(geom, _depth: int = 0):
+    """Flat hole-free polygons whose union is the shapely geometry ``geom``.
+
+    LVIS polygon lists cannot express holes: a polygon with holes is cut into vertical strips
+    at an inner point of each hole, which opens every hole onto a strip's border. Returns None
+    only if that fails (then the caller rasterises).
+    """
     polys = []
     for g in getattr(geom, "geoms", [geom]):
-        if isinstance(g, sg.Polygon) and g.area > 0:
-            if len(g.interiors):
-                return None
-            polys.append(np.asarray(g.exterior.coords[:-1], np.float64).reshape(-1))
-        elif hasattr(g, "geoms"):
-            sub = geometry_to_polygons(g)
+        if hasattr(g, "geoms"):
+            sub = geometry_to_polygons(g, _depth)
             if sub is None:
                 return None
             polys.extend(sub)
+        elif isinstance(g, sg.Polygon) and g.area > 0:
+            if not len(g.interiors):
+                polys.append(np.asarray(g.exterior.coords[:-1], np.float64).reshape(-1))
+                continue
+            if _depth > 2:
+                return None
+            x0, y0, x1, y1 = g.bounds
+            cuts = sorted({sg.Polygon(r).representative_point().x for r in g.interiors})
+            edges = [x0] + cuts + [x1]
+            for a, b in zip(edges[:-1], edges[1:]):
+                if b > a:
+                    sub = geometry_to_polygons(g.intersection(sg.box(a, y0, b, y1)), _depth + 1)
+                    if sub is None:
+                        return None
+                    polys.extend(sub)
     return polys
 
 
 def _subtract_polygons(segm, cover):
     """``segm`` (a union of polygons) minus the geometry ``cover``, ring by ring, so that
-    untouched rings stay exactly as they are; None if a hole would be cut."""
+    untouched rings stay exactly as they are; None if the result is not expressible."""
     out = []
     x0, y0, x1, y1 = cover.bounds if not cover.is_empty else (0, 0, -1, -1)
     for p in segm:
@@ -214,10 +296,10 @@ def _subtract_polygons(segm, cover):
 def segm_box(segm):
     """Tight XYXY box of a polygon list or mask (zeros if empty)."""
     if isinstance(segm, np.ndarray):
-        ys, xs = np.nonzero(segm)
+        xs, ys = np.flatnonzero(segm.any(0)), np.flatnonzero(segm.any(1))
         if not len(xs):
             return np.zeros(4)
-        return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
+        return np.array([xs[0], ys[0], xs[-1] + 1, ys[-1] + 1], np.float64)
     pts = [np.asarray(p).reshape(-1, 2) for p in segm if len(p)]
     if not pts:
         return np.zeros(4)
@@ -235,8 +317,9 @@ def occlude(annos: List[dict], cover: List, hw, box_moved_thresh: float, min_are
     """Remove the pixels covered by ``cover`` (segmentations pasted on top) from ``annos``.
 
     An instance is dropped if nothing is left, or if its box moved by more than
-    ``box_moved_thresh`` px and at most ``min_area`` px remain. Polygons stay polygons unless
-    a hole would be cut; then every segmentation of ``annos`` and ``cover`` is rasterised.
+    ``box_moved_thresh`` px and at most ``min_area`` px remain. Polygons stay polygons (a cut
+    hole is opened by :func:`geometry_to_polygons`); if ``annos`` or ``cover`` hold masks,
+    every segmentation of both is rasterised.
 
     Returns:
         (kept annotations, cover segmentations) -- both rasterised or both as given.
@@ -257,10 +340,8 @@ def occlude(annos: List[dict], cover: List, hw, box_moved_thresh: float, min_are
                 break
             new_segms.append(new)
     if new_segms is None:  # raster path
-        alpha = np.zeros(hw, bool)
         cover = [rasterize(c, hw) for c in cover]
-        for c in cover:
-            alpha |= c.astype(bool)
+        alpha = union_mask(cover, hw)
         new_segms = [rasterize(a["segmentation"], hw) & ~alpha for a in annos]
         annos = [dict(a, segmentation=rasterize(a["segmentation"], hw)) for a in annos]
     kept = []
