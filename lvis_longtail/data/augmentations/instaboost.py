@@ -76,12 +76,16 @@ class InstaBoostStep(SampleStep):
             return image, annos
         m = self._affine(box)
         mask = rasterize(segm, hw)
-        hole = cv2.dilate(mask, np.ones((3, 3), np.uint8))
-        filled = cv2.inpaint(np.ascontiguousarray(image), hole, 3, cv2.INPAINT_TELEA)
-        size = (hw[1], hw[0])
-        patch = cv2.warpAffine(image, m, size, flags=cv2.INTER_LINEAR)
+        # Inpaint the hole inside its box (plus the inpainting radius), not the whole image.
+        x0, y0 = np.maximum(np.floor(box[:2]).astype(int) - 6, 0)
+        x1, y1 = np.minimum(np.ceil(box[2:]).astype(int) + 6, (hw[1], hw[0]))
+        hole = cv2.dilate(mask[y0:y1, x0:x1], np.ones((3, 3), np.uint8))
+        filled = image.copy()
+        filled[y0:y1, x0:x1] = cv2.inpaint(
+            np.ascontiguousarray(image[y0:y1, x0:x1]), hole, 3, cv2.INPAINT_TELEA
+        )
         if isinstance(segm, np.ndarray):
-            new_segm = cv2.warpAffine(mask, m, size, flags=cv2.INTER_NEAREST)
+            new_segm = cv2.warpAffine(mask, m, (hw[1], hw[0]), flags=cv2.INTER_NEAREST)
             if not new_segm.any():
                 return image, annos
         else:
@@ -89,8 +93,17 @@ class InstaBoostStep(SampleStep):
             new_segm = [p.reshape(-1) for p in clip_polygons(moved, 0, 0, hw[1], hw[0])]
             if not new_segm:
                 return image, annos
+        # Warp only the moved instance's box of the image.
+        nb = segm_box(new_segm)
+        u0, v0 = np.maximum(np.floor(nb[:2]).astype(int) - 1, 0)
+        u1, v1 = np.minimum(np.ceil(nb[2:]).astype(int) + 1, (hw[1], hw[0]))
+        shifted = m.copy()
+        shifted[:, 2] -= (u0, v0)
+        patch = np.zeros_like(image)
+        patch[v0:v1, u0:u1] = cv2.warpAffine(image, shifted, (int(u1 - u0), int(v1 - v0)),
+                                             flags=cv2.INTER_LINEAR)
         new_mask = rasterize(new_segm, hw).astype(bool)
-        filled[new_mask] = patch[new_mask]
+        np.copyto(filled, patch, where=new_mask[:, :, None])
         others = annos[:i] + annos[i + 1 :]
         others, covers = occlude(others, [new_segm], hw, float("inf"), 0.0)
         new = dict(anno, segmentation=covers[0], bbox=segm_box(covers[0]))
