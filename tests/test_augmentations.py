@@ -5,6 +5,7 @@ import pytest
 import torch
 from augment_helpers import aug_cfg, iou, masks_of, raster, rect, write_record
 from detectron2.data import DatasetMapper
+from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, PolygonMasks
 
 from lvis_longtail.config import ConfigError
@@ -60,6 +61,27 @@ def test_default_steps_equal_detectron2(records, crop):
         assert torch.equal(ia.gt_classes, ib.gt_classes)
         for pa, pb in zip(ia.gt_masks.polygons, ib.gt_masks.polygons):
             assert all(np.array_equal(x, y) for x, y in zip(pa, pb))
+
+
+@pytest.mark.parametrize("target,crop", [((96, 96), (64, 72)), ((40, 40), (64, 64))])
+def test_scale_jitter_equals_resize_scale_and_fixed_size_crop(records, target, crop):
+    opts = ["INPUT.SCALE_JITTER.TARGET_SIZE", str(target), "INPUT.SCALE_JITTER.CROP_SIZE",
+            str(crop), "INPUT.SCALE_JITTER.MIN_SCALE", "0.5", "INPUT.SCALE_JITTER.MAX_SCALE", "2.0"]
+    ours = LongTailDatasetMapper(aug_cfg(["ScaleJitter"], opts), True)
+    cfg = aug_cfg([], ["MODEL.MASK_ON", "True"])
+    theirs = DatasetMapper(cfg, True, augmentations=[
+        T.ResizeScale(0.5, 2.0, *target), T.FixedSizeCrop(crop, pad=True, pad_value=128.0)],
+        image_format="BGR", use_instance_mask=True, recompute_boxes=True)
+    for seed in range(6):
+        np.random.seed(seed)
+        a = ours(records[seed % 4])
+        np.random.seed(seed)
+        b = theirs(records[seed % 4])
+        assert a["image"].shape == b["image"].shape == (3,) + crop
+        assert (a["image"].float() - b["image"].float()).abs().mean() < 2.0
+        ma, mb = masks_of(a["instances"]), masks_of(b["instances"])
+        assert np.array_equal(ma, mb)
+        assert torch.allclose(a["instances"].gt_boxes.tensor, b["instances"].gt_boxes.tensor)
 
 
 def test_registry_doc_and_unknown_step():

@@ -410,12 +410,3 @@ def clip_polygons(polygons, x0, y0, w, h):
         clipped = T.CropTransform(x0, y0, w, h).apply_polygons(cut)
         out.extend(c + np.array([x0, y0], np.float64) for c in clipped)
     return out
-
-
-class FastCropTransform(T.CropTransform):
-    """detectron2's ``CropTransform`` whose polygon clipping skips shapely for the polygons
-    that lie inside the crop (most of them); the result is the same masks (for valid polygons)."""
-
-    def apply_polygons(self, polygons):
-        clipped = clip_polygons(polygons, self.x0, self.y0, self.w, self.h)
-        return [self.apply_coords(p) for p in clipped]

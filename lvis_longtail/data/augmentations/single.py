@@ -1,9 +1,12 @@
 """Single-image steps: detectron2's default pipeline, scale jitter / LSJ and rotation."""
 
+import numpy as np
 from detectron2.data import transforms as T
+from fvcore.transforms.transform import Transform
+from PIL import Image
 
 from lvis_longtail.data.augmentations.registry import LONGTAIL_AUGMENTATION_REGISTRY
-from lvis_longtail.data.augmentations.sample import FastCropTransform
+from lvis_longtail.data.augmentations.sample import clip_polygons
 
 # INPUT.SCALE_JITTER.PRESET -> (MIN_SCALE, MAX_SCALE, TARGET_SIZE, CROP_SIZE)
 SCALE_JITTER_PRESETS = {
@@ -40,15 +43,68 @@ def RandomCrop(cfg):
     return T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE)
 
 
-class JitterCrop(T.FixedSizeCrop):
-    """detectron2's ``FixedSizeCrop`` (random crop, then pad right/bottom to the crop size)
-    with the shapely-sparing polygon crop of :class:`FastCropTransform`."""
+class ResizeCropTransform(Transform):
+    """Resize ``(h, w)`` to ``(new_h, new_w)``, then crop ``(ch, cw)`` at ``(x0, y0)``, in one
+    step: only the source region that lands in the crop is resampled (PIL's ``resize`` with a
+    ``box``), which equals resize-then-crop up to interpolation rounding at the crop border."""
+
+    def __init__(self, h, w, new_h, new_w, x0, y0, ch, cw):
+        super().__init__()
+        self._set_attributes(locals())
+
+    def _resize(self, img, interp):
+        sx, sy = self.w / self.new_w, self.h / self.new_h
+        box = (self.x0 * sx, self.y0 * sy, (self.x0 + self.cw) * sx, (self.y0 + self.ch) * sy)
+        if img.dtype == np.uint8 and (img.ndim == 2 or img.shape[2] in (1, 3, 4)):
+            squeeze = img.ndim == 3 and img.shape[2] == 1
+            pil = Image.fromarray(img[:, :, 0] if squeeze else img)
+            out = np.asarray(pil.resize((self.cw, self.ch), interp, box=box))
+            return out[:, :, None] if squeeze else out
+        resized = T.ResizeTransform(self.h, self.w, self.new_h, self.new_w, interp).apply_image(img)
+        return resized[self.y0 : self.y0 + self.ch, self.x0 : self.x0 + self.cw]
+
+    def apply_image(self, img):
+        return self._resize(img, Image.BILINEAR)
+
+    def apply_segmentation(self, segmentation):
+        return self._resize(segmentation, Image.NEAREST)
+
+    def apply_coords(self, coords):
+        coords[:, 0] = coords[:, 0] * (self.new_w * 1.0 / self.w) - self.x0
+        coords[:, 1] = coords[:, 1] * (self.new_h * 1.0 / self.h) - self.y0
+        return coords
+
+    def apply_polygons(self, polygons):
+        scale = np.array([self.new_w * 1.0 / self.w, self.new_h * 1.0 / self.h])
+        scaled = [np.asarray(p, np.float64) * scale for p in polygons]
+        clipped = clip_polygons(scaled, self.x0, self.y0, self.cw, self.ch)
+        return [p - np.array([self.x0, self.y0], np.float64) for p in clipped]
+
+
+class ScaleJitterCrop(T.Augmentation):
+    """detectron2's ``ResizeScale(min_scale, max_scale, *target)`` followed by
+    ``FixedSizeCrop(crop, pad=True, pad_value)``: the same random draws, sizes and offsets, but
+    resizing only what the crop keeps (:class:`ResizeCropTransform`)."""
 
     recompute_boxes = True
 
-    def _get_crop(self, image):
-        crop = super()._get_crop(image)
-        return FastCropTransform(crop.x0, crop.y0, crop.w, crop.h, crop.orig_w, crop.orig_h)
+    def __init__(self, min_scale, max_scale, target, crop, pad_value):
+        super().__init__()
+        self._init(locals())
+        self._resize = T.ResizeScale(min_scale, max_scale, target[0], target[1])
+
+    def get_transform(self, image):
+        h, w = image.shape[:2]
+        resize = self._resize.get_transform(image)
+        new_h, new_w = resize.new_h, resize.new_w
+        max_offset = np.maximum(np.subtract((new_h, new_w), self.crop), 0)
+        oy, ox = np.round(np.multiply(max_offset, np.random.uniform(0.0, 1.0))).astype(int)
+        ch, cw = min(self.crop[0], new_h - oy), min(self.crop[1], new_w - ox)
+        pad_h, pad_w = self.crop[0] - ch, self.crop[1] - cw
+        return T.TransformList([
+            ResizeCropTransform(h, w, new_h, new_w, int(ox), int(oy), int(ch), int(cw)),
+            T.PadTransform(0, 0, int(pad_w), int(pad_h), int(cw), int(ch), self.pad_value),
+        ])
 
 
 def scale_jitter_params(cfg):
@@ -63,10 +119,7 @@ def scale_jitter_params(cfg):
 def ScaleJitter(cfg):
     """``ResizeScale`` + random fixed-size crop with padding (``INPUT.SCALE_JITTER``)."""
     lo, hi, target, crop = scale_jitter_params(cfg)
-    return [
-        T.ResizeScale(lo, hi, target[0], target[1]),
-        JitterCrop(crop, pad=True, pad_value=cfg.INPUT.SCALE_JITTER.PAD_VALUE),
-    ]
+    return ScaleJitterCrop(lo, hi, target, crop, cfg.INPUT.SCALE_JITTER.PAD_VALUE)
 
 
 class RandomRotationProb(T.Augmentation):
