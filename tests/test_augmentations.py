@@ -84,6 +84,20 @@ def test_scale_jitter_equals_resize_scale_and_fixed_size_crop(records, target, c
         assert torch.allclose(a["instances"].gt_boxes.tensor, b["instances"].gt_boxes.tensor)
 
 
+def test_lvis_fields_are_contiguous_tensors(records):
+    mapper = LongTailDatasetMapper(aug_cfg(["RandomFlip"]), True)
+    out = mapper(records[0])  # dataset ids neg [8, 7], not-exhaustive [3]
+    assert out["neg_category_ids"].tolist() == [6, 7]
+    assert out["not_exhaustive_category_ids"].tolist() == [2]
+    assert out["pos_category_ids"].tolist() == [0, 1, 2]
+    assert out["neg_category_ids"].dtype == torch.int64
+    bad = dict(records[0], neg_category_ids=[99])
+    with pytest.raises(ValueError, match=r"field 'neg_category_ids' has category id 99"):
+        mapper(bad)
+    with pytest.raises(ValueError, match=r"field 'ignore_boxes' must be a list of"):
+        mapper(dict(records[0], ignore_boxes=[[1, 2, 3]]))
+
+
 def test_registry_doc_and_unknown_step():
     assert "builder(cfg)" in LONGTAIL_AUGMENTATION_REGISTRY.__doc__
     with pytest.raises(ConfigError, match="INPUT.AUGMENTATIONS: unknown step 'Mozaic'"):
