@@ -13,7 +13,7 @@ def rect(x0, y0, x1, y1):
 
 
 def write_record(tmp_path, name, hw, objects, ignore=(), neg=(), nex=(), seed=0):
-    """Write a random-noise PNG of size ``hw`` and return its record.
+    """Write a smooth random PNG of size ``hw`` and return its record.
 
     Args:
         objects: list of (contiguous class, flat polygon) pairs.
@@ -21,7 +21,8 @@ def write_record(tmp_path, name, hw, objects, ignore=(), neg=(), nex=(), seed=0)
         neg, nex: dataset category ids (contiguous + 1) of the LVIS label fields.
     """
     rng = np.random.default_rng(seed)
-    image = rng.integers(0, 256, size=hw + (3,), dtype=np.uint8)
+    coarse = rng.integers(0, 256, size=(max(2, hw[0] // 8), max(2, hw[1] // 8), 3), dtype=np.uint8)
+    image = np.asarray(Image.fromarray(coarse).resize((hw[1], hw[0]), Image.BICUBIC))
     path = tmp_path / f"{name}.png"
     Image.fromarray(image).save(path)
     annos = []

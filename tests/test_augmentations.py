@@ -78,7 +78,8 @@ def test_scale_jitter_equals_resize_scale_and_fixed_size_crop(records, target, c
         np.random.seed(seed)
         b = theirs(records[seed % 4])
         assert a["image"].shape == b["image"].shape == (3,) + crop
-        assert (a["image"].float() - b["image"].float()).abs().mean() < 2.0
+        # OpenCV resampling vs detectron2's PIL: rounding (upscale), filter (downscale)
+        assert (a["image"].float() - b["image"].float()).abs().mean() < 1.5
         ma, mb = masks_of(a["instances"]), masks_of(b["instances"])
         assert np.array_equal(ma, mb)
         assert torch.allclose(a["instances"].gt_boxes.tensor, b["instances"].gt_boxes.tensor)

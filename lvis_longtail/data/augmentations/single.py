@@ -1,9 +1,9 @@
 """Single-image steps: detectron2's default pipeline, scale jitter / LSJ and rotation."""
 
+import cv2
 import numpy as np
 from detectron2.data import transforms as T
 from fvcore.transforms.transform import Transform
-from PIL import Image
 
 from lvis_longtail.data.augmentations.registry import LONGTAIL_AUGMENTATION_REGISTRY
 from lvis_longtail.data.augmentations.sample import clip_polygons
@@ -45,29 +45,34 @@ def RandomCrop(cfg):
 
 class ResizeCropTransform(Transform):
     """Resize ``(h, w)`` to ``(new_h, new_w)``, then crop ``(ch, cw)`` at ``(x0, y0)``, in one
-    step: only the source region that lands in the crop is resampled (PIL's ``resize`` with a
-    ``box``), which equals resize-then-crop up to interpolation rounding at the crop border."""
+    step with OpenCV: an upscale samples only the crop (``warpAffine``, bilinear, pixel centres
+    mapped as detectron2's PIL resize maps them); a downscale resizes with pixel-area
+    averaging (``INTER_AREA``, anti-aliased) and slices. Masks use nearest neighbours."""
 
     def __init__(self, h, w, new_h, new_w, x0, y0, ch, cw):
         super().__init__()
         self._set_attributes(locals())
 
-    def _resize(self, img, interp):
-        sx, sy = self.w / self.new_w, self.h / self.new_h
-        box = (self.x0 * sx, self.y0 * sy, (self.x0 + self.cw) * sx, (self.y0 + self.ch) * sy)
-        if img.dtype == np.uint8 and (img.ndim == 2 or img.shape[2] in (1, 3, 4)):
-            squeeze = img.ndim == 3 and img.shape[2] == 1
-            pil = Image.fromarray(img[:, :, 0] if squeeze else img)
-            out = np.asarray(pil.resize((self.cw, self.ch), interp, box=box))
-            return out[:, :, None] if squeeze else out
-        resized = T.ResizeTransform(self.h, self.w, self.new_h, self.new_w, interp).apply_image(img)
-        return resized[self.y0 : self.y0 + self.ch, self.x0 : self.x0 + self.cw]
+    def _resize(self, img, nearest: bool):
+        sx, sy = self.new_w / self.w, self.new_h / self.h
+        squeeze = img.ndim == 3 and img.shape[2] == 1
+        src = img[:, :, 0] if squeeze else img
+        if sx >= 1.0 and sy >= 1.0:
+            m = np.array([[sx, 0.0, 0.5 * sx - 0.5 - self.x0], [0.0, sy, 0.5 * sy - 0.5 - self.y0]])
+            flags = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+            out = cv2.warpAffine(src, m, (self.cw, self.ch), flags=flags,
+                                 borderMode=cv2.BORDER_REPLICATE)
+        else:
+            flags = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
+            out = cv2.resize(src, (self.new_w, self.new_h), interpolation=flags)
+            out = out[self.y0 : self.y0 + self.ch, self.x0 : self.x0 + self.cw]
+        return out[:, :, None] if squeeze else out
 
     def apply_image(self, img):
-        return self._resize(img, Image.BILINEAR)
+        return self._resize(img, nearest=False)
 
     def apply_segmentation(self, segmentation):
-        return self._resize(segmentation, Image.NEAREST)
+        return self._resize(segmentation, nearest=True)
 
     def apply_coords(self, coords):
         coords[:, 0] = coords[:, 0] * (self.new_w * 1.0 / self.w) - self.x0
