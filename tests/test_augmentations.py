@@ -99,6 +99,28 @@ def test_lvis_fields_are_contiguous_tensors(records):
         mapper(dict(records[0], ignore_boxes=[[1, 2, 3]]))
 
 
+@pytest.mark.parametrize("fmt", ["BGR", "RGB"])
+def test_opencv_decoding_equals_detectron2_read_image(tmp_path, fmt):
+    from detectron2.data.detection_utils import read_image as d2_read_image
+    from PIL import Image
+
+    from lvis_longtail.data.mapper import read_image
+
+    rng = np.random.default_rng(0)
+    rgb = np.asarray(Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
+        (64, 48), Image.BICUBIC))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: both readers must apply the orientation
+    paths = []
+    for name, img, kw in [("a.jpg", rgb, {"quality": 90}), ("b.png", rgb, {}),
+                          ("c.jpg", rgb[:, :, 0], {}), ("d.jpg", rgb, {"exif": exif})]:
+        paths.append(str(tmp_path / name))
+        Image.fromarray(img).save(paths[-1], **kw)
+    for path in paths:
+        ours, theirs = read_image(path, fmt), d2_read_image(path, format=fmt)
+        assert ours.shape == theirs.shape and np.array_equal(ours, theirs), path
+
+
 def test_registry_doc_and_unknown_step():
     assert "builder(cfg)" in LONGTAIL_AUGMENTATION_REGISTRY.__doc__
     with pytest.raises(ConfigError, match="INPUT.AUGMENTATIONS: unknown step 'Mozaic'"):
