@@ -6,16 +6,14 @@ import numpy as np
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 
+from lvis_longtail.data.augmentations.geometry import CanvasPlaceTransform, occlude, union_mask
 from lvis_longtail.data.augmentations.registry import LONGTAIL_AUGMENTATION_REGISTRY
 from lvis_longtail.data.augmentations.sample import (
-    CanvasPlaceTransform,
     LazySample,
     Sample,
     SampleStep,
     merge_class_sets,
-    occlude,
     transform_sample,
-    union_mask,
 )
 
 

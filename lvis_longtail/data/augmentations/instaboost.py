@@ -13,16 +13,9 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from lvis_longtail.data.augmentations.geometry import clip_polygons, occlude, rasterize, segm_box
 from lvis_longtail.data.augmentations.registry import LONGTAIL_AUGMENTATION_REGISTRY
-from lvis_longtail.data.augmentations.sample import (
-    LazySample,
-    Sample,
-    SampleStep,
-    clip_polygons,
-    occlude,
-    rasterize,
-    segm_box,
-)
+from lvis_longtail.data.augmentations.sample import LazySample, Sample, SampleStep
 
 
 class InstaBoostStep(SampleStep):

@@ -5,9 +5,9 @@ from typing import Sequence
 import numpy as np
 from detectron2.data import transforms as T
 
+from lvis_longtail.data.augmentations.geometry import CanvasPlaceTransform
 from lvis_longtail.data.augmentations.registry import LONGTAIL_AUGMENTATION_REGISTRY
 from lvis_longtail.data.augmentations.sample import (
-    CanvasPlaceTransform,
     LazySample,
     Sample,
     SampleStep,

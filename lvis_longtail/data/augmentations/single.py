@@ -5,8 +5,8 @@ import numpy as np
 from detectron2.data import transforms as T
 from fvcore.transforms.transform import Transform
 
+from lvis_longtail.data.augmentations.geometry import clip_polygons
 from lvis_longtail.data.augmentations.registry import LONGTAIL_AUGMENTATION_REGISTRY
-from lvis_longtail.data.augmentations.sample import clip_polygons
 
 # INPUT.SCALE_JITTER.PRESET -> (MIN_SCALE, MAX_SCALE, TARGET_SIZE, CROP_SIZE)
 SCALE_JITTER_PRESETS = {
