@@ -28,7 +28,7 @@ from detectron2.config import configurable
 from detectron2.data import DatasetMapper, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.structures import Boxes
+from detectron2.structures import Boxes, PolygonMasks
 
 from lvis_longtail.data.augmentations import (
     LazySample,
@@ -37,6 +37,7 @@ from lvis_longtail.data.augmentations import (
     build_augmentation_steps,
     needs_box_recompute,
 )
+from lvis_longtail.data.augmentations.geometry import polygon_mask_boxes
 from lvis_longtail.data.augmentations.sample import (
     boxes_to_polygons,
     ignore_boxes,
@@ -231,7 +232,11 @@ class LongTailDatasetMapper(DatasetMapper):
             mask_format = "bitmask"  # bitmask/RLE data, or a sample rasterised by a step
         instances = utils.annotations_to_instances(annos, hw, mask_format=mask_format)
         if (self.recompute_boxes or sample.recompute_boxes) and instances.has("gt_masks"):
-            instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
+            masks = instances.gt_masks
+            if isinstance(masks, PolygonMasks) and all(len(ps) for ps in masks.polygons):
+                instances.gt_boxes = Boxes(torch.from_numpy(polygon_mask_boxes(masks.polygons)))
+            else:
+                instances.gt_boxes = masks.get_bounding_boxes()
             instances.gt_boxes.clip(hw)
         instances = utils.filter_empty_instances(instances)
         if had_instances and len(instances) == 0:

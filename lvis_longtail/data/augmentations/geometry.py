@@ -220,3 +220,17 @@ def clip_polygons(polygons, x0, y0, w, h):
         clipped = T.CropTransform(x0, y0, w, h).apply_polygons(cut)
         out.extend(c + np.array([x0, y0], np.float64) for c in clipped)
     return out
+
+
+def polygon_mask_boxes(polygons_per_instance) -> np.ndarray:
+    """``(N, 4)`` tight XYXY boxes of ``PolygonMasks.polygons`` (what its
+    ``get_bounding_boxes`` returns), in one vectorised pass."""
+    flat = [p.reshape(-1, 2) for ps in polygons_per_instance for p in ps]
+    if not flat:
+        return np.zeros((len(polygons_per_instance), 4), np.float32)
+    counts = [sum(len(p) // 2 for p in ps) for ps in polygons_per_instance]
+    pts = np.concatenate(flat)
+    starts = np.cumsum([0] + counts[:-1])
+    lo = np.minimum.reduceat(pts, starts, axis=0)
+    hi = np.maximum.reduceat(pts, starts, axis=0)
+    return np.concatenate([lo, hi], axis=1).astype(np.float32)

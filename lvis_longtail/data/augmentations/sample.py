@@ -193,7 +193,12 @@ def clip_boxes(boxes: np.ndarray, hw) -> np.ndarray:
 def normalize_annotation(anno: dict, hw) -> dict:
     """A dataset annotation in :class:`Sample` form: XYXY_ABS box, RLE decoded to a mask."""
     anno = dict(anno)
-    anno["bbox"] = BoxMode.convert(anno["bbox"], anno["bbox_mode"], BoxMode.XYXY_ABS)
+    if anno["bbox_mode"] == BoxMode.XYWH_ABS:  # BoxMode.convert's float32 arithmetic
+        box = np.asarray(anno["bbox"], np.float32)
+        box[2:] += box[:2]
+        anno["bbox"] = box.tolist()
+    else:
+        anno["bbox"] = BoxMode.convert(anno["bbox"], anno["bbox_mode"], BoxMode.XYXY_ABS)
     anno["bbox_mode"] = BoxMode.XYXY_ABS
     segm = anno.get("segmentation")
     if isinstance(segm, dict):
