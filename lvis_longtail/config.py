@@ -130,6 +130,7 @@ def add_longtail_config(cfg: CN) -> CN:
     _add_mask_inference_config(cfg)
     _add_htc_lite_config(cfg)
     _add_architecture_config(cfg)
+    _add_augmentation_config(cfg)
     return cfg
 
 
@@ -354,7 +355,7 @@ def _add_htc_lite_config(cfg: CN) -> None:
     head.LOSS_WEIGHT = 3.0
     # Federated (LVIS) loss: count only the image's positive classes and its verified
     # negatives (neg_category_ids); other categories are unverified on LVIS. Training then
-    # uses lvis_longtail.data.image_labels.LVISImageLabelsMapper (the Trainer picks it).
+    # puts each image's neg_category_ids on its GT instances (LongTailDatasetMapper).
     head.FEDERATED = False
     # Add the context vector to the pooled RoI features of every box stage / of the mask head.
     head.FUSE_BOX = True
@@ -418,3 +419,71 @@ def _add_architecture_config(cfg: CN) -> None:
     cfg.MODEL.TIMM.DEFORM_ON_PER_STAGE = [False, False, False, False]
     cfg.MODEL.TIMM.DEFORM_MODULATED = True
     cfg.MODEL.TIMM.DEFORM_NUM_GROUPS = 1
+
+
+def _add_augmentation_config(cfg: CN) -> None:
+    # Training augmentation steps, in order: names in LONGTAIL_AUGMENTATION_REGISTRY
+    # (lvis_longtail/data/augmentations). The default is detectron2's own pipeline
+    # (INPUT.CROP, if enabled, goes first as in detectron2): "ResizeShortestEdge"
+    # (INPUT.MIN_SIZE_TRAIN, MAX_SIZE_TRAIN, MIN_SIZE_TRAIN_SAMPLING), "RandomFlip"
+    # (INPUT.RANDOM_FLIP). Single-image steps: "RandomCrop" (INPUT.CROP), "ScaleJitter",
+    # "Rotation", "InstaBoost"; multi-image steps: "Mosaic", "CopyPaste". Each step's
+    # parameters are in its own sub-node below. Single-image steps before a multi-image step
+    # are applied to every image it combines; the steps after it to the combined image.
+    cfg.INPUT.AUGMENTATIONS = ["ResizeShortestEdge", "RandomFlip"]
+
+    # Scale jitter (ResizeScale + FixedSizeCrop): resize so that the image fits TARGET_SIZE
+    # (h, w) times s ~ U(MIN_SCALE, MAX_SCALE), keeping its aspect ratio, then take a random
+    # CROP_SIZE (h, w) crop, padding with PAD_VALUE where the image is smaller. Boxes are
+    # recomputed from the cropped masks. PRESET overrides the four values: "lsj_1024"
+    # (large-scale jitter, Ghiasi et al. 2021: 0.1-2.0 of 1024, crop 1024) or "mmdet_1280"
+    # (the LVIS 2020 MMDet entry: long edge U(768, 1792) = 0.6-1.4 of 1280, crop 1280).
+    cfg.INPUT.SCALE_JITTER = CN()
+    _enum(cfg, "INPUT.SCALE_JITTER.PRESET", "custom", ("custom", "lsj_1024", "mmdet_1280"))
+    cfg.INPUT.SCALE_JITTER.MIN_SCALE = 0.1
+    cfg.INPUT.SCALE_JITTER.MAX_SCALE = 2.0
+    cfg.INPUT.SCALE_JITTER.TARGET_SIZE = (1024, 1024)
+    cfg.INPUT.SCALE_JITTER.CROP_SIZE = (1024, 1024)
+    cfg.INPUT.SCALE_JITTER.PAD_VALUE = 128.0
+
+    # Rotation by an angle ~ U(-ANGLE, ANGLE) degrees about the image centre, applied with
+    # probability PROB. EXPAND: grow the canvas so that no pixel is cut off. Polygons are
+    # rotated and boxes recomputed from them.
+    cfg.INPUT.ROTATION = CN()
+    cfg.INPUT.ROTATION.PROB = 0.5
+    cfg.INPUT.ROTATION.ANGLE = 10.0
+    cfg.INPUT.ROTATION.EXPAND = False
+
+    # Mosaic (YOLOv4): with probability PROB, the image and 3 more drawn from the training
+    # sampler are each resized to fit TILE_SIZE (h, w) and placed around a centre
+    # ~ U(CENTER_RANGE) x TILE_SIZE of a 2 TILE_SIZE canvas filled with PAD_VALUE.
+    cfg.INPUT.MOSAIC = CN()
+    cfg.INPUT.MOSAIC.PROB = 0.5
+    cfg.INPUT.MOSAIC.TILE_SIZE = (640, 640)
+    cfg.INPUT.MOSAIC.CENTER_RANGE = (0.5, 1.5)
+    cfg.INPUT.MOSAIC.PAD_VALUE = 114.0
+
+    # Copy-paste (Ghiasi et al. 2021): with probability PROB, a random non-empty subset (at
+    # most MAX_NUM_PASTED) of another training image's instances is pasted onto the image
+    # (top-left aligned). The covered parts of the image's masks are removed; an instance
+    # whose box moved by more than BOX_MOVED_THRESH px and whose remaining mask has at most
+    # MIN_VISIBLE_AREA px is dropped (mmdetection's rule). RARE_SOURCE_CANDIDATES: draw this
+    # many candidate source images from the sampler and paste from the one holding the rarest
+    # class (fewest training images); 1 = no bias.
+    cfg.INPUT.COPY_PASTE = CN()
+    cfg.INPUT.COPY_PASTE.PROB = 0.5
+    cfg.INPUT.COPY_PASTE.MAX_NUM_PASTED = 100
+    cfg.INPUT.COPY_PASTE.BOX_MOVED_THRESH = 10.0
+    cfg.INPUT.COPY_PASTE.MIN_VISIBLE_AREA = 300.0
+    cfg.INPUT.COPY_PASTE.RARE_SOURCE_CANDIDATES = 1
+
+    # InstaBoost-style instance jitter (Fang et al. 2019), written here: with probability
+    # PROB, up to MAX_INSTANCES instances are each cut out, their hole inpainted, and pasted
+    # back moved by up to SHIFT x their box size, scaled by ~ U(SCALE) and rotated by
+    # ~ U(-ANGLE, ANGLE) degrees; instances they cover lose those pixels.
+    cfg.INPUT.INSTABOOST = CN()
+    cfg.INPUT.INSTABOOST.PROB = 0.5
+    cfg.INPUT.INSTABOOST.MAX_INSTANCES = 3
+    cfg.INPUT.INSTABOOST.SHIFT = 0.2
+    cfg.INPUT.INSTABOOST.SCALE = (0.8, 1.2)
+    cfg.INPUT.INSTABOOST.ANGLE = 5.0

@@ -261,7 +261,7 @@ def test_federated_context_trains_with_the_image_labels(storage):
     model = model_of(*HTC, "MODEL.ROI_CONTEXT_HEAD.FEDERATED", True)
     batch = make_batch(num_classes=K, size=SIZE, seed=2)
     model.train()
-    with pytest.raises(ValueError, match="LVISImageLabelsMapper"):
+    with pytest.raises(ValueError, match="LongTailDatasetMapper"):
         model(batch)
     for d in batch:
         attach_neg_classes(d["instances"], [K], {K: K - 1})

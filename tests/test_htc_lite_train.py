@@ -16,7 +16,8 @@ from conftest import REPO
 
 from lvis_longtail.config import setup_cfg
 from lvis_longtail.data.builtin import register_synthetic
-from lvis_longtail.data.image_labels import NEG_CLASSES_FIELD, LVISImageLabelsMapper
+from lvis_longtail.data.image_labels import NEG_CLASSES_FIELD
+from lvis_longtail.data.mapper import LongTailDatasetMapper
 from lvis_longtail.data.synthetic import generate
 from lvis_longtail.engine import Trainer
 
@@ -96,7 +97,7 @@ def test_mapper_carries_verified_negatives(synthetic_root, tmp_path):
     id_map = MetadataCatalog.get("lt_htc_train").thing_dataset_id_to_contiguous_id
     records = [r for r in DatasetCatalog.get("lt_htc_train") if r["neg_category_ids"]]
     assert records
-    out = LVISImageLabelsMapper(cfg, True)(records[0])
+    out = LongTailDatasetMapper(cfg, True)(records[0])
     field = out["instances"].get(NEG_CLASSES_FIELD)
     assert field.shape[0] == len(out["instances"]) > 0
     expected = sorted(id_map[c] for c in records[0]["neg_category_ids"])

@@ -11,14 +11,13 @@ keep it. An image left without instances loses it (it has no positive classes ei
 from typing import Dict, Sequence
 
 import torch
-from detectron2.data import DatasetMapper, MetadataCatalog
 from detectron2.structures import Instances
 
 __all__ = [
     "NEG_CLASSES_FIELD",
-    "LVISImageLabelsMapper",
     "attach_neg_classes",
     "needs_image_labels",
+    "set_neg_classes",
 ]
 
 NEG_CLASSES_FIELD = "gt_neg_classes"
@@ -43,32 +42,15 @@ def attach_neg_classes(
     unknown = [c for c in neg_category_ids if c not in id_map]
     if unknown:
         raise ValueError(f"neg_category_ids {unknown[:5]} are not categories of the dataset")
-    neg = torch.tensor([id_map[c] for c in neg_category_ids] or [-1], dtype=torch.int64)
+    return set_neg_classes(instances, [id_map[c] for c in neg_category_ids])
+
+
+def set_neg_classes(instances: Instances, neg_classes: Sequence[int]) -> Instances:
+    """Set :data:`NEG_CLASSES_FIELD` on ``instances`` in place from the image's verified
+    negative classes as contiguous ids; returns ``instances``."""
+    neg = torch.tensor(list(neg_classes) or [-1], dtype=torch.int64)
     instances.set(NEG_CLASSES_FIELD, neg.expand(len(instances), -1).clone())
     return instances
-
-
-class LVISImageLabelsMapper(DatasetMapper):
-    """detectron2's ``DatasetMapper`` plus :func:`attach_neg_classes` on the mapped
-    instances (training), for the federated context loss of HTC-Lite."""
-
-    def __init__(self, cfg, is_train: bool = True):
-        super().__init__(cfg, is_train)
-        meta = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
-        self.id_map = dict(meta.get("thing_dataset_id_to_contiguous_id", {}))
-
-    def __call__(self, dataset_dict):
-        neg = dataset_dict.get("neg_category_ids")
-        out = super().__call__(dataset_dict)
-        if "instances" in out and neg is not None:
-            try:
-                attach_neg_classes(out["instances"], neg, self.id_map)
-            except ValueError as e:
-                raise ValueError(
-                    f"{dataset_dict.get('file_name')} (image id {dataset_dict.get('image_id')}): "
-                    f"field 'neg_category_ids': {e}"
-                ) from None
-        return out
 
 
 def needs_image_labels(cfg) -> bool:

@@ -3,11 +3,11 @@
 import logging
 import os
 
-from detectron2.data import MetadataCatalog, build_detection_train_loader
+from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
 
 from lvis_longtail.config import setup_cfg  # noqa: F401  (re-exported)
-from lvis_longtail.data.image_labels import LVISImageLabelsMapper, needs_image_labels
+from lvis_longtail.data.loader import build_longtail_train_loader
 from lvis_longtail.engine.resume import DataStream
 from lvis_longtail.evaluation import LVISLongTailEvaluator
 
@@ -62,9 +62,12 @@ class Trainer(DefaultTrainer):
       APr/APc/APf under ``TEST.EVAL_PROTOCOL``, per-class diagnostics, and the results file,
       which is all a test-dev split gets).
 
-    Training data and the repeat-factor sampler are detectron2's own. Checkpoints also hold
-    what detectron2 0.6 leaves out, so ``--resume`` continues exactly (see
-    :mod:`lvis_longtail.engine.resume`): the optimizer and AMP grad scaler
+    - ``build_train_loader`` maps training images with ``LongTailDatasetMapper``
+      (``INPUT.AUGMENTATIONS``; multi-image steps draw through the same sampler, so the
+      repeat-factor sampler still decides which images appear).
+
+    Checkpoints also hold what detectron2 0.6 leaves out, so ``--resume`` continues exactly
+    (see :mod:`lvis_longtail.engine.resume`): the optimizer and AMP grad scaler
     (``SimpleTrainer``/``AMPTrainer.state_dict`` under ``"_trainer"``, as later detectron2
     versions do), the training sampler's position and aspect-ratio buckets, and the RNGs.
     """
@@ -90,19 +93,15 @@ class Trainer(DefaultTrainer):
             self._data_stream.load_state_dict(state_dict["data_stream"])
 
     @classmethod
+    def build_train_loader(cls, cfg):
+        return build_longtail_train_loader(cfg)
+
+    @classmethod
     def build_model(cls, cfg):
         check_num_classes(cfg)
         model = super().build_model(cfg)
         freeze_modules(model, cfg.MODEL.FROZEN_MODULES)
         return model
-
-    @classmethod
-    def build_train_loader(cls, cfg):
-        """detectron2's; a federated context head (HTC-Lite) also gets each image's verified
-        negative classes on its GT instances (:mod:`lvis_longtail.data.image_labels`)."""
-        if needs_image_labels(cfg):
-            return build_detection_train_loader(cfg, mapper=LVISImageLabelsMapper(cfg, True))
-        return super().build_train_loader(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

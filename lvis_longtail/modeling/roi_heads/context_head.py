@@ -84,8 +84,8 @@ def context_targets(
         if not t.has(NEG_CLASSES_FIELD):
             raise ValueError(
                 f"MODEL.ROI_CONTEXT_HEAD.FEDERATED needs the '{NEG_CLASSES_FIELD}' field on "
-                "the GT instances (the image's neg_category_ids); train with "
-                "lvis_longtail.data.image_labels.LVISImageLabelsMapper or set FEDERATED False"
+                "the GT instances (the image's neg_category_ids); train with lvis_longtail's "
+                "LongTailDatasetMapper (the Trainer's) or set FEDERATED False"
             )
         neg = t.get(NEG_CLASSES_FIELD)[0]
         counted[i, neg[neg >= 0].to(device)] = True
