@@ -192,8 +192,8 @@ def test_store_chunks_truncation_and_duplicates(tmp_path, caplog):
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda text: text[: len(text) - 50], r"not a complete JSON document \(truncated\?\)"),
-        (lambda text: text.replace('"score"', '"score",', 1), r"not a complete JSON document"),
+        (lambda text: text[: len(text) - 50], r"not valid JSON \(truncated\?\)"),
+        (lambda text: text.replace('"score"', '"score",', 1), r"not valid JSON"),
         (lambda text: '{"results": ' + text + "}", "is a dict, not a list of records"),
         (
             lambda text: text.replace('"score":', '"scor":', 1),

@@ -117,7 +117,10 @@ def broken(mutate):
 @pytest.mark.parametrize(
     "mutate,message",
     [
-        (lambda d: d["annotations"][1].pop("bbox"), r"annotations\[1\] \(id=11\): field 'bbox' is missing"),
+        (
+            lambda d: d["annotations"][1].pop("bbox"),
+            r"annotations\[1\] \(id=11\): field 'bbox' is missing",
+        ),
         (
             lambda d: d["annotations"][2].update(category_id=9),
             r"annotations\[2\] \(id=12\): field 'category_id' 9 is not a category id",
@@ -126,9 +129,18 @@ def broken(mutate):
             lambda d: d["annotations"][0].update(image_id=77),
             r"annotations\[0\] \(id=10\): field 'image_id' 77 is not an image id",
         ),
-        (lambda d: d["images"][1].pop("height"), r"images\[1\] \(id=2\): field 'height' is missing"),
-        (lambda d: d["images"][2].pop("coco_url"), r"images\[2\] \(id=5\): field 'file_name' is missing"),
-        (lambda d: d["categories"][1].pop("name"), r"categories\[1\] \(id=2\): field 'name' is missing"),
+        (
+            lambda d: d["images"][1].pop("height"),
+            r"images\[1\] \(id=2\): field 'height' is missing",
+        ),
+        (
+            lambda d: d["images"][2].pop("coco_url"),
+            r"images\[2\] \(id=5\): field 'file_name' is missing",
+        ),
+        (
+            lambda d: d["categories"][1].pop("name"),
+            r"categories\[1\] \(id=2\): field 'name' is missing",
+        ),
         (
             lambda d: d["annotations"][3].update(id=10),
             r"annotations\[3\] \(id=10\): field 'id' is duplicated",

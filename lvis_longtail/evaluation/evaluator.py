@@ -29,6 +29,8 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
 
+from lvis_longtail.data.class_stats import training_frequency
+from lvis_longtail.data.lvis_json import load_validated
 from lvis_longtail.evaluation import diagnostics
 from lvis_longtail.evaluation.export import instances_to_lvis_records, write_json_atomic
 from lvis_longtail.evaluation.fast_eval import LVISGroundTruth, evaluate_detections
@@ -37,8 +39,7 @@ from lvis_longtail.evaluation.lvis_evaluation import (
     METRICS_FILE,
     TASKS,
     _percent,
-    fill_frequencies,
-    load_split_json,
+    resolve_frequencies,
     run_lvis_eval,
 )
 from lvis_longtail.evaluation.protocol import ClassScoreThresholds, EvalProtocol
@@ -72,9 +73,14 @@ class LVISLongTailEvaluator(DatasetEvaluator):
     ``mask_scores``, and the file's ``score`` is the segm score (the LVIS server evaluates
     segm). segm uses the mask area for APs/APm/APl, as detectron2 does.
 
+    APr/APc/APf use the training set's frequency groups: the json's ``frequency`` fields,
+    else those of ``train_datasets`` (their json's fields or a recount of their annotations);
+    only when no training split is known (an eval-only run on a foreign json) a recount of
+    the evaluated split, which the log and ``lvis_metrics.json`` (``frequency_source``) say.
+
     Dataset metadata used: ``json_file``; ``thing_dataset_id_to_contiguous_id`` (absent: the
-    dataset id is contiguous id + 1); ``class_frequency`` (optional, only fills categories
-    whose json entry has no ``frequency``).
+    dataset id is contiguous id + 1); ``class_frequency`` (the evaluated split's own groups,
+    used only without a training split).
     """
 
     def __init__(
@@ -90,6 +96,7 @@ class LVISLongTailEvaluator(DatasetEvaluator):
         evaluator: str = "fast",
         class_image_count: Optional[Union[Mapping[int, int], Sequence[int]]] = None,
         flush_every: int = 32,
+        train_datasets: Sequence[str] = (),
     ):
         """
         Args:
@@ -106,6 +113,8 @@ class LVISLongTailEvaluator(DatasetEvaluator):
             class_image_count: training images per class, for the per-class diagnostics:
                 ``{dataset category id: count}`` or a sequence per contiguous class id.
             flush_every: images buffered in memory before they are written to the shard.
+            train_datasets: the training datasets (``DATASETS.TRAIN``) whose frequency groups
+                APr/APc/APf use for categories without a json ``frequency``; empty: none known.
         """
         if not set(tasks) <= set(TASKS) or not tasks:
             raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tuple(tasks)}")
@@ -124,7 +133,7 @@ class LVISLongTailEvaluator(DatasetEvaluator):
             self._dataset_ids = {v: k for k, v in mapping.items()}
         else:
             self._dataset_ids = {k: k + 1 for k in range(len(meta.get("thing_classes", [])))}
-        self._class_frequency = meta.get("class_frequency")
+        self._train_datasets = tuple(train_datasets)
         self._class_image_count = class_image_count
         self._output_dir = output_dir
         self._tasks = tuple(t for t in TASKS if t in tasks)
@@ -271,7 +280,8 @@ class LVISLongTailEvaluator(DatasetEvaluator):
         self._discard()
 
     def _evaluate(self, paths):
-        dataset = load_split_json(self._json_file)
+        validated = load_validated(self._json_file)
+        dataset = validated.dataset
         split = SplitIndex(dataset)
         has_masks = shards_have_masks(paths)
         tasks = self._tasks
@@ -292,16 +302,35 @@ class LVISLongTailEvaluator(DatasetEvaluator):
             logger.info(f"Saved LVIS results ({self._protocol.name} protocol) to {path}.")
         if summary["num_processed_images"] == 0:
             logger.warning(f"LVISLongTailEvaluator received no images of {self._dataset_name}.")
-        if not dataset.get("annotations"):
+        if not validated.has_annotations:
             logger.info(
                 f"{self._dataset_name} has no annotations: results exported for submission to "
                 f"the LVIS evaluation server ({path or 'nothing written: no output_dir'})."
             )
             return {}
-        fill_frequencies(dataset, self._class_frequency, self._dataset_ids)
-        return self._evaluate_tasks(dataset, paths, tasks)
+        dataset, source = self._with_frequencies(dataset)
+        logger.info(f"Frequency groups (APr/APc/APf) of {self._dataset_name}: {source}.")
+        return self._evaluate_tasks(dataset, paths, tasks, source)
 
-    def _evaluate_tasks(self, dataset, paths, tasks):
+    def _with_frequencies(self, dataset):
+        """The split with the training set's frequency groups (see the class docstring)."""
+        train, train_source = training_frequency(self._train_datasets)
+        split_frequency = None
+        if train is None:
+            try:
+                split_frequency = MetadataCatalog.get(self._dataset_name).get("class_frequency")
+            except (OSError, ValueError):
+                split_frequency = None
+        return resolve_frequencies(
+            dataset,
+            self._dataset_ids,
+            train,
+            train_source,
+            split_frequency,
+            f"the evaluated split {self._dataset_name}",
+        )
+
+    def _evaluate_tasks(self, dataset, paths, tasks, frequency_source):
         table, _ = read_shards(paths)
         gt = LVISGroundTruth(dataset)
         protocol, results, per_task = self._protocol, {}, {}
@@ -321,6 +350,7 @@ class LVISLongTailEvaluator(DatasetEvaluator):
             )
         if self._output_dir:
             saved = dict(results, protocol=dataclasses.asdict(protocol))
+            saved["frequency_source"] = frequency_source
             write_json_atomic(saved, os.path.join(self._output_dir, METRICS_FILE))
             diagnostics.save(self._output_dir, dataset, per_task, self._train_counts(dataset))
         return results

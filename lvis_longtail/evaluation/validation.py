@@ -6,7 +6,6 @@ corrupted JSON with a clear message, and checks its records with numpy first, fa
 the record-by-record check (for its message) only if something is wrong.
 """
 
-import json
 import math
 import os
 from collections import Counter
@@ -16,7 +15,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from lvis_longtail.evaluation.detections import DetectionTable, ListMasks, gc_paused
+from lvis_longtail.evaluation.detections import DetectionTable, ListMasks
+from lvis_longtail.utils.io import gc_paused, read_json
 
 RESULTS_FILE = "lvis_instances_results.json"
 
@@ -95,8 +95,7 @@ def validate_lvis_results(
     """
     if isinstance(results, (str, os.PathLike)):
         source = os.fspath(results)
-        with open(source) as f:
-            results = json.load(f)
+        results = read_json(source, LVISResultsError, "results file")
     name = os.path.basename(source)
     if not isinstance(results, list):
         raise LVISResultsError(f"{source}: is a {type(results).__name__}, not a list of records")
@@ -148,6 +147,8 @@ class SplitIndex:
     """The images (id -> [h, w]) and category ids of a split, for checking results fast."""
 
     def __init__(self, gt_dataset):
+        """``gt_dataset``: a json dict, or an object with one as ``.dataset`` (lvis-api's
+        ``LVIS``, :class:`~lvis_longtail.data.lvis_json.ValidatedLVIS`, ...)."""
         dataset = getattr(gt_dataset, "dataset", gt_dataset)
         self.images = {img["id"]: img for img in dataset["images"]}
         ids = sorted(self.images)
@@ -282,33 +283,39 @@ def load_lvis_results(
         The records (a list of dicts), or their table.
 
     Raises:
-        LVISResultsError: the file is not complete JSON (truncated or corrupted), is not a
-            list of records, or a record breaks the format (see :func:`validate_lvis_results`);
-            the message names the file and, for a record, its index and field.
+        LVISResultsError: the file is not valid JSON (undecodable, truncated or corrupted),
+            is not a list of records, or a record breaks the format (see
+            :func:`validate_lvis_results`); the message names the file and, for a record,
+            its index and field.
         FileNotFoundError: no such file.
     """
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        with gc_paused():
-            results = json.loads(data)
-    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-        hint = "corrupted" if data.rstrip().endswith(b"]") else "truncated?"
-        raise LVISResultsError(
-            f"{path}: not a complete JSON document ({hint}): {e}; the file has {size:,} bytes"
-        ) from None
-    del data
-    split = SplitIndex(getattr(gt_dataset, "dataset", gt_dataset))
+    results = read_json(path, LVISResultsError, "results file")
+    table = records_table(results, gt_dataset, required=required, source=path, max_dets=max_dets)
+    return table if as_table else results
+
+
+def records_table(
+    results,
+    gt_dataset,
+    *,
+    required: Sequence[str] = ("bbox",),
+    source: str = "results records",
+    max_dets: int = -1,
+) -> DetectionTable:
+    """Check in-memory LVIS records against their split (vectorized; record by record only
+    for the message) and return them as a :class:`~.detections.DetectionTable`.
+
+    Raises:
+        LVISResultsError: names ``source``, the record index and the field.
+    """
+    split = gt_dataset if isinstance(gt_dataset, SplitIndex) else SplitIndex(gt_dataset)
     with gc_paused():
         table = _checked_table(results, split, required)
     if table is None:
-        validate_lvis_results(results, split, max_dets, required=required, source=path)
-    else:
-        check_per_image_cap(results, max_dets, path)
-    if not as_table:
-        return results
-    return table if table is not None else DetectionTable.from_records(results)
+        validate_lvis_results(results, split, max_dets, required=required, source=source)
+        return DetectionTable.from_records(results)
+    check_per_image_cap(results, max_dets, source)
+    return table
 
 
 def check_per_image_cap(records: Sequence[dict], max_dets: int, source: str) -> None:

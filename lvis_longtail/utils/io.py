@@ -119,7 +119,8 @@ def read_json(path: str, error: type = ValueError, what: str = "json"):
         ) from None
     except json.JSONDecodeError as e:
         size = os.path.getsize(path)
-        hint = " (truncated?)" if e.pos >= len(e.doc.rstrip()) else ""
+        end = e.doc.rstrip()[-1:]
+        hint = " (corrupted)" if end in ("]", "}") else " (truncated?)"
         raise error(
             f"{path}: the {what} is not valid JSON{hint}: {e.msg} at line {e.lineno} column "
             f"{e.colno}; the file has {size:,} bytes"
