@@ -45,6 +45,7 @@ from lvis_longtail.data.lvis_json import (
     load_validated,
     read_lvis_json,
 )
+from lvis_longtail.utils.io import gc_paused
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,8 @@ def load_lvis_format_json(json_file: str, image_root: str, check_files: bool = T
         ``category_id`` is the contiguous 0-based id.
     """
     validated = load_validated(json_file)
-    return dataset_dicts(validated, image_root, check_files)
+    with gc_paused():  # millions of new dicts: no full collections over the parsed json
+        return dataset_dicts(validated, image_root, check_files)
 
 
 def dataset_dicts(validated: ValidatedLVIS, image_root: str, check_files: bool = True):
