@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from lvis import LVISEval, LVISResults
+from lvis_random_split import model_outputs, random_results, random_split
 
 import lvis_longtail  # noqa: F401  (applies the compat layer: lvis-api's np.float)
 from lvis_longtail.evaluation import (
     ClassScoreThresholds,
+    DetectionShard,
     LVISLongTailEvaluator,
     LVISResultsError,
-    LVISResultsStore,
     load_lvis_results,
     read_shards,
 )
 from lvis_longtail.evaluation.lvis_evaluation import LoadedLVIS
-from lvis_longtail.evaluation.random_split import model_outputs, random_results, random_split
-from lvis_longtail.evaluation.store import iter_chunks
+from lvis_longtail.evaluation.shards import iter_chunks
 
 RESULTS = "lvis_instances_results.json"
 
@@ -168,7 +168,7 @@ def test_class_score_thresholds():
 def test_store_chunks_truncation_and_duplicates(tmp_path, caplog):
     path = str(tmp_path / "rank0.shard")
     record = {"image_id": 1, "category_id": 2, "score": 0.5, "bbox": [1.0, 2.0, 3.0, 4.0]}
-    with LVISResultsStore(path, flush_every=2) as store:
+    with DetectionShard(path, flush_every=2) as store:
         store.add(1, [record, dict(record, score=0.25)])
         store.add(2, [])
         store.add(1, [dict(record, score=0.75)])  # image 1 again: ignored

@@ -37,7 +37,8 @@ import numpy as np
 from lvis.eval import Params
 from pycocotools import mask as mask_utils
 
-from lvis_longtail.evaluation.detections import DetectionTable, cap_per_image, gc_paused
+from lvis_longtail.evaluation.table import DetectionTable, cap_per_image
+from lvis_longtail.utils.io import gc_paused
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,6 @@ import numpy as np
 from lvis import LVIS, LVISEval, LVISResults
 
 from lvis_longtail.data.lvis_json import ValidatedLVIS, load_validated, validate_lvis_dict
-from lvis_longtail.evaluation.detections import DetectionTable, top_k_per_class
-from lvis_longtail.evaluation.export import records_for_task
 from lvis_longtail.evaluation.fast_eval import (
     LVISEvalResult,
     LVISGroundTruth,
@@ -32,7 +30,8 @@ from lvis_longtail.evaluation.fast_eval import (
     evaluate_detections,
     metric_names,
 )
-from lvis_longtail.evaluation.validation import load_lvis_results, records_table
+from lvis_longtail.evaluation.results import load_lvis_results, records_for_task, records_table
+from lvis_longtail.evaluation.table import DetectionTable, top_k_per_class
 
 logger = logging.getLogger(__name__)
 
