@@ -295,7 +295,7 @@ def _child_export(mode, num_images, workdir):
             for i, (h, w) in enumerate(sizes):
                 store.add(i + 1, _image_records(rng, pool, i + 1, h, w))
         table, _ = read_shards([shard])
-        selected = table.take(EvalProtocol().select(table, "file"))
+        selected = EvalProtocol().apply(table, "file")
         summary = write_results_file(selected, out, SplitIndex(split))
         os.remove(shard)
     else:

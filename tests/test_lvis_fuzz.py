@@ -337,3 +337,19 @@ def test_uncompressed_rle_is_compressed_for_evaluation(tmp_path):
     assert isinstance(segm["counts"], str)
     assert np.array_equal(mask_utils.decode(segm), mask)
     assert math.isclose(validated.annotations[0]["area"], float(mask.sum()))
+
+
+def test_evaluation_leaves_the_shared_validated_dataset_untouched(tmp_path):
+    """Both evaluators read the cached validated dict that training dicts are made from."""
+    from lvis_longtail.evaluation import evaluate_lvis_results
+
+    path = write(tmp_path, valid_json())
+    before = copy.deepcopy(load_validated(path).dataset)
+    rle = mask_utils.encode(np.asfortranarray(np.ones((40, 48), np.uint8)))
+    segm = {"size": [40, 48], "counts": rle["counts"].decode("ascii")}
+    record = {"image_id": 1, "category_id": 1, "score": 0.5, "bbox": [2, 2, 8, 8]}
+    record["segmentation"] = segm
+    for evaluator in ("fast", "lvis_api"):
+        for task in ("bbox", "segm"):
+            evaluate_lvis_results(path, [dict(record)], task, evaluator=evaluator)
+    assert load_validated(path).dataset == before

@@ -19,7 +19,8 @@ and the field. Checked:
   :data:`FAR_OUTSIDE` of a side beyond the border: wrong image size or coordinates in another
   scale);
 - ``area`` (filled from the mask when absent) a finite number >= 0; ``iscrowd`` (0 when
-  absent) 0 or 1;
+  absent) 0 or 1; ``neg_category_ids`` and ``not_exhaustive_category_ids`` (empty when
+  absent) lists of category ids;
 - ``segmentation``: a list of polygons of finite numbers, not far outside the image, or an
   RLE ``{"size": [h, w], "counts": ...}`` of the image's size whose counts (compressed string
   or uncompressed list) are well formed and sum to ``h * w``. Uncompressed RLEs are converted
@@ -188,9 +189,7 @@ def _images(check: _Checker, images: list, cat_ids: set) -> dict:
             if key in img and not isinstance(img[key], str):
                 check.fail("images", i, img, key, f"must be a string, got {img[key]!r:.40}")
         for key in ("neg_category_ids", "not_exhaustive_category_ids"):
-            ids = img.get(key)
-            if ids is None:
-                continue
+            ids = img.setdefault(key, [])  # absent: none (lvis-api needs the key)
             if not isinstance(ids, list) or not all(map(_is_int, ids)):
                 check.fail("images", i, img, key, f"must be a list of integer ids, got {ids!r:.40}")
             unknown = [c for c in ids if c not in cat_ids]

@@ -219,7 +219,7 @@ class LVISLongTailEvaluator(DatasetEvaluator):
             logger.warning("Predictions have no pred_masks: segm is not evaluated.")
             tasks = tuple(t for t in tasks if t != "segm")
         path = os.path.join(self._output_dir, RESULTS_FILE) if self._output_dir else None
-        exported = table.take(self._protocol.select(table, "file"))  # the protocol, once
+        exported = self._protocol.apply(table, "file")  # the protocol, once
         summary = write_results_file(
             exported,
             path,

@@ -72,7 +72,11 @@ def as_lvis_gt(gt) -> LVIS:
     cached); built from the validated dict, so lvis-api never re-reads the file."""
     if isinstance(gt, LVIS):
         return gt
-    return LoadedLVIS(validated_dataset(gt))
+    dataset = validated_dataset(gt)
+    # LVISEval writes RLEs into the annotations it evaluates: shallow copies keep the shared,
+    # cached validated dataset (training dicts, metadata) untouched
+    anns = [dict(a) for a in dataset.get("annotations", [])]
+    return LoadedLVIS(dict(dataset, annotations=anns))
 
 
 def as_ground_truth(gt) -> LVISGroundTruth:

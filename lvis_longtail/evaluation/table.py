@@ -299,7 +299,12 @@ class EvalProtocol:
         evaluator, which applies it as lvis-api does (after its own checks)."""
         if self.name == "standard":
             return table
-        return table.take(self.select(table, task))
+        return self.apply(table, task)
+
+    def apply(self, table: DetectionTable, task: str) -> DetectionTable:
+        """The sub-table :meth:`select` keeps (the table itself, not a copy, if all rows)."""
+        keep = self.select(table, task)
+        return table if keep.all() else table.take(keep)
 
     @property
     def eval_max_dets(self) -> int:
