@@ -24,7 +24,8 @@ detectron2, imported by ``lvis_longtail``), its peak above the RSS right after t
 APf, AR@300, ARs/m/l@300) in AP points. Then, export: peak RSS of a child that pushes N images
 of 300 records through a ``DetectionShard`` and writes the validated results file from the
 shards read back as one table (``streamed``), against holding them in a list first
-(``in_memory``, what the evaluator did before the streamed store), for growing N. Compare times within one run only: other load on the machine
+(``in_memory``, what the evaluator did before the streamed store), for growing N.
+Compare times within one run only: other load on the machine
 changes them.
 
     python benchmarks/eval_speed.py                 # full: 5,000 images (several minutes)
