@@ -204,7 +204,7 @@ def _far_outside(lo: float, hi: float, side: int) -> bool:
 
 def _polygons(check: _Checker, i: int, ann: dict, segm: list, h: int, w: int, skipped):
     """The valid polygons of a list segmentation (error on a malformed one)."""
-    valid = []
+    valid, side = [], min(h, w)
     for j, poly in enumerate(segm):
         if type(poly) is not list:
             check.fail(
@@ -237,7 +237,7 @@ def _polygons(check: _Checker, i: int, ann: dict, segm: list, h: int, w: int, sk
         if len(poly) < 6 or len(poly) % 2:
             skipped["polygon with < 3 points or odd length dropped"] += 1
             continue
-        if _far_outside(min(poly), max(poly), min(h, w)):
+        if min(poly) < -FAR_OUTSIDE * side or max(poly) > (1 + FAR_OUTSIDE) * side:
             xs, ys = poly[0::2], poly[1::2]
             if _far_outside(min(xs), max(xs), w) or _far_outside(min(ys), max(ys), h):
                 check.fail(
@@ -322,6 +322,7 @@ def _rle(check: _Checker, i: int, ann: dict, segm: dict, h: int, w: int) -> dict
 
 
 def _bbox(check: _Checker, i: int, ann: dict, h: int, w: int) -> None:
+    """Raise the error of a bbox that failed :func:`_annotations`' fast checks."""
     bbox = ann["bbox"]
     if not (type(bbox) is list and len(bbox) == 4 and all(map(_is_number, bbox))):
         check.fail(
@@ -344,29 +345,49 @@ def _bbox(check: _Checker, i: int, ann: dict, h: int, w: int) -> None:
         )
 
 
+_NUMBER = (int, float)
+_ANNOTATION_KEYS = frozenset(("id", "image_id", "category_id", "bbox", "segmentation"))
+
+
 def _annotations(check: _Checker, anns: list, images: dict, cat_ids: set, skipped) -> list:
+    """Validate the annotations (fast checks inline; a failing one is re-checked by the
+    helpers, which name the field)."""
     kept, ids, no_area = [], set(), []
-    keys = ("id", "image_id", "category_id", "bbox", "segmentation")
+    keys, isfinite, lo_f, hi_f = _ANNOTATION_KEYS, math.isfinite, -FAR_OUTSIDE, 1 + FAR_OUTSIDE
     for i, ann in enumerate(anns):
-        check.record("annotations", i, ann, keys)
+        if type(ann) is not dict or not ann.keys() >= keys or type(ann["id"]) is not int:
+            check.record("annotations", i, ann, keys)
         if ann["id"] in ids:
             check.fail("annotations", i, ann, "id", "is duplicated")
         ids.add(ann["id"])
-        img = images.get(ann["image_id"]) if _is_int(ann["image_id"]) else None
+        image_id, cat = ann["image_id"], ann["category_id"]
+        img = images.get(image_id) if type(image_id) is int else None
         if img is None:
-            check.fail(
-                "annotations", i, ann, "image_id", f"{ann['image_id']!r:.30} is not an image id"
-            )
-        if not (_is_int(ann["category_id"]) and ann["category_id"] in cat_ids):
-            check.fail(
-                "annotations",
-                i,
-                ann,
-                "category_id",
-                f"{ann['category_id']!r:.30} is not a category id",
-            )
+            check.fail("annotations", i, ann, "image_id", f"{image_id!r:.30} is not an image id")
+        if type(cat) is not int or cat not in cat_ids:
+            check.fail("annotations", i, ann, "category_id", f"{cat!r:.30} is not a category id")
         h, w = img["height"], img["width"]
-        _bbox(check, i, ann, h, w)
+        bbox = ann["bbox"]
+        try:
+            x, y, bw, bh = bbox
+            ok = (
+                type(bbox) is list
+                and type(x) in _NUMBER
+                and type(y) in _NUMBER
+                and type(bw) in _NUMBER
+                and type(bh) in _NUMBER
+                and isfinite(x + y + bw + bh)
+                and bw >= 0
+                and bh >= 0
+                and lo_f * w <= x
+                and x + bw <= hi_f * w
+                and lo_f * h <= y
+                and y + bh <= hi_f * h
+            )
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            _bbox(check, i, ann, h, w)
         segm = ann["segmentation"]
         if type(segm) is list:
             valid = _polygons(check, i, ann, segm, h, w, skipped)
@@ -379,24 +400,18 @@ def _annotations(check: _Checker, anns: list, images: dict, cat_ids: set, skippe
             ann["segmentation"] = _rle(check, i, ann, segm, h, w)
         else:
             check.fail(
-                "annotations",
-                i,
-                ann,
-                "segmentation",
+                "annotations", i, ann, "segmentation",
                 f"must be a list of polygons or an RLE object, got {type(segm).__name__}",
-            )
-        if "area" not in ann:
+            )  # fmt: skip
+        area = ann.get("area")
+        if area is None and "area" not in ann:
             no_area.append(ann)
-        elif not (_is_number(ann["area"]) and ann["area"] >= 0):
+        elif not (type(area) in _NUMBER and isfinite(area) and area >= 0):
             check.fail(
-                "annotations",
-                i,
-                ann,
-                "area",
-                f"must be a finite number >= 0, got {ann['area']!r:.20}",
+                "annotations", i, ann, "area", f"must be a finite number >= 0, got {area!r:.20}"
             )
         crowd = ann.get("iscrowd", 0)
-        if crowd not in (0, 1) or type(crowd) not in (int, bool):
+        if type(crowd) not in (int, bool) or crowd not in (0, 1):
             check.fail("annotations", i, ann, "iscrowd", f"must be 0 or 1, got {crowd!r:.20}")
         kept.append(ann)
     _fill_areas(no_area, images)
