@@ -109,7 +109,7 @@ class LVISLongTailEvaluator(DatasetEvaluator):
                 keeps all.
             tasks: a subset of ("bbox", "segm"); segm is skipped if predictions have no masks.
             distributed: evaluate the shards of all ranks on the main one.
-            protocol: "standard" or "fixed" (Fixed AP, see :mod:`.protocol`).
+            protocol: "standard" or "fixed" (Fixed AP, see :mod:`.table`).
             dets_per_class: Fixed AP's detections per class over the split.
             evaluator: "fast" or "lvis_api" (same numbers; lvis_api is the official code).
             class_image_count: training images per class, for the per-class diagnostics:

@@ -428,7 +428,7 @@ def record_json(image_id, category_id, score, bbox, size=None, counts=None) -> s
     )
 
 
-WRITE_CHUNK = 1 << 16
+WRITE_CHUNK = 8192  # rows per write: bounds the masks and json text held at once
 
 
 def write_results_file(

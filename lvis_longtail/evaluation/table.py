@@ -188,9 +188,9 @@ class DetectionTable:
 
     @classmethod
     def from_records(cls, records: Sequence[dict]) -> "DetectionTable":
-        """Columns of LVIS result records (fields as in :mod:`.export`), not copied: masks
+        """Columns of LVIS result records (fields as in :mod:`.results`), not copied: masks
         stay the records' own ``segmentation`` dicts. Records must already be valid
-        (:func:`~lvis_longtail.evaluation.validation.validate_lvis_results`)."""
+        (:func:`~lvis_longtail.evaluation.results.validate_lvis_results`)."""
         n = len(records)
 
         def column(key, dtype):
