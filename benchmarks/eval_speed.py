@@ -22,9 +22,10 @@ ratio lvis-api / evaluator, the child's peak RSS (imports included: ~1 GiB of it
 detectron2, imported by ``lvis_longtail``), its peak above the RSS right after the imports
 (``/proc/self/clear_refs``), and the largest absolute difference over every metric (AP ...
 APf, AR@300, ARs/m/l@300) in AP points. Then, export: peak RSS of a child that pushes N images
-of 300 records through ``LVISResultsStore`` and writes the validated results file from the
-shards (``streamed``), against holding them in a list first (``in_memory``, what the evaluator
-did before), for growing N. Compare times within one run only: other load on the machine
+of 300 records through a ``DetectionShard`` and writes the validated results file from the
+shards read back as one table (``streamed``), against holding them in a list first
+(``in_memory``, what the evaluator did before the streamed store), for growing N.
+Compare times within one run only: other load on the machine
 changes them.
 
     python benchmarks/eval_speed.py                 # full: 5,000 images (several minutes)
@@ -270,9 +271,16 @@ def _image_records(rng, pool, image_id, h, w):
 def _child_export(mode, num_images, workdir):
     """Push ``num_images`` images of 300 records through the store (``streamed``) or a list
     (``in_memory``: what the evaluator did before) and write the validated results file."""
-    from lvis_longtail.evaluation import EvalProtocol, LVISResultsStore, export_shards
-    from lvis_longtail.evaluation.export import records_for_export, write_json_atomic
-    from lvis_longtail.evaluation.validation import SplitIndex, validate_lvis_results
+    from lvis_longtail.evaluation import (
+        DetectionShard,
+        EvalProtocol,
+        read_shards,
+        records_for_export,
+        validate_lvis_results,
+        write_json_atomic,
+        write_results_file,
+    )
+    from lvis_longtail.evaluation.results import SplitIndex
 
     rng = np.random.default_rng(0)
     pool = _mask_pool(rng)
@@ -284,10 +292,12 @@ def _child_export(mode, num_images, workdir):
     out = os.path.join(workdir, f"export_{mode}_{num_images}.json")
     shard = os.path.join(workdir, f"export_{num_images}.shard")
     if mode == "streamed":
-        with LVISResultsStore(shard) as store:
+        with DetectionShard(shard) as store:
             for i, (h, w) in enumerate(sizes):
                 store.add(i + 1, _image_records(rng, pool, i + 1, h, w))
-        summary = export_shards([shard], out, SplitIndex(split), EvalProtocol())
+        table, _ = read_shards([shard])
+        selected = EvalProtocol().apply(table, "file")
+        summary = write_results_file(selected, out, SplitIndex(split))
         os.remove(shard)
     else:
         records = []

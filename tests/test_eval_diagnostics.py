@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from conftest import tiny_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from lvis_random_split import model_outputs, random_results, random_split
 
 import lvis_longtail  # noqa: F401  (applies the compat layer)
 from lvis_longtail.engine.trainer import Trainer
 from lvis_longtail.evaluation import LVISLongTailEvaluator, run_lvis_eval
 from lvis_longtail.evaluation.diagnostics import read_csv
-from lvis_longtail.evaluation.random_split import model_outputs, random_results, random_split
 from lvis_longtail.tools import compare_runs
 
 

@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from lvis import LVISEval, LVISResults
+from lvis_random_split import model_outputs, random_results, random_split
 
 import lvis_longtail  # noqa: F401  (applies the compat layer: lvis-api's np.float)
 from lvis_longtail.evaluation import (
     ClassScoreThresholds,
+    DetectionShard,
     LVISLongTailEvaluator,
     LVISResultsError,
-    LVISResultsStore,
     load_lvis_results,
     read_shards,
 )
 from lvis_longtail.evaluation.lvis_evaluation import LoadedLVIS
-from lvis_longtail.evaluation.random_split import model_outputs, random_results, random_split
-from lvis_longtail.evaluation.store import iter_chunks
+from lvis_longtail.evaluation.shards import iter_chunks
 
 RESULTS = "lvis_instances_results.json"
 
@@ -168,7 +168,7 @@ def test_class_score_thresholds():
 def test_store_chunks_truncation_and_duplicates(tmp_path, caplog):
     path = str(tmp_path / "rank0.shard")
     record = {"image_id": 1, "category_id": 2, "score": 0.5, "bbox": [1.0, 2.0, 3.0, 4.0]}
-    with LVISResultsStore(path, flush_every=2) as store:
+    with DetectionShard(path, flush_every=2) as store:
         store.add(1, [record, dict(record, score=0.25)])
         store.add(2, [])
         store.add(1, [dict(record, score=0.75)])  # image 1 again: ignored
@@ -192,8 +192,8 @@ def test_store_chunks_truncation_and_duplicates(tmp_path, caplog):
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda text: text[: len(text) - 50], r"not a complete JSON document \(truncated\?\)"),
-        (lambda text: text.replace('"score"', '"score",', 1), r"not a complete JSON document"),
+        (lambda text: text[: len(text) - 50], r"not valid JSON \(truncated\?\)"),
+        (lambda text: text.replace('"score"', '"score",', 1), r"not valid JSON"),
         (lambda text: '{"results": ' + text + "}", "is a dict, not a list of records"),
         (
             lambda text: text.replace('"score":', '"scor":', 1),
@@ -261,3 +261,81 @@ def test_shards_of_other_ranks_travel_by_gather_when_not_on_a_shared_disk(tmp_pa
         "lvis_per_class.csv",
         "lvis_per_class.png",
     ]
+
+
+def _random_instances(seed, n=7, size=(20, 24), num_classes=3, mask_scores=False):
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    inst = Instances(size)
+    xy = torch.rand(n, 2, generator=g) * 10
+    wh = torch.rand(n, 2, generator=g) * 10 + 1
+    inst.pred_boxes = Boxes(torch.cat([xy, xy + wh], 1))
+    inst.scores = torch.rand(n, generator=g)
+    inst.pred_classes = torch.randint(0, num_classes, (n,), generator=g)
+    inst.pred_masks = torch.rand(n, *size, generator=g) > 0.7
+    if mask_scores:
+        inst.mask_scores = torch.rand(n, generator=g)
+    return inst
+
+
+def test_rows_from_instances_are_detectron2s_coco_json_values():
+    from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+
+    from lvis_longtail.evaluation import instances_to_lvis_records, instances_to_rows
+
+    inst = _random_instances(0, mask_scores=True)
+    ids = {0: 11, 1: 12, 2: 13}
+    expected = instances_to_coco_json(inst, 5)
+    records = instances_to_lvis_records(inst, 5, ids, max_dets=-1)
+    for want, got, segm in zip(expected, records, inst.mask_scores.tolist()):
+        assert got == dict(want, category_id=ids[want["category_id"]], segm_score=segm)
+    rows, blob = instances_to_rows(inst, 5, ids)
+    assert rows["bbox"].tolist() == [r["bbox"] for r in expected]
+    assert rows["mask_area"].tolist() == inst.pred_masks.flatten(1).sum(1).tolist()
+    assert len(blob) == rows["counts_len"].sum()
+    assert instances_to_rows(inst[:0], 5, ids)[0].shape == (0,)
+
+
+def test_sharded_detections_stream_and_read_back_once(tmp_path):
+    """The reusable stream: Instances of many images -> a shard -> one table, masks by offset."""
+    from lvis_longtail.evaluation import ShardedDetections, instances_to_lvis_records
+
+    ids = {0: 11, 1: 12, 2: 13}
+    stream = ShardedDetections(str(tmp_path / "shards"), "pseudo", flush_every=2)
+    images = {30: _random_instances(1), 10: _random_instances(2, n=0), 20: _random_instances(3)}
+    for image_id, inst in images.items():
+        stream.shard.add_instances(image_id, inst, ids)
+    paths = stream.gather(distributed=False)
+    assert paths == [str(tmp_path / "shards" / "pseudo.rank0.shard")]
+    table, num_images = read_shards(paths)
+    assert num_images == 3
+    expected = [r for i in (10, 20, 30) for r in instances_to_lvis_records(images[i], i, ids, -1)]
+    assert table.image_id.tolist() == [r["image_id"] for r in expected]  # image order
+    assert table.score.tolist() == [r["score"] for r in expected]
+    assert table.masks.rles(np.arange(len(table))) == [r["segmentation"] for r in expected]
+    stream.discard(paths)
+    assert not (tmp_path / "shards").exists()
+
+
+def test_class_score_thresholds_equal_a_brute_force_top_k():
+    import torch
+
+    rng = np.random.default_rng(0)
+    t, k, seen_c, seen_s = ClassScoreThresholds(k=5), 5, [], []
+    for _ in range(40):  # images
+        classes = rng.integers(0, 6, 30)
+        scores = np.round(rng.random(30), 2)  # ties
+        keep = t.keep(torch.as_tensor(classes), torch.as_tensor(scores))
+        for c, s, kept in zip(classes, scores, keep.tolist()):
+            better = sorted((x for y, x in zip(seen_c, seen_s) if y == c), reverse=True)
+            reachable = len(better) < k or s >= better[k - 1]
+            assert kept or not reachable  # never drops a detection that can still make top k
+        t.update(classes[keep.numpy()], scores[keep.numpy()])
+        seen_c += classes[keep.numpy()].tolist()
+        seen_s += scores[keep.numpy()].tolist()
+    final = t.finalize()
+    for c in range(6):
+        best = sorted((x for y, x in zip(seen_c, seen_s) if y == c), reverse=True)
+        assert final[c] == best[k - 1]

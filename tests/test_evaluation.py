@@ -27,7 +27,7 @@ from lvis_longtail.evaluation import (
     validate_lvis_results,
     write_json_atomic,
 )
-from lvis_longtail.evaluation.lvis_evaluation import fill_frequencies
+from lvis_longtail.evaluation.lvis_evaluation import resolve_frequencies
 
 H, W = 128, 160
 CAT_IDS = [3, 7, 9, 12]  # contiguous 0..3; not identity + 1
@@ -162,7 +162,9 @@ def test_perfect_predictions_give_100_and_match_lvis_api(tmp_path):
         expected = lvis_api(json_file, tmp_path / "out" / "lvis_instances_results.json", task)
         assert_same(results[task], expected)
     protocol = {"name": "standard", "max_dets_per_image": 300, "dets_per_class": -1}
-    assert read(tmp_path / "out" / "lvis_metrics.json") == dict(results, protocol=protocol)
+    source = "the json's 'frequency' fields (4 categories)"
+    saved = dict(results, protocol=protocol, frequency_source=source)
+    assert read(tmp_path / "out" / "lvis_metrics.json") == saved
 
 
 def test_parity_with_lvis_api_on_imperfect_predictions(tmp_path):
@@ -374,11 +376,12 @@ def test_empty_predictions_do_not_crash(tmp_path):
     assert run(name, {}, None) == results  # no image processed at all
 
 
-def test_frequency_from_metadata_when_the_json_has_none(tmp_path):
+def test_frequency_from_the_split_only_without_a_training_split(tmp_path):
     dataset = split_json()
     for cat in dataset["categories"]:
         del cat["frequency"]
     name, _ = register(tmp_path, dataset=dataset)
     assert run(name, perfect_dets(), tmp_path)["segm"]["APr"] == pytest.approx(100.0)
-    with pytest.raises(ValueError, match="no 'frequency'"):
-        fill_frequencies(dataset, None, {})
+    assert "NOT a training split" in read(tmp_path / "lvis_metrics.json")["frequency_source"]
+    with pytest.raises(ValueError, match="no 'frequency'.*DATASETS.TRAIN"):
+        resolve_frequencies(dataset, {})

@@ -117,23 +117,35 @@ def broken(mutate):
 @pytest.mark.parametrize(
     "mutate,message",
     [
-        (lambda d: d["annotations"][1].pop("bbox"), r"annotation id=11: field 'bbox' is missing"),
+        (
+            lambda d: d["annotations"][1].pop("bbox"),
+            r"annotations\[1\] \(id=11\): field 'bbox' is missing",
+        ),
         (
             lambda d: d["annotations"][2].update(category_id=9),
-            r"annotation id=12: field 'category_id' 9 is not a category",
+            r"annotations\[2\] \(id=12\): field 'category_id' 9 is not a category id",
         ),
         (
             lambda d: d["annotations"][0].update(image_id=77),
-            r"annotation id=10: field 'image_id' 77 is not an image",
+            r"annotations\[0\] \(id=10\): field 'image_id' 77 is not an image id",
         ),
-        (lambda d: d["images"][1].pop("height"), r"image id=2: field 'height' is missing"),
-        (lambda d: d["images"][2].pop("coco_url"), r"image id=5: field 'file_name' is missing"),
-        (lambda d: d["categories"][1].pop("name"), r"category id=2: field 'name' is missing"),
+        (
+            lambda d: d["images"][1].pop("height"),
+            r"images\[1\] \(id=2\): field 'height' is missing",
+        ),
+        (
+            lambda d: d["images"][2].pop("coco_url"),
+            r"images\[2\] \(id=5\): field 'file_name' is missing",
+        ),
+        (
+            lambda d: d["categories"][1].pop("name"),
+            r"categories\[1\] \(id=2\): field 'name' is missing",
+        ),
         (
             lambda d: d["annotations"][3].update(id=10),
-            r"annotation id=10: field 'id' is duplicated",
+            r"annotations\[3\] \(id=10\): field 'id' is duplicated",
         ),
-        (lambda d: d["images"][1].update(id=1), r"image id=1: field 'id' is duplicated"),
+        (lambda d: d["images"][1].update(id=1), r"images\[1\] \(id=1\): field 'id' is duplicated"),
         (lambda d: d.pop("images"), r"top-level field 'images' missing"),
     ],
 )
@@ -158,8 +170,8 @@ def test_invalid_polygons_and_zero_area_boxes_are_skipped_with_a_count(tmp_path,
         len(by_id[2]["annotations"]) == 1 and len(by_id[2]["annotations"][0]["segmentation"]) == 1
     )
     text = caplog.text
-    assert "'no valid polygon': 1" in text and "'zero-area box': 1" in text
-    assert "'polygon with < 3 points dropped': 1" in text
+    assert "'annotation without a valid polygon': 1" in text and "'zero-area box': 1" in text
+    assert "'polygon with < 3 points or odd length dropped': 2" in text
 
 
 def test_missing_image_file_is_reported(tmp_path):
@@ -172,7 +184,7 @@ def test_missing_image_file_is_reported(tmp_path):
 def test_not_json_and_missing_json(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"images": [')
-    with pytest.raises(LVISFormatError, match="bad.json: not valid JSON"):
+    with pytest.raises(LVISFormatError, match="bad.json: the LVIS-format json is not valid JSON"):
         load_lvis_format_json(str(bad), str(tmp_path))
     with pytest.raises(FileNotFoundError, match="lvis_longtail.data.synthetic"):
         load_lvis_format_json(str(tmp_path / "absent.json"), str(tmp_path))

@@ -6,16 +6,21 @@ from lvis_longtail.data.lvis_format import (
     LVISFormatError,
     load_lvis_format_json,
     register_lvis_format,
+    set_mask_format,
 )
+from lvis_longtail.data.lvis_json import ValidatedLVIS, load_validated
 
 register_builtin()
 
 __all__ = [
     "ClassStats",
     "LVISFormatError",
+    "ValidatedLVIS",
     "get_class_stats",
     "load_lvis_format_json",
+    "load_validated",
     "register_builtin",
     "register_from_config",
     "register_lvis_format",
+    "set_mask_format",
 ]

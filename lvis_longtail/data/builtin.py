@@ -11,7 +11,7 @@
 
 import os
 
-from lvis_longtail.data.lvis_format import register_lvis_format
+from lvis_longtail.data.lvis_format import register_lvis_format, set_mask_format
 
 SYNTHETIC_SPLITS = ("train", "val", "test_dev")
 
@@ -43,7 +43,9 @@ def register_builtin(root: str = None) -> None:
 
 
 def register_from_config(cfg) -> None:
-    """Register each ``[name, json_file, image_root]`` of ``cfg.DATASETS.LVIS_FORMAT``."""
+    """Register each ``[name, json_file, image_root]`` of ``cfg.DATASETS.LVIS_FORMAT``; RLE
+    ground-truth masks of every LVIS-format dataset follow ``cfg.INPUT.MASK_FORMAT``."""
+    set_mask_format(cfg.INPUT.MASK_FORMAT)
     for entry in cfg.DATASETS.LVIS_FORMAT:
         if not (isinstance(entry, (list, tuple)) and len(entry) == 3):
             raise ValueError(

@@ -9,11 +9,14 @@ annotations, see :mod:`lvis_longtail.data.lvis_format`), exposed as detectron2 m
 - ``num_annotated_images``: int, training images with at least one annotation.
 """
 
+import logging
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.data import MetadataCatalog
+
+logger = logging.getLogger(__name__)
 
 STAT_FIELDS = (
     "class_image_count",
@@ -91,3 +94,26 @@ def get_class_stats(dataset_names: Union[str, Sequence[str]]) -> ClassStats:
     if len(dataset_names) > 1:  # groups follow the summed counts
         frequency = tuple(frequency_group(int(c)) for c in image_count)
     return ClassStats(image_count, instance_count, frequency, num_images)
+
+
+def training_frequency(dataset_names: Sequence[str]) -> Tuple[Optional[tuple], str]:
+    """The training set's frequency groups per contiguous class id, and where they came from.
+
+    Returns:
+        ``(groups, description)``; ``(None, reason)`` when no training split is known (no
+        names, or their metadata or json is not available, as in an eval-only run on a
+        foreign json).
+    """
+    names = [dataset_names] if isinstance(dataset_names, str) else list(dataset_names)
+    if not names:
+        return None, "no training split given (DATASETS.TRAIN is empty)"
+    try:
+        stats = get_class_stats(names)
+        from_json = all(MetadataCatalog.get(n).get("frequency_from_json", False) for n in names)
+    except (KeyError, OSError, ValueError) as e:
+        logger.warning(f"No frequency groups from the training split {names}: {e}")
+        return None, f"training split {names} not available ({type(e).__name__})"
+    how = "its json's 'frequency' fields" if from_json else "recounted from its annotations"
+    if len(names) > 1:
+        how = "recounted from their summed image counts"
+    return stats.frequency, f"the training split {', '.join(names)} ({how})"

@@ -1,40 +1,65 @@
-"""Load, validate and register any LVIS-format dataset (LVIS v1 itself included).
+"""Training dicts, metadata and registration of any LVIS-format dataset (LVIS v1 included).
 
 detectron2's ``load_lvis_json`` only knows metadata for its built-in LVIS names, derives image
-paths from ``coco_url`` only, and asserts on malformed records. This loader:
+paths from ``coco_url`` only, and asserts on malformed records. This module builds on the one
+validated read of a json (:func:`~.lvis_json.load_validated`, which names file, record and
+field of anything malformed) and:
 
-- takes image paths from ``file_name`` (relative to ``image_root``) or, failing that, from the
-  last two components of ``coco_url`` (``<image_root>/<split folder>/<file>``, LVIS v1 style);
-- validates every record and raises :class:`LVISFormatError` naming the file, the record and
-  the field (missing key, unknown category or image, duplicate id, missing image file);
-- skips, with a count in the log, what LVIS tolerates: polygons with fewer than 3 points or an
-  odd number of coordinates (the polygon is dropped; an annotation left with none is
-  skipped) and boxes of zero width or height (the annotation is skipped);
-- derives the metadata from the json itself, lazily (on first access, so registering the LVIS
-  train split costs nothing until it is used): ``thing_classes``,
+- makes detectron2's standard dataset dicts; image paths come from ``file_name`` (relative to
+  ``image_root``) or, failing that, from the last two components of ``coco_url``
+  (``<image_root>/<split folder>/<file>``, LVIS v1 style); it checks that every image file
+  exists and that its header's size is the json's ``height`` x ``width`` (EXIF rotations
+  allowed, as detectron2 applies them);
+- skips, with a count in the log, annotations whose box has zero width or height; carries
+  ``iscrowd`` 1 (detectron2's mapper drops crowd annotations);
+- ground-truth masks given as RLE (compressed or uncompressed; uncompressed ones are
+  compressed by the validation): with ``INPUT.MASK_FORMAT bitmask`` they stay compressed RLEs
+  (exact); with the default ``polygon`` they are converted to polygons (the outer contours
+  of each connected part; holes are filled), with a count and the advice to set
+  ``INPUT.MASK_FORMAT bitmask`` in the log. :func:`register_from_config` takes the format
+  from the config (``set_mask_format``);
+- derives the metadata from the validated json, lazily (on first access, so registering the
+  LVIS train split costs nothing until it is used): ``thing_classes``,
   ``thing_dataset_id_to_contiguous_id`` and the class statistics of
   :mod:`lvis_longtail.data.class_stats` — from the categories' ``frequency``,
   ``image_count`` and ``instance_count`` fields when every category has them, otherwise
   recounted from the annotations (frequency from LVIS's thresholds on image_count).
 """
 
-import json
 import logging
 import os
 from collections import Counter
-from typing import Dict, List, Optional
+from typing import Dict, List
 
+import cv2
+import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
 from detectron2.structures import BoxMode
+from pycocotools import mask as mask_utils
 
 from lvis_longtail.data.class_stats import frequency_group
+from lvis_longtail.data.lvis_json import (
+    LVISFormatError,
+    ValidatedLVIS,
+    load_validated,
+    read_lvis_json,
+)
+from lvis_longtail.utils.io import gc_paused
 
 logger = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("id", "height", "width")
-ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox", "segmentation")
-CATEGORY_KEYS = ("id", "name")
+__all__ = [
+    "LVISFormatError",
+    "derive_metadata",
+    "load_lvis_format_json",
+    "read_lvis_json",
+    "register_lvis_format",
+    "set_mask_format",
+]
+
+MASK_FORMATS = ("polygon", "bitmask")
+_MASK_FORMAT = ["polygon"]
 DERIVED_METADATA = (
     "thing_classes",
     "thing_dataset_id_to_contiguous_id",
@@ -42,160 +67,135 @@ DERIVED_METADATA = (
     "class_image_count",
     "class_instance_count",
     "num_annotated_images",
+    "frequency_from_json",
+    "has_annotations",
 )
 
 
-class LVISFormatError(ValueError):
-    """A record of an LVIS-format json is malformed; the message names file, record, field."""
+def set_mask_format(mask_format: str) -> None:
+    """The ``INPUT.MASK_FORMAT`` training dicts are made for (RLE masks become polygons for
+    "polygon", stay RLEs for "bitmask"); :func:`register_from_config` sets it."""
+    if mask_format not in MASK_FORMATS:
+        raise ValueError(f"INPUT.MASK_FORMAT must be one of {MASK_FORMATS}, got {mask_format!r}")
+    _MASK_FORMAT[0] = mask_format
 
 
-def _fail(json_file: str, kind: str, record: dict, field: str, problem: str) -> None:
-    rid = record.get("id", "?") if isinstance(record, dict) else "?"
-    raise LVISFormatError(f"{json_file}: {kind} id={rid}: field '{field}' {problem}")
-
-
-def read_lvis_json(json_file: str) -> dict:
-    """Read an LVIS-format json and check its top-level structure."""
-    if not os.path.isfile(json_file):
-        raise FileNotFoundError(
-            f"LVIS-format json not found: {json_file}. The bundled synthetic dataset is made by "
-            "`python -m lvis_longtail.data.synthetic --out $DETECTRON2_DATASETS/lt_synthetic`; "
-            "LVIS v1 goes under $DETECTRON2_DATASETS/lvis (see the README's Data section)."
-        )
-    try:
-        with open(json_file) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise LVISFormatError(f"{json_file}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise LVISFormatError(
-            f"{json_file}: top level must be an object, not {type(data).__name__}"
-        )
-    for key in ("images", "categories"):
-        if not isinstance(data.get(key), list):
-            raise LVISFormatError(f"{json_file}: top-level field '{key}' missing or not a list")
-    if "annotations" in data and not isinstance(data["annotations"], list):
-        raise LVISFormatError(f"{json_file}: top-level field 'annotations' is not a list")
-    return data
-
-
-def _check_keys(json_file: str, kind: str, record, keys) -> None:
-    if not isinstance(record, dict):
-        raise LVISFormatError(f"{json_file}: a {kind} record is not an object: {record!r:.80}")
-    for key in keys:
-        if key not in record:
-            _fail(json_file, kind, record, key, "is missing")
-
-
-def _categories(json_file: str, data: dict) -> List[dict]:
-    cats = data["categories"]
-    seen = set()
-    for cat in cats:
-        _check_keys(json_file, "category", cat, CATEGORY_KEYS)
-        if cat["id"] in seen:
-            _fail(json_file, "category", cat, "id", "is duplicated")
-        seen.add(cat["id"])
-    if not cats:
-        raise LVISFormatError(f"{json_file}: 'categories' is empty")
-    return sorted(cats, key=lambda c: c["id"])
-
-
-def _image_path(json_file: str, image_root: str, img: dict) -> str:
+def _image_path(json_file: str, image_root: str, index: int, img: dict) -> str:
     if img.get("file_name"):
         return os.path.join(image_root, img["file_name"])
-    if img.get("coco_url"):
-        split_folder, file_name = img["coco_url"].split("/")[-2:]
+    url = img.get("coco_url")
+    if url and "/" in url:
+        split_folder, file_name = url.split("/")[-2:]
         return os.path.join(image_root, split_folder, file_name)
-    _fail(json_file, "image", img, "file_name", "is missing (and so is 'coco_url')")
+    raise LVISFormatError(
+        f"{json_file}: images[{index}] (id={img['id']}): field 'file_name' is missing (and "
+        "'coco_url' gives no path)"
+    )
 
 
-def _clean_segmentation(segm) -> Optional[object]:
-    """Keep valid polygons (>= 3 points, even length); pass RLE dicts through."""
-    if isinstance(segm, dict):
-        return segm if "counts" in segm and "size" in segm else None
-    if not isinstance(segm, list):
-        return None
-    valid = [p for p in segm if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
-    return valid or None
+def rle_to_polygons(rle: dict) -> List[List[float]]:
+    """Polygons (flat ``[x1, y1, ...]`` lists through the centres of the boundary pixels) of
+    the outer contours of a compressed RLE mask; parts of 1-2 pixels become their box."""
+    mask = np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    polygons = []
+    for contour in contours:
+        pts = contour.reshape(-1, 2).astype(np.float64)
+        if len(pts) < 3:
+            x0, y0 = pts.min(0)
+            x1, y1 = pts.max(0) + 1
+            polygons.append([x0, y0, x1, y0, x1, y1, x0, y1])
+        else:
+            polygons.append((pts + 0.5).ravel().tolist())
+    return [[float(v) for v in p] for p in polygons]
 
 
-def _annotation(json_file, ann, cat_map, images, skipped: Counter) -> Optional[dict]:
-    _check_keys(json_file, "annotation", ann, ANNOTATION_KEYS)
-    if ann["category_id"] not in cat_map:
-        _fail(
-            json_file, "annotation", ann, "category_id", f"{ann['category_id']} is not a category"
-        )
-    if ann["image_id"] not in images:
-        _fail(json_file, "annotation", ann, "image_id", f"{ann['image_id']} is not an image")
+def _train_annotation(ann: dict, cat_map: dict, skipped: Counter):
     bbox = ann["bbox"]
-    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4):
-        _fail(json_file, "annotation", ann, "bbox", f"must be [x, y, w, h], got {bbox!r:.60}")
     if bbox[2] <= 0 or bbox[3] <= 0:
         skipped["zero-area box"] += 1
         return None
-    segm = _clean_segmentation(ann["segmentation"])
-    if segm is None:
-        skipped["no valid polygon"] += 1
-        return None
-    if isinstance(ann["segmentation"], list) and len(segm) < len(ann["segmentation"]):
-        skipped["polygon with < 3 points dropped"] += 1
-    return {
-        "bbox": list(bbox),
+    segm = ann["segmentation"]
+    if isinstance(segm, dict) and _MASK_FORMAT[0] == "polygon":
+        segm = rle_to_polygons(segm)
+        if not segm:
+            skipped["empty RLE mask"] += 1
+            return None
+        skipped["RLE mask converted to polygons"] += 1
+    obj = {
+        "bbox": bbox,
         "bbox_mode": BoxMode.XYWH_ABS,
         "category_id": cat_map[ann["category_id"]],
         "segmentation": segm,
     }
+    if ann.get("iscrowd", 0):
+        obj["iscrowd"] = 1
+    return obj
 
 
 def load_lvis_format_json(json_file: str, image_root: str, check_files: bool = True) -> List[Dict]:
-    """Load an LVIS-format json as detectron2 dataset dicts, validating every record.
+    """Load an LVIS-format json as detectron2 dataset dicts (validated once, see
+    :mod:`.lvis_json`).
 
     Args:
         json_file: path of the json (LVIS v1 schema; ``annotations`` may be absent, as in
             LVIS's test-dev image info).
         image_root: folder the image paths are relative to.
-        check_files: raise if an image file does not exist.
+        check_files: raise if an image file is missing or its size is not the json's.
 
     Returns:
         One dict per image with ``file_name, height, width, image_id, annotations,
         neg_category_ids, not_exhaustive_category_ids`` (dataset category ids); annotation
         ``category_id`` is the contiguous 0-based id.
     """
-    data = read_lvis_json(json_file)
-    cats = _categories(json_file, data)
-    cat_map = {c["id"]: i for i, c in enumerate(cats)}
+    validated = load_validated(json_file)
+    with gc_paused():  # millions of new dicts: no full collections over the parsed json
+        return dataset_dicts(validated, image_root, check_files)
+
+
+def dataset_dicts(validated: ValidatedLVIS, image_root: str, check_files: bool = True):
+    """detectron2 dataset dicts of a validated json (see :func:`load_lvis_format_json`)."""
+    json_file = validated.path
+    cat_map = {c["id"]: i for i, c in enumerate(validated.categories)}
     records = {}
-    for img in data["images"]:
-        _check_keys(json_file, "image", img, IMAGE_KEYS)
-        if img["id"] in records:
-            _fail(json_file, "image", img, "id", "is duplicated")
+    for index, img in enumerate(validated.images):
         records[img["id"]] = {
-            "file_name": _image_path(json_file, image_root, img),
+            "file_name": _image_path(json_file, image_root, index, img),
             "height": img["height"],
             "width": img["width"],
             "image_id": img["id"],
             # dataset category ids, as detectron2's load_lvis_json keeps them
-            "neg_category_ids": list(img.get("neg_category_ids", [])),
-            "not_exhaustive_category_ids": list(img.get("not_exhaustive_category_ids", [])),
+            "neg_category_ids": img.get("neg_category_ids", []),
+            "not_exhaustive_category_ids": img.get("not_exhaustive_category_ids", []),
             "annotations": [],
         }
-    skipped, ann_ids = Counter(), set()
-    for ann in data.get("annotations", []):
-        obj = _annotation(json_file, ann, cat_map, records, skipped)
-        if ann["id"] in ann_ids:
-            _fail(json_file, "annotation", ann, "id", "is duplicated")
-        ann_ids.add(ann["id"])
+    skipped = Counter()
+    for ann in validated.annotations:
+        obj = _train_annotation(ann, cat_map, skipped)
         if obj is not None:
             records[ann["image_id"]]["annotations"].append(obj)
     if skipped:
-        logger.warning(f"{json_file}: skipped {dict(skipped)}")
+        msg = f"{json_file}: training dicts: {dict(skipped)}"
+        if skipped["RLE mask converted to polygons"]:
+            msg += " (INPUT.MASK_FORMAT polygon; set INPUT.MASK_FORMAT bitmask for exact masks)"
+        logger.warning(msg)
+    records = list(records.values())
     if check_files:
-        _check_image_files(json_file, list(records.values()))
-    logger.info(
-        f"Loaded {len(records)} images, {len(ann_ids)} annotations, {len(cats)} categories "
-        f"from {json_file}"
-    )
-    return list(records.values())
+        _check_image_files(json_file, records)
+    return records
+
+
+def _header_size(path: str):
+    """(width, height) as detectron2 reads the image (EXIF rotation applied)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        w, h = im.size
+        if w != h:
+            orientation = im.getexif().get(0x0112, 1)
+            if orientation in (5, 6, 7, 8):
+                w, h = h, w
+    return w, h
 
 
 def _check_image_files(json_file: str, records: List[dict]) -> None:
@@ -206,13 +206,27 @@ def _check_image_files(json_file: str, records: List[dict]) -> None:
             f"{json_file}: {len(missing)} of {len(records)} image files are missing, e.g. "
             f"image id={first['image_id']}: field 'file_name' -> {first['file_name']}"
         )
+    for r in records:
+        try:
+            w, h = _header_size(r["file_name"])
+        except OSError as e:
+            raise LVISFormatError(
+                f"{json_file}: image id={r['image_id']}: field 'file_name' {r['file_name']} "
+                f"is not a readable image ({e})"
+            ) from None
+        if (w, h) != (r["width"], r["height"]):
+            raise LVISFormatError(
+                f"{json_file}: image id={r['image_id']}: fields 'height'/'width' "
+                f"{r['height']}x{r['width']} disagree with the file {r['file_name']} "
+                f"({h}x{w}, height x width)"
+            )
 
 
-def derive_metadata(json_file: str, data: Optional[dict] = None) -> dict:
-    """Metadata of an LVIS-format json: class names, id map and class statistics."""
-    data = data if data is not None else read_lvis_json(json_file)
-    cats = _categories(json_file, data)
-    anns = data.get("annotations", [])
+def derive_metadata(json_file: str, validated: ValidatedLVIS = None) -> dict:
+    """Metadata of an LVIS-format json: class names, id map and class statistics (from the
+    categories' fields when every category has them, else recounted from the annotations)."""
+    validated = validated if validated is not None else load_validated(json_file)
+    cats, anns = validated.categories, validated.annotations
     if all("image_count" in c and "instance_count" in c for c in cats):
         image_count = [int(c["image_count"]) for c in cats]
         instance_count = [int(c["instance_count"]) for c in cats]
@@ -221,10 +235,9 @@ def derive_metadata(json_file: str, data: Optional[dict] = None) -> dict:
         image_sets = [set() for _ in cats]
         instance_count = [0] * len(cats)
         for ann in anns:
-            k = index.get(ann.get("category_id"))
-            if k is not None:
-                image_sets[k].add(ann.get("image_id"))
-                instance_count[k] += 1
+            k = index[ann["category_id"]]
+            image_sets[k].add(ann["image_id"])
+            instance_count[k] += 1
         image_count = [len(s) for s in image_sets]
     frequency = [c.get("frequency") or frequency_group(n) for c, n in zip(cats, image_count)]
     return {
@@ -233,7 +246,9 @@ def derive_metadata(json_file: str, data: Optional[dict] = None) -> dict:
         "class_frequency": frequency,
         "class_image_count": image_count,
         "class_instance_count": instance_count,
-        "num_annotated_images": len({a.get("image_id") for a in anns}),
+        "num_annotated_images": len({a["image_id"] for a in anns}),
+        "frequency_from_json": all("frequency" in c for c in cats),
+        "has_annotations": validated.has_annotations,
     }
 
 

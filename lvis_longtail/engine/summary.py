@@ -4,7 +4,7 @@ import math
 import os
 from typing import Mapping
 
-from lvis_longtail.evaluation.validation import RESULTS_FILE
+from lvis_longtail.evaluation.results import RESULTS_FILE
 
 COLUMNS = ("AP", "APr", "APc", "APf")
 

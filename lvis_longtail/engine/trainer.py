@@ -125,6 +125,7 @@ class Trainer(DefaultTrainer):
             dets_per_class=cfg.TEST.FIXED_AP.DETS_PER_CLASS,
             evaluator=cfg.TEST.LVIS_EVALUATOR,
             class_image_count=train_image_counts(cfg),
+            train_datasets=cfg.DATASETS.TRAIN,
         )
 
 

@@ -1,14 +1,10 @@
-"""LVIS evaluation with lvis-api's numbers (fast or official), streamed results, Fixed AP,
-per-class diagnostics, and results export for the LVIS test-dev server."""
+"""LVIS evaluation around one detection table: streamed per-rank shards (:mod:`.shards`), the
+table, its ranking rule and the protocols (:mod:`.table`), results records, checks and file
+(:mod:`.results`), lvis-api's numbers by a fast evaluator (:mod:`.fast_eval`) or lvis-api itself
+(:mod:`.lvis_evaluation`), per-class diagnostics (:mod:`.diagnostics`), and the detectron2
+``DatasetEvaluator`` (:mod:`.evaluator`)."""
 
-from lvis_longtail.evaluation.detections import DetectionTable, cap_per_image, top_k_per_class
 from lvis_longtail.evaluation.evaluator import LVISLongTailEvaluator
-from lvis_longtail.evaluation.export import (
-    instances_to_lvis_records,
-    records_for_export,
-    records_for_task,
-    write_json_atomic,
-)
 from lvis_longtail.evaluation.fast_eval import LVISGroundTruth, evaluate_detections, metric_names
 from lvis_longtail.evaluation.lvis_evaluation import (
     EVALUATORS,
@@ -16,33 +12,52 @@ from lvis_longtail.evaluation.lvis_evaluation import (
     evaluate_lvis_results,
     run_lvis_eval,
 )
-from lvis_longtail.evaluation.protocol import PROTOCOLS, ClassScoreThresholds, EvalProtocol
-from lvis_longtail.evaluation.shard_export import export_shards
-from lvis_longtail.evaluation.store import LVISResultsStore, read_shards
-from lvis_longtail.evaluation.validation import (
+from lvis_longtail.evaluation.results import (
     LVISResultsError,
+    instances_to_lvis_records,
     load_lvis_results,
+    records_for_export,
+    records_for_task,
     validate_lvis_results,
+    write_results_file,
 )
+from lvis_longtail.evaluation.shards import (
+    DetectionShard,
+    ShardedDetections,
+    instances_to_rows,
+    read_shards,
+)
+from lvis_longtail.evaluation.table import (
+    PROTOCOLS,
+    ClassScoreThresholds,
+    DetectionTable,
+    EvalProtocol,
+    cap_per_image,
+    ranking_score,
+    top_k_per_class,
+)
+from lvis_longtail.utils.io import write_json_atomic
 
 __all__ = [
     "ClassScoreThresholds",
+    "DetectionShard",
     "DetectionTable",
     "EVALUATORS",
     "EvalProtocol",
     "LVISGroundTruth",
     "LVISLongTailEvaluator",
     "LVISResultsError",
-    "LVISResultsStore",
     "METRICS",
     "PROTOCOLS",
+    "ShardedDetections",
     "cap_per_image",
     "evaluate_detections",
     "evaluate_lvis_results",
-    "export_shards",
     "instances_to_lvis_records",
+    "instances_to_rows",
     "load_lvis_results",
     "metric_names",
+    "ranking_score",
     "read_shards",
     "records_for_export",
     "records_for_task",
@@ -50,4 +65,5 @@ __all__ = [
     "top_k_per_class",
     "validate_lvis_results",
     "write_json_atomic",
+    "write_results_file",
 ]

@@ -37,7 +37,8 @@ import numpy as np
 from lvis.eval import Params
 from pycocotools import mask as mask_utils
 
-from lvis_longtail.evaluation.detections import DetectionTable, cap_per_image, gc_paused
+from lvis_longtail.evaluation.table import DetectionTable, cap_per_image
+from lvis_longtail.utils.io import gc_paused
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ class LVISGroundTruth:
         self.img_ids = np.unique(np.array([img["id"] for img in images], dtype=np.int64))
         self.cat_ids = np.array(sorted(c["id"] for c in dataset["categories"]), dtype=np.int64)
         by_id = {c["id"]: c for c in dataset["categories"]}
-        self.frequency = [by_id[c].get("frequency") for c in self.cat_ids.tolist()]
+        check_frequencies(dataset["categories"])
+        self.frequency = [by_id[c]["frequency"] for c in self.cat_ids.tolist()]
         self.num_cats = len(self.cat_ids)
         self.image_size = {img["id"]: (img["height"], img["width"]) for img in images}
 
@@ -138,6 +140,17 @@ class LVISGroundTruth:
     def boxes(self, rows: np.ndarray) -> List[list]:
         anns = self.dataset["annotations"]
         return [anns[self.ann_index[row]]["bbox"] for row in rows.tolist()]
+
+
+def check_frequencies(categories: List[dict]) -> None:
+    """Raise ValueError unless every category has an LVIS ``frequency`` (r/c/f)."""
+    missing = [c["id"] for c in categories if c.get("frequency") not in FREQUENCY_GROUPS]
+    if missing:
+        raise ValueError(
+            f"categories {missing[:10]}{'...' if len(missing) > 10 else ''} have no LVIS "
+            "'frequency' (APr/APc/APf need the training set's groups): add the fields, or "
+            "evaluate with LVISLongTailEvaluator and the training split in DATASETS.TRAIN"
+        )
 
 
 def _lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -12,26 +12,26 @@ NaN, so ``lvis_metrics.json`` is strict JSON. The dataset evaluator built on the
 :class:`~.evaluator.LVISLongTailEvaluator`.
 """
 
-import json
 import logging
 import os
-import time
-from typing import Optional, Sequence, Union
+from collections import Counter
+from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import lvis.lvis
 import lvis.results
 import numpy as np
-from detectron2.utils.file_io import PathManager
 from lvis import LVIS, LVISEval, LVISResults
 
-from lvis_longtail.evaluation.detections import DetectionTable, gc_paused, top_k_per_class
-from lvis_longtail.evaluation.export import records_for_task
+from lvis_longtail.data.lvis_json import ValidatedLVIS, load_validated, validate_lvis_dict
 from lvis_longtail.evaluation.fast_eval import (
     LVISEvalResult,
     LVISGroundTruth,
+    check_frequencies,
     evaluate_detections,
     metric_names,
 )
+from lvis_longtail.evaluation.results import load_lvis_results, records_for_task, records_table
+from lvis_longtail.evaluation.table import DetectionTable, top_k_per_class
 
 logger = logging.getLogger(__name__)
 
@@ -67,31 +67,44 @@ def _images_and_categories(dataset: dict) -> dict:
 
 
 def as_lvis_gt(gt) -> LVIS:
-    """An lvis-api ``LVIS`` from an ``LVIS`` (as is), a json dict, a path or an
-    :class:`LVISGroundTruth`."""
+    """An lvis-api ``LVIS`` from an ``LVIS`` (as is), a :class:`ValidatedLVIS`, an
+    :class:`LVISGroundTruth`, a json dict (validated first) or a path (validated once,
+    cached); built from the validated dict, so lvis-api never re-reads the file."""
     if isinstance(gt, LVIS):
         return gt
-    return LoadedLVIS(gt.dataset if isinstance(gt, LVISGroundTruth) else gt)
+    dataset = validated_dataset(gt)
+    # LVISEval writes RLEs into the annotations it evaluates: shallow copies keep the shared,
+    # cached validated dataset (training dicts, metadata) untouched
+    anns = [dict(a) for a in dataset.get("annotations", [])]
+    return LoadedLVIS(dict(dataset, annotations=anns))
 
 
 def as_ground_truth(gt) -> LVISGroundTruth:
-    """An :class:`LVISGroundTruth` from one, an lvis-api ``LVIS``, a json dict or a path."""
+    """An :class:`LVISGroundTruth` from one, an lvis-api ``LVIS``, a :class:`ValidatedLVIS`,
+    a json dict (validated first) or a path (validated once, cached)."""
     if isinstance(gt, LVISGroundTruth):
         return gt
+    if isinstance(gt, LVIS):
+        return LVISGroundTruth(gt.dataset)
+    return LVISGroundTruth(validated_dataset(gt))
+
+
+def validated_dataset(gt) -> dict:
+    """The validated LVIS dict of a path, a :class:`ValidatedLVIS`, an
+    :class:`LVISGroundTruth` (as is) or a raw json dict (validated in place)."""
+    if isinstance(gt, ValidatedLVIS):
+        return gt.dataset
+    if isinstance(gt, LVISGroundTruth):
+        return gt.dataset
     if isinstance(gt, (str, os.PathLike)):
-        gt = load_split_json(os.fspath(gt))
-    return LVISGroundTruth(getattr(gt, "dataset", gt))
+        return load_split_json(os.fspath(gt))
+    if isinstance(gt, dict):
+        return validate_lvis_dict(gt, "ground-truth dict").dataset
+    raise TypeError(f"ground truth must be a path, a dict or an LVIS object, not {type(gt)}")
 
 
 def _percent(value) -> float:
     return float(value) * 100 if value >= 0 else -1.0
-
-
-def _as_records(results) -> list:
-    if isinstance(results, (str, os.PathLike)):
-        with open(results) as f:
-            return json.load(f)
-    return results
 
 
 def run_lvis_eval(
@@ -113,21 +126,30 @@ def run_lvis_eval(
         raise ValueError(f"unknown LVIS evaluator {evaluator!r}; expected one of {EVALUATORS}")
     if iou_type not in TASKS:
         raise ValueError(f"unknown LVIS task {iou_type!r}; expected 'bbox' or 'segm'")
+    gt = as_ground_truth(gt) if evaluator == "fast" else as_lvis_gt(gt)
+    check_frequencies(gt.dataset["categories"])
+    required = ("bbox",) if iou_type == "bbox" else ("segmentation",)
+    records = None
     if isinstance(results, DetectionTable):
         if evaluator != "fast":
             raise ValueError("a DetectionTable can only be evaluated with evaluator='fast'")
-        table, records = results, None
+        table = results
+    elif isinstance(results, (str, os.PathLike)):  # checked, the file named in messages
+        fast = evaluator == "fast"
+        loaded = load_lvis_results(os.fspath(results), gt, required=required, as_table=fast)
+        records = None if fast else loaded
+        table = loaded if fast else DetectionTable.from_records(loaded)
     else:
-        records = _as_records(results)
-        table = DetectionTable.from_records(records)
+        records = list(results)
+        table = records_table(records, gt, required=required)
     if dets_per_class > 0:  # Fixed AP: the best dets_per_class of each class, results order
         keep = top_k_per_class(table.category_id, table.task_score(iou_type), dets_per_class)
         table = table.take(keep)
         if records is not None:
             records = [records[i] for i in np.flatnonzero(keep).tolist()]
     if evaluator == "fast":
-        return evaluate_detections(as_ground_truth(gt), table, iou_type, max_dets)
-    return _run_lvis_api(as_lvis_gt(gt), records, iou_type, max_dets)
+        return evaluate_detections(gt, table, iou_type, max_dets)
+    return _run_lvis_api(gt, records, iou_type, max_dets)
 
 
 def _run_lvis_api(lvis_gt: LVIS, records: list, iou_type: str, max_dets: int) -> LVISEvalResult:
@@ -172,10 +194,13 @@ def evaluate_lvis_results(
     """Evaluate LVIS results for one task, with lvis-api's numbers.
 
     Args:
-        gt: the split with annotations: its json dict, its path, an lvis-api ``LVIS`` or an
-            :class:`~.fast_eval.LVISGroundTruth` (reuse one across tasks and calls).
-        results: LVIS records, a results json path (not validated: see
-            :func:`~.validation.load_lvis_results`) or a :class:`~.detections.DetectionTable`.
+        gt: the split with annotations: its path (validated once, cached), a
+            :class:`~lvis_longtail.data.lvis_json.ValidatedLVIS`, a json dict (validated), an
+            lvis-api ``LVIS`` or an :class:`~.fast_eval.LVISGroundTruth` (reuse one across
+            tasks and calls).
+        results: LVIS records or a results json path (both checked against the split first,
+            :func:`~.validation.load_lvis_results`' messages) or a
+            :class:`~.detections.DetectionTable` (trusted: made by this package).
             Ranked by ``score``, for segm by ``segm_score`` where a record has one; segm uses
             the mask area for APs/APm/APl. Empty results give AP 0, no error.
         iou_type: "bbox" or "segm".
@@ -194,42 +219,90 @@ def evaluate_lvis_results(
 
 
 def load_split_json(json_file: str) -> dict:
-    """The split's LVIS json as a dict (``images``, ``categories``, maybe ``annotations``)."""
-    start = time.perf_counter()
-    with PathManager.open(json_file) as f, gc_paused():
-        dataset = json.load(f)
-    logger.info(f"Loaded {json_file} in {time.perf_counter() - start:.1f} s.")
-    return dataset
+    """The split's validated LVIS-format dict (``images``, ``categories``, maybe
+    ``annotations``): :func:`~lvis_longtail.data.lvis_json.load_validated`'s, cached, shared
+    with the training dicts and the metadata; callers must not modify it."""
+    return load_validated(json_file).dataset
 
 
-def fill_frequencies(dataset: dict, class_frequency: Optional[Sequence[str]], dataset_ids) -> None:
-    """Make every category of ``dataset`` carry ``frequency`` (APr/APc/APf need it).
+def resolve_frequencies(
+    dataset: dict,
+    dataset_ids: Mapping[int, int],
+    train_frequency: Optional[Sequence[str]] = None,
+    train_source: str = "the training split",
+    split_frequency: Optional[Sequence[str]] = None,
+    split_name: str = "the evaluated split",
+) -> Tuple[dict, str]:
+    """The split with every category's LVIS frequency group (what APr/APc/APf use).
 
-    The json's own ``frequency`` wins, as in lvis-api and the LVIS server; the metadata's
-    ``class_frequency`` (per contiguous id) fills categories without one, and disagreements
-    are logged. Raises ValueError if a category has neither.
+    Groups come from the training set: the json's own ``frequency`` (LVIS's fields, counted
+    on LVIS train) wins; categories without one take ``train_frequency`` (the training
+    dataset's metadata: its json's fields or a recount of its annotations); only when no
+    training split is known, ``split_frequency`` (a recount of the evaluated split), which
+    is logged as a warning. ``dataset`` is not modified (its categories are copied).
+
+    Args:
+        dataset: the split's validated LVIS dict.
+        dataset_ids: contiguous class id -> dataset category id.
+        train_frequency, split_frequency: groups per contiguous class id, or None.
+        train_source, split_name: what they are, for the log and the returned source.
+
+    Returns:
+        (the dataset with filled categories, a one-line description of where the groups
+        came from, saved in ``lvis_metrics.json`` as ``frequency_source``).
+
+    Raises:
+        ValueError: a category has no group from any source.
     """
-    meta = {}
-    if class_frequency is not None:
-        meta = {dataset_ids[k]: f for k, f in enumerate(class_frequency) if k in dataset_ids}
-    missing, disagree = [], 0
+
+    def by_id(freq):
+        if freq is None:
+            return {}
+        return {dataset_ids[k]: f for k, f in enumerate(freq) if k in dataset_ids}
+
+    train, split = by_id(train_frequency), by_id(split_frequency)
+    cats, used, missing, disagree = [], Counter(), [], 0
     for cat in dataset["categories"]:
+        cat = dict(cat)
         if "frequency" in cat:
-            disagree += cat["id"] in meta and meta[cat["id"]] != cat["frequency"]
-        elif cat["id"] in meta:
-            cat["frequency"] = meta[cat["id"]]
+            used["json"] += 1
+            disagree += cat["id"] in train and train[cat["id"]] != cat["frequency"]
+        elif cat["id"] in train:
+            cat["frequency"] = train[cat["id"]]
+            used["train"] += 1
+        elif cat["id"] in split:
+            cat["frequency"] = split[cat["id"]]
+            used["split"] += 1
         else:
             missing.append(cat["id"])
-    if disagree:
-        logger.warning(
-            f"Metadata class_frequency disagrees with the json's 'frequency' for {disagree} "
-            "categories; APr/APc/APf follow the json (as lvis-api does)."
-        )
+        cats.append(cat)
     if missing:
         raise ValueError(
             f"categories {missing[:10]}{'...' if len(missing) > 10 else ''} have no 'frequency' "
-            "in the json and no class_frequency in the dataset metadata; APr/APc/APf need one"
+            "in the json and no training split gives one; APr/APc/APf need one (set "
+            "DATASETS.TRAIN to the training split, or add LVIS 'frequency' fields)"
         )
+    if disagree:
+        logger.warning(
+            f"{train_source}'s frequency groups disagree with the json's 'frequency' for "
+            f"{disagree} categories; APr/APc/APf follow the json (as lvis-api does)."
+        )
+    parts = []
+    if used["json"]:
+        parts.append(f"the json's 'frequency' fields ({used['json']} categories)")
+    if used["train"]:
+        parts.append(f"{train_source} ({used['train']} categories)")
+    if used["split"]:
+        parts.append(
+            f"NOT a training split: recounted from {split_name} ({used['split']} categories; no "
+            "training split known, so APr/APc/APf are not LVIS's groups)"
+        )
+        logger.warning(
+            f"No training split known for {used['split']} categories without 'frequency': "
+            f"their frequency groups are recounted from {split_name} itself, so APr/APc/APf "
+            "are not comparable to LVIS's (set DATASETS.TRAIN to the training split)."
+        )
+    return dict(dataset, categories=cats), "; ".join(parts)
 
 
 __all__ = [

@@ -1,28 +1,41 @@
-"""Checking LVIS results against their split: per record, or vectorized for large files.
+"""LVIS results: records, their checks against the split, and the results file.
 
-:func:`validate_lvis_results` checks record by record and names the first violation (file,
-record index, field). :func:`load_lvis_results` reads a results file, rejects incomplete or
-corrupted JSON with a clear message, and checks its records with numpy first, falling back to
-the record-by-record check (for its message) only if something is wrong.
+A *record* is one detection in the LVIS results format, in original image coordinates::
+
+    {"image_id": int, "category_id": int (the dataset's own id), "score": float,
+     "bbox": [x, y, w, h], "segmentation": {"size": [h, w], "counts": str}}
+
+Records of a Mask Scoring model carry ``"segm_score"`` too (see :func:`~.table.ranking_score`
+for which score ranks what). :func:`validate_lvis_results` checks record by record and names
+the first violation (file, record index, field). :func:`load_lvis_results` reads a results
+file (undecodable, truncated or corrupted JSON rejected with the file named) and checks its
+records with numpy first, falling back to the record-by-record check (for its message) only
+if something is wrong. :func:`write_results_file` writes the evaluator's selected table to
+``lvis_instances_results.json``, checked on the way with the same rules and messages, and
+atomically.
 """
 
-import json
 import math
 import os
 from collections import Counter
 from itertools import chain
+from json.encoder import encode_basestring_ascii
 from operator import itemgetter, methodcaller
-from typing import Optional, Sequence, Union
+from typing import List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from lvis_longtail.evaluation.detections import DetectionTable, ListMasks, gc_paused
+from lvis_longtail.evaluation.table import (
+    SEGM_SCORE,
+    DetectionTable,
+    ListMasks,
+    LVISResultsError,
+    cap_per_image,
+    record_score,
+)
+from lvis_longtail.utils.io import gc_paused, read_json, temp_path
 
 RESULTS_FILE = "lvis_instances_results.json"
-
-
-class LVISResultsError(ValueError):
-    """A results record breaks the LVIS results format or does not fit its split."""
 
 
 def _is_number(x) -> bool:
@@ -95,8 +108,7 @@ def validate_lvis_results(
     """
     if isinstance(results, (str, os.PathLike)):
         source = os.fspath(results)
-        with open(source) as f:
-            results = json.load(f)
+        results = read_json(source, LVISResultsError, "results file")
     name = os.path.basename(source)
     if not isinstance(results, list):
         raise LVISResultsError(f"{source}: is a {type(results).__name__}, not a list of records")
@@ -148,6 +160,8 @@ class SplitIndex:
     """The images (id -> [h, w]) and category ids of a split, for checking results fast."""
 
     def __init__(self, gt_dataset):
+        """``gt_dataset``: a json dict, or an object with one as ``.dataset`` (lvis-api's
+        ``LVIS``, :class:`~lvis_longtail.data.lvis_json.ValidatedLVIS`, ...)."""
         dataset = getattr(gt_dataset, "dataset", gt_dataset)
         self.images = {img["id"]: img for img in dataset["images"]}
         ids = sorted(self.images)
@@ -247,8 +261,8 @@ def _checked_table(records, split: SplitIndex, required) -> Optional[DetectionTa
         bbox=bbox,
         masks=None if segms is None else ListMasks(segms),
     )
-    if n and any("segm_score" in r for r in records):
-        segm = [r.get("segm_score", r["score"]) for r in records]
+    if n and any(SEGM_SCORE in r for r in records):
+        segm = [record_score(r, "segm") for r in records]
         if not _types_are(segm, {int, float}):
             return None
         table.segm_score = np.fromiter(segm, np.float64, n)
@@ -282,33 +296,39 @@ def load_lvis_results(
         The records (a list of dicts), or their table.
 
     Raises:
-        LVISResultsError: the file is not complete JSON (truncated or corrupted), is not a
-            list of records, or a record breaks the format (see :func:`validate_lvis_results`);
-            the message names the file and, for a record, its index and field.
+        LVISResultsError: the file is not valid JSON (undecodable, truncated or corrupted),
+            is not a list of records, or a record breaks the format (see
+            :func:`validate_lvis_results`); the message names the file and, for a record,
+            its index and field.
         FileNotFoundError: no such file.
     """
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        with gc_paused():
-            results = json.loads(data)
-    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-        hint = "corrupted" if data.rstrip().endswith(b"]") else "truncated?"
-        raise LVISResultsError(
-            f"{path}: not a complete JSON document ({hint}): {e}; the file has {size:,} bytes"
-        ) from None
-    del data
-    split = SplitIndex(getattr(gt_dataset, "dataset", gt_dataset))
+    results = read_json(path, LVISResultsError, "results file")
+    table = records_table(results, gt_dataset, required=required, source=path, max_dets=max_dets)
+    return table if as_table else results
+
+
+def records_table(
+    results,
+    gt_dataset,
+    *,
+    required: Sequence[str] = ("bbox",),
+    source: str = "results records",
+    max_dets: int = -1,
+) -> DetectionTable:
+    """Check in-memory LVIS records against their split (vectorized; record by record only
+    for the message) and return them as a :class:`~.detections.DetectionTable`.
+
+    Raises:
+        LVISResultsError: names ``source``, the record index and the field.
+    """
+    split = gt_dataset if isinstance(gt_dataset, SplitIndex) else SplitIndex(gt_dataset)
     with gc_paused():
         table = _checked_table(results, split, required)
     if table is None:
-        validate_lvis_results(results, split, max_dets, required=required, source=path)
-    else:
-        check_per_image_cap(results, max_dets, path)
-    if not as_table:
-        return results
-    return table if table is not None else DetectionTable.from_records(results)
+        validate_lvis_results(results, split, max_dets, required=required, source=source)
+        return DetectionTable.from_records(results)
+    check_per_image_cap(results, max_dets, source)
+    return table
 
 
 def check_per_image_cap(records: Sequence[dict], max_dets: int, source: str) -> None:
@@ -320,3 +340,199 @@ def check_per_image_cap(records: Sequence[dict], max_dets: int, source: str) -> 
         per_image[record["image_id"]] += 1
         if per_image[record["image_id"]] > max_dets:
             raise LVISResultsError(too_many_error(source, i, record["image_id"], max_dets))
+
+
+EXPORT_FIELDS = ("image_id", "category_id", "score", "bbox", "segmentation")
+
+
+def instances_to_lvis_records(
+    instances, image_id: int, dataset_ids: Mapping[int, int], max_dets: int = 300
+) -> List[dict]:
+    """LVIS records of one image's predictions (the values of detectron2's
+    ``instances_to_coco_json``, dataset category ids, ``segm_score`` from ``mask_scores``).
+
+    Only detections that can survive the per-image cap are converted
+    (:func:`~.shards.preselect`: the top ``max_dets`` by box score and by ``mask_scores``).
+    """
+    from lvis_longtail.evaluation.shards import instances_to_rows, preselect
+
+    rows, blob = instances_to_rows(preselect(instances, max_dets), image_id, dataset_ids)
+    records = []
+    for row in rows:
+        record = {
+            "image_id": int(row["image_id"]),
+            "category_id": int(row["category_id"]),
+            "bbox": row["bbox"].tolist(),
+            "score": float(row["score"]),
+        }
+        if row["counts_start"] >= 0:
+            start, end = int(row["counts_start"]), int(row["counts_start"] + row["counts_len"])
+            size = [int(row["height"]), int(row["width"])]
+            record["segmentation"] = {"size": size, "counts": blob[start:end].decode("ascii")}
+        if not np.isnan(row["segm_score"]):
+            record[SEGM_SCORE] = float(row["segm_score"])
+        records.append(record)
+    return records
+
+
+def _capped(records: Sequence[dict], task: str, max_dets: int) -> List[dict]:
+    """The ``max_dets`` best records of each image by ``task``'s score, in their order (the
+    table's :func:`~.table.cap_per_image`: ties keep the earlier record, as lvis-api)."""
+    if max_dets < 0 or not records:
+        return list(records)
+    image = np.fromiter((r["image_id"] for r in records), np.int64, len(records))
+    score = np.fromiter((record_score(r, task) for r in records), np.float64, len(records))
+    return [records[i] for i in np.flatnonzero(cap_per_image(image, score, max_dets)).tolist()]
+
+
+def records_for_export(records: Sequence[dict], max_dets: int) -> List[dict]:
+    """Records as the results file holds them: :data:`EXPORT_FIELDS` only, ``score`` = the
+    file's ranking score, at most ``max_dets`` per image by that score."""
+    out = []
+    for record in _capped(records, "file", max_dets):
+        exported = {k: record[k] for k in EXPORT_FIELDS if k in record}
+        exported["score"] = record_score(record, "file")
+        out.append(exported)
+    return out
+
+
+def records_for_task(records: Sequence[dict], task: str, max_dets: int) -> List[dict]:
+    """New records for evaluating ``task`` with lvis-api, ranked and capped by its score.
+
+    bbox records keep a ``segmentation`` where there is one (shared, not copied; lvis-api
+    would otherwise make a polygon of each box). segm records have no ``bbox``, so lvis-api
+    takes the mask area for the small/medium/large ranges (detectron2's convention).
+    """
+    if task not in ("bbox", "segm"):
+        raise ValueError(f"unknown LVIS task {task!r}; expected 'bbox' or 'segm'")
+    fields = ("bbox", "segmentation") if task == "bbox" else ("segmentation",)
+    out = []
+    for r in _capped(records, task, max_dets):
+        record = {"image_id": r["image_id"], "category_id": r["category_id"]}
+        record["score"] = record_score(r, task)
+        record.update((k, r[k]) for k in fields if k in r)
+        out.append(record)
+    return out
+
+
+def record_json(image_id, category_id, score, bbox, size=None, counts=None) -> str:
+    """One record as compact JSON, byte-identical to ``json.dumps(record, separators=(",",
+    ":"))`` with the keys in :data:`EXPORT_FIELDS` order (finite numbers only)."""
+    box = ",".join(map(repr, bbox))
+    text = f'{{"image_id":{image_id},"category_id":{category_id},"score":{score!r},"bbox":[{box}]'
+    if counts is None:
+        return text + "}"
+    return (
+        f'{text},"segmentation":{{"size":[{size[0]},{size[1]}],'
+        f'"counts":{encode_basestring_ascii(counts)}}}}}'
+    )
+
+
+WRITE_CHUNK = 8192  # rows per write: bounds the masks and json text held at once
+
+
+def write_results_file(
+    table: DetectionTable,
+    path: Optional[str],
+    split: SplitIndex,
+    *,
+    with_masks: bool = True,
+    source: Optional[str] = None,
+) -> dict:
+    """Write a (selected) table as the results file, checked first, atomically.
+
+    The file holds :data:`EXPORT_FIELDS` per row, in the table's order, ``score`` = the
+    file's ranking score (:func:`~.table.ranking_score`); masks are read from their source
+    chunk by chunk. Nothing is written if a row breaks the format (the message of
+    :func:`validate_lvis_results`, naming ``source``, the record index and the field).
+
+    Args:
+        table: the rows to write (the protocol's selection).
+        path: the results file; None only checks.
+        split: the split's images and categories.
+        with_masks: every record must have a mask.
+        source: the name used in messages (default: ``path``).
+
+    Returns:
+        :func:`validate_lvis_results`' summary.
+    """
+    source = source or path or RESULTS_FILE
+    n = len(table)
+    score = table.task_score("file")
+    has_masks = table.masks is not None
+    sizes = table.masks.sizes(np.arange(n)) if has_masks else None
+    bad = first_bad_row(split, table.image_id, table.category_id, score, table.bbox, sizes)
+    if bad is None and with_masks and not has_masks and n:
+        bad = 0
+    if bad is not None:
+        segm = table.masks.rles([bad])[0] if has_masks else None
+        record = {"image_id": int(table.image_id[bad]), "category_id": int(table.category_id[bad]),
+                  "score": float(score[bad]), "bbox": table.bbox[bad].tolist()}  # fmt: skip
+        if segm is not None:
+            record["segmentation"] = segm
+        required = ("bbox", "segmentation") if with_masks else ("bbox",)
+        cats = set(split.category_ids.tolist())
+        problem = _record_problem(record, split.images, cats, required)
+        raise LVISResultsError(record_error(source, bad, *(problem or (None, "is invalid"))))
+    if path:
+        _write_rows(table, path, score, sizes)
+    per_image = Counter(table.image_id.tolist())
+    cats = set(np.unique(table.category_id).tolist())
+    return results_summary(os.path.basename(source), n, per_image, len(split.images), cats=cats)
+
+
+def _write_rows(table: DetectionTable, path: str, score: np.ndarray, sizes) -> None:
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "x", buffering=1 << 20) as f:
+            f.write("[")
+            for start in range(0, len(table), WRITE_CHUNK):
+                rows = np.arange(start, min(start + WRITE_CHUNK, len(table)))
+                if sizes is None:
+                    masks = [None] * len(rows)
+                    size = [(0, 0)] * len(rows)
+                else:
+                    masks = [m["counts"] for m in table.masks.rles(rows)]
+                    size = sizes[rows].tolist()
+                    masks = [m.decode("ascii") if isinstance(m, bytes) else m for m in masks]
+                items = [
+                    record_json(i, k, s, b, hw, m)
+                    for i, k, s, b, hw, m in zip(
+                        table.image_id[rows].tolist(),
+                        table.category_id[rows].tolist(),
+                        score[rows].tolist(),
+                        table.bbox[rows].tolist(),
+                        size,
+                        masks,
+                    )
+                ]
+                f.write(("," if start else "") + ",".join(items))
+            f.write("]")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def table_to_records(table: DetectionTable, with_masks: bool = True) -> List[dict]:
+    """LVIS records of a table's rows (``segm_score`` kept where there is one), for lvis-api."""
+    masks = table.masks.rles(np.arange(len(table))) if with_masks and len(table) else None
+    records = []
+    for i, (image_id, cat, score, box) in enumerate(
+        zip(
+            table.image_id.tolist(),
+            table.category_id.tolist(),
+            table.score.tolist(),
+            table.bbox.tolist(),
+        )
+    ):
+        record = {"image_id": image_id, "category_id": cat, "score": score, "bbox": box}
+        if masks is not None:
+            record["segmentation"] = masks[i]
+        records.append(record)
+    if table.segm_score is not None:
+        for record, s in zip(records, table.task_score("segm").tolist()):
+            record[SEGM_SCORE] = s
+    return records

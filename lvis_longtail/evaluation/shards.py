@@ -1,29 +1,37 @@
-"""Streaming results store: LVIS records go to disk as images are processed, not to RAM.
+"""Stream detections of many images to per-rank shard files, and read them back once.
 
-Each process (rank) appends to its own shard file; :meth:`LVISResultsStore.add` buffers at
-most ``flush_every`` images before writing them as one chunk, so memory does not grow with the
-number of images. A chunk is::
+The evaluator's ``process()`` (and any other producer of per-image ``Instances``, e.g. a
+pseudo-label exporter) appends each image's detections as table rows to its process's shard
+(:class:`DetectionShard`, or :class:`ShardedDetections`, which also names, gathers across ranks
+and removes the shards); memory holds at most ``flush_every`` images. :func:`read_shards` reads
+all shards once into one :class:`~.table.DetectionTable` ordered by image id, then by the
+model's order within the image; masks stay in the files and are read back by offset only where
+an IoU or the results file needs them. A chunk is::
 
     b"LVISREC1" | int64 [num_rows, num_entries, blob_bytes]
     | entries: (image_id, entry) int64 pairs, one per add() (images without detections too)
     | rows: RECORD_DTYPE x num_rows | blob: the masks' compressed-RLE counts, ASCII
-
-Rows keep everything the results file and the evaluators need (ids, scores, box, mask size,
-mask area) in fixed-size fields; masks stay in the blob and are read back by offset only where
-an IoU or the results file needs them. :func:`read_shards` turns shards into a
-:class:`~.detections.DetectionTable` (images processed twice: the first time counts), ordered
-by image id, then by the model's order within the image.
 """
 
 import logging
 import os
-from typing import Iterator, List, NamedTuple, Optional, Sequence
+import shutil
+import tempfile
+from typing import Iterator, List, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
+import torch
+from detectron2.structures import BoxMode
+from detectron2.utils import comm
+from pycocotools import mask as mask_utils
 
-from lvis_longtail.evaluation.detections import DetectionTable, MaskSource, rle_areas
-from lvis_longtail.evaluation.export import SEGM_SCORE
-from lvis_longtail.evaluation.validation import LVISResultsError
+from lvis_longtail.evaluation.table import (
+    SEGM_SCORE,
+    DetectionTable,
+    LVISResultsError,
+    MaskSource,
+    rle_areas,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +55,73 @@ ENTRY_DTYPE = np.dtype([("image_id", "<i8"), ("entry", "<i8")])
 _HEADER = np.dtype("<i8")
 
 
-def records_to_rows(records: Sequence[dict], entry: int, blob_start: int):
-    """(rows, counts blob) of one image's records (fields of :mod:`.export`)."""
+def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores; ties keep the earlier index (as lvis-api does)."""
+    return torch.argsort(-scores, stable=True)[:k]
+
+
+def preselect(instances, max_dets: int = -1):
+    """The detections that can survive a per-image cap of ``max_dets`` (-1: all): the top
+    ``max_dets`` by box score, together with the top ``max_dets`` by ``mask_scores`` where
+    present, so each task can later take its own top ``max_dets``; in the model's order."""
+    if 0 <= max_dets < len(instances):
+        keep = _top_k(instances.scores, max_dets)
+        if instances.has("mask_scores"):
+            keep = torch.cat([keep, _top_k(instances.mask_scores, max_dets)]).unique()
+        instances = instances[torch.sort(keep).values]
+    return instances
+
+
+def _dataset_category_ids(classes: torch.Tensor, dataset_ids: Mapping[int, int], image_id):
+    lookup = np.full(max(dataset_ids, default=-1) + 2, -1, dtype=np.int64)
+    lookup[list(dataset_ids)] = list(dataset_ids.values())
+    classes = classes.numpy()
+    inside = (classes >= 0) & (classes < len(lookup))
+    cats = np.where(inside, lookup[np.where(inside, classes, 0)], -1)
+    if (cats < 0).any():
+        cls = int(classes[np.flatnonzero(cats < 0)[0]])
+        raise KeyError(
+            f"predicted class {cls} of image {image_id} has no dataset category id (the "
+            f"dataset maps {len(dataset_ids)} classes; does MODEL.ROI_HEADS.NUM_CLASSES match?)"
+        )
+    return cats
+
+
+def instances_to_rows(instances, image_id: int, dataset_ids: Mapping[int, int], entry: int = 0,
+                      blob_start: int = 0):  # fmt: skip
+    """(rows, counts blob) of one image's ``Instances`` (on CPU; ``pred_boxes`` XYXY,
+    ``scores``, ``pred_classes`` contiguous, optionally ``pred_masks`` (N, H, W) and
+    ``mask_scores``): the values detectron2's ``instances_to_coco_json`` gives (XYWH boxes,
+    compressed RLEs), with dataset category ids, without making a dict per detection."""
+    n = len(instances)
+    rows = np.zeros(n, dtype=RECORD_DTYPE)
+    rows["counts_start"] = -1
+    if n == 0:
+        return rows, b""
+    rows["image_id"] = image_id
+    rows["category_id"] = _dataset_category_ids(instances.pred_classes, dataset_ids, image_id)
+    rows["entry"] = entry
+    rows["score"] = instances.scores.tolist()  # float32 -> float, as instances_to_coco_json
+    rows["segm_score"] = instances.mask_scores.tolist() if instances.has("mask_scores") else np.nan
+    boxes = BoxMode.convert(instances.pred_boxes.tensor, BoxMode.XYXY_ABS, BoxMode.XYWH_ABS)
+    rows["bbox"] = boxes.tolist()
+    if not instances.has("pred_masks"):
+        return rows, b""
+    masks = instances.pred_masks
+    rles = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
+    counts = [r["counts"] for r in rles]
+    lengths = np.array([len(c) for c in counts], dtype=np.int64)
+    rows["counts_len"] = lengths
+    rows["counts_start"] = blob_start + np.cumsum(lengths) - lengths
+    rows["height"], rows["width"] = masks.shape[1], masks.shape[2]
+    rows["mask_area"] = rle_areas(rles)
+    return rows, b"".join(counts)
+
+
+def records_to_rows(records: Sequence[dict], entry: int = 0, blob_start: int = 0):
+    """(rows, counts blob) of one image's LVIS records (dicts, ``segm_score`` optional)."""
     rows = np.zeros(len(records), dtype=RECORD_DTYPE)
+    rows["counts_start"] = -1
     if not records:
         return rows, b""
     rows["image_id"] = [r["image_id"] for r in records]
@@ -59,7 +131,6 @@ def records_to_rows(records: Sequence[dict], entry: int, blob_start: int):
     rows["segm_score"] = [r.get(SEGM_SCORE, np.nan) for r in records]
     rows["bbox"] = [r["bbox"] for r in records]
     segms = [r.get("segmentation") for r in records]
-    rows["counts_start"] = -1
     if all(s is not None for s in segms):
         counts = [s["counts"] for s in segms]
         counts = [c.encode("ascii") if isinstance(c, str) else bytes(c) for c in counts]
@@ -73,8 +144,8 @@ def records_to_rows(records: Sequence[dict], entry: int, blob_start: int):
     return rows, b""
 
 
-class LVISResultsStore:
-    """Append-only shard of LVIS records of one process.
+class DetectionShard:
+    """Append-only shard of one process's detections.
 
     Args:
         path: the shard file (created; an existing file is replaced).
@@ -99,11 +170,22 @@ class LVISResultsStore:
     def num_buffered_images(self) -> int:
         return len(self._entries)
 
+    def add_instances(self, image_id: int, instances, dataset_ids: Mapping[int, int]) -> None:
+        """Store one processed image's ``Instances`` (see :func:`instances_to_rows`)."""
+        self._check_open()
+        self._append(image_id, *instances_to_rows(
+            instances, image_id, dataset_ids, self.num_images, self._blob_size))  # fmt: skip
+
     def add(self, image_id: int, records: Sequence[dict]) -> None:
-        """Store one processed image's records (possibly none)."""
+        """Store one processed image's LVIS records (possibly none)."""
+        self._check_open()
+        self._append(image_id, *records_to_rows(records, self.num_images, self._blob_size))
+
+    def _check_open(self):
         if self._file is None:
-            raise RuntimeError(f"{self.path}: the store is closed")
-        rows, blob = records_to_rows(records, self.num_images, self._blob_size)
+            raise RuntimeError(f"{self.path}: the shard is closed")
+
+    def _append(self, image_id, rows, blob) -> None:
         self._entries.append(image_id)
         self._rows.append(rows)
         self._blobs.append(blob)
@@ -193,6 +275,10 @@ class ShardMasks(MaskSource):
         self._file, self._start, self._len = file_index, start, length
         self._h, self._w = height, width
 
+    def sizes(self, rows):
+        rows = np.asarray(rows, dtype=np.int64)
+        return np.stack([self._h[rows], self._w[rows]], 1).astype(np.int64)
+
     def rles(self, rows):
         rows = np.asarray(rows, dtype=np.int64)
         out = [None] * len(rows)
@@ -223,13 +309,15 @@ class ShardMasks(MaskSource):
 
 
 def read_shards(paths: Sequence[str]):
-    """All rows of the shards as one table, ordered by image id, then within-image order.
+    """All rows of the shards, read once, as one table ordered by image id, then by the
+    model's order within the image (the protocols' tie-break).
 
     An image stored more than once (processed twice) keeps its first occurrence, in the order
-    of ``paths``; a warning counts the others.
+    of ``paths``; a warning counts the others. ``table.masks`` is None unless every row has a
+    mask (a model without a mask head).
 
     Returns:
-        (:class:`~.detections.DetectionTable`, number of distinct images processed).
+        (:class:`~.table.DetectionTable`, number of distinct images processed).
     """
     rows, files, seen, total = [], [], set(), 0
     for index, path in enumerate(paths):
@@ -254,17 +342,12 @@ def read_shards(paths: Sequence[str]):
         image_id=rows["image_id"],
         category_id=rows["category_id"],
         score=rows["score"],
-        segm_score=None if np.isnan(segm_score).all() else file_scores(rows),
+        segm_score=None if np.isnan(segm_score).all() else segm_score,
         bbox=rows["bbox"],
         mask_area=rows["mask_area"] if masks is not None else None,
         masks=masks,
     )
     return table, len(seen)
-
-
-def file_scores(rows: np.ndarray) -> np.ndarray:
-    """The score the results file carries: the segm score where there is one."""
-    return np.where(np.isnan(rows["segm_score"]), rows["score"], rows["segm_score"])
 
 
 def first_entries(chunk: Chunk, seen: set) -> List[int]:
@@ -277,32 +360,77 @@ def first_entries(chunk: Chunk, seen: set) -> List[int]:
     return first
 
 
-def shards_have_masks(paths: Sequence[str]) -> bool:
-    """False if some stored detection has no mask (a model without a mask head)."""
-    for path in paths:
-        for chunk in iter_chunks(path):
-            if (chunk.rows["counts_start"] < 0).any():
-                return False
-    return True
+class ShardedDetections:
+    """Per-rank shards of one stream of detections: write, gather on the main process, read
+    once, remove. What ``LVISLongTailEvaluator`` uses, reusable by any per-image producer.
 
+    Args:
+        folder: where the shards go (None: a temporary folder, removed by :meth:`discard`).
+        name: the stream's name (the shard of rank r is ``<name>.rank<r>.shard``).
+        flush_every: images buffered in memory per rank.
+    """
 
-def table_to_records(table: DetectionTable, with_masks: bool = True) -> List[dict]:
-    """LVIS records of a table's rows (``segm_score`` kept where it differs), for lvis-api."""
-    masks = table.masks.rles(np.arange(len(table))) if with_masks and len(table) else None
-    records = []
-    for i, (image_id, cat, score, box) in enumerate(
-        zip(
-            table.image_id.tolist(),
-            table.category_id.tolist(),
-            table.score.tolist(),
-            table.bbox.tolist(),
-        )
-    ):
-        record = {"image_id": image_id, "category_id": cat, "score": score, "bbox": box}
-        if masks is not None:
-            record["segmentation"] = masks[i]
-        records.append(record)
-    if table.segm_score is not None:
-        for record, s in zip(records, table.segm_score.tolist()):
-            record[SEGM_SCORE] = s
-    return records
+    def __init__(self, folder: Optional[str], name: str, flush_every: int = 32):
+        self.folder, self.name, self.flush_every = folder, name, flush_every
+        self._shard: Optional[DetectionShard] = None
+        self._tmp_dir: Optional[str] = None
+        self._received: List[str] = []
+
+    @property
+    def shard(self) -> DetectionShard:
+        """This process's shard, created on first use."""
+        if self._shard is None:
+            folder = self.folder
+            if folder is None:
+                self._tmp_dir = folder = tempfile.mkdtemp(prefix="lvis_shards_")
+            path = os.path.join(folder, f"{self.name}.rank{comm.get_rank()}.shard")
+            self._shard = DetectionShard(path, self.flush_every)
+        return self._shard
+
+    def gather(self, distributed: bool = True) -> Optional[List[str]]:
+        """Close this rank's shard; on the main process, the paths of every rank's shard
+        (shards it cannot see, without a shared disk, travel by ``comm.gather``); None on
+        the others."""
+        shard = self.shard
+        shard.close()
+        if not distributed or comm.get_world_size() == 1:
+            return [shard.path]
+        comm.synchronize()
+        paths = comm.all_gather(shard.path)
+        visible = comm.all_gather(
+            [os.path.exists(p) for p in paths] if comm.is_main_process() else None
+        )[0]
+        own = None
+        if not visible[comm.get_rank()]:
+            with open(shard.path, "rb") as f:
+                own = f.read()
+        payloads = comm.gather(own, dst=0)
+        if not comm.is_main_process():
+            if own is not None:  # sent: the main process has its copy
+                self.discard()
+            return None
+        for rank, data in enumerate(payloads):
+            if data is not None:
+                paths[rank] = os.path.join(
+                    os.path.dirname(shard.path), f"{self.name}.received.rank{rank}.shard"
+                )
+                with open(paths[rank], "wb") as f:
+                    f.write(data)
+                self._received.append(paths[rank])
+        return paths
+
+    def discard(self, paths: Sequence[str] = ()) -> None:
+        """Delete this rank's shard, received copies and ``paths``; remove an empty folder."""
+        if self._shard is not None:
+            self._shard.close()
+        for path in [*paths, *self._received] + ([self._shard.path] if self._shard else []):
+            if os.path.exists(path):
+                os.remove(path)
+        if self._shard is not None:
+            folder = os.path.dirname(self._shard.path)
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+        if self._tmp_dir:
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+        self._shard = self._tmp_dir = None
+        self._received = []
