@@ -11,9 +11,10 @@ below ``min_score`` are dropped (the usual implementations' pruning; the paper k
 all). Classes are independent (per-class Soft-NMS, as detectron2's ``batched_nms`` for hard
 NMS).
 
-:func:`batched_soft_nms` runs all classes at once: the boxes are laid out in a padded
-(classes, max boxes per class) tensor, and each iteration selects the top box of *every*
-class, so the Python loop runs ``max boxes per class`` times, never over classes.
+:func:`batched_soft_nms` runs all classes at once: the boxes are laid out in padded
+(classes, boxes per class) tensors (one per power-of-two group of class sizes), and each
+iteration selects the top box of *every* class of a group, so the Python loops run over the
+groups and the boxes of the largest class, never over classes.
 
 :func:`longtail_fast_rcnn_inference` is detectron2's ``fast_rcnn_inference`` whose NMS step
 is :func:`class_wise_suppression` (``MODEL.ROI_HEADS.NMS_TYPE``); with "hard" it is exactly
@@ -67,15 +68,53 @@ class SoftNMSParams:
         return cls(method, float(node.SIGMA), float(node.IOU_THRESH), float(node.MIN_SCORE))
 
 
-def _pairwise_row_iou(top: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+def _row_iou(top: torch.Tensor, top_area: torch.Tensor, boxes, areas) -> torch.Tensor:
     """IoU of each row's box ``top`` (C, 4) with that row's boxes ``boxes`` (C, N, 4) ->
-    (C, N); same formula as torchvision's ``box_iou`` (no +1, union clamped)."""
+    (C, N); same formula as torchvision's ``box_iou`` (no +1), areas precomputed."""
     lt = torch.maximum(top[:, None, :2], boxes[..., :2])
     rb = torch.minimum(top[:, None, 2:], boxes[..., 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area_top = (top[:, 2:] - top[:, :2]).clamp(min=0).prod(-1)
-    area = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(-1)
-    return inter / (area_top[:, None] + area - inter).clamp(min=1e-12)
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (top_area[:, None] + areas - inter).clamp(min=1e-12)
+
+
+def _soft_nms_padded(boxes, scores, index, params: SoftNMSParams):
+    """Soft-NMS of every row of a padded layout at once.
+
+    Args:
+        boxes: (C, W, 4) boxes of C categories, W columns (padding anywhere).
+        scores: (C, W) fp32 scores, -inf at padding.
+        index: (C, W) input index of each box (-1 at padding).
+
+    Returns:
+        (M,) input indices and (M,) scores at selection of the kept boxes, unordered.
+    """
+    num_rows, width = scores.shape
+    rows = torch.arange(num_rows, device=scores.device)
+    wh = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0)
+    areas = wh[..., 0] * wh[..., 1]
+    alive = scores > float("-inf")
+    neg_inf = torch.tensor(float("-inf"), device=scores.device)
+    kept_index, kept_score = [], []
+    for _ in range(width):
+        top_score, top = scores.max(dim=1)  # first maximum = lowest input index among ties
+        has = alive[rows, top]
+        kept_index.append(torch.where(has, index[rows, top], -1))
+        kept_score.append(top_score)
+        alive[rows, top] = False
+        iou = _row_iou(boxes[rows, top], areas[rows, top], boxes, areas)
+        if params.method == "linear":
+            decay = torch.where(iou >= params.iou_thresh, 1.0 - iou, torch.ones_like(iou))
+        else:
+            decay = torch.exp(-(iou * iou) / params.sigma)
+        scores = scores * decay
+        alive &= scores >= params.min_score
+        scores = torch.where(alive, scores, neg_inf)
+        if not bool(alive.any()):
+            break
+    kept_index, kept_score = torch.stack(kept_index).flatten(), torch.stack(kept_score).flatten()
+    valid = kept_index >= 0
+    return kept_index[valid], kept_score[valid]
 
 
 def batched_soft_nms(
@@ -83,7 +122,12 @@ def batched_soft_nms(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Soft-NMS of each category independently, all categories at once.
 
-    Ties are broken by the lower input index (within a class and in the output order).
+    The categories are laid out as padded (categories, boxes) tensors, one per group of
+    categories with 2^(b-1) < boxes <= 2^b (so a category with 300 boxes does not make 1000
+    categories with 2 boxes iterate 300 times); each group selects the top box of all its
+    categories per step. The Python loops run over these <= log2(N) + 1 groups and over the
+    steps, never over categories. Ties are broken by the lower input index (within a class
+    and in the output order).
 
     Args:
         boxes: (N, 4) boxes, XYXY.
@@ -97,51 +141,35 @@ def batched_soft_nms(
         new_scores: (M,) their decayed scores.
     """
     device = boxes.device
-    empty = torch.zeros((0,), dtype=torch.int64, device=device)
     alive_in = scores >= params.min_score
     if not bool(alive_in.any()):
-        return empty, scores.new_zeros((0,))
+        return torch.zeros((0,), dtype=torch.int64, device=device), scores.new_zeros((0,))
     index = torch.nonzero(alive_in).squeeze(1)
-    cls = idxs[index]
-    # Padded layout: row = category (only those present), columns = its boxes by input index.
-    uniq, row = torch.unique(cls, return_inverse=True)
-    order = torch.argsort(row, stable=True)  # by row, then input index
+    _, row = torch.unique(idxs[index], return_inverse=True)
+    order = torch.argsort(row, stable=True)  # by category, then input index
     index, row = index[order], row[order]
-    counts = torch.bincount(row, minlength=len(uniq))
+    counts = torch.bincount(row)
     starts = torch.cumsum(counts, 0) - counts
     col = torch.arange(len(index), device=device) - starts[row]
-    num_rows, width = len(uniq), int(counts.max())
-    pad_boxes = boxes.new_zeros((num_rows, width, 4))
-    pad_boxes[row, col] = boxes[index].to(pad_boxes.dtype)
-    cur = scores.new_full((num_rows, width), float("-inf"), dtype=torch.float32)
-    cur[row, col] = scores[index].float()
-    pad_index = torch.full((num_rows, width), -1, dtype=torch.int64, device=device)
-    pad_index[row, col] = index
-    alive = cur > float("-inf")
-    rows = torch.arange(num_rows, device=device)
-
+    group = torch.ceil(torch.log2(counts.double())).long()  # per category
     kept_index, kept_score = [], []
-    for _ in range(width):
-        top_score, top = cur.max(dim=1)  # first maximum = lowest input index among ties
-        has = alive[rows, top]
-        kept_index.append(torch.where(has, pad_index[rows, top], -1))
-        kept_score.append(top_score)
-        alive[rows, top] = False
-        cur[rows, top] = float("-inf")
-        iou = _pairwise_row_iou(pad_boxes[rows, top], pad_boxes)
-        if params.method == "linear":
-            decay = torch.where(iou >= params.iou_thresh, 1.0 - iou, torch.ones_like(iou))
-        else:
-            decay = torch.exp(-(iou * iou) / params.sigma)
-        cur = torch.where(alive & has[:, None], cur * decay, cur)
-        alive &= cur >= params.min_score
-        cur = torch.where(alive, cur, torch.full_like(cur, float("-inf")))
-        if not bool(alive.any()):
-            break
-    kept_index = torch.stack(kept_index).flatten()
-    kept_score = torch.stack(kept_score).flatten()
-    valid = kept_index >= 0
-    kept_index, kept_score = kept_index[valid], kept_score[valid]
+    for g in torch.unique(group).tolist():
+        members = torch.nonzero(group == g).squeeze(1)  # categories of this group
+        local = torch.full_like(counts, -1)
+        local[members] = torch.arange(len(members), device=device)
+        sel = torch.nonzero(local[row] >= 0).squeeze(1)  # boxes of this group
+        r, c = local[row[sel]], col[sel]
+        width = int(counts[members].max())
+        pad_boxes = boxes.new_zeros((len(members), width, 4), dtype=torch.float32)
+        pad_boxes[r, c] = boxes[index[sel]].float()
+        pad_scores = torch.full((len(members), width), float("-inf"), device=device)
+        pad_scores[r, c] = scores[index[sel]].float()
+        pad_index = torch.full((len(members), width), -1, dtype=torch.int64, device=device)
+        pad_index[r, c] = index[sel]
+        ki, ks = _soft_nms_padded(pad_boxes, pad_scores, pad_index, params)
+        kept_index.append(ki)
+        kept_score.append(ks)
+    kept_index, kept_score = torch.cat(kept_index), torch.cat(kept_score)
     by_index = torch.argsort(kept_index)
     kept_index, kept_score = kept_index[by_index], kept_score[by_index]
     by_score = torch.argsort(kept_score, descending=True, stable=True)
