@@ -30,7 +30,8 @@ def _input(h=80, w=96, seed=0):
 
 
 def test_all_options_off_equals_detectron2_tta():
-    cfg, model = _model(["TEST.AUG.MIN_SIZES", (48, 64)])
+    cfg, model = _model(["TEST.AUG.MIN_SIZES", (48, 64), "TEST.DETECTIONS_PER_IMAGE", 40,
+                         "MODEL.RPN.POST_NMS_TOPK_TEST", 60])  # fmt: skip
     inputs = [_input(56, 72)]
     with torch.no_grad():
         ref = GeneralizedRCNNWithTTA(cfg, model)(inputs)[0]["instances"]
@@ -203,3 +204,21 @@ def test_trainer_test_wraps_the_model_when_enabled(monkeypatch):
     cfg.TEST.AUG.ENABLED = True
     wrapped = Trainer.test(cfg, model)
     assert isinstance(wrapped, LongTailTTA) and wrapped.model is model
+
+
+def test_cascade_two_pass_and_mask_scores_through_tta():
+    opts = ["MODEL.ROI_HEADS.NAME", "LongTailCascadeROIHeads",
+            "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", True,
+            "MODEL.ROI_MASK_HEAD.LEVEL_ASSIGNMENT", "area_ratio",
+            "MODEL.ROI_MASK_HEAD.TEST_AREA_RATIO", "two_pass", "MODEL.ROI_MASK_HEAD.MASK_SCORING",
+            True, "TEST.AUG.SCALES", [[48, 80], [64, 100]], "TEST.AUG.VALID_RANGES",
+            [[8, -1], [0, 60]], "TEST.AUG.MASK_RULE", "select", "TEST.AUG.MASK_CHUNK_SIZE", 16,
+            "TEST.AUG.MERGE_NMS_TYPE", "soft_linear", "TEST.AUG.FLIP", False,
+            "TEST.DETECTIONS_PER_IMAGE", 30, "MODEL.RPN.POST_NMS_TOPK_TEST", 40]  # fmt: skip
+    cfg, model = _model(opts)
+    with torch.no_grad():
+        out = LongTailTTA(cfg, model)([_input(48, 64)])[0]["instances"]
+    assert len(out) > 0 and out.pred_masks.shape == (len(out), 48, 64)
+    # mask_scores = merged score x mean predicted IoU (clamped to [0, 1]) of the selected scales
+    assert out.mask_scores.shape == out.scores.shape
+    assert torch.all(out.mask_scores <= out.scores + 1e-6) and torch.all(out.mask_scores >= 0)
