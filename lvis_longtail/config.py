@@ -217,10 +217,12 @@ def _add_soft_nms_node(node: CN) -> None:
 
 
 def _add_nms_config(cfg: CN) -> None:
-    # Per-class suppression of the box predictor's detections at inference (every ROI heads
-    # whose box predictor is LongTailFastRCNNOutputLayers): "hard" (detectron2's NMS at
-    # NMS_THRESH_TEST), "soft_linear" or "soft_gaussian" (Soft-NMS in place of hard NMS, with
-    # MODEL.ROI_HEADS.SOFT_NMS; detections keep their decayed scores).
+    # Per-class suppression of the box predictor's detections at inference
+    # (LongTailFastRCNNOutputLayers.inference / .postprocess, used by LongTailROIHeads):
+    # "hard" (detectron2's NMS at NMS_THRESH_TEST), "soft_linear" or "soft_gaussian" (Soft-NMS
+    # in place of hard NMS, with MODEL.ROI_HEADS.SOFT_NMS; detections keep their decayed
+    # scores). Cascade heads apply it where their inference calls the last predictor's
+    # postprocess(boxes, scores, image_sizes) instead of detectron2's fast_rcnn_inference.
     _enum(cfg, "MODEL.ROI_HEADS.NMS_TYPE", "hard", ("hard", "soft_linear", "soft_gaussian"))
     _add_soft_nms_node(cfg.MODEL.ROI_HEADS)
 
