@@ -222,3 +222,10 @@ def test_cascade_two_pass_and_mask_scores_through_tta():
     # mask_scores = merged score x mean predicted IoU (clamped to [0, 1]) of the selected scales
     assert out.mask_scores.shape == out.scores.shape
     assert torch.all(out.mask_scores <= out.scores + 1e-6) and torch.all(out.mask_scores >= 0)
+
+
+def test_no_detection_gives_empty_masks():
+    cfg, model = _model(["TEST.AUG.SCALES", [[64, 400]], "TEST.AUG.FLIP", True])
+    _StubModel(model, [torch.zeros((0, 4)), torch.zeros((0, 4))])
+    out = LongTailTTA(cfg, model)([_input(64, 48)])[0]["instances"]
+    assert len(out) == 0 and out.pred_masks.shape == (0, 64, 48)

@@ -286,7 +286,7 @@ class LongTailTTA(nn.Module):
         if not self.mask_on:
             return {"instances": merged}
         if len(merged) == 0:
-            merged.pred_masks = torch.zeros((0, 1, self.mask_side, self.mask_side))
+            merged.pred_masks = merged.scores.new_zeros((0, 1, self.mask_side, self.mask_side))
             if getattr(self.model.roi_heads, "mask_iou_head", None) is not None:
                 merged.mask_scores = merged.scores.clone()
         else:
