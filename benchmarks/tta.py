@@ -31,7 +31,10 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+# isort: off
 import lvis_longtail  # noqa: E402,F401  (compat layer first)
+
+# isort: on
 import torch  # noqa: E402
 
 from lvis_longtail.utils.io import write_json_atomic  # noqa: E402
