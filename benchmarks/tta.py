@@ -65,7 +65,12 @@ def variants():
     select = ["TEST.AUG.MASK_RULE", "select"]
     return [
         ("no TTA", None, OFF),
-        ("detectron2 TTA", "detectron2", OFF),
+        # detectron2's TTA reads MIN_SIZES / MAX_SIZE, not SCALES: the same short sides (the
+        # images are square, so the max sizes do not bind)
+        ("detectron2 TTA", "detectron2", OFF + [
+            "TEST.AUG.MIN_SIZES", tuple(s for s, _ in _leaf_value("TEST.AUG.SCALES")),
+            "TEST.AUG.MAX_SIZE", max(m for _, m in _leaf_value("TEST.AUG.SCALES"))]),
+        ("ours, all off", "ours", OFF),
         ("+ valid ranges", "ours", OFF + ranges),
         ("+ rare factor", "ours", OFF + rare),
         ("+ NMS 0.7, Soft-NMS", "ours", OFF + merge),
