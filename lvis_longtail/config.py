@@ -131,6 +131,8 @@ def add_longtail_config(cfg: CN) -> CN:
     _add_htc_lite_config(cfg)
     _add_architecture_config(cfg)
     _add_augmentation_config(cfg)
+    _add_nms_config(cfg)
+    _add_tta_config(cfg)
     return cfg
 
 
@@ -487,3 +489,62 @@ def _add_augmentation_config(cfg: CN) -> None:
     cfg.INPUT.INSTABOOST.SHIFT = 0.2
     cfg.INPUT.INSTABOOST.SCALE = (0.8, 1.2)
     cfg.INPUT.INSTABOOST.ANGLE = 5.0
+
+
+def _add_soft_nms_node(node: CN) -> None:
+    # Soft-NMS (Bodla et al. 2017) parameters. SIGMA: width of the Gaussian decay
+    # exp(-IoU^2 / SIGMA); IOU_THRESH: N_t of the linear decay (scores of boxes with
+    # IoU >= N_t are multiplied by 1 - IoU); MIN_SCORE: boxes whose decayed score falls below
+    # it are dropped.
+    node.SOFT_NMS = CN()
+    node.SOFT_NMS.SIGMA = 0.5
+    node.SOFT_NMS.IOU_THRESH = 0.3
+    node.SOFT_NMS.MIN_SCORE = 1e-3
+
+
+def _add_nms_config(cfg: CN) -> None:
+    # Per-class suppression of the box predictor's detections at inference
+    # (LongTailFastRCNNOutputLayers.inference / .postprocess, used by LongTailROIHeads):
+    # "hard" (detectron2's NMS at NMS_THRESH_TEST), "soft_linear" or "soft_gaussian" (Soft-NMS
+    # in place of hard NMS, with MODEL.ROI_HEADS.SOFT_NMS; detections keep their decayed
+    # scores). Cascade heads apply it where their inference calls the last predictor's
+    # postprocess(boxes, scores, image_sizes) instead of detectron2's fast_rcnn_inference.
+    _enum(cfg, "MODEL.ROI_HEADS.NMS_TYPE", "hard", ("hard", "soft_linear", "soft_gaussian"))
+    _add_soft_nms_node(cfg.MODEL.ROI_HEADS)
+
+
+def _add_tta_config(cfg: CN) -> None:
+    # Test-time augmentation (LongTailTTA, used by Trainer.test when TEST.AUG.ENABLED): the
+    # detections of every augmentation are merged, then masks are predicted for the merged
+    # boxes at every augmentation. With the keys below at their defaults it is detectron2's
+    # GeneralizedRCNNWithTTA (TEST.AUG.MIN_SIZES x MAX_SIZE, FLIP, hard NMS, mean masks).
+    aug = cfg.TEST.AUG
+    # Explicit [short side, max size] pairs, e.g. [[1200, 2000], [1400, 2333]]; empty: every
+    # MIN_SIZES with MAX_SIZE (detectron2's keys). FLIP adds the flipped image of each scale.
+    aug.SCALES = []
+    # Valid sqrt(w h) range [lo, hi] of the detections of each scale, one pair per scale, in
+    # that scale's (resized) pixels; hi < 0 = no upper bound; empty = every box at every scale.
+    # Small boxes come from large scales, large boxes from small ones (LVIS 2020 1st place).
+    aug.VALID_RANGES = []
+    # Score factors of the detections of rare / common categories (frequency groups of the
+    # training set, DATASETS.TRAIN[0]'s class_frequency metadata), applied to the union of
+    # the augmentations' detections before the merge; 1.0 = off.
+    aug.RARE_SCORE_FACTOR = 1.0
+    aug.COMMON_SCORE_FACTOR = 1.0
+    # Per-class hard NMS IoU threshold of the merge; < 0: MODEL.ROI_HEADS.NMS_THRESH_TEST
+    # (detectron2). The 1st-place recipe uses 0.7 followed by Soft-NMS.
+    aug.NMS_THRESH = -1.0
+    # After the hard NMS: "hard" (nothing more), "soft_linear" or "soft_gaussian" (Soft-NMS
+    # with TEST.AUG.SOFT_NMS on the survivors; they keep their decayed scores).
+    _enum(cfg, "TEST.AUG.MERGE_NMS_TYPE", "hard", ("hard", "soft_linear", "soft_gaussian"))
+    _add_soft_nms_node(aug)
+    # Mask of each merged detection: "mean" (mean of the M x M mask probabilities over the
+    # augmentations, detectron2) or "select" (mean over the augmentations of the scales whose
+    # VALID_RANGES contain the instance's sqrt(w h r) in that scale's pixels, r = fraction of
+    # the mean mask above 0.5; the mean of all when none does). mask_scores (Mask Scoring)
+    # follow the same rule.
+    _enum(cfg, "TEST.AUG.MASK_RULE", "mean", ("mean", "select"))
+    # Merged detections per mask-head call: bounds the (chunk, K, M, M) class-specific logits.
+    aug.MASK_CHUNK_SIZE = 100
+    # Augmented images per backbone batch (detectron2's GeneralizedRCNNWithTTA uses 3).
+    aug.BATCH_SIZE = 3

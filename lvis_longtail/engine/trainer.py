@@ -104,6 +104,17 @@ class Trainer(DefaultTrainer):
         return model
 
     @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """detectron2's ``test``; with ``TEST.AUG.ENABLED`` the model runs wrapped in
+        :class:`~lvis_longtail.modeling.tta.LongTailTTA` (--eval-only and periodic eval)."""
+        if cfg.TEST.AUG.ENABLED:
+            from lvis_longtail.modeling.tta import LongTailTTA
+
+            logger.info("Evaluating with test-time augmentation (TEST.AUG)")
+            model = LongTailTTA(cfg, model)
+        return super().test(cfg, model, evaluators)
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         """:class:`LVISLongTailEvaluator` with ``TEST.EVAL_PROTOCOL``, ``TEST.FIXED_AP`` and
         ``TEST.LVIS_EVALUATOR``; per-class diagnostics get the training set's image counts."""

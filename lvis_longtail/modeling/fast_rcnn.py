@@ -17,6 +17,7 @@ from lvis_longtail.modeling.cls_losses import (
     build_cls_calibration,
     build_cls_loss,
 )
+from lvis_longtail.modeling.postprocessing import SoftNMSParams, longtail_fast_rcnn_inference
 
 __all__ = ["LongTailFastRCNNOutputLayers", "NormedLinear", "build_classifier"]
 
@@ -86,6 +87,8 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
         cls_predictor: str = "Linear",
         normed_scale: float = 20.0,
         calibration: Optional[ClassLogitCalibration] = None,
+        nms_type: str = "hard",
+        soft_nms: SoftNMSParams = SoftNMSParams(),
         **kwargs,
     ):
         """
@@ -95,6 +98,8 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
             cls_predictor: "Linear" or "NormedLinear".
             normed_scale: scale of the NormedLinear classifier.
             calibration: post-hoc calibration of the logits at inference, or None.
+            nms_type: "hard", "soft_linear" or "soft_gaussian" (``MODEL.ROI_HEADS.NMS_TYPE``).
+            soft_nms: Soft-NMS parameters (``MODEL.ROI_HEADS.SOFT_NMS``).
         """
         super().__init__(input_shape, **kwargs)
         if cls_loss.num_classes != self.num_classes:
@@ -107,6 +112,7 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
         )
         cls_loss.init_bias(self.cls_score.bias)
         self.calibration = calibration
+        self.nms_type, self.soft_nms = nms_type, soft_nms
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -117,7 +123,31 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
         ret["cls_predictor"] = head.CLS_PREDICTOR
         ret["normed_scale"] = head.NORMED_SCALE
         ret["loss_weight"] = {**ret["loss_weight"], "loss_cls": head.CLS_LOSS_WEIGHT}
+        ret["nms_type"] = cfg.MODEL.ROI_HEADS.NMS_TYPE
+        ret["soft_nms"] = SoftNMSParams.from_config(cfg.MODEL.ROI_HEADS.SOFT_NMS, "gaussian")
         return ret
+
+    def inference(self, predictions, proposals: List[Instances]):
+        """detectron2's inference, with the NMS step of ``self.nms_type`` (see
+        :func:`~lvis_longtail.modeling.postprocessing.longtail_fast_rcnn_inference`)."""
+        boxes = self.predict_boxes(predictions, proposals)
+        scores = self.predict_probs(predictions, proposals)
+        return self.postprocess(boxes, scores, [x.image_size for x in proposals])
+
+    def postprocess(self, boxes, scores, image_shapes):
+        """Per-image (Ri, K*4 or 4) boxes and (Ri, K+1) scores -> (instances, kept rows), as
+        detectron2's ``fast_rcnn_inference`` with this predictor's thresholds and NMS type
+        (ROI heads that merge several predictors, e.g. cascades, call this)."""
+        return longtail_fast_rcnn_inference(
+            boxes,
+            scores,
+            image_shapes,
+            self.test_score_thresh,
+            self.test_nms_thresh,
+            self.test_topk_per_image,
+            self.nms_type,
+            self.soft_nms,
+        )
 
     def losses(self, predictions, proposals: List[Instances]) -> Dict[str, torch.Tensor]:
         """Same inputs and box regression loss as the parent; classification terms come from

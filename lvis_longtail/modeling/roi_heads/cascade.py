@@ -21,8 +21,31 @@ class LongTailCascadeROIHeads(CascadeROIHeads, LongTailROIHeads):
 
     At inference detectron2 averages the stages' *probabilities* (each stage's loss turns its
     logits into [K scores, background] first); mmdetection averages logits and applies the
-    activation once. Like the parent, class-agnostic box regression is required.
+    activation once. Like the parent, class-agnostic box regression is required. The final
+    detections go through the last predictor's ``postprocess``, so ``MODEL.ROI_HEADS.NMS_TYPE``
+    (Soft-NMS) applies to cascades too; with "hard" it is detectron2's ``fast_rcnn_inference``.
     """
+
+    def _forward_box(self, features, proposals, targets=None):
+        """Training: detectron2's. Inference: detectron2's stage loop and probability average,
+        then the last predictor's ``postprocess`` instead of ``fast_rcnn_inference``."""
+        if self.training:
+            return super()._forward_box(features, proposals, targets)
+        features = [features[f] for f in self.box_in_features]
+        image_sizes = [x.image_size for x in proposals]
+        scores_per_stage, prev_pred_boxes = [], None
+        for k, predictor in enumerate(self.box_predictor):
+            if k > 0:
+                proposals = self._create_proposals_from_boxes(prev_pred_boxes, image_sizes)
+            predictions = self._run_stage(features, proposals, k)
+            prev_pred_boxes = predictor.predict_boxes(predictions, proposals)
+            scores_per_stage.append(predictor.predict_probs(predictions, proposals))
+        scores = [
+            sum(list(per_image)) * (1.0 / self.num_cascade_stages)
+            for per_image in zip(*scores_per_stage)
+        ]
+        pred_instances, _ = predictor.postprocess(prev_pred_boxes, scores, image_sizes)
+        return pred_instances
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
