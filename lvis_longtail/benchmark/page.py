@@ -19,9 +19,9 @@ from lvis_longtail.benchmark.report import (
     summary_table,
 )
 from lvis_longtail.utils.io import atomic_write, write_json_atomic
+from lvis_longtail.utils.per_class_csv import CSV_FILE
 
 INVOCATION_FILE = "benchmark_invocations.json"
-CSV_FILE = "lvis_per_class.csv"
 METRICS_FILE = "lvis_metrics.json"
 TARGET_BBOX_AP = 30.0
 SUMMARY_KEYS = (

@@ -9,13 +9,13 @@ cell of a class with ground truth is valid, so the pooled mean equals the mean o
 means); :func:`check_against_metrics` compares them with the run's ``lvis_metrics.json``.
 """
 
-import csv
 import math
 from typing import Dict, List, Mapping, Sequence
 
 import numpy as np
 
 from lvis_longtail.benchmark.stats import bootstrap_group_diff, paired_t_ci, seeds_needed
+from lvis_longtail.utils.per_class_csv import read_per_class_csv
 
 TASKS = ("bbox", "segm")
 GROUPS = ("r", "c", "f")
@@ -32,34 +32,24 @@ def read_per_class(path: str) -> PerClass:
     Raises:
         ValueError: naming the file, line and column, for a missing column or a bad cell.
     """
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        missing = [c for c in REQUIRED_COLUMNS if c not in fields]
-        tasks = [t for t in TASKS if f"{t}_AP" in fields]
-        if missing or not tasks:
-            raise ValueError(
-                f"{path}: not a per-class csv: missing column(s) "
-                f"{missing + ([] if tasks else ['bbox_AP or segm_AP'])}"
-            )
-        out: PerClass = {t: {} for t in tasks}
-        for line, row in enumerate(reader, start=2):
-            try:
-                cat = int(row["category_id"])
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"{path}: line {line}: category_id {row['category_id']!r} is not an integer"
-                ) from None
-            for t in tasks:
-                cell = row[f"{t}_AP"]
-                if cell in ("", None):
-                    continue
-                try:
-                    out[t][cat] = float(cell)
-                except ValueError:
-                    raise ValueError(
-                        f"{path}: line {line}: {t}_AP {cell!r} is not a number"
-                    ) from None
+    rows = read_per_class_csv(path)
+    fields = list(rows[0]) if rows else []
+    missing = [c for c in REQUIRED_COLUMNS if c not in fields]
+    tasks = [t for t in TASKS if f"{t}_AP" in fields]
+    if missing or not tasks:
+        raise ValueError(
+            f"{path}: not a per-class csv: missing column(s) "
+            f"{missing + ([] if tasks else ['bbox_AP or segm_AP'])}"
+        )
+    out: PerClass = {t: {} for t in tasks}
+    for line, row in enumerate(rows, start=2):
+        for t in tasks:
+            cell = row[f"{t}_AP"]
+            if cell is None:
+                continue
+            if isinstance(cell, str):
+                raise ValueError(f"{path}: line {line}: {t}_AP {cell!r} is not a number")
+            out[t][row["category_id"]] = float(cell)
     return out
 
 

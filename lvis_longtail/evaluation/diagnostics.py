@@ -15,7 +15,6 @@ split's own annotated image count when the training counts are unknown), coloure
 frequency group, next to the APr/APc/APf bars of each task.
 """
 
-import csv
 import math
 import os
 from collections import defaultdict
@@ -24,8 +23,9 @@ from typing import Dict, List, Mapping, Optional
 import numpy as np
 
 from lvis_longtail.utils.io import atomic_write
+from lvis_longtail.utils.per_class_csv import CSV_FILE, write_per_class_csv
+from lvis_longtail.utils.per_class_csv import read_per_class_csv as read_csv  # noqa: F401
 
-CSV_FILE = "lvis_per_class.csv"
 PLOT_FILE = "lvis_per_class.png"
 BASE_COLUMNS = (
     "category_id",
@@ -83,38 +83,7 @@ def _pct(value) -> Optional[float]:
 
 def write_csv(path: str, rows: List[dict]) -> None:
     """Write the rows atomically (blank cells for None)."""
-    fields = list(rows[0]) if rows else list(BASE_COLUMNS)
-    with atomic_write(path, newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
-
-
-def read_csv(path: str) -> List[dict]:
-    """The rows of a per-class csv; numbers parsed, blank cells as None."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or "category_id" not in reader.fieldnames:
-            raise ValueError(f"{path}: not a per-class csv (no 'category_id' column)")
-        rows = []
-        for line, raw in enumerate(reader, start=2):
-            row = {}
-            for key, value in raw.items():
-                row[key] = _parse(value) if key not in ("name", "frequency") else value
-            if not isinstance(row["category_id"], int):
-                raise ValueError(f"{path}: line {line}: category_id {raw['category_id']!r}")
-            rows.append(row)
-    return rows
-
-
-def _parse(value: Optional[str]):
-    if value is None or value == "":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        return float(value)
+    write_per_class_csv(path, rows, BASE_COLUMNS)
 
 
 def plot(path: str, rows: List[dict], group_metrics: Mapping[str, Mapping[str, float]]) -> None:

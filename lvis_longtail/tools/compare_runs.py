@@ -10,12 +10,12 @@ frequency group and the ``--top`` classes with the largest gains and losses (B -
 
 Two runs must be evaluations of the same dataset: runs whose folders name different datasets
 (``inference/<dataset>/``) or whose csv files list different classes are refused. Reading two
-csv files needs no torch or detectron2 (this module imports only the standard library and
-tabulate; ``lvis_longtail`` skips its model set-up where torch is absent).
+csv files needs no torch or detectron2 (this module imports only the standard library,
+tabulate and :mod:`lvis_longtail.utils.per_class_csv`; ``lvis_longtail`` skips its model set-up
+where torch is absent).
 """
 
 import argparse
-import csv
 import glob
 import os
 import sys
@@ -23,38 +23,10 @@ from typing import Dict, List, Optional
 
 from tabulate import tabulate
 
+from lvis_longtail.utils.per_class_csv import CSV_FILE
+from lvis_longtail.utils.per_class_csv import read_per_class_csv as read_csv
+
 GROUPS = ("r", "c", "f")
-# The per-class csv of lvis_longtail.evaluation.diagnostics (not imported: that package
-# needs torch); text columns stay strings, blank cells are None, numbers are parsed.
-CSV_FILE = "lvis_per_class.csv"
-_TEXT_COLUMNS = ("name", "frequency")
-
-
-def read_csv(path: str) -> List[dict]:
-    """The rows of a per-class csv, as ``lvis_longtail.evaluation.diagnostics`` writes it."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or "category_id" not in reader.fieldnames:
-            raise ValueError(f"{path}: not a per-class csv (no 'category_id' column)")
-        rows = []
-        for line, raw in enumerate(reader, start=2):
-            row = {k: (v if k in _TEXT_COLUMNS else _number(v)) for k, v in raw.items()}
-            if not isinstance(row["category_id"], int):
-                raise ValueError(f"{path}: line {line}: category_id {raw['category_id']!r}")
-            rows.append(row)
-    return rows
-
-
-def _number(value: Optional[str]):
-    if value is None or value.strip() == "":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        try:
-            return float(value)
-        except ValueError:
-            return value
 
 
 def dataset_of(csv_path: str) -> Optional[str]:
