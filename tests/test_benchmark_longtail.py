@@ -13,6 +13,8 @@ import pytest
 from lvis_longtail.benchmark import methods as M
 from lvis_longtail.benchmark import plan, report, stats
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 _PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "longtail.py")
 
 
@@ -173,10 +175,10 @@ def test_plan_order_dependencies_and_commands(tmp_path):
 
 
 def test_eval_only_row_and_reference_rules(tmp_path):
-    tta = M.Method("tta", "TTA", M.SOFTMAX, ("TEST.AUG.ENABLED", "True"), base="softmax_rfs",
+    tta = M.Method("tta_opts", "TTA", M.SOFTMAX, ("TEST.AUG.ENABLED", "True"), base="softmax_rfs",
                    eval_only=True)  # fmt: skip
     table = M.METHODS + (tta,)
-    runs = plan.plan_runs(["tta"], [0], _settings(tmp_path), methods=table)
+    runs = plan.plan_runs(["tta_opts"], [0], _settings(tmp_path), methods=table)
     run = runs[-1]
     assert run.cmd[4] == "--eval-only" and "SOLVER.MAX_ITER" not in run.cmd
     assert _opt(run.cmd, "TEST.AUG.ENABLED") == "True"
@@ -184,10 +186,14 @@ def test_eval_only_row_and_reference_rules(tmp_path):
         os.path.join("softmax_rfs", "seed0", "model_final.pth")
     )
     by = M.methods_by_name(table)
-    assert by["tta"].reference == "softmax_rfs" and by["eqlv2"].reference == "softmax"
+    assert by["tta_opts"].reference == "softmax_rfs" and by["eqlv2"].reference == "softmax"
     assert by["dicebce"].reference == "softmax_rfs" and by["softmax"].reference is None
     assert by["softmax_rfs"].reference == "softmax"
     assert "bags_long" not in M.default_methods()
+    # every row's config exists, and the rows of the newer capabilities plan their runs
+    for m in M.METHODS:
+        assert os.path.isfile(os.path.join(_REPO, "configs", m.config)), m.config
+    assert by["htc_lite"].reference == "cascade" and by["norcal"].kind == "eval"
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         M.methods_by_name(M.METHODS + (M.Method("x", "X", M.SOFTMAX, base="nope"),))
     with pytest.raises(ValueError, match="KEY VALUE"):
