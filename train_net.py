@@ -48,7 +48,9 @@ def main(args):
     else:
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
-        results = trainer.train()
+        trainer.train()
+        # detectron2 returns the last evaluation only when TEST.EXPECTED_RESULTS is set
+        results = getattr(trainer, "_last_eval_results", None)
     if comm.is_main_process():
         print(format_summary(cfg, results or {}, time.perf_counter() - start), flush=True)
     return results

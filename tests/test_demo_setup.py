@@ -81,3 +81,12 @@ def test_summary_lists_ap_per_group_and_the_results_file(tmp_path):
         f"lt_synthetic_test_dev results file (no annotations: for the evaluation server): {export}"
         in text
     )
+
+
+def test_summary_of_a_single_test_split(tmp_path):
+    """detectron2's ``test`` returns the split's own dict when there is one split."""
+    cfg = setup_cfg(
+        str(TINY_BASE), ["OUTPUT_DIR", str(tmp_path), "DATASETS.TEST", "('lt_synthetic_val',)"]
+    )
+    text = format_summary(cfg, {"bbox": {"AP": 12.0, "APr": 1.0, "APc": 2.0, "APf": 3.0}})
+    assert "lt_synthetic_val bbox: AP 12.0, APr 1.0, APc 2.0, APf 3.0" in text

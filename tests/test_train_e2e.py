@@ -179,3 +179,4 @@ def test_two_cpu_processes_with_gloo(synthetic_root, tmp_path):
     trained = [m for m in metrics if "total_loss" in m]
     assert trained and all(math.isfinite(m["total_loss"]) for m in trained)
     assert (tmp_path / "inference" / "lt_synthetic_val" / "lvis_instances_results.json").exists()
+    assert "lt_synthetic_val bbox: AP " in proc.stdout  # the closing summary has the metrics

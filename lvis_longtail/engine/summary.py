@@ -22,9 +22,12 @@ def format_summary(cfg, results: Mapping, seconds: float = None) -> str:
     Args:
         cfg: the run's config (``DATASETS.TEST``, ``OUTPUT_DIR``).
         results: ``{dataset: {"bbox": {"AP": ...}, "segm": {...}}}`` as ``Trainer.test``
-            returns it (``{}`` for a split without annotations).
+            returns it (``{}`` for a split without annotations; with one test split,
+            detectron2 returns that split's dict itself).
         seconds: wall time of the run, printed if given.
     """
+    if len(cfg.DATASETS.TEST) == 1 and cfg.DATASETS.TEST[0] not in results:
+        results = {cfg.DATASETS.TEST[0]: results}  # detectron2's test() unwraps a single split
     lines = ["", "=== Summary" + (f" ({seconds / 60:.1f} min)" if seconds else "") + " ==="]
     for name in cfg.DATASETS.TEST:
         metrics = results.get(name) or {}
