@@ -33,7 +33,7 @@ from lvis_longtail.evaluation.table import (
     cap_per_image,
     record_score,
 )
-from lvis_longtail.utils.io import gc_paused, read_json, temp_path
+from lvis_longtail.utils.io import atomic_write, gc_paused, read_json
 
 RESULTS_FILE = "lvis_instances_results.json"
 
@@ -482,38 +482,30 @@ def write_results_file(
 
 
 def _write_rows(table: DetectionTable, path: str, score: np.ndarray, sizes) -> None:
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "x", buffering=1 << 20) as f:
-            f.write("[")
-            for start in range(0, len(table), WRITE_CHUNK):
-                rows = np.arange(start, min(start + WRITE_CHUNK, len(table)))
-                if sizes is None:
-                    masks = [None] * len(rows)
-                    size = [(0, 0)] * len(rows)
-                else:
-                    masks = [m["counts"] for m in table.masks.rles(rows)]
-                    size = sizes[rows].tolist()
-                    masks = [m.decode("ascii") if isinstance(m, bytes) else m for m in masks]
-                items = [
-                    record_json(i, k, s, b, hw, m)
-                    for i, k, s, b, hw, m in zip(
-                        table.image_id[rows].tolist(),
-                        table.category_id[rows].tolist(),
-                        score[rows].tolist(),
-                        table.bbox[rows].tolist(),
-                        size,
-                        masks,
-                    )
-                ]
-                f.write(("," if start else "") + ",".join(items))
-            f.write("]")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path, buffering=1 << 20) as f:
+        f.write("[")
+        for start in range(0, len(table), WRITE_CHUNK):
+            rows = np.arange(start, min(start + WRITE_CHUNK, len(table)))
+            if sizes is None:
+                masks = [None] * len(rows)
+                size = [(0, 0)] * len(rows)
+            else:
+                masks = [m["counts"] for m in table.masks.rles(rows)]
+                size = sizes[rows].tolist()
+                masks = [m.decode("ascii") if isinstance(m, bytes) else m for m in masks]
+            items = [
+                record_json(i, k, s, b, hw, m)
+                for i, k, s, b, hw, m in zip(
+                    table.image_id[rows].tolist(),
+                    table.category_id[rows].tolist(),
+                    score[rows].tolist(),
+                    table.bbox[rows].tolist(),
+                    size,
+                    masks,
+                )
+            ]
+            f.write(("," if start else "") + ",".join(items))
+        f.write("]")
 
 
 def table_to_records(table: DetectionTable, with_masks: bool = True) -> List[dict]:
