@@ -131,6 +131,7 @@ def add_longtail_config(cfg: CN) -> CN:
     _add_htc_lite_config(cfg)
     _add_architecture_config(cfg)
     _add_augmentation_config(cfg)
+    _add_ignore_regions_config(cfg)
     return cfg
 
 
@@ -487,3 +488,22 @@ def _add_augmentation_config(cfg: CN) -> None:
     cfg.INPUT.INSTABOOST.SHIFT = 0.2
     cfg.INPUT.INSTABOOST.SCALE = (0.8, 1.2)
     cfg.INPUT.INSTABOOST.ANGLE = 5.0
+
+
+def _add_ignore_regions_config(cfg: CN) -> None:
+    # Ignore regions (lvis_longtail/modeling/ignore_regions.py, docs/self_training.md): in
+    # training, an anchor / proposal that would be background and overlaps one of its image's
+    # ignore boxes (the mapped batch's `ignore_boxes`: crowd boxes, pseudo boxes) by at least
+    # THRESH is ignored (label -1: not sampled, no loss; cascade stages >= 1 drop it). METRIC
+    # "iou", or "iof" (intersection over the anchor's / proposal's own area). Needs
+    # MODEL.META_ARCHITECTURE "LongTailRCNN" (forwards the boxes) and, for the RPN,
+    # MODEL.PROPOSAL_GENERATOR.NAME "LongTailRPN"; lvis_longtail's ROI heads all support it.
+    # Batches without ignore boxes are unaffected. The 1st place LVIS 2020 entry ignores
+    # proposals "with a large IoU" to pseudo boxes without giving the value; the defaults here
+    # (IoU 0.5, the ROI heads' foreground IoU) are our choice.
+    cfg.MODEL.RPN.IGNORE = CN()
+    _enum(cfg, "MODEL.RPN.IGNORE.METRIC", "iou", ("iou", "iof"))
+    cfg.MODEL.RPN.IGNORE.THRESH = 0.5
+    cfg.MODEL.ROI_HEADS.IGNORE = CN()
+    _enum(cfg, "MODEL.ROI_HEADS.IGNORE.METRIC", "iou", ("iou", "iof"))
+    cfg.MODEL.ROI_HEADS.IGNORE.THRESH = 0.5
