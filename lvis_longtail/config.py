@@ -97,6 +97,7 @@ def setup_cfg(
     """
     from lvis_longtail.config_check import check_config, check_opts, unknown_key_error
     from lvis_longtail.data import register_from_config
+    from lvis_longtail.data.ignore_boxes import register_ignore_boxes_from_config
 
     cfg = get_cfg()
     add_longtail_config(cfg)
@@ -112,6 +113,7 @@ def setup_cfg(
     except (AssertionError, KeyError) as e:
         raise unknown_key_error(cfg, "command-line options", e.args[0]) from None
     register_from_config(cfg)
+    register_ignore_boxes_from_config(cfg)
     check_config(cfg, check_files=check_files, eval_only=eval_only)
     cfg.freeze()
     return cfg
@@ -507,3 +509,8 @@ def _add_ignore_regions_config(cfg: CN) -> None:
     cfg.MODEL.ROI_HEADS.IGNORE = CN()
     _enum(cfg, "MODEL.ROI_HEADS.IGNORE.METRIC", "iou", ("iou", "iof"))
     cfg.MODEL.ROI_HEADS.IGNORE.THRESH = 0.5
+    # Ignore boxes of training datasets: [[dataset_name, json_file], ...]; every annotation box
+    # of the LVIS-format json_file (e.g. tools/pseudo_label.py's output) becomes an ignore box
+    # of the image with its image_id (lvis_longtail/data/ignore_boxes.py). Crowd annotations
+    # (iscrowd 1) of an LVIS-format dataset are ignore boxes without any entry here.
+    cfg.DATASETS.IGNORE_BOXES = []

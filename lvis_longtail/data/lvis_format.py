@@ -159,7 +159,9 @@ def load_lvis_format_json(json_file: str, image_root: str, check_files: bool = T
     Returns:
         One dict per image with ``file_name, height, width, image_id, annotations,
         neg_category_ids, not_exhaustive_category_ids`` (dataset category ids); annotation
-        ``category_id`` is the contiguous 0-based id.
+        ``category_id`` is the contiguous 0-based id. Annotations with ``iscrowd: 1`` are
+        not GT: their boxes become the record's ``ignore_boxes`` (XYXY_ABS lists; see
+        :mod:`lvis_longtail.modeling.ignore_regions`).
     """
     data = read_lvis_json(json_file)
     cats = _categories(json_file, data)
@@ -185,7 +187,10 @@ def load_lvis_format_json(json_file: str, image_root: str, check_files: bool = T
         if ann["id"] in ann_ids:
             _fail(json_file, "annotation", ann, "id", "is duplicated")
         ann_ids.add(ann["id"])
-        if obj is not None:
+        if obj is not None and ann.get("iscrowd", 0):  # crowd: an ignore region, not a GT
+            x, y, w, h = obj["bbox"]
+            records[ann["image_id"]].setdefault("ignore_boxes", []).append([x, y, x + w, y + h])
+        elif obj is not None:
             records[ann["image_id"]]["annotations"].append(obj)
     if skipped:
         logger.warning(f"{json_file}: skipped {dict(skipped)}")
