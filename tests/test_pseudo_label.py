@@ -86,3 +86,29 @@ def test_written_file_round_trips_through_the_loader(tmp_path):
         [dict(r) for r in load_lvis_format_json(source, str(tmp_path))], str(out)
     )
     assert sorted(map(tuple, with_ignore[0]["ignore_boxes"])) == [(1, 20, 9, 30), (16, 16, 30, 30)]
+
+
+def test_command_line_runs_a_model_over_a_synthetic_split(tmp_path):
+    from conftest import TINY_BASE
+
+    from lvis_longtail.data.builtin import register_synthetic
+    from lvis_longtail.data.synthetic import generate
+    from lvis_longtail.tools.pseudo_label import main
+
+    generate(str(tmp_path / "syn"), seed=3, num_train=2, num_val=1, num_test=1,
+             image_size=(64, 64), num_classes=8, progress=False)  # fmt: skip
+    register_synthetic(str(tmp_path / "syn"), prefix="lt_pl")
+    out = tmp_path / "pl.json"
+    opts = [
+        "MODEL.ROI_HEADS.NUM_CLASSES",
+        "8",
+        "MODEL.DEVICE",
+        "cpu",
+        "DATASETS.TRAIN",
+        "('lt_pl_train',)",
+    ]
+    summary = main(["--config-file", str(TINY_BASE), "--dataset", "lt_pl_train", "--output",
+                    str(out), "--score-thresh", "0.0", *opts])  # fmt: skip
+    assert summary["images"] == 2
+    loaded = load_lvis_format_json(str(out), str(tmp_path / "syn" / "images"), check_files=False)
+    assert sum(len(r["annotations"]) for r in loaded) == summary["pseudo_labels"]
