@@ -97,8 +97,10 @@ def main() -> None:
                 if step >= args.warmup:
                     times[name].append(time.perf_counter() - start)
     without, with_ = (statistics.median(times[k]) for k in ("without", "with"))
-    print(f"config {os.path.relpath(args.config_file, REPO)}, batch {args.batch}x{args.size}px, "
-          f"{args.ignore} ignore boxes/image, {args.iters} steps each, device {args.device}")
+    print(
+        f"config {os.path.relpath(args.config_file, REPO)}, batch {args.batch}x{args.size}px, "
+        f"{args.ignore} ignore boxes/image, {args.iters} steps each, device {args.device}"
+    )
     print(f"step without ignore regions: {without * 1e3:.1f} ms")
     print(f"step with ignore regions:    {with_ * 1e3:.1f} ms")
     print(f"ratio with/without: {with_ / without:.3f}x (bar <= 1.03x)")
