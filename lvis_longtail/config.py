@@ -97,6 +97,7 @@ def setup_cfg(
     """
     from lvis_longtail.config_check import check_config, check_opts, unknown_key_error
     from lvis_longtail.data import register_from_config
+    from lvis_longtail.data.ignore_boxes import register_ignore_boxes_from_config
 
     cfg = get_cfg()
     add_longtail_config(cfg)
@@ -112,6 +113,7 @@ def setup_cfg(
     except (AssertionError, KeyError) as e:
         raise unknown_key_error(cfg, "command-line options", e.args[0]) from None
     register_from_config(cfg)
+    register_ignore_boxes_from_config(cfg)
     check_config(cfg, check_files=check_files, eval_only=eval_only)
     cfg.freeze()
     return cfg
@@ -133,6 +135,7 @@ def add_longtail_config(cfg: CN) -> CN:
     _add_augmentation_config(cfg)
     _add_nms_config(cfg)
     _add_tta_config(cfg)
+    _add_ignore_regions_config(cfg)
     return cfg
 
 
@@ -548,3 +551,27 @@ def _add_tta_config(cfg: CN) -> None:
     aug.MASK_CHUNK_SIZE = 100
     # Augmented images per backbone batch (detectron2's GeneralizedRCNNWithTTA uses 3).
     aug.BATCH_SIZE = 3
+
+
+def _add_ignore_regions_config(cfg: CN) -> None:
+    # Ignore regions (lvis_longtail/modeling/ignore_regions.py, docs/self_training.md): in
+    # training, an anchor / proposal that would be background and overlaps one of its image's
+    # ignore boxes (the mapped batch's `ignore_boxes`: crowd boxes, pseudo boxes) by at least
+    # THRESH is ignored (label -1: not sampled, no loss; cascade stages >= 1 drop it). METRIC
+    # "iou", or "iof" (intersection over the anchor's / proposal's own area). Needs
+    # MODEL.META_ARCHITECTURE "LongTailRCNN" (forwards the boxes) and, for the RPN,
+    # MODEL.PROPOSAL_GENERATOR.NAME "LongTailRPN"; lvis_longtail's ROI heads all support it.
+    # Batches without ignore boxes are unaffected. The 1st place LVIS 2020 entry ignores
+    # proposals "with a large IoU" to pseudo boxes without giving the value; the defaults here
+    # (IoU 0.5, the ROI heads' foreground IoU) are our choice.
+    cfg.MODEL.RPN.IGNORE = CN()
+    _enum(cfg, "MODEL.RPN.IGNORE.METRIC", "iou", ("iou", "iof"))
+    cfg.MODEL.RPN.IGNORE.THRESH = 0.5
+    cfg.MODEL.ROI_HEADS.IGNORE = CN()
+    _enum(cfg, "MODEL.ROI_HEADS.IGNORE.METRIC", "iou", ("iou", "iof"))
+    cfg.MODEL.ROI_HEADS.IGNORE.THRESH = 0.5
+    # Ignore boxes of training datasets: [[dataset_name, json_file], ...]; every annotation box
+    # of the LVIS-format json_file (e.g. tools/pseudo_label.py's output) becomes an ignore box
+    # of the image with its image_id (lvis_longtail/data/ignore_boxes.py). Crowd annotations
+    # (iscrowd 1) of an LVIS-format dataset are ignore boxes without any entry here.
+    cfg.DATASETS.IGNORE_BOXES = []

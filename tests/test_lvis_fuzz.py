@@ -188,11 +188,17 @@ def test_missing_optional_fields_are_filled(tmp_path):
         write(tmp_path, data), str(tmp_path))[0]["annotations"])  # fmt: skip
 
 
-def test_crowd_annotations_are_marked_for_the_mapper(tmp_path):
+def test_crowd_annotations_become_ignore_boxes(tmp_path):
     data = valid_json()
     data["annotations"][0]["iscrowd"] = 1
+    x, y, w, h = data["annotations"][0]["bbox"]
+    image_id = data["annotations"][0]["image_id"]
+    plain = load_lvis_format_json(write(tmp_path, valid_json()), str(tmp_path))
     dicts = load_lvis_format_json(write(tmp_path, data), str(tmp_path))
-    assert dicts[0]["annotations"][0]["iscrowd"] == 1
+    record = next(r for r in dicts if r["image_id"] == image_id)
+    before = next(r for r in plain if r["image_id"] == image_id)
+    assert record["ignore_boxes"] == [[x, y, x + w, y + h]]
+    assert len(record["annotations"]) == len(before["annotations"]) - 1
 
 
 def test_image_size_disagreeing_with_the_file(tmp_path):

@@ -146,7 +146,9 @@ def load_lvis_format_json(json_file: str, image_root: str, check_files: bool = T
     Returns:
         One dict per image with ``file_name, height, width, image_id, annotations,
         neg_category_ids, not_exhaustive_category_ids`` (dataset category ids); annotation
-        ``category_id`` is the contiguous 0-based id.
+        ``category_id`` is the contiguous 0-based id. Annotations with ``iscrowd: 1`` are
+        not GT: their boxes become the record's ``ignore_boxes`` (XYXY_ABS lists; see
+        :mod:`lvis_longtail.modeling.ignore_regions`).
     """
     validated = load_validated(json_file)
     with gc_paused():  # millions of new dicts: no full collections over the parsed json
@@ -172,7 +174,10 @@ def dataset_dicts(validated: ValidatedLVIS, image_root: str, check_files: bool =
     skipped = Counter()
     for ann in validated.annotations:
         obj = _train_annotation(ann, cat_map, skipped)
-        if obj is not None:
+        if obj is not None and obj.get("iscrowd"):  # crowd: an ignore region, not a GT
+            x, y, w, h = obj["bbox"]
+            records[ann["image_id"]].setdefault("ignore_boxes", []).append([x, y, x + w, y + h])
+        elif obj is not None:
             records[ann["image_id"]]["annotations"].append(obj)
     if skipped:
         msg = f"{json_file}: training dicts: {dict(skipped)}"

@@ -15,6 +15,12 @@ Layout written under ``out_dir``::
     annotations/lt_synthetic_{train,val,test_dev}.json   (test_dev: image info only)
     images/{train,val,test_dev}/000000000001.png
 
+Self-training options (off by default; then the files are byte-identical to before):
+``withhold_fraction`` leaves that fraction of each train image's annotations unannotated
+(their classes join the image's ``not_exhaustive_category_ids``, as LVIS marks them), and
+``num_unlabeled`` adds the image-info-only split ``lt_synthetic_unlabeled.json`` /
+``images/unlabeled/`` drawn like train.
+
 Usage::
 
     python -m lvis_longtail.data.synthetic --out datasets/lt_synthetic --seed 0
@@ -35,6 +41,7 @@ from lvis_longtail.data.class_stats import frequency_group
 from lvis_longtail.utils.io import atomic_write
 
 SPLITS = ("train", "val", "test_dev")
+UNLABELED = "unlabeled"  # optional split of train-distributed images without annotations
 COLORS = {  # RGB, saturated and far from the low-saturation background
     "red": (220, 30, 30),
     "green": (30, 190, 50),
@@ -316,6 +323,23 @@ def _label_image(rng, record, objects, quotas, num_classes):
     return kept
 
 
+def _withhold(rng, record, kept, fraction, quotas):
+    """Drop ``floor(fraction * n + u)`` (u ~ U(0, 1): ``fraction`` of them on average) of an
+    image's n annotations at random, never the only instance of a class that is rare in the
+    split (as :func:`_label_image`); their classes become not exhaustive."""
+    labels = [o[0] for o in kept]
+    cands = [i for i, c in enumerate(labels) if quotas[c] > 10 or labels.count(c) > 1]
+    m = min(int(np.floor(fraction * len(kept) + rng.random())), len(cands))
+    if m == 0:
+        return kept
+    drop = set(rng.choice(cands, m, replace=False).tolist())
+    withheld = {int(labels[i]) + 1 for i in drop}
+    record["not_exhaustive_category_ids"] = sorted(
+        set(record["not_exhaustive_category_ids"]) | withheld
+    )
+    return [o for i, o in enumerate(kept) if i not in drop]
+
+
 def _progress(items, desc, enabled):
     """``items`` wrapped in a tqdm bar when ``enabled`` (and tqdm is installed)."""
     try:
@@ -333,12 +357,13 @@ def _write_atomic(path, data):
 
 def _generate_split(cfg, split, first_image_id, first_ann_id):
     """Render one split; returns (image records, annotations)."""
-    si = SPLITS.index(split)
+    si = (*SPLITS, UNLABELED).index(split)
     h, w, k = cfg["h"], cfg["w"], len(cfg["specs"])
     n = cfg[f"num_{split}"]
     rng = np.random.default_rng([cfg["seed"], si])
-    weights = class_weights(k, split, cfg["head_tail_ratio"])
-    labels, quotas = assign_classes(rng, n, weights, 1 if si == 0 else cfg["eval_min_per_class"])
+    weights = class_weights(k, "train" if split == UNLABELED else split, cfg["head_tail_ratio"])
+    minimum = {"train": 1, UNLABELED: 0}.get(split, cfg["eval_min_per_class"])
+    labels, quotas = assign_classes(rng, n, weights, minimum)
     if split == "train" and quotas.min() < 1:
         raise ValueError(f"{n} train images hold too few objects for {k} classes")
     img_dir = os.path.join(cfg["out_dir"], "images", split)
@@ -350,10 +375,14 @@ def _generate_split(cfg, split, first_image_id, first_ann_id):
             img_rng, h, w, labels[i], cfg["specs"], *cfg["sizes"], cfg["thickness_scale"]
         )
         record = _image_record(first_image_id + i, split, h, w)
-        for label, flat in _label_image(img_rng, record, objects, quotas, k):
+        kept = _label_image(img_rng, record, objects, quotas, k)
+        if split == "train" and cfg["withhold_fraction"] > 0:
+            rng_w = np.random.default_rng([cfg["seed"], si, i, 1])
+            kept = _withhold(rng_w, record, kept, cfg["withhold_fraction"], quotas)
+        for label, flat in kept:
             ann_id = first_ann_id + len(anns)
             anns.append(_annotation(ann_id, record["id"], label, flat, h, w))
-        if split == "test_dev":
+        if split in ("test_dev", UNLABELED):
             record["neg_category_ids"], record["not_exhaustive_category_ids"] = [], []
         images.append(record)
         if cfg["write_images"]:
@@ -404,6 +433,8 @@ def generate(
     head_tail_ratio=TRAIN_HEAD_TAIL_RATIO,
     write_images=True,
     progress=True,
+    withhold_fraction=0.0,
+    num_unlabeled=0,
 ):
     """Generate the dataset under ``out_dir``; the same arguments give byte-identical files.
 
@@ -423,6 +454,9 @@ def generate(
             class-balanced split, e.g. the benchmark's pre-training set).
         write_images: False writes only the jsons (for quick statistics).
         progress: show a progress bar while rendering.
+        withhold_fraction: fraction in [0, 1) of each train image's annotations left out
+            (their classes marked not exhaustive); 0 = none.
+        num_unlabeled: images of the extra image-info-only split ``unlabeled`` (0 = none).
 
     Returns:
         dict split name -> path of its json.
@@ -444,14 +478,21 @@ def generate(
         "head_tail_ratio": float(head_tail_ratio),
         "write_images": write_images,
         "progress": progress,
+        "withhold_fraction": float(withhold_fraction),
+        f"num_{UNLABELED}": int(num_unlabeled),
     }
+    if not 0 <= withhold_fraction < 1 or num_unlabeled < 0:
+        raise ValueError(
+            "withhold_fraction must be in [0, 1) and num_unlabeled >= 0, got "
+            f"{withhold_fraction} and {num_unlabeled}"
+        )
     if not 0 < thickness_scale <= 3 or eval_min_per_class < 0:
         raise ValueError(
             "thickness_scale must be in (0, 3] and eval_min_per_class >= 0, got "
             f"{thickness_scale} and {eval_min_per_class}"
         )
     splits, next_image, next_ann = {}, 1, 1
-    for split in SPLITS:
+    for split in SPLITS + ((UNLABELED,) if num_unlabeled > 0 else ()):
         splits[split] = _generate_split(cfg, split, next_image, next_ann)
         next_image += cfg[f"num_{split}"]
         next_ann += len(splits[split][1])
@@ -479,7 +520,7 @@ def _write_jsons(cfg, splits, categories):
     paths = {}
     for split, (images, anns) in splits.items():
         data = {"info": info, "licenses": licenses, "images": images}
-        if split != "test_dev":
+        if split not in ("test_dev", UNLABELED):
             data["annotations"] = anns
         data["categories"] = categories
         paths[split] = os.path.join(ann_dir, f"lt_synthetic_{split}.json")
@@ -502,6 +543,8 @@ def main(argv=None):
     p.add_argument(
         "--head-tail-ratio", type=float, default=TRAIN_HEAD_TAIL_RATIO, help="1 = balanced"
     )
+    p.add_argument("--withhold-fraction", type=float, default=0.0, help="of train annotations")
+    p.add_argument("--num-unlabeled", type=int, default=0, help="image-info-only images")
     args = p.parse_args(argv)
     start = time.perf_counter()
     paths = generate(**vars(args))

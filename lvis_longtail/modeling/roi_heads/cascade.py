@@ -1,6 +1,7 @@
 """LongTailCascadeROIHeads: detectron2's Cascade R-CNN with the long-tail box predictor at
 every stage and :class:`LongTailROIHeads`'s mask branch."""
 
+import torch
 from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.modeling.roi_heads import CascadeROIHeads
 
@@ -18,6 +19,10 @@ class LongTailCascadeROIHeads(CascadeROIHeads, LongTailROIHeads):
     ``LongTailROIHeads`` -> ``StandardROIHeads`` takes the box branch from the cascade and
     the rest from ``LongTailROIHeads``). As in detectron2, one mask head is trained on the
     first stage's sampled proposals and run once on the final boxes.
+
+    With ignore boxes (:mod:`~lvis_longtail.modeling.ignore_regions`), stage 0 uses the
+    standard sampler's rule and stages >= 1 (no sampler) drop their background proposals
+    covered by an ignore box, so those get no loss.
 
     At inference detectron2 averages the stages' *probabilities* (each stage's loss turns its
     logits into [K scores, background] first); mmdetection averages logits and applies the
@@ -57,3 +62,11 @@ class LongTailCascadeROIHeads(CascadeROIHeads, LongTailROIHeads):
             for head, predictor in zip(ret["box_heads"], ret["box_predictors"])
         ]
         return ret
+
+    @torch.no_grad()
+    def _match_and_label_boxes(self, proposals, stage, targets):
+        proposals = super()._match_and_label_boxes(proposals, stage, targets)
+        if self.ignore_boxes is None:
+            return proposals
+        masks = self._ignore_masks([p.proposal_boxes for p in proposals])
+        return [p[~((p.gt_classes == self.num_classes) & m)] for p, m in zip(proposals, masks)]

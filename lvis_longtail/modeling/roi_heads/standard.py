@@ -10,10 +10,12 @@ from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.modeling.poolers import convert_boxes_to_pooler_format
 from detectron2.modeling.roi_heads.mask_head import mask_rcnn_inference
 from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
+from detectron2.modeling.sampling import subsample_labels
 from detectron2.structures import Boxes, Instances
 
 from lvis_longtail.modeling.architecture import adjust_roi_heads, plain_pooler_cfg
 from lvis_longtail.modeling.fast_rcnn import LongTailFastRCNNOutputLayers
+from lvis_longtail.modeling.ignore_regions import IgnoreRegionsMixin
 from lvis_longtail.modeling.mask_head import (
     DiceBCEMaskHead,
     LongTailMaskRCNNConvUpsampleHead,
@@ -34,7 +36,7 @@ CONTRACT_MASK_HEADS = {"MaskRCNNConvUpsampleHead": "LongTailMaskRCNNConvUpsample
 
 
 @ROI_HEADS_REGISTRY.register()
-class LongTailROIHeads(StandardROIHeads):
+class LongTailROIHeads(IgnoreRegionsMixin, StandardROIHeads):
     """What changes relative to detectron2's ``StandardROIHeads``:
 
     * the box predictor is a :class:`LongTailFastRCNNOutputLayers` (``CLS_LOSS_NAME``,
@@ -55,6 +57,9 @@ class LongTailROIHeads(StandardROIHeads):
       only its predicted class's mask, so peak memory does not grow with detections x
       classes; the masks equal one-shot inference.
 
+    * ignore regions (:mod:`~lvis_longtail.modeling.ignore_regions`, ``ROI_HEADS.IGNORE``):
+      with ignore boxes, background proposals covered by one are not sampled.
+
     Subclasses may pass an image-level context vector (N, C) to :meth:`_forward_mask` and
     :meth:`forward_with_given_boxes`; it is added to every RoI's mask features.
     """
@@ -67,6 +72,8 @@ class LongTailROIHeads(StandardROIHeads):
         mask_test_area_ratio: str = "one",
         mask_iou_head: Optional[MaskIoUHead] = None,
         mask_test_chunk_size: int = 32,
+        ignore_metric: str = "iou",
+        ignore_thresh: float = 0.5,
         **kwargs,
     ):
         """
@@ -75,6 +82,8 @@ class LongTailROIHeads(StandardROIHeads):
             mask_test_area_ratio: "one" or "two_pass".
             mask_iou_head: MaskIoU head, or None for no mask scoring.
             mask_test_chunk_size: RoIs per chunk at mask inference; 0 = all at once.
+            ignore_metric: "iou" or "iof", overlap of a proposal with an ignore box.
+            ignore_thresh: overlap from which a background proposal is ignored.
             kwargs: as ``StandardROIHeads``.
         """
         super().__init__(**kwargs)
@@ -82,12 +91,48 @@ class LongTailROIHeads(StandardROIHeads):
         self.mask_test_area_ratio = mask_test_area_ratio
         self.mask_iou_head = mask_iou_head
         self.mask_test_chunk_size = mask_test_chunk_size
+        self.ignore_metric = ignore_metric
+        self.ignore_thresh = ignore_thresh
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(plain_pooler_cfg(cfg), input_shape)  # see adjust_roi_heads
         cls._adjust_poolers(cfg, input_shape, ret)
+        ret["ignore_metric"] = cfg.MODEL.ROI_HEADS.IGNORE.METRIC
+        ret["ignore_thresh"] = cfg.MODEL.ROI_HEADS.IGNORE.THRESH
         return adjust_roi_heads(cfg, input_shape, ret)  # deformable poolers, CARAFE mask head
+
+    @torch.no_grad()
+    def label_and_sample_proposals(self, proposals: List[Instances], targets: List[Instances]):
+        if self.ignore_boxes is None:
+            return super().label_and_sample_proposals(proposals, targets)
+        # masks of the given proposals; the GT boxes detectron2 appends after them are
+        # foreground, so _sample_proposals pads each mask with False for them
+        self._queue_masks(self._ignore_masks([p.proposal_boxes for p in proposals]))
+        try:
+            return super().label_and_sample_proposals(proposals, targets)
+        finally:
+            self._queue_masks(None)
+
+    def _sample_proposals(self, matched_idxs, matched_labels, gt_classes):
+        """detectron2's sampler; with an ignore mask queued, the background proposals it
+        covers get label -1 first (not sampled)."""
+        mask = self._next_mask()
+        if mask is None:
+            return super()._sample_proposals(matched_idxs, matched_labels, gt_classes)
+        mask = torch.cat([mask, mask.new_zeros(len(matched_idxs) - len(mask))])
+        if gt_classes.numel() > 0:
+            labels = gt_classes[matched_idxs]
+            labels[matched_labels == 0] = self.num_classes
+            labels[matched_labels == -1] = -1
+        else:
+            labels = torch.full_like(matched_idxs, self.num_classes)
+        labels[(labels == self.num_classes) & mask] = -1
+        fg, bg = subsample_labels(
+            labels, self.batch_size_per_image, self.positive_fraction, self.num_classes
+        )
+        sampled = torch.cat([fg, bg], dim=0)
+        return sampled, labels[sampled]
 
     @classmethod
     def _adjust_poolers(cls, cfg, input_shape, ret: dict) -> None:

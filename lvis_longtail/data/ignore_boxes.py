@@ -1,0 +1,91 @@
+"""Attach per-image ignore boxes to a registered dataset's records.
+
+``DATASETS.IGNORE_BOXES`` lists ``[dataset_name, json_file]`` pairs: every annotation box
+of the LVIS-format ``json_file`` (e.g. the pseudo labels written by
+``python -m lvis_longtail.tools.pseudo_label``; only ``image_id`` and ``bbox`` [x, y, w, h]
+are read) is appended to the ``ignore_boxes`` (XYXY_ABS lists) of the record with that
+``image_id`` in ``dataset_name``. The mapper
+(:class:`~lvis_longtail.data.mapper.LongTailDatasetMapper`) transforms them with the image
+and the model (:mod:`lvis_longtail.modeling.ignore_regions`) ignores the background anchors
+and proposals they cover. Registration wraps the dataset's loader function; registering
+the same pair again replaces the earlier wrap (idempotent).
+"""
+
+import json
+import os
+from collections import defaultdict
+from typing import Dict, List
+
+from detectron2.data import DatasetCatalog
+
+__all__ = ["attach_ignore_boxes", "read_ignore_boxes", "register_ignore_boxes_from_config"]
+
+
+def read_ignore_boxes(json_file: str) -> Dict[int, List[List[float]]]:
+    """``{image_id: [[x0, y0, x1, y1], ...]}`` of the annotations of an LVIS-format json.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a malformed annotation, naming the file, the annotation and the field.
+    """
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"ignore-box file {json_file} (DATASETS.IGNORE_BOXES) not found")
+    with open(json_file) as f:
+        data = json.load(f)
+    anns = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(anns, list):
+        raise ValueError(f"{json_file}: needs an 'annotations' list (LVIS format)")
+    boxes: Dict[int, List[List[float]]] = defaultdict(list)
+    for i, ann in enumerate(anns):
+        for key in ("image_id", "bbox"):
+            if not isinstance(ann, dict) or key not in ann:
+                raise ValueError(f"{json_file}: annotation #{i}: missing field '{key}'")
+        b = ann["bbox"]
+        if not (isinstance(b, (list, tuple)) and len(b) == 4 and b[2] >= 0 and b[3] >= 0):
+            raise ValueError(
+                f"{json_file}: annotation id={ann.get('id', i)}: field 'bbox' must be "
+                f"[x, y, w, h] with w, h >= 0, got {b!r:.60}"
+            )
+        boxes[ann["image_id"]].append([b[0], b[1], b[0] + b[2], b[1] + b[3]])
+    return dict(boxes)
+
+
+def attach_ignore_boxes(records: List[dict], json_file: str, dataset: str = "") -> List[dict]:
+    """Append the boxes of ``json_file`` to each record's ``ignore_boxes`` (in place; returned).
+
+    Raises:
+        ValueError: an ``image_id`` of the file is not an image of the records.
+    """
+    boxes = read_ignore_boxes(json_file)
+    ids = {r["image_id"] for r in records}
+    unknown = sorted(set(boxes) - ids)
+    if unknown:
+        raise ValueError(
+            f"{json_file}: {len(unknown)} image_id(s) not in dataset {dataset!r}, "
+            f"e.g. {unknown[:5]} (DATASETS.IGNORE_BOXES)"
+        )
+    for r in records:
+        if r["image_id"] in boxes:
+            r["ignore_boxes"] = list(r.get("ignore_boxes", [])) + boxes[r["image_id"]]
+    return records
+
+
+def register_ignore_boxes_from_config(cfg) -> None:
+    """Wrap the loader of each dataset of ``cfg.DATASETS.IGNORE_BOXES`` (module docstring)."""
+    for entry in cfg.DATASETS.IGNORE_BOXES:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
+            raise ValueError(
+                f"DATASETS.IGNORE_BOXES entries must be [dataset_name, json_file], got {entry!r}"
+            )
+        name, json_file = entry
+        if name not in DatasetCatalog.list():
+            raise ValueError(f"DATASETS.IGNORE_BOXES: dataset {name!r} is not registered")
+        loader = DatasetCatalog[name]
+        loader = getattr(loader, "_without_ignore_boxes", loader)
+
+        def load(loader=loader, json_file=json_file, name=name):
+            return attach_ignore_boxes(loader(), json_file, name)
+
+        load._without_ignore_boxes = loader
+        DatasetCatalog.remove(name)
+        DatasetCatalog.register(name, load)

@@ -1,0 +1,74 @@
+"""The loader attaches ignore boxes to records: an LVIS-format file named by
+DATASETS.IGNORE_BOXES (idempotent registration, clear errors) and crowd annotations."""
+
+import json
+
+import pytest
+from detectron2.config import CfgNode as CN
+from detectron2.data import DatasetCatalog
+
+from lvis_longtail.data.ignore_boxes import attach_ignore_boxes, register_ignore_boxes_from_config
+from lvis_longtail.data.lvis_format import load_lvis_format_json
+
+SQUARE = [[0.0, 0.0], [10.0, 0.0], [10.0, 10.0], [0.0, 10.0]]
+
+
+def _lvis(path, anns):
+    data = {
+        "images": [{"id": i, "height": 64, "width": 64, "file_name": f"{i}.jpg"} for i in (1, 2)],
+        "categories": [{"id": 7, "name": "thing"}],
+        "annotations": anns,
+    }
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def _ann(aid, image_id, bbox, **extra):
+    seg = [[c for x, y in SQUARE for c in (x + bbox[0], y + bbox[1])]]
+    return {"id": aid, "image_id": image_id, "category_id": 7, "bbox": bbox, "segmentation": seg,
+            **extra}  # fmt: skip
+
+
+def test_crowd_annotations_become_ignore_boxes(tmp_path):
+    path = _lvis(
+        tmp_path / "a.json", [_ann(1, 1, [2, 3, 10, 10]), _ann(2, 1, [20, 30, 5, 4], iscrowd=1)]
+    )
+    records = {
+        r["image_id"]: r for r in load_lvis_format_json(path, str(tmp_path), check_files=False)
+    }
+    assert len(records[1]["annotations"]) == 1 and records[1]["annotations"][0]["bbox"] == [
+        2,
+        3,
+        10,
+        10,
+    ]
+    assert records[1]["ignore_boxes"] == [[20, 30, 25, 34]]
+    assert "ignore_boxes" not in records[2]
+
+
+def test_ignore_box_file_attaches_by_image_id_once(tmp_path):
+    pseudo = _lvis(tmp_path / "pseudo.json", [_ann(5, 2, [1, 2, 3, 4]), _ann(6, 2, [10, 10, 5, 5])])
+    name = "lt_ignore_unit"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    DatasetCatalog.register(
+        name, lambda: [{"image_id": 1}, {"image_id": 2, "ignore_boxes": [[0, 0, 1, 1]]}]
+    )
+    cfg = CN({"DATASETS": CN({"IGNORE_BOXES": [[name, pseudo]]})})
+    register_ignore_boxes_from_config(cfg)
+    register_ignore_boxes_from_config(cfg)  # again (setup_cfg runs per process): no duplicates
+    first, second = DatasetCatalog.get(name)
+    assert "ignore_boxes" not in first
+    assert second["ignore_boxes"] == [[0, 0, 1, 1], [1, 2, 4, 6], [10, 10, 15, 15]]
+    DatasetCatalog.remove(name)
+
+
+def test_ignore_box_errors_name_file_and_field(tmp_path):
+    bad = _lvis(tmp_path / "bad.json", [{"id": 3, "image_id": 1, "bbox": [0, 0, -1, 2]}])
+    with pytest.raises(ValueError, match=r"bad.json: annotation id=3: field 'bbox'"):
+        attach_ignore_boxes([{"image_id": 1}], bad)
+    other = _lvis(tmp_path / "other.json", [_ann(1, 9, [0, 0, 1, 1])])
+    with pytest.raises(ValueError, match=r"image_id\(s\) not in dataset 'x'.*\[9\]"):
+        attach_ignore_boxes([{"image_id": 1}], other, "x")
+    with pytest.raises(FileNotFoundError, match="DATASETS.IGNORE_BOXES"):
+        attach_ignore_boxes([], str(tmp_path / "missing.json"))
