@@ -12,8 +12,6 @@ boxes of random sizes, ``TEST_AREA_RATIO`` "one" vs "two_pass".
 """
 
 import argparse
-import statistics
-import time
 
 # isort: off
 import lvis_longtail  # noqa: F401  (first: compat layer for detectron2 0.6)
@@ -25,30 +23,10 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead, mask_rcnn_inference
 from detectron2.structures import Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
+from timing import median_times
 
 from lvis_longtail.modeling.mask_head import DiceBCEMaskHead
 from lvis_longtail.modeling.mask_levels import AreaRatioROIPooler, two_pass_mask_logits
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median_times(fns, repeats, device):
-    """Median seconds of each function of ``fns`` (a dict); calls are interleaved so that
-    drifting machine load affects all of them alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _random_boxes(n, image_size, g, min_side=16):
@@ -95,7 +73,7 @@ def bench_training(args, device):
         head.to(device).train()
     with EventStorage(0):
         fns = {name: (lambda head=head: step(head)) for name, head in heads.items()}
-        return _median_times(fns, args.repeats, device)
+        return median_times(fns, args.repeats, device)
 
 
 def bench_two_pass(args, device):
@@ -126,7 +104,7 @@ def bench_two_pass(args, device):
         mask_rcnn_inference(logits, [inst])
         changed_fraction.append(changed.float().mean().item())
 
-    times = _median_times({"one": one_pass, "two_pass": two_pass}, args.repeats, device)
+    times = median_times({"one": one_pass, "two_pass": two_pass}, args.repeats, device)
     return times["one"], times["two_pass"], changed_fraction[-1]
 
 

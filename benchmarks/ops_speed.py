@@ -15,8 +15,6 @@ Bar: deformable RoI pooling <= 3x ROIAlignV2. Runs on CPU, and on CUDA when avai
 
 import argparse
 import os
-import statistics
-import time
 
 # isort: off
 import lvis_longtail  # noqa: F401  (first: compat layer, DCN through torchvision)
@@ -26,30 +24,12 @@ import torch
 from detectron2.modeling.backbone.resnet import BottleneckBlock, DeformBottleneckBlock, ResNet
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
+from timing import median_times
 from torch.nn import functional as F
 
 from lvis_longtail.layers.carafe import CARAFE
 from lvis_longtail.layers.deform_roi_pool import DeformROIPooler
 from lvis_longtail.utils.io import write_json_atomic
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_times(fns, repeats, device):
-    for fn in fns.values():
-        fn()  # warm-up
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def fwd_bwd(module, *inputs):
@@ -145,7 +125,10 @@ def main():
         print("| op | ms | ratio |\n|---|---:|---:|")
         rows = {}
         for pair in (stage_pair, pooler_pair, upsample_pair):
-            times = median_times(pair(args, device), args.repeats, device)
+            times = {
+                k: v * 1e3
+                for k, v in median_times(pair(args, device), args.repeats, device).items()
+            }
             (ref, t_ref), (ours, t_ours) = times.items()
             print(f"| {ref} | {t_ref:.1f} | 1.00x |\n| {ours} | {t_ours:.1f} | "
                   f"{t_ours / t_ref:.2f}x |")  # fmt: skip

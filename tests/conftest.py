@@ -4,6 +4,7 @@
 import lvis_longtail  # noqa: F401  (first: the compat layer must precede detectron2.data)
 
 # isort: on
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,13 @@ def make_batch(num_images=2, num_classes=8, size=(96, 128), seed=0):
         image = torch.randint(0, 256, (3, h, w), generator=g).float()
         batch.append({"image": image, "instances": inst, "height": h, "width": w})
     return batch
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for the gloo process-group tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture

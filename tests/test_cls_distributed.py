@@ -1,12 +1,12 @@
 """Seesaw and EQLv2 statistics under torch.distributed: two CPU processes (gloo, loopback)
 must end with identical statistics, equal to one process that sees both batches at once."""
 
-import socket
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 import lvis_longtail.modeling  # noqa: F401
 from lvis_longtail.modeling.cls_losses import EQLv2, SeesawLoss
@@ -55,12 +55,6 @@ def _worker(rank, port, batches, result_path):
         torch.save(stats, f"{result_path}.rank{rank}")
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_statistics_are_all_reduced_across_processes(tmp_path):

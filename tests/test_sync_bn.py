@@ -2,13 +2,12 @@
 equal to one process that sees the concatenated batch; a tiny detector with NORM "SyncBN"
 trains a DDP step across the two processes."""
 
-import socket
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import make_batch, tiny_cfg
+from conftest import free_port, make_batch, tiny_cfg
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.layers import NaiveSyncBatchNorm, get_norm
 from detectron2.modeling import build_model
@@ -62,12 +61,6 @@ def _worker(rank, port, result_path):
         torch.save(result, f"{result_path}.rank{rank}")
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_statistics_are_synchronised_across_cpu_processes(tmp_path):
