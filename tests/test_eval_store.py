@@ -339,3 +339,35 @@ def test_class_score_thresholds_equal_a_brute_force_top_k():
     for c in range(6):
         best = sorted((x for y, x in zip(seen_c, seen_s) if y == c), reverse=True)
         assert final[c] == best[k - 1]
+
+
+def test_results_file_is_checked_chunk_by_chunk_and_never_half_written(tmp_path, monkeypatch):
+    """A bad row in a later write chunk names its record index; the file already at the path
+    is left as it was (atomic write), and a clean table round-trips through the file."""
+    from lvis_longtail.evaluation import results as results_mod
+    from lvis_longtail.evaluation.results import SplitIndex, write_results_file
+    from lvis_longtail.evaluation.table import DetectionTable
+
+    monkeypatch.setattr(results_mod, "WRITE_CHUNK", 3)
+    split = SplitIndex(
+        {"images": [{"id": 1, "height": 9, "width": 9}], "categories": [{"id": 4}, {"id": 7}]}
+    )
+    n = 8
+    table = DetectionTable(
+        image_id=np.ones(n, np.int64),
+        category_id=np.array([4, 7] * 4, np.int64),
+        score=np.linspace(0.9, 0.2, n),
+        bbox=np.tile([1.0, 2.0, 3.0, 4.0], (n, 1)),
+    )
+    path = tmp_path / RESULTS
+    summary = write_results_file(table, str(path), split, with_masks=False)
+    written = json.loads(path.read_text())
+    assert [r["score"] for r in written] == table.score.tolist()
+    assert [r["category_id"] for r in written] == table.category_id.tolist()
+    assert summary["num_detections"] == n and summary["max_per_image"] == n
+    before = path.read_text()
+    table.category_id[7] = 5  # not a category of the split; row 7 is in the third chunk
+    with pytest.raises(LVISResultsError, match=r"results.json: record 7, field 'category_id'"):
+        write_results_file(table, str(path), split, with_masks=False)
+    assert path.read_text() == before
+    assert sorted(os.listdir(tmp_path)) == [RESULTS]  # no temporary left behind

@@ -15,6 +15,7 @@ if something is wrong. :func:`write_results_file` writes the evaluator's selecte
 atomically.
 """
 
+import contextlib
 import math
 import os
 from collections import Counter
@@ -459,53 +460,64 @@ def write_results_file(
     source = source or path or RESULTS_FILE
     n = len(table)
     score = table.task_score("file")
-    has_masks = table.masks is not None
-    sizes = table.masks.sizes(np.arange(n)) if has_masks else None
-    bad = first_bad_row(split, table.image_id, table.category_id, score, table.bbox, sizes)
-    if bad is None and with_masks and not has_masks and n:
-        bad = 0
-    if bad is not None:
-        segm = table.masks.rles([bad])[0] if has_masks else None
-        record = {"image_id": int(table.image_id[bad]), "category_id": int(table.category_id[bad]),
-                  "score": float(score[bad]), "bbox": table.bbox[bad].tolist()}  # fmt: skip
-        if segm is not None:
-            record["segmentation"] = segm
-        required = ("bbox", "segmentation") if with_masks else ("bbox",)
-        cats = set(split.category_ids.tolist())
-        problem = _record_problem(record, split.images, cats, required)
-        raise LVISResultsError(record_error(source, bad, *(problem or (None, "is invalid"))))
-    if path:
-        _write_rows(table, path, score, sizes)
-    per_image = Counter(table.image_id.tolist())
+    if with_masks and table.masks is None and n:
+        _raise_bad_row(table, 0, score, split, source, with_masks)
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(atomic_write(path, buffering=1 << 20)) if path else None
+        if f:
+            f.write("[")
+        for start in range(0, n, WRITE_CHUNK):  # checked, then written, chunk by chunk
+            rows = np.arange(start, min(start + WRITE_CHUNK, n))
+            sizes = table.masks.sizes(rows) if table.masks is not None else None
+            bad = first_bad_row(
+                split, table.image_id[rows], table.category_id[rows], score[rows],
+                table.bbox[rows], sizes,
+            )  # fmt: skip
+            if bad is not None:  # raising inside atomic_write leaves no file
+                _raise_bad_row(table, start + bad, score, split, source, with_masks)
+            if f:
+                f.write(("," if start else "") + _rows_json(table, rows, score, sizes))
+        if f:
+            f.write("]")
+    images, per_image = np.unique(table.image_id, return_counts=True)
     cats = set(np.unique(table.category_id).tolist())
-    return results_summary(os.path.basename(source), n, per_image, len(split.images), cats=cats)
+    counts = dict(zip(images.tolist(), per_image.tolist()))
+    return results_summary(os.path.basename(source), n, counts, len(split.images), cats=cats)
 
 
-def _write_rows(table: DetectionTable, path: str, score: np.ndarray, sizes) -> None:
-    with atomic_write(path, buffering=1 << 20) as f:
-        f.write("[")
-        for start in range(0, len(table), WRITE_CHUNK):
-            rows = np.arange(start, min(start + WRITE_CHUNK, len(table)))
-            if sizes is None:
-                masks = [None] * len(rows)
-                size = [(0, 0)] * len(rows)
-            else:
-                masks = [m["counts"] for m in table.masks.rles(rows)]
-                size = sizes[rows].tolist()
-                masks = [m.decode("ascii") if isinstance(m, bytes) else m for m in masks]
-            items = [
-                record_json(i, k, s, b, hw, m)
-                for i, k, s, b, hw, m in zip(
-                    table.image_id[rows].tolist(),
-                    table.category_id[rows].tolist(),
-                    score[rows].tolist(),
-                    table.bbox[rows].tolist(),
-                    size,
-                    masks,
-                )
-            ]
-            f.write(("," if start else "") + ",".join(items))
-        f.write("]")
+def _raise_bad_row(table, row, score, split, source, with_masks):
+    """The :func:`validate_lvis_results` message for the table's ``row``."""
+    segm = table.masks.rles([row])[0] if table.masks is not None else None
+    record = {"image_id": int(table.image_id[row]), "category_id": int(table.category_id[row]),
+              "score": float(score[row]), "bbox": table.bbox[row].tolist()}  # fmt: skip
+    if segm is not None:
+        record["segmentation"] = segm
+    required = ("bbox", "segmentation") if with_masks else ("bbox",)
+    cats = set(split.category_ids.tolist())
+    problem = _record_problem(record, split.images, cats, required)
+    raise LVISResultsError(record_error(source, row, *(problem or (None, "is invalid"))))
+
+
+def _rows_json(table: DetectionTable, rows: np.ndarray, score: np.ndarray, sizes) -> str:
+    """The json text of ``rows`` (comma-separated records, no brackets)."""
+    if sizes is None:
+        masks = [None] * len(rows)
+        size = [(0, 0)] * len(rows)
+    else:
+        masks = [m["counts"] for m in table.masks.rles(rows)]
+        masks = [m.decode("ascii") if isinstance(m, bytes) else m for m in masks]
+        size = sizes.tolist()
+    return ",".join(
+        record_json(i, k, s, b, hw, m)
+        for i, k, s, b, hw, m in zip(
+            table.image_id[rows].tolist(),
+            table.category_id[rows].tolist(),
+            score[rows].tolist(),
+            table.bbox[rows].tolist(),
+            size,
+            masks,
+        )
+    )
 
 
 def table_to_records(table: DetectionTable, with_masks: bool = True) -> List[dict]:

@@ -228,13 +228,15 @@ class DetectionShard:
 
 class Chunk(NamedTuple):
     entries: np.ndarray  # ENTRY_DTYPE
-    rows: np.ndarray  # RECORD_DTYPE, counts_start made absolute file offsets
+    rows: Optional[np.ndarray]  # RECORD_DTYPE, counts_start made absolute file offsets
     blob: Optional[bytes]  # with_blob only; offsets relative to blob_offset
     blob_offset: int
+    num_rows: int
 
 
-def iter_chunks(path: str, with_blob: bool = False) -> Iterator[Chunk]:
-    """The chunks of a shard file. Raises LVISResultsError if it is truncated or corrupt."""
+def iter_chunks(path: str, with_blob: bool = False, with_rows: bool = True) -> Iterator[Chunk]:
+    """The chunks of a shard file (``with_rows=False``: headers and entries only, rows None).
+    Raises LVISResultsError if it is truncated or corrupt."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         index = 0
@@ -254,14 +256,20 @@ def iter_chunks(path: str, with_blob: bool = False) -> Iterator[Chunk]:
                     f"byte {size}; was the process killed while writing?)"
                 )
             entries = np.frombuffer(f.read(num_entries * ENTRY_DTYPE.itemsize), ENTRY_DTYPE)
-            rows = np.frombuffer(f.read(num_rows * RECORD_DTYPE.itemsize), RECORD_DTYPE).copy()
+            rows = None
+            if with_rows:
+                rows = np.frombuffer(f.read(num_rows * RECORD_DTYPE.itemsize), RECORD_DTYPE)
+                rows = rows.copy()
+            else:
+                f.seek(num_rows * RECORD_DTYPE.itemsize, os.SEEK_CUR)
             blob_offset = f.tell()
             blob = f.read(blob_len) if with_blob else None
             if not with_blob:
                 f.seek(blob_len, os.SEEK_CUR)
-            has_mask = rows["counts_start"] >= 0
-            rows["counts_start"][has_mask] += blob_offset
-            yield Chunk(entries, rows, blob, blob_offset)
+            if rows is not None:
+                has_mask = rows["counts_start"] >= 0
+                rows["counts_start"][has_mask] += blob_offset
+            yield Chunk(entries, rows, blob, blob_offset, num_rows)
             index += 1
 
 
@@ -308,43 +316,64 @@ class ShardMasks(MaskSource):
         return out
 
 
+# the RECORD_DTYPE fields a table keeps, each read into its own contiguous column
+_TABLE_COLUMNS = (
+    "image_id", "category_id", "score", "segm_score", "bbox", "height", "width", "mask_area",
+    "counts_start", "counts_len",
+)  # fmt: skip
+
+
 def read_shards(paths: Sequence[str]):
     """All rows of the shards, read once, as one table ordered by image id, then by the
     model's order within the image (the protocols' tie-break).
 
     An image stored more than once (processed twice) keeps its first occurrence, in the order
     of ``paths``; a warning counts the others. ``table.masks`` is None unless every row has a
-    mask (a model without a mask head).
+    mask (a model without a mask head). Memory: the table's columns (~100 bytes a detection,
+    allocated once from the chunk headers), plus one column's worth if the shards are not in
+    image order; the masks stay in the files.
 
     Returns:
         (:class:`~.table.DetectionTable`, number of distinct images processed).
     """
-    rows, files, seen, total = [], [], set(), 0
+    # the chunk headers first (a seek per chunk): the columns are allocated once, then filled
+    capacity = sum(c.num_rows for path in paths for c in iter_chunks(path, with_rows=False))
+    cols = {name: np.empty((capacity,) + RECORD_DTYPE[name].shape, RECORD_DTYPE[name].base)
+            for name in _TABLE_COLUMNS}  # fmt: skip
+    cols["file"] = np.empty(capacity, np.int32)
+    seen, total, filled = set(), 0, 0
     for index, path in enumerate(paths):
         for chunk in iter_chunks(path):
             total += len(chunk.entries)
-            keep = np.isin(chunk.rows["entry"], first_entries(chunk, seen))
-            rows.append(chunk.rows[keep])
-            files.append(np.full(int(keep.sum()), index, dtype=np.int32))
+            kept = chunk.rows[np.isin(chunk.rows["entry"], first_entries(chunk, seen))]
+            end = filled + len(kept)
+            for name in _TABLE_COLUMNS:
+                cols[name][filled:end] = kept[name]
+            cols["file"][filled:end] = index
+            filled = end
     if total > len(seen):
         logger.warning(f"{total - len(seen)} images were processed more than once; kept the first.")
-    rows = np.concatenate(rows) if rows else np.zeros(0, RECORD_DTYPE)
-    files = np.concatenate(files) if files else np.zeros(0, np.int32)
-    order = np.argsort(rows["image_id"], kind="stable")
-    rows, files = rows[order], files[order]
-    segm_score = rows["segm_score"]
+    cols = {name: col[:filled] for name, col in cols.items()}
+    image_id = cols["image_id"]
+    if len(image_id) > 1 and (image_id[1:] < image_id[:-1]).any():  # not already in order
+        order = np.argsort(image_id, kind="stable")
+        for name in cols:
+            cols[name] = cols[name][order]
+        del order
     masks = None
-    if len(rows) and (rows["counts_start"] >= 0).all():
+    if len(image_id) and (cols["counts_start"] >= 0).all():
         masks = ShardMasks(
-            paths, files, rows["counts_start"], rows["counts_len"], rows["height"], rows["width"]
-        )
+            paths, cols["file"], cols["counts_start"], cols["counts_len"], cols["height"],
+            cols["width"],
+        )  # fmt: skip
+    segm_score = cols["segm_score"]
     table = DetectionTable(
-        image_id=rows["image_id"],
-        category_id=rows["category_id"],
-        score=rows["score"],
+        image_id=cols["image_id"],
+        category_id=cols["category_id"],
+        score=cols["score"],
         segm_score=None if np.isnan(segm_score).all() else segm_score,
-        bbox=rows["bbox"],
-        mask_area=rows["mask_area"] if masks is not None else None,
+        bbox=cols["bbox"],
+        mask_area=cols["mask_area"] if masks is not None else None,
         masks=masks,
     )
     return table, len(seen)

@@ -246,8 +246,8 @@ def cap_per_image(image_id: np.ndarray, score: np.ndarray, k: int) -> np.ndarray
     """Boolean (N,) mask of the ``k`` best-scoring rows of each image (all if ``k`` < 0).
 
     Equal scores keep the earlier row, like lvis-api's ``LVISResults`` (a stable sort)."""
-    if k < 0:
-        return np.ones(len(image_id), dtype=bool)
+    if k < 0 or not len(image_id) or np.unique(image_id, return_counts=True)[1].max() <= k:
+        return np.ones(len(image_id), dtype=bool)  # nothing to cap (e.g. after preselect)
     return _rank_within(image_id, score) < k
 
 
