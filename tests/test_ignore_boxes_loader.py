@@ -67,6 +67,13 @@ def test_ignore_box_errors_name_file_and_field(tmp_path):
     bad = _lvis(tmp_path / "bad.json", [{"id": 3, "image_id": 1, "bbox": [0, 0, -1, 2]}])
     with pytest.raises(ValueError, match=r"bad.json: annotation id=3: field 'bbox'"):
         attach_ignore_boxes([{"image_id": 1}], bad)
+    for box in (["0", 0, 1, 1], [0, float("nan"), 1, 1], [0, 0, True, 1], [0, 0, 1]):
+        bad = _lvis(tmp_path / "bad.json", [{"id": 4, "image_id": 1, "bbox": box}])
+        with pytest.raises(ValueError, match=r"bad.json: annotation id=4: field 'bbox'"):
+            attach_ignore_boxes([{"image_id": 1}], bad)
+    bad = _lvis(tmp_path / "bad.json", [{"id": 5, "image_id": "1", "bbox": [0, 0, 1, 1]}])
+    with pytest.raises(ValueError, match=r"bad.json: annotation id=5: field 'image_id'"):
+        attach_ignore_boxes([{"image_id": 1}], bad)
     other = _lvis(tmp_path / "other.json", [_ann(1, 9, [0, 0, 1, 1])])
     with pytest.raises(ValueError, match=r"image_id\(s\) not in dataset 'x'.*\[9\]"):
         attach_ignore_boxes([{"image_id": 1}], other, "x")

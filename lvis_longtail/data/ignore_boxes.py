@@ -12,6 +12,7 @@ the same pair again replaces the earlier wrap (idempotent).
 """
 
 import json
+import math
 import os
 from collections import defaultdict
 from typing import Dict, List
@@ -41,10 +42,23 @@ def read_ignore_boxes(json_file: str) -> Dict[int, List[List[float]]]:
             if not isinstance(ann, dict) or key not in ann:
                 raise ValueError(f"{json_file}: annotation #{i}: missing field '{key}'")
         b = ann["bbox"]
-        if not (isinstance(b, (list, tuple)) and len(b) == 4 and b[2] >= 0 and b[3] >= 0):
+        if isinstance(ann["image_id"], bool) or not isinstance(ann["image_id"], int):
+            raise ValueError(
+                f"{json_file}: annotation id={ann.get('id', i)}: field 'image_id' must be an "
+                f"integer, got {ann['image_id']!r:.60}"
+            )
+        numbers = (
+            isinstance(b, (list, tuple))
+            and len(b) == 4
+            and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in b
+            )
+        )
+        if not (numbers and b[2] >= 0 and b[3] >= 0):
             raise ValueError(
                 f"{json_file}: annotation id={ann.get('id', i)}: field 'bbox' must be "
-                f"[x, y, w, h] with w, h >= 0, got {b!r:.60}"
+                f"[x, y, w, h] of finite numbers with w, h >= 0, got {b!r:.60}"
             )
         boxes[ann["image_id"]].append([b[0], b[1], b[0] + b[2], b[1] + b[3]])
     return dict(boxes)
