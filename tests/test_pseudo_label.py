@@ -1,6 +1,10 @@
 """Pseudo-label export: the score, GT-overlap and negative-category filters, the written
 LVIS-format file and its round trip through the loader (as ignore boxes and as a dataset)."""
 
+# isort: off
+import lvis_longtail  # noqa: F401  (first, also in spawned processes: detectron2's compat layer)
+
+# isort: on
 import json
 
 import cv2
@@ -129,3 +133,48 @@ def test_command_line_runs_a_model_over_a_synthetic_split(tmp_path):
     finally:
         set_mask_format("polygon")
     assert sum(len(r["annotations"]) for r in loaded) == summary["pseudo_labels"]
+
+
+def _fake_model(inputs):
+    return [{"instances": _predictions((H, W))} for _ in inputs]
+
+
+def _pseudo_label_worker(rank, port, tmp_path, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)  # fmt: skip
+    try:
+        source = tmp_path / "train.json"
+        register_lvis_format("lt_pseudo_unit", str(source), str(tmp_path))
+        records = DatasetCatalog.get("lt_pseudo_unit")
+        loader = [[{"image_id": 1 + rank}]]  # this rank's share, as InferenceSampler gives
+        summary = write_pseudo_labels(
+            _fake_model, loader, records, MetadataCatalog.get("lt_pseudo_unit"), out
+        )
+        assert (summary is None) == (rank != 0)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_write_the_file_one_process_writes(tmp_path):
+    """Each rank streams its images to its own shard; the main process writes one file equal
+    to the single-process one (annotation ids numbered across ranks), and no shard is left."""
+    import torch.multiprocessing as mp
+    from conftest import free_port
+
+    _dataset(tmp_path)
+    records = DatasetCatalog.get("lt_pseudo_unit")
+    single = tmp_path / "single.json"
+    write_pseudo_labels(_fake_model, [[{"image_id": 1}], [{"image_id": 2}]], records,
+                        MetadataCatalog.get("lt_pseudo_unit"), str(single))  # fmt: skip
+    two = tmp_path / "out" / "two.json"
+    mp.spawn(_pseudo_label_worker, args=(free_port(), tmp_path, str(two)), nprocs=2, join=True)
+    assert json.loads(two.read_text()) == json.loads(single.read_text())
+    summary = json.loads((tmp_path / "out" / "two.json.summary.json").read_text())
+    assert summary["images"] == 2 and summary["pseudo_labels"] == 5
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "two.json", "two.json.summary.json"
+    ]  # fmt: skip
+    ids = [a["id"] for a in json.loads(two.read_text())["annotations"]]
+    assert ids == list(range(1, 6))

@@ -13,26 +13,31 @@ and keeps a detection when (all vectorised, per image):
 
 The kept detections are written as the ``annotations`` of an LVIS-format file (the images
 and categories of ``NAME``; ``bbox``, RLE ``segmentation`` when the model predicts masks,
-``score``), atomically, with ``FILE.summary.json``: kept counts per frequency group (r, c, f).
-Memory is bounded by one batch of detections: each image's annotations are appended to a
-temporary file
-as soon as they are made. Use the file as ``DATASETS.IGNORE_BOXES [[train_set, FILE]]``
-(:mod:`lvis_longtail.data.ignore_boxes`) to retrain with ignore regions. Single process.
+``score``, ``area``), atomically, with ``FILE.summary.json``: kept counts per frequency group
+(r, c, f). ``--num-gpus N`` runs N processes (GPUs, or gloo CPU processes with
+``MODEL.DEVICE cpu``); each streams its images' pseudo labels to its own shard on disk
+(:class:`~lvis_longtail.evaluation.shards.ShardedDetections`, as the evaluator does) and the
+main process writes the file from the shards chunk by chunk, so memory does not grow with the
+number of images. ``TEST.AUG.ENABLED`` runs the model under test-time augmentation
+(:class:`~lvis_longtail.modeling.tta.LongTailTTA`). Use the file as ``DATASETS.IGNORE_BOXES
+[[train_set, FILE]]`` (:mod:`lvis_longtail.data.ignore_boxes`) to retrain with ignore
+regions, or, for unannotated images, register it as a dataset and train on it as
+``DATASETS.EXTRA_TRAIN`` (docs/self_training.md).
 """
 
 import argparse
 import json
 import os
-import shutil
 from collections import Counter
-from typing import Dict, Iterable, List, Mapping
+from typing import Dict, Iterable, List, Mapping, Optional
 
+import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.structures import Boxes, BoxMode, Instances, pairwise_iou
 
-from lvis_longtail.evaluation import instances_to_lvis_records
-from lvis_longtail.utils.io import atomic_write, temp_path, write_json_atomic
+from lvis_longtail.evaluation.shards import ShardedDetections, first_entries, iter_chunks
+from lvis_longtail.utils.io import atomic_write, write_json_atomic
 
 __all__ = ["keep_pseudo_labels", "main", "write_pseudo_labels"]
 
@@ -78,8 +83,9 @@ def write_pseudo_labels(
     output: str,
     score_thresh: float = 0.5,
     gt_iou_thresh: float = 0.5,
-) -> Dict:
-    """Run ``model`` over ``loader`` and write the LVIS-format pseudo-label file ``output``.
+) -> Optional[Dict]:
+    """Run ``model`` over ``loader`` (this process's share of the images) and write the
+    LVIS-format pseudo-label file ``output`` on the main process.
 
     Args:
         model: callable on a list of detectron2 inputs -> list of ``{"instances": ...}``.
@@ -91,55 +97,78 @@ def write_pseudo_labels(
         output: path of the file; ``output + ".summary.json"`` gets the summary.
 
     Returns:
-        The summary: ``{"images", "pseudo_labels", "per_frequency": {"r", "c", "f"}}``.
+        On the main process the summary ``{"images", "pseudo_labels", "per_frequency":
+        {"r", "c", "f"}, ...}``; None on the others.
     """
     to_contiguous: Mapping[int, int] = dataset_meta.thing_dataset_id_to_contiguous_id
     to_dataset = {v: k for k, v in to_contiguous.items()}
     by_id = {r["image_id"]: r for r in records}
-    frequency = list(dataset_meta.class_frequency)
-    per_group, num_images, ann_id = Counter(), 0, 0
-    anns_path = temp_path(output + ".annotations")  # the annotation list, streamed
+    folder = os.path.join(os.path.dirname(os.path.abspath(output)), ".pseudo_label_shards")
+    stream = ShardedDetections(folder, os.path.basename(output))
+    with torch.no_grad():
+        for inputs in loader:
+            for inp, out in zip(inputs, model(inputs)):
+                record = by_id[inp["image_id"]]
+                inst = out["instances"].to("cpu")
+                neg = [to_contiguous[c] for c in record.get("neg_category_ids", [])]
+                keep = keep_pseudo_labels(
+                    inst, _gt_boxes(record), torch.tensor(neg, dtype=torch.long),
+                    score_thresh, gt_iou_thresh,
+                )  # fmt: skip
+                stream.shard.add_instances(inp["image_id"], inst[keep], to_dataset)
+    paths = stream.gather()
+    if paths is None:
+        return None
     try:
-        with torch.no_grad(), open(anns_path, "x", buffering=1 << 20) as anns:
-            anns.write("[")
-            for inputs in loader:
-                for inp, out in zip(inputs, model(inputs)):
-                    record = by_id[inp["image_id"]]
-                    inst = out["instances"].to("cpu")
-                    neg = [to_contiguous[c] for c in record.get("neg_category_ids", [])]
-                    keep = keep_pseudo_labels(
-                        inst, _gt_boxes(record), torch.tensor(neg, dtype=torch.long),
-                        score_thresh, gt_iou_thresh,
-                    )  # fmt: skip
-                    for r in instances_to_lvis_records(
-                        inst[keep], inp["image_id"], to_dataset, -1
-                    ):
-                        r.update(id=ann_id + 1, area=float(r["bbox"][2] * r["bbox"][3]))
-                        r.setdefault("segmentation", [])
-                        per_group[frequency[to_contiguous[r["category_id"]]]] += 1
-                        anns.write(("," if ann_id else "") + json.dumps(r, separators=(",", ":")))
-                        ann_id += 1
-                    num_images += 1
-            anns.write("]")
         source = getattr(dataset_meta, "json_file", None)
         images, categories = _images_and_categories(source, records, dataset_meta)
-        with atomic_write(output) as f, open(anns_path) as anns:
+        lookup = np.full(max(to_contiguous, default=0) + 1, "", dtype="<U1")
+        lookup[list(to_contiguous)] = [dataset_meta.class_frequency[c] for c in to_contiguous.values()]  # fmt: skip  # noqa: E501
+        per_group, num_images, num_labels = Counter(), 0, 0
+        with atomic_write(output, buffering=1 << 20) as f:
             f.write(json.dumps({"images": images, "categories": categories})[:-1])
-            f.write(',"annotations":')
-            shutil.copyfileobj(anns, f)
-            f.write("}")
+            f.write(',"annotations":[')
+            seen = set()
+            for path in paths:
+                for chunk in iter_chunks(path, with_blob=True):
+                    rows = chunk.rows[np.isin(chunk.rows["entry"], first_entries(chunk, seen))]
+                    num_images = len(seen)
+                    text = _annotations_json(rows, chunk, num_labels)
+                    if text:
+                        f.write(("," if num_labels else "") + text)
+                    num_labels += len(rows)
+                    per_group.update(lookup[rows["category_id"]].tolist())
+            f.write("]}")
     finally:
-        if os.path.exists(anns_path):
-            os.remove(anns_path)
+        stream.discard(paths)
     summary = {
         "images": num_images,
-        "pseudo_labels": ann_id,
+        "pseudo_labels": num_labels,
         "per_frequency": {g: per_group.get(g, 0) for g in ("r", "c", "f")},
         "score_thresh": score_thresh,
         "gt_iou_thresh": gt_iou_thresh,
     }
     write_json_atomic(summary, output + ".summary.json")
     return summary
+
+
+def _annotations_json(rows: np.ndarray, chunk, first_id: int) -> str:
+    """The LVIS annotations of shard ``rows`` (ids from ``first_id + 1``), comma-separated."""
+    items = []
+    for k, row in enumerate(rows):
+        box = row["bbox"].tolist()
+        ann = {"id": first_id + k + 1, "image_id": int(row["image_id"]),
+               "category_id": int(row["category_id"]), "bbox": box, "score": float(row["score"])}  # fmt: skip  # noqa: E501
+        if row["counts_start"] >= 0:
+            start = int(row["counts_start"]) - chunk.blob_offset
+            counts = chunk.blob[start : start + int(row["counts_len"])].decode("ascii")
+            ann["segmentation"] = {"size": [int(row["height"]), int(row["width"])], "counts": counts}  # fmt: skip  # noqa: E501
+            ann["area"] = float(row["mask_area"])
+        else:
+            ann["segmentation"] = []
+            ann["area"] = float(box[2] * box[3])
+        items.append(json.dumps(ann, separators=(",", ":")))
+    return ",".join(items)
 
 
 def _images_and_categories(json_file, records, meta):
@@ -158,33 +187,58 @@ def _images_and_categories(json_file, records, meta):
     return images, [{"id": d, "name": names[c]} for d, c in ids]
 
 
-def main(argv=None) -> Dict:
+def _run(args) -> Optional[Dict]:
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from lvis_longtail.config import setup_cfg
+    from lvis_longtail.engine.launch import configure_cpu_threads
+
+    cfg = setup_cfg(args.config_file, args.opts)
+    configure_cpu_threads(cfg, args.num_gpus)
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    model.eval()
+    if cfg.TEST.AUG.ENABLED:
+        from lvis_longtail.modeling.tta import LongTailTTA
+
+        model = LongTailTTA(cfg, model)
+    records = DatasetCatalog.get(args.dataset)
+    loader = build_detection_test_loader(cfg, args.dataset)  # InferenceSampler: a share per rank
+    summary = write_pseudo_labels(
+        model, loader, records, MetadataCatalog.get(args.dataset), args.output,
+        args.score_thresh, args.gt_iou_thresh,
+    )  # fmt: skip
+    if summary is not None:
+        print(json.dumps(summary), flush=True)
+    return summary
+
+
+def main(argv=None) -> Optional[Dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--dataset", required=True, help="registered dataset to pseudo-label")
     parser.add_argument("--output", required=True, help="LVIS-format json to write")
     parser.add_argument("--score-thresh", type=float, default=0.5)
     parser.add_argument("--gt-iou-thresh", type=float, default=0.5)
+    parser.add_argument("--num-gpus", type=int, default=1, help="processes per machine")
+    parser.add_argument("--num-machines", type=int, default=1)
+    parser.add_argument("--machine-rank", type=int, default=0)
+    parser.add_argument("--dist-url", default="auto")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
-
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
+    if args.num_gpus * args.num_machines == 1:
+        return _run(args)
 
     from lvis_longtail.config import setup_cfg
+    from lvis_longtail.engine.launch import launch
 
-    cfg = setup_cfg(args.config_file, args.opts)
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    model.eval()
-    records = DatasetCatalog.get(args.dataset)
-    loader = build_detection_test_loader(cfg, args.dataset)
-    summary = write_pseudo_labels(
-        model, loader, records, MetadataCatalog.get(args.dataset), args.output,
-        args.score_thresh, args.gt_iou_thresh,
+    device = setup_cfg(args.config_file, args.opts).MODEL.DEVICE
+    launch(
+        _run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+        dist_url=args.dist_url, args=(args,), backend="gloo" if device == "cpu" else "nccl",
     )  # fmt: skip
-    print(json.dumps(summary))
-    return summary
+    return None
 
 
 if __name__ == "__main__":
