@@ -575,3 +575,15 @@ def _add_ignore_regions_config(cfg: CN) -> None:
     # of the image with its image_id (lvis_longtail/data/ignore_boxes.py). Crowd annotations
     # (iscrowd 1) of an LVIS-format dataset are ignore boxes without any entry here.
     cfg.DATASETS.IGNORE_BOXES = []
+    # Pseudo-labelled extra images (lvis_longtail/data/extra_images.py): registered datasets
+    # (e.g. unannotated images with tools/pseudo_label.py's labels, added through
+    # DATASETS.LVIS_FORMAT) trained together with DATASETS.TRAIN. Every epoch of the main set
+    # (with its repeat factors under RepeatFactorTrainingSampler) also draws EXTRA_TRAIN_PER_EPOCH
+    # extra images without replacement (-1: all of them); batches hold images of one source and
+    # the losses of an extra batch are multiplied by EXTRA_TRAIN_LOSS_WEIGHT (needs
+    # MODEL.META_ARCHITECTURE "LongTailRCNN" and DATALOADER.ASPECT_RATIO_GROUPING True). The 1st
+    # place LVIS 2020 entry drew 10k of its Open Images per epoch and gives no weight; 0.5 here
+    # is our choice.
+    cfg.DATASETS.EXTRA_TRAIN = ()
+    cfg.DATASETS.EXTRA_TRAIN_PER_EPOCH = -1
+    cfg.DATASETS.EXTRA_TRAIN_LOSS_WEIGHT = 0.5

@@ -128,7 +128,8 @@ def _check_datasets(cfg, errors: List[str], check_files: bool, eval_only: bool) 
 
     for i, entry in enumerate(cfg.DATASETS.LVIS_FORMAT):
         name, json_file = entry[0], entry[1]
-        if not os.path.isfile(json_file):
+        needed = name in _get(cfg, "DATASETS.TEST") or not eval_only
+        if check_files and needed and not os.path.isfile(json_file):
             hint = f"; {SYNTHETIC_HINT}" if _looks_synthetic(name, json_file) else ""
             errors.append(
                 f"DATASETS.LVIS_FORMAT[{i}] ('{name}'): json file {json_file!r} not found "
@@ -137,7 +138,7 @@ def _check_datasets(cfg, errors: List[str], check_files: bool, eval_only: bool) 
     listed = {e[0] for e in cfg.DATASETS.LVIS_FORMAT}
     # metadata-only registrations (class statistics for a model, no data) count too
     registered = sorted(set(DatasetCatalog.list()) | set(MetadataCatalog.list()))
-    for key in ("DATASETS.TRAIN", "DATASETS.TEST"):
+    for key in ("DATASETS.TRAIN", "DATASETS.TEST", "DATASETS.EXTRA_TRAIN"):
         for name in _get(cfg, key):
             if name not in registered:
                 near = closest(name, registered, n=1)
@@ -147,7 +148,7 @@ def _check_datasets(cfg, errors: List[str], check_files: bool, eval_only: bool) 
                     "with DATASETS.LVIS_FORMAT [[name, json, image_root]])"
                 )
                 continue
-            if not check_files or name in listed or (eval_only and key == "DATASETS.TRAIN"):
+            if not check_files or name in listed or (eval_only and key != "DATASETS.TEST"):
                 continue
             json_file = MetadataCatalog.get(name).get("json_file")
             if json_file and not os.path.isfile(json_file):
@@ -174,12 +175,37 @@ def _cascade_needs_class_agnostic_boxes(cfg) -> Optional[str]:
     return None
 
 
+@rule
+def _extra_images_need_grouped_weighted_batches(cfg) -> Optional[str]:
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    from lvis_longtail.modeling.ignore_regions import LongTailRCNN
+
+    if not cfg.DATASETS.EXTRA_TRAIN:
+        return None
+    if not (cfg.DATASETS.EXTRA_TRAIN_LOSS_WEIGHT > 0):
+        return f"DATASETS.EXTRA_TRAIN_LOSS_WEIGHT must be > 0, got {cfg.DATASETS.EXTRA_TRAIN_LOSS_WEIGHT}"  # noqa: E501
+    arch = META_ARCH_REGISTRY._obj_map.get(cfg.MODEL.META_ARCHITECTURE)
+    if arch is None or not issubclass(arch, LongTailRCNN):
+        return (
+            "DATASETS.EXTRA_TRAIN needs MODEL.META_ARCHITECTURE 'LongTailRCNN' (it applies "
+            f"DATASETS.EXTRA_TRAIN_LOSS_WEIGHT), got {cfg.MODEL.META_ARCHITECTURE!r}"
+        )
+    if not cfg.DATALOADER.ASPECT_RATIO_GROUPING:
+        return (
+            "DATASETS.EXTRA_TRAIN needs DATALOADER.ASPECT_RATIO_GROUPING True (batches of one "
+            "source, so each gets its loss weight)"
+        )
+    return None
+
+
 def check_config(cfg, *, check_files: bool = False, eval_only: bool = False) -> None:
     """Check ``cfg`` (see the module docstring); all problems are reported at once.
 
     Args:
-        check_files: also require the json files of the registered ``DATASETS.TRAIN`` /
-            ``TEST`` sets (``DATASETS.LVIS_FORMAT`` files are always required).
+        check_files: also require the json files of ``DATASETS.LVIS_FORMAT`` and of the
+            registered ``DATASETS.TRAIN`` / ``TEST`` / ``EXTRA_TRAIN`` sets (loading a config
+            needs no data).
         eval_only: with ``check_files``, only the test sets' files.
 
     Raises:

@@ -82,11 +82,13 @@ def test_flags_after_key_value_pairs_are_named():
 
 def test_missing_lvis_format_json_names_entry_and_resolved_path(tmp_path):
     json_file = "nowhere/lt_synthetic/annotations/lt_synthetic_train.json"
-    msg = error_of(["DATASETS.LVIS_FORMAT", f"[['mine', '{json_file}', 'img']]"])
+    opts = ["DATASETS.LVIS_FORMAT", f"[['mine', '{json_file}', 'img']]"]
+    setup_cfg(str(TINY_BASE), opts)  # loading a config needs no data
+    msg = error_of(opts, check_files=True)
     assert f"DATASETS.LVIS_FORMAT[0] ('mine'): json file '{json_file}' not found" in msg
     assert re.search(r"resolved: /\S*/nowhere/lt_synthetic/annotations", msg)
     assert "python -m lvis_longtail.data.synthetic --out DIR" in msg
-    other = error_of(["DATASETS.LVIS_FORMAT", "[['mine', 'ann/my.json', 'img']]"])
+    other = error_of(["DATASETS.LVIS_FORMAT", "[['mine', 'ann/my.json', 'img']]"], check_files=True)
     assert "lvis_longtail.data.synthetic" not in other
 
 

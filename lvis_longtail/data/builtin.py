@@ -1,7 +1,8 @@
 """Dataset names registered by lvis_longtail, under ``$DETECTRON2_DATASETS`` (default
 ``./datasets``), the same root detectron2 uses:
 
-- ``lt_synthetic_{train,val,test_dev}``: the bundled synthetic long-tailed dataset, made by
+- ``lt_synthetic_{train,val,test_dev[,unlabeled]}``: the bundled synthetic long-tailed dataset,
+  made by
   ``python -m lvis_longtail.data.synthetic --out $DETECTRON2_DATASETS/lt_synthetic``;
 - ``lvis_v1_{train,val,test_dev,test_challenge}``: LVIS v1 (``lvis/lvis_v1_*.json`` with the
   COCO 2017 images under ``coco/``), re-registered with the validating loader of
@@ -29,7 +30,7 @@ def datasets_root() -> str:
 
 def register_synthetic(root: str, prefix: str = "lt_synthetic") -> None:
     """Register the synthetic splits written by :mod:`lvis_longtail.data.synthetic` at ``root``."""
-    for split in SYNTHETIC_SPLITS:
+    for split in SYNTHETIC_SPLITS + ("unlabeled",):  # unlabeled: --num-unlabeled only
         json_file = os.path.join(root, "annotations", f"lt_synthetic_{split}.json")
         register_lvis_format(f"{prefix}_{split}", json_file, os.path.join(root, "images"))
 

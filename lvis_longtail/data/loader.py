@@ -12,8 +12,9 @@ import random
 import torch.utils.data as torchdata
 from detectron2.data import build_detection_train_loader
 from detectron2.data.build import _train_loader_from_config
-from detectron2.data.common import DatasetFromList
+from detectron2.data.common import AspectRatioGroupedDataset, DatasetFromList
 
+from lvis_longtail.data.extra_images import LossWeightGroupedDataset, extra_images_dataset
 from lvis_longtail.data.mapper import LongTailDatasetMapper
 
 logger = logging.getLogger(__name__)
@@ -71,15 +72,27 @@ def build_longtail_train_loader(cfg, mapper=None):
 
     Without multi-image steps it is exactly ``build_detection_train_loader(cfg, mapper)``;
     with them the sampler's indices are grouped (1 + ``mapper.num_extra_images`` per sample).
+    ``DATASETS.EXTRA_TRAIN`` adds pseudo-labelled extra images: their own per-epoch
+    sub-sample, batches of one source (:mod:`~lvis_longtail.data.extra_images`).
     """
     mapper = mapper if mapper is not None else LongTailDatasetMapper(cfg, True)
     kwargs = _train_loader_from_config(cfg, mapper=mapper)
+    if cfg.DATASETS.EXTRA_TRAIN:  # pseudo-labelled extra images (extra_images.py)
+        kwargs["dataset"], kwargs["sampler"] = extra_images_dataset(cfg)
     extra = getattr(mapper, "num_extra_images", 0)
     if extra == 0:
-        return build_detection_train_loader(**kwargs)
+        return _group_by_loss_weight(cfg, build_detection_train_loader(**kwargs))
     dataset = kwargs.pop("dataset")
     if isinstance(dataset, list):
         dataset = DatasetFromList(dataset, copy=False)
     kwargs["dataset"] = GroupMapDataset(dataset, kwargs.pop("mapper"), seed=cfg.SEED)
     kwargs["sampler"] = GroupedSampler(kwargs["sampler"], 1 + extra)
-    return build_detection_train_loader(mapper=None, **kwargs)
+    return _group_by_loss_weight(cfg, build_detection_train_loader(mapper=None, **kwargs))
+
+
+def _group_by_loss_weight(cfg, loader):
+    """With extra images, batch by loss weight too (:class:`LossWeightGroupedDataset`)."""
+    if not cfg.DATASETS.EXTRA_TRAIN or not isinstance(loader, AspectRatioGroupedDataset):
+        return loader
+    weights = [1.0, float(cfg.DATASETS.EXTRA_TRAIN_LOSS_WEIGHT)]
+    return LossWeightGroupedDataset(loader.dataset, loader.batch_size, weights)

@@ -168,15 +168,41 @@ class LongTailRPN(IgnoreRegionsMixin, RPN):
 @META_ARCH_REGISTRY.register()
 class LongTailRCNN(GeneralizedRCNN):
     """``GeneralizedRCNN`` that forwards each training image's ``ignore_boxes`` (a Boxes in
-    the mapped image's coordinates) to the RPN and ROI heads (module docstring)."""
+    the mapped image's coordinates) to the RPN and ROI heads (module docstring), and scales
+    the losses of a batch of extra images by their ``loss_weight``
+    (:mod:`lvis_longtail.data.extra_images`)."""
 
     def forward(self, batched_inputs):
-        if not self.training or not any("ignore_boxes" in x for x in batched_inputs):
+        if not self.training:
             return super().forward(batched_inputs)
-        empty = Boxes(torch.zeros((0, 4), device=self.device))
-        boxes = [
-            x["ignore_boxes"].to(self.device) if "ignore_boxes" in x else empty
-            for x in batched_inputs
-        ]
-        with ignore_regions(self, boxes):
-            return super().forward(batched_inputs)
+        weight = batch_loss_weight(batched_inputs)
+        if not any("ignore_boxes" in x for x in batched_inputs):
+            losses = super().forward(batched_inputs)
+        else:
+            empty = Boxes(torch.zeros((0, 4), device=self.device))
+            boxes = [
+                x["ignore_boxes"].to(self.device) if "ignore_boxes" in x else empty
+                for x in batched_inputs
+            ]
+            with ignore_regions(self, boxes):
+                losses = super().forward(batched_inputs)
+        if weight != 1.0:  # a batch of extra images (DATASETS.EXTRA_TRAIN_LOSS_WEIGHT)
+            losses = {k: v * weight for k, v in losses.items()}
+        return losses
+
+
+def batch_loss_weight(batched_inputs) -> float:
+    """The ``loss_weight`` shared by a training batch's images (1.0 when absent).
+
+    Raises:
+        ValueError: the batch mixes weights (extra images need batches of one source:
+            ``DATALOADER.ASPECT_RATIO_GROUPING True``).
+    """
+    weights = {float(x.get("loss_weight", 1.0)) for x in batched_inputs}
+    if len(weights) > 1:
+        raise ValueError(
+            f"a training batch mixes images with loss weights {sorted(weights)}; with "
+            "DATASETS.EXTRA_TRAIN keep DATALOADER.ASPECT_RATIO_GROUPING True (batches of one "
+            "source)"
+        )
+    return weights.pop() if weights else 1.0
