@@ -24,8 +24,9 @@ detectron2, imported by ``lvis_longtail``), its peak above the RSS right after t
 APf, AR@300, ARs/m/l@300) in AP points. Then, export: peak RSS of a child that pushes N images
 of 300 records through a ``DetectionShard`` and writes the validated results file from the
 shards read back as one table (``streamed``), against holding them in a list first
-(``in_memory``, what the evaluator did before the streamed store), for growing N.
-Compare times within one run only: other load on the machine
+(``in_memory``, what the evaluator did before the streamed store), for growing N. Last, the
+pseudo-label pass (``tools.pseudo_label``) over N unannotated images with a stand-in model:
+its peak must not grow with N. Compare times within one run only: other load on the machine
 changes them.
 
     python benchmarks/eval_speed.py                 # full: 5,000 images (several minutes)
@@ -310,11 +311,57 @@ def _child_export(mode, num_images, workdir):
     return {"num_detections": summary["num_detections"]}
 
 
+def _child_pseudo_label(num_images, workdir):
+    """``tools.pseudo_label.write_pseudo_labels`` over ``num_images`` unannotated images with a
+    stand-in model (100 detections with masks per image, half of them above the 0.5 score
+    threshold): the streamed path through per-rank shards to the written file."""
+    import torch
+    from detectron2.data import Metadata
+    from detectron2.structures import Boxes, Instances
+
+    from lvis_longtail.tools.pseudo_label import write_pseudo_labels
+
+    n, g = 100, torch.Generator().manual_seed(0)
+    records = [{"image_id": i + 1, "height": 480, "width": 640, "file_name": f"{i + 1}.jpg"}
+               for i in range(int(num_images))]  # fmt: skip
+    meta = Metadata(
+        thing_classes=[f"c{k}" for k in range(NUM_CATEGORIES)],
+        thing_dataset_id_to_contiguous_id={k + 1: k for k in range(NUM_CATEGORIES)},
+        class_frequency=["rcf"[k % 3] for k in range(NUM_CATEGORIES)],
+    )
+
+    def make():
+        inst = Instances((480, 640))
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([500.0, 340.0])
+        boxes = torch.cat([xy, xy + 20 + 100 * torch.rand(n, 2, generator=g)], 1)
+        inst.pred_boxes = Boxes(boxes)
+        inst.scores = torch.rand(n, generator=g)
+        inst.pred_classes = torch.randint(0, NUM_CATEGORIES, (n,), generator=g)
+        ys = torch.arange(480)[None, :, None]
+        xs = torch.arange(640)[None, None, :]
+        b = boxes.round().long()[:, :, None, None]
+        inst.pred_masks = (xs >= b[:, 0]) & (xs < b[:, 2]) & (ys >= b[:, 1]) & (ys < b[:, 3])
+        return inst
+
+    pool = [make() for _ in range(2)]  # the stand-in's outputs, cycled (~60 MiB of masks)
+
+    def model(inputs):
+        return [{"instances": pool[rec["image_id"] % len(pool)]} for rec in inputs]
+
+    loader = ([r] for r in records)
+    out = os.path.join(workdir, f"pseudo_{num_images}.json")
+    summary = write_pseudo_labels(model, loader, records, meta, out)
+    os.remove(out)
+    os.remove(out + ".summary.json")
+    return {"pseudo_labels": summary["pseudo_labels"]}
+
+
 CHILDREN = {
     "lvis_api": _child_lvis_api,
     "fce": _child_fce,
     "fast": _child_fast,
     "export": _child_export,
+    "pseudo_label": _child_pseudo_label,
 }
 
 
@@ -411,6 +458,7 @@ def main(argv=None):
     parser.add_argument("--tasks", nargs="+", default=["bbox", "segm"])
     parser.add_argument("--skip", nargs="*", default=[], help="evaluators to skip, e.g. fce")
     parser.add_argument("--export-images", type=int, nargs="*", default=None)
+    parser.add_argument("--pseudo-label-images", type=int, nargs="*", default=None)
     parser.add_argument("--workdir", default=None, help="keep the generated files here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -460,6 +508,17 @@ def main(argv=None):
                 f"| {out['growth_mib']:.0f} |",
                 flush=True,
             )
+    print()
+    print("| pseudo_label | images | pseudo labels | time (s) | peak RSS (MiB) "
+          "| peak above post-import (MiB) |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|")
+    for n in args.pseudo_label_images or ([100, 200, 400] if args.quick else [500, 1000, 2000]):
+        out, rss = run_child("pseudo_label", n, workdir)
+        print(
+            f"| streamed | {n:,} | {out['result']['pseudo_labels']:,} | {out['seconds']:.1f} "
+            f"| {rss:.0f} | {out['growth_mib']:.0f} |",
+            flush=True,
+        )
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -161,3 +161,17 @@ def test_tiny_recipe_trains_on_pseudo_labelled_extra_images(tmp_path):
     lines = (tmp_path / "out" / "metrics.json").read_text().splitlines()
     trained = [m for m in map(json.loads, lines) if "total_loss" in m]
     assert trained and all(math.isfinite(m["total_loss"]) for m in trained)
+
+
+def test_an_extra_set_without_labels_is_named():
+    from detectron2.data import DatasetCatalog
+
+    from lvis_longtail.data.extra_images import extra_images_dataset
+
+    DatasetCatalog.register("lt_ex_empty", lambda: [{"image_id": 1, "annotations": []}])
+    try:
+        cfg = tiny_cfg(opts=["DATASETS.EXTRA_TRAIN", "('lt_ex_empty',)"])
+        with pytest.raises(ValueError, match="no image of 'lt_ex_empty' has an annotation"):
+            extra_images_dataset(cfg)
+    finally:
+        DatasetCatalog.remove("lt_ex_empty")

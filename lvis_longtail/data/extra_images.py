@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.utils.data as torchdata
-from detectron2.data import get_detection_dataset_dicts
+from detectron2.data import DatasetCatalog, get_detection_dataset_dicts
 from detectron2.data.common import AspectRatioGroupedDataset
 from detectron2.data.samplers import RepeatFactorTrainingSampler
 from detectron2.utils import comm
@@ -129,6 +129,16 @@ def extra_images_dataset(cfg) -> Tuple[List[dict], ExtraImagesSampler]:
             f"DATASETS.EXTRA_TRAIN works with DATALOADER.SAMPLER_TRAIN 'TrainingSampler' or "
             f"'RepeatFactorTrainingSampler', not {sampler_name!r}"
         )
+    for name in cfg.DATASETS.EXTRA_TRAIN:
+        records = DatasetCatalog.get(name)
+        if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS and not any(
+            r.get("annotations") for r in records
+        ):
+            raise ValueError(
+                f"DATASETS.EXTRA_TRAIN: no image of '{name}' has an annotation ({len(records)} "
+                "images): a pseudo-label file without labels (a --score-thresh above every "
+                "score?) trains nothing"
+            )
     proposals = cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None
     main = get_detection_dataset_dicts(
         cfg.DATASETS.TRAIN,
