@@ -73,7 +73,7 @@ class SoftNMSParams:
 
 # Categories are grouped by size, largest first: group g holds the categories with
 # (largest / ratio^(g+1), largest / ratio^g] boxes and runs as many steps as its largest one.
-_GROUP_RATIO = 4
+_GROUP_RATIO = 3
 # A group's pairwise decay factors (categories x width x width) are computed once when they
 # have at most this many elements (16 MiB in fp32); larger groups compute each step's row.
 _PAIRWISE_LIMIT = 2**22
@@ -81,11 +81,12 @@ _PAIRWISE_LIMIT = 2**22
 
 def _iou(a, b, area_a, area_b) -> torch.Tensor:
     """IoU of boxes ``a`` and ``b`` (broadcast, (..., 4) XYXY) with their areas (...): the
-    formula of torchvision's ``box_iou`` (no +1)."""
-    lt = torch.maximum(a[..., :2], b[..., :2])
-    rb = torch.minimum(a[..., 2:], b[..., 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
+    formula of torchvision's ``box_iou`` (no +1), one coordinate at a time."""
+    ax1, ay1, ax2, ay2 = a.unbind(-1)
+    bx1, by1, bx2, by2 = b.unbind(-1)
+    w = (torch.minimum(ax2, bx2) - torch.maximum(ax1, bx1)).clamp(min=0)
+    h = (torch.minimum(ay2, by2) - torch.maximum(ay1, by1)).clamp(min=0)
+    inter = w * h
     return inter / (area_a + area_b - inter).clamp(min=1e-12)
 
 
@@ -147,7 +148,7 @@ def batched_soft_nms(
 
     Boxes below ``min_score`` are dropped first. The categories, largest first, are laid
     out as padded (categories, boxes) tensors, one per group of sizes in
-    (largest / 4^(g+1), largest / 4^g] (so a category with 300 boxes does not make 1000
+    (largest / 3^(g+1), largest / 3^g] (so a category with 300 boxes does not make 1000
     categories with 2 boxes iterate 300 times, and a few groups cover any size range); each
     step selects the top box of all categories of a group. The Python loops run over these
     groups and over the steps of each group's largest category (stopping early once every
