@@ -111,6 +111,96 @@ def test_soft_nms_gaussian_closed_form():
     assert new[1].item() == pytest.approx(0.8)
 
 
+def _zipf_dets(n, num_classes, seed):
+    """Boxes on a few objects, Zipf class sizes: one class of ~n/6 boxes, many of 1-3."""
+    g = torch.Generator().manual_seed(seed)
+    objects = torch.rand(20, 2, generator=g) * 80
+    pick = torch.randint(0, 20, (n,), generator=g)
+    xy = objects[pick] + torch.randn(n, 2, generator=g) * 3
+    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 20 + 5], dim=1)
+    weights = 1.0 / torch.arange(1, num_classes + 1).double()
+    classes = torch.multinomial(weights, n, replacement=True, generator=g)
+    return boxes.double(), torch.rand(n, generator=g).double(), classes
+
+
+@pytest.mark.parametrize("method", ["linear", "gaussian"])
+def test_soft_nms_mixed_class_sizes(method, monkeypatch):
+    """Several size groups (one class of ~100 boxes, many of a few); the per-step IoU rows
+    (groups above _PAIRWISE_LIMIT) give the same result bit for bit as the pairwise factors."""
+    import lvis_longtail.modeling.postprocessing as pp
+
+    boxes, scores, classes = _zipf_dets(600, 400, 3)
+    counts = torch.bincount(classes)
+    assert counts.max() >= 80 and (counts == 1).sum() >= 50  # the case is what it claims
+    params = SoftNMSParams(method, 0.5, 0.3, 1e-3)
+    _check(boxes, scores, classes, params)
+    keep, new = batched_soft_nms(boxes, scores, classes, params)
+    monkeypatch.setattr(pp, "_PAIRWISE_LIMIT", 0)
+    keep_rows, new_rows = batched_soft_nms(boxes, scores, classes, params)
+    assert torch.equal(keep, keep_rows) and torch.equal(new, new_rows)
+    _check(boxes, scores, classes, params)
+
+
+@pytest.mark.parametrize("per_step_rows", [False, True])
+def test_soft_nms_linear_threshold_and_min_score_boundaries(per_step_rows, monkeypatch):
+    import lvis_longtail.modeling.postprocessing as pp
+
+    if per_step_rows:
+        monkeypatch.setattr(pp, "_PAIRWISE_LIMIT", 0)
+    # IoU([0,0,10,10], [0,0,10,5]) = 50 / 100 = 0.5 exactly; 0.75 * (1 - 0.5) = 0.375 exactly
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 5.0]])
+    scores, classes = torch.tensor([0.9, 0.75]), torch.tensor([7, 7])
+
+    def run(nt, min_score):
+        return batched_soft_nms(boxes, scores, classes, SoftNMSParams("linear", 0.5, nt, min_score))
+
+    keep, new = run(0.5, 1e-3)  # IoU == N_t decays (>=)
+    assert keep.tolist() == [0, 1] and new.tolist() == [pytest.approx(0.9), 0.375]
+    keep, new = run(0.5 + 1e-6, 1e-3)  # just above: unchanged
+    assert new.tolist() == [pytest.approx(0.9), 0.75]
+    keep, new = run(0.5, 0.375)  # decayed exactly to MIN_SCORE: kept
+    assert keep.tolist() == [0, 1] and new[1].item() == 0.375
+    keep, _ = run(0.5, 0.376)  # below it: dropped
+    assert keep.tolist() == [0]
+    keep, new = run(0.5, 0.75)  # an input score equal to MIN_SCORE is kept, then dropped
+    assert keep.tolist() == [0]
+    keep, new = run(0.5, 0.9)  # the top box alone
+    assert keep.tolist() == [0] and new.tolist() == [pytest.approx(0.9)]
+
+
+@pytest.mark.parametrize("per_step_rows", [False, True])
+@pytest.mark.parametrize("method,sigma", [("gaussian", 1e-3), ("linear", 0.5)])
+def test_soft_nms_zero_factors_with_min_score_zero(method, sigma, per_step_rows, monkeypatch):
+    """Factors of exactly 0 (linear at IoU 1; exp(-1 / 1e-3) underflows in fp32 and fp64)
+    with MIN_SCORE 0 keep the zeroed duplicates (0 >= 0), after the others, by index."""
+    import lvis_longtail.modeling.postprocessing as pp
+
+    if per_step_rows:
+        monkeypatch.setattr(pp, "_PAIRWISE_LIMIT", 0)
+    # 12 disjoint boxes (IoU 0), then 3 exact copies of each of the first 4 (IoU 1)
+    xy = torch.stack(torch.meshgrid(torch.arange(4.0), torch.arange(3.0), indexing="ij"), -1)
+    grid = torch.cat([xy.reshape(-1, 2) * 20, xy.reshape(-1, 2) * 20 + 10], 1)
+    boxes = torch.cat([grid, grid[:4].repeat(3, 1)]).double()
+    g = torch.Generator().manual_seed(5)
+    scores = torch.rand(24, generator=g).double()
+    classes = torch.tensor([0, 1] * 6 + [0, 1] * 6)  # copies share their original's class
+    params = SoftNMSParams(method, sigma, 0.3, 0.0)
+    _check(boxes, scores, classes, params)
+    keep, new = batched_soft_nms(boxes, scores, classes, params)
+    # each of the first 4 boxes' 4 copies: the best one keeps its score, 3 are zeroed
+    assert len(keep) == 24 and (new == 0).sum() == 12
+    assert keep[new == 0].tolist() == sorted(keep[new == 0].tolist())
+
+
+@pytest.mark.parametrize("method", ["linear", "gaussian"])
+def test_soft_nms_negative_min_score_keeps_every_box(method):
+    boxes, scores, classes = _random_dets(60, 3, 4)
+    boxes[10:20] = boxes[0]
+    params = SoftNMSParams(method, 0.5, 0.3, -1.0)
+    _check(boxes, scores, classes, params)
+    assert len(batched_soft_nms(boxes, scores, classes, params)[0]) == 60
+
+
 def test_soft_nms_empty_and_all_below_min_score():
     params = SoftNMSParams("gaussian")
     keep, new = batched_soft_nms(

@@ -12,15 +12,18 @@ all). Classes are independent (per-class Soft-NMS, as detectron2's ``batched_nms
 NMS).
 
 :func:`batched_soft_nms` runs all classes at once: the boxes are laid out in padded
-(classes, boxes per class) tensors (one per power-of-two group of class sizes), and each
-iteration selects the top box of *every* class of a group, so the Python loops run over the
-groups and the boxes of the largest class, never over classes.
+(classes, boxes per class) tensors, one per group of classes of similar size, and each step
+selects the top box of *every* class of a group, so the Python loops run over the groups and
+the boxes of each group's largest class, never over classes. The decay factors of a group
+are computed once for all its within-class pairs, so a step is a max, a gather and a
+multiply.
 
 :func:`longtail_fast_rcnn_inference` is detectron2's ``fast_rcnn_inference`` whose NMS step
 is :func:`class_wise_suppression` (``MODEL.ROI_HEADS.NMS_TYPE``); with "hard" it is exactly
 detectron2's.
 """
 
+import math
 from dataclasses import dataclass
 from typing import List, Tuple
 
@@ -68,53 +71,74 @@ class SoftNMSParams:
         return cls(method, float(node.SIGMA), float(node.IOU_THRESH), float(node.MIN_SCORE))
 
 
-def _row_iou(top: torch.Tensor, top_area: torch.Tensor, boxes, areas) -> torch.Tensor:
-    """IoU of each row's box ``top`` (C, 4) with that row's boxes ``boxes`` (C, N, 4) ->
-    (C, N); same formula as torchvision's ``box_iou`` (no +1), areas precomputed."""
-    lt = torch.maximum(top[:, None, :2], boxes[..., :2])
-    rb = torch.minimum(top[:, None, 2:], boxes[..., 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    return inter / (top_area[:, None] + areas - inter).clamp(min=1e-12)
+# Categories are grouped by size, largest first: group g holds the categories with
+# (largest / ratio^(g+1), largest / ratio^g] boxes and runs as many steps as its largest one.
+_GROUP_RATIO = 3
+# A group's pairwise decay factors (categories x width x width) are computed once when they
+# have at most this many elements (16 MiB in fp32); larger groups compute each step's row.
+_PAIRWISE_LIMIT = 2**22
 
 
-def _soft_nms_padded(boxes, scores, index, params: SoftNMSParams):
+def _iou(a, b, area_a, area_b) -> torch.Tensor:
+    """IoU of boxes ``a`` and ``b`` (broadcast, (..., 4) XYXY) with their areas (...): the
+    formula of torchvision's ``box_iou`` (no +1), one coordinate at a time."""
+    ax1, ay1, ax2, ay2 = a.unbind(-1)
+    bx1, by1, bx2, by2 = b.unbind(-1)
+    w = (torch.minimum(ax2, bx2) - torch.maximum(ax1, bx1)).clamp(min=0)
+    h = (torch.minimum(ay2, by2) - torch.maximum(ay1, by1)).clamp(min=0)
+    inter = w * h
+    return inter / (area_a + area_b - inter).clamp(min=1e-12)
+
+
+def _decay(iou: torch.Tensor, params: SoftNMSParams) -> torch.Tensor:
+    """Soft-NMS factor f(IoU) of the method of ``params``."""
+    if params.method == "linear":
+        return torch.where(iou >= params.iou_thresh, 1.0 - iou, torch.ones_like(iou))
+    return torch.exp(-(iou * iou) / params.sigma)
+
+
+def _soft_nms_rows(boxes, scores, params: SoftNMSParams):
     """Soft-NMS of every row of a padded layout at once.
 
+    Each step selects the top box of every row and multiplies the row's scores by its
+    decay factors; the selected box's own factor is NaN, so that it fails ``>= min_score``
+    with the boxes decayed below it and leaves the row. The factors come from a (C, W, W)
+    matrix computed once, or (above ``_PAIRWISE_LIMIT``) from the top box's IoU per step.
+
     Args:
-        boxes: (C, W, 4) boxes of C categories, W columns (padding anywhere).
+        boxes: (C, W, 4) fp32 boxes of C categories in W columns.
         scores: (C, W) fp32 scores, -inf at padding.
-        index: (C, W) input index of each box (-1 at padding).
 
     Returns:
-        (M,) input indices and (M,) scores at selection of the kept boxes, unordered.
+        (T, C) column selected by each row at each step and (T, C) its score at selection
+        (-inf: the row had no box left), T <= W.
     """
     num_rows, width = scores.shape
-    rows = torch.arange(num_rows, device=scores.device)
     wh = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0)
     areas = wh[..., 0] * wh[..., 1]
-    alive = scores > float("-inf")
-    neg_inf = torch.tensor(float("-inf"), device=scores.device)
-    kept_index, kept_score = [], []
-    for _ in range(width):
+    pairwise = num_rows * width * width <= _PAIRWISE_LIMIT
+    rows = torch.arange(num_rows, device=scores.device)
+    if pairwise:
+        iou = _iou(boxes[:, :, None], boxes[:, None], areas[:, :, None], areas[:, None])
+        decay = _decay(iou, params)
+        decay.diagonal(dim1=1, dim2=2).fill_(float("nan"))
+        decay, rows = decay.view(num_rows * width, width), rows * width
+    neg_inf = scores.new_tensor(float("-inf"))
+    tops, top_scores = [], []
+    for step in range(width):
         top_score, top = scores.max(dim=1)  # first maximum = lowest input index among ties
-        has = alive[rows, top]
-        kept_index.append(torch.where(has, index[rows, top], -1))
-        kept_score.append(top_score)
-        alive[rows, top] = False
-        iou = _row_iou(boxes[rows, top], areas[rows, top], boxes, areas)
-        if params.method == "linear":
-            decay = torch.where(iou >= params.iou_thresh, 1.0 - iou, torch.ones_like(iou))
+        tops.append(top)
+        top_scores.append(top_score)
+        if pairwise:
+            factor = decay.index_select(0, rows + top)
         else:
-            decay = torch.exp(-(iou * iou) / params.sigma)
-        scores = scores * decay
-        alive &= scores >= params.min_score
-        scores = torch.where(alive, scores, neg_inf)
-        if not bool(alive.any()):
+            iou = _iou(boxes[rows, top][:, None], boxes, areas[rows, top][:, None], areas)
+            factor = _decay(iou, params).scatter_(1, top[:, None], float("nan"))
+        scores = scores * factor
+        scores = torch.where(scores >= params.min_score, scores, neg_inf)
+        if step % 4 == 3 and not bool(scores.max() > neg_inf):
             break
-    kept_index, kept_score = torch.stack(kept_index).flatten(), torch.stack(kept_score).flatten()
-    valid = kept_index >= 0
-    return kept_index[valid], kept_score[valid]
+    return torch.stack(tops), torch.stack(top_scores)
 
 
 def batched_soft_nms(
@@ -122,12 +146,15 @@ def batched_soft_nms(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Soft-NMS of each category independently, all categories at once.
 
-    The categories are laid out as padded (categories, boxes) tensors, one per group of
-    categories with 2^(b-1) < boxes <= 2^b (so a category with 300 boxes does not make 1000
-    categories with 2 boxes iterate 300 times); each group selects the top box of all its
-    categories per step. The Python loops run over these <= log2(N) + 1 groups and over the
-    steps, never over categories. Ties are broken by the lower input index (within a class
-    and in the output order).
+    Boxes below ``min_score`` are dropped first. The categories, largest first, are laid
+    out as padded (categories, boxes) tensors, one per group of sizes in
+    (largest / 3^(g+1), largest / 3^g] (so a category with 300 boxes does not make 1000
+    categories with 2 boxes iterate 300 times, and a few groups cover any size range); each
+    step selects the top box of all categories of a group. The Python loops run over these
+    groups and over the steps of each group's largest category (stopping early once every
+    score is below ``min_score``), never over categories. Ties are broken by the lower input
+    index (within a class and in the output order). Results equal the one-box-at-a-time
+    algorithm in fp32: same IoU formula, same decay, the factors applied in the same order.
 
     Args:
         boxes: (N, 4) boxes, XYXY.
@@ -141,34 +168,39 @@ def batched_soft_nms(
         new_scores: (M,) their decayed scores.
     """
     device = boxes.device
-    alive_in = scores >= params.min_score
-    if not bool(alive_in.any()):
+    index = torch.nonzero(scores >= params.min_score).squeeze(1)
+    if index.numel() == 0:
         return torch.zeros((0,), dtype=torch.int64, device=device), scores.new_zeros((0,))
-    index = torch.nonzero(alive_in).squeeze(1)
-    _, row = torch.unique(idxs[index], return_inverse=True)
-    order = torch.argsort(row, stable=True)  # by category, then input index
-    index, row = index[order], row[order]
-    counts = torch.bincount(row)
+    _, row, counts = torch.unique(idxs[index], return_inverse=True, return_counts=True)
+    by_size = torch.argsort(counts, descending=True, stable=True)
+    rank_of = torch.empty_like(by_size)
+    rank_of[by_size] = torch.arange(len(counts), device=device)
+    rank = rank_of[row]
+    order = torch.argsort(rank, stable=True)  # by category rank, then input index
+    index, rank, counts = index[order], rank[order], counts[by_size]
     starts = torch.cumsum(counts, 0) - counts
-    col = torch.arange(len(index), device=device) - starts[row]
-    group = torch.ceil(torch.log2(counts.double())).long()  # per category
+    col = torch.arange(len(index), device=device) - starts[rank]
+    ratio = counts[0].double() / counts.double()
+    group = torch.cummax(torch.floor(torch.log(ratio) / math.log(_GROUP_RATIO)).long(), 0).values
+    sizes = torch.unique_consecutive(group, return_counts=True)[1]  # categories per group
+    class_end = torch.cumsum(sizes, 0)
+    class_start = class_end - sizes
+    box_end = (starts + counts)[class_end - 1]
+    bounds = torch.stack([class_start, class_end, counts[class_start], box_end]).T.tolist()
     kept_index, kept_score = [], []
-    for g in torch.unique(group).tolist():
-        members = torch.nonzero(group == g).squeeze(1)  # categories of this group
-        local = torch.full_like(counts, -1)
-        local[members] = torch.arange(len(members), device=device)
-        sel = torch.nonzero(local[row] >= 0).squeeze(1)  # boxes of this group
-        r, c = local[row[sel]], col[sel]
-        width = int(counts[members].max())
-        pad_boxes = boxes.new_zeros((len(members), width, 4), dtype=torch.float32)
-        pad_boxes[r, c] = boxes[index[sel]].float()
-        pad_scores = torch.full((len(members), width), float("-inf"), device=device)
-        pad_scores[r, c] = scores[index[sel]].float()
-        pad_index = torch.full((len(members), width), -1, dtype=torch.int64, device=device)
-        pad_index[r, c] = index[sel]
-        ki, ks = _soft_nms_padded(pad_boxes, pad_scores, pad_index, params)
-        kept_index.append(ki)
-        kept_score.append(ks)
+    box_start = 0
+    for c0, c1, width, b1 in bounds:
+        sel = index[box_start:b1]
+        r, c = rank[box_start:b1] - c0, col[box_start:b1]
+        pad_boxes = boxes.new_zeros((c1 - c0, width, 4), dtype=torch.float32)
+        pad_boxes[r, c] = boxes[sel].float()
+        pad_scores = torch.full((c1 - c0, width), float("-inf"), device=device)
+        pad_scores[r, c] = scores[sel].float()
+        tops, top_scores = _soft_nms_rows(pad_boxes, pad_scores, params)
+        valid = top_scores > float("-inf")
+        kept_index.append(index[(starts[c0:c1] + tops)[valid]])
+        kept_score.append(top_scores[valid])
+        box_start = b1
     kept_index, kept_score = torch.cat(kept_index), torch.cat(kept_score)
     by_index = torch.argsort(kept_index)
     kept_index, kept_score = kept_index[by_index], kept_score[by_index]
