@@ -97,6 +97,7 @@ def _shifted_bins(flat, rois, offsets, output_size, scale, height, width, base, 
         offsets: (R, 2, kh, kw) bin shifts as fractions of the RoI's width and height.
         output_size: (kh, kw).
         scale, height, width: (R,) scale, H and W of each RoI's map.
+            The geometry is computed in float32 (float64 for float64 features).
         base: (R,) row of ``flat`` holding pixel (0, 0) of each RoI's map and image.
         sampling_ratio: as ``roi_align``.
 
@@ -104,7 +105,8 @@ def _shifted_bins(flat, rois, offsets, output_size, scale, height, width, base, 
         (R, C, kh, kw).
     """
     (kh, kw), num_rois = output_size, rois.shape[0]
-    rois = rois.detach().to(flat.dtype)
+    dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32  # geometry
+    rois, scale, offsets = rois.detach().to(dtype), scale.to(dtype), offsets.to(dtype)
     x0, y0 = rois[:, 1] * scale - 0.5, rois[:, 2] * scale - 0.5
     roi_w, roi_h = rois[:, 3] * scale - 0.5 - x0, rois[:, 4] * scale - 0.5 - y0
     bin_w, bin_h = roi_w / kw, roi_h / kh
@@ -112,8 +114,8 @@ def _shifted_bins(flat, rois, offsets, output_size, scale, height, width, base, 
         grid_h = grid_w = torch.full_like(base, sampling_ratio)
     else:
         grid_h, grid_w = torch.ceil(roi_h / kh).long(), torch.ceil(roi_w / kw).long()
-    i = torch.arange(kh, device=flat.device, dtype=flat.dtype)
-    j = torch.arange(kw, device=flat.device, dtype=flat.dtype)
+    i = torch.arange(kh, device=flat.device, dtype=dtype)
+    j = torch.arange(kw, device=flat.device, dtype=dtype)
     shape = (num_rois, kh, kw)
 
     def per_bin(t):  # (R,) -> (R kh kw,)
@@ -140,7 +142,7 @@ def _shifted_bins(flat, rois, offsets, output_size, scale, height, width, base, 
     columns = extent_x[bag]
     row, col = torch.div(local, columns, rounding_mode="floor"), local % columns
     pixel = per_bin(base)[bag] + (first_y[bag] + row) * per_bin(width)[bag] + first_x[bag] + col
-    weight = weights_y[bag, row] * weights_x[bag, col]
+    weight = (weights_y[bag, row] * weights_x[bag, col]).to(flat.dtype)
     out = F.embedding_bag(pixel, flat, starts, mode="sum", per_sample_weights=weight)
     return out.view(num_rois, kh, kw, -1).permute(0, 3, 1, 2).contiguous()
 
@@ -192,7 +194,7 @@ def _deform_roi_align_levels(x, rois, levels, offsets, output_size, scales, samp
     height = table([f.shape[2] for f in x], torch.long)
     width = table([f.shape[3] for f in x], torch.long)
     base = table(firsts, torch.long) + rois[:, 0].long() * flat.shape[1]
-    scale = table(scales, flat.dtype)
+    scale = table(scales, torch.float64)
     flat = flat.reshape(-1, c)
     return _shifted_bins(
         flat, rois, offsets, output_size, scale, height, width, base, sampling_ratio
