@@ -1,11 +1,17 @@
 """Deformable RoI pooling: zero offsets are detectron2's ROIAlignV2, shifted bins are RoIAlign
 of the shifted bin, gradients reach the offsets, and the ROI heads build it from POOLER_TYPE."""
 
+import itertools
+
 import pytest
 import torch
 from conftest import make_batch, tiny_cfg
 from detectron2.modeling import build_model
-from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
+from detectron2.modeling.poolers import (
+    ROIPooler,
+    assign_boxes_to_levels,
+    convert_boxes_to_pooler_format,
+)
 from detectron2.structures import Boxes
 from torchvision.ops import roi_align
 
@@ -67,6 +73,63 @@ def test_gradients_reach_offsets_and_features():
     assert torch.autograd.gradcheck(
         lambda f, o: deform_roi_align(f, rois, o, (2, 2), 0.25, 2), (feats, offsets)
     )
+
+
+def test_offset_gradients_with_adaptive_grids_and_borders():
+    """Finite differences of the shifted pass with detectron2's adaptive sample grid (1 to 4
+    samples per bin axis), bins pushed across the map's border (edge reads, zeros beyond)."""
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(2, 1, 9, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor(
+        [[0, 2.0, 3.0, 14.0, 9.0], [1, -5.0, -3.0, 30.0, 20.0], [0, 20.0, 15.0, 46.0, 40.0],
+         [1, 30.0, 4.0, 43.0, 41.0]],
+        dtype=torch.float64,
+    )  # fmt: skip
+    offsets = (torch.rand(4, 2, 3, 3, generator=g, dtype=torch.float64) - 0.5) * 0.8
+    offsets.requires_grad_()
+    grid = torch.ceil((rois[:, 3:] - rois[:, 1:3]) * 0.25 / 3)
+    assert grid.min() == 1 and grid.max() == 4  # adaptive grids of several sizes
+    assert torch.autograd.gradcheck(
+        lambda f, o: deform_roi_align(f, rois, o, (3, 3), 0.25, 0), (feats, offsets)
+    )
+
+
+def test_pooler_reads_every_map_in_one_pass_as_map_by_map_calls():
+    """The pooler's single pass over all levels and images equals deform_roi_align map by
+    map (each level of each image alone) with the pooler's own offsets: values, feature and
+    offset-branch gradients."""
+    g = torch.Generator().manual_seed(6)
+    scales = (1 / 4, 1 / 8, 1 / 16)
+    x = [torch.randn(2, 4, int(96 * s), int(128 * s), generator=g, dtype=torch.float64)
+         for s in scales]  # fmt: skip
+    x = [f.requires_grad_() for f in x]
+    boxes = [random_boxes(g, 11, 96), random_boxes(g, 9, 96)]
+    boxes = [Boxes(b.tensor.double()) for b in boxes]
+    pooler = DeformROIPooler(5, scales, 0, in_channels=4, canonical_box_size=24, fc_dim=8)
+    pooler = pooler.double()
+    torch.nn.init.normal_(pooler.offset_fc[2].weight, std=0.5, generator=g)
+    plain = ROIPooler(5, scales, 0, "ROIAlignV2", canonical_box_size=24)
+    levels = assign_boxes_to_levels(boxes, 2, 4, 24, 4)
+    assert levels.unique().numel() == 3
+    rois = convert_boxes_to_pooler_format(boxes)
+    weights = torch.randn(20, 4, 5, 5, generator=g, dtype=torch.float64)
+    grads = []
+    for one_pass in (True, False):
+        if one_pass:
+            out = pooler(x, boxes)
+        else:
+            offsets = pooler.gamma * pooler.offset_fc(plain(x, boxes).flatten(1))
+            offsets, out = offsets.view(-1, 2, 5, 5), torch.zeros_like(weights)
+            for (level, scale), image in itertools.product(enumerate(scales), range(2)):
+                i = (levels == level) & (rois[:, 0] == image)
+                one = torch.cat([torch.zeros_like(rois[i, :1]), rois[i, 1:]], dim=1)
+                f = x[level][image : image + 1]
+                out[i] = deform_roi_align(f, one, offsets[i], (5, 5), scale, 0)
+        grads.append(torch.autograd.grad((out * weights).sum(), x + [pooler.offset_fc[2].weight]))
+        grads[-1] = (out.detach(),) + grads[-1]
+    assert grads[0][0].abs().sum() > 0
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
 
 
 def test_roi_heads_build_and_train_with_deform_pooling(storage):
