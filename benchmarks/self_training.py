@@ -20,6 +20,7 @@ gives mean ± std over seeds and the paired differences to the baseline with 95 
 
     python benchmarks/self_training.py              # 3 seeds, 300 iterations, 2 runs at a time
     python benchmarks/self_training.py --quick      # 1 seed, 30 iterations (smoke run)
+    python benchmarks/self_training.py --report-only  # the report of the finished runs
 """
 
 import argparse
@@ -199,6 +200,7 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--output", default=None)
     p.add_argument("--results", default=os.path.join(REPO, "benchmarks", "results"))
+    p.add_argument("--report-only", action="store_true", help="only report finished runs")
     args = p.parse_args(argv)
     args.command = "python benchmarks/self_training.py " + " ".join(sys.argv[1:])
     args.suffix = "_quick" if args.quick else ""
@@ -215,6 +217,11 @@ def main(argv=None):
              "--withhold-fraction", str(args.withhold), "--eval-min-per-class", "10"],
             cwd=REPO,
         )  # fmt: skip
+    if args.report_only:
+        invocation = os.path.join(args.output, "invocation.json")
+        saved = read_json(invocation) if os.path.isfile(invocation) else {}
+        args.command = saved.get("command", args.command)
+        return 0 if report(args, data, args.seeds, saved.get("wall_s", 0.0)) else 1
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     with cf.ThreadPoolExecutor(args.jobs) as pool:
         pseudo = dict(zip(args.seeds, pool.map(
