@@ -5,8 +5,8 @@ from typing import List
 
 import numpy as np
 import pycocotools.mask as mask_util
+import shapely
 from detectron2.data import detection_utils as utils
-from detectron2.data import transforms as T
 from fvcore.transforms.transform import Transform
 from shapely import geometry as sg
 from shapely.ops import unary_union
@@ -81,12 +81,16 @@ def geometry_to_polygons(geom, _depth: int = 0):
     return polys
 
 
-def _subtract_polygons(segm, cover):
+def _subtract_polygons(segm, cover, may_touch=None):
     """``segm`` (a union of polygons) minus the geometry ``cover``, ring by ring, so that
-    untouched rings stay exactly as they are; None if the result is not expressible."""
+    untouched rings stay exactly as they are; None if the result is not expressible.
+    ``may_touch`` (one bool per ring, optional): False for rings known to miss ``cover``."""
     out = []
     x0, y0, x1, y1 = cover.bounds if not cover.is_empty else (0, 0, -1, -1)
-    for p in segm:
+    for i, p in enumerate(segm):
+        if may_touch is not None and not may_touch[i]:
+            out.append(np.asarray(p, np.float64).reshape(-1))
+            continue
         pts = np.asarray(p, np.float64).reshape(-1, 2)
         lo, hi = pts.min(0), pts.max(0)
         if hi[0] <= x0 or hi[1] <= y0 or lo[0] >= x1 or lo[1] >= y1:
@@ -101,6 +105,42 @@ def _subtract_polygons(segm, cover):
             return None
         out.extend(rest)
     return out
+
+
+def _ring_boxes(rings):
+    """``(N, 4)`` XYXY boxes of flat polygons (each with >= 1 point), one reduceat pass."""
+    pts = [np.asarray(p, np.float64).reshape(-1, 2) for p in rings]
+    starts = np.cumsum([0] + [len(p) for p in pts[:-1]])
+    pts = np.concatenate(pts)
+    return np.concatenate(
+        [np.minimum.reduceat(pts, starts, axis=0), np.maximum.reduceat(pts, starts, axis=0)], 1
+    )
+
+
+def _rings_near(boxes, cover_boxes):
+    """Whether each ``(N, 4)`` box meets (closed) at least one of the ``(M, 4)`` boxes: a ring
+    whose box meets none of the cover rings' boxes cannot meet the cover's geometry."""
+    b, c = boxes[:, None, :], cover_boxes[None, :, :]
+    meet = (b[..., 0] <= c[..., 2]) & (b[..., 2] >= c[..., 0])
+    meet &= (b[..., 1] <= c[..., 3]) & (b[..., 3] >= c[..., 1])
+    return meet.any(1)
+
+
+def _surely_positive_area(rings) -> bool:
+    """True if the union of ``rings`` (as :func:`polygons_to_geometry` builds it) has an area
+    > 0 for sure: one ring is a valid polygon with a non-degenerate shoelace area (the union
+    contains it). False means "not known" (the caller computes the area)."""
+    rings = [np.asarray(p, np.float64).reshape(-1, 2) for p in rings]
+    rings = [p for p in rings if len(p) >= 3]
+    if not rings:
+        return False
+    x = [p[:, 0] for p in rings]
+    y = [p[:, 1] for p in rings]
+    shoelace = np.array([abs(np.dot(a, np.roll(b, -1)) - np.dot(b, np.roll(a, -1))) / 2
+                         for a, b in zip(x, y)])
+    owners = np.repeat(np.arange(len(rings)), [len(p) for p in rings])
+    polys = shapely.polygons(shapely.linearrings(np.concatenate(rings), indices=owners))
+    return bool((shapely.is_valid(polys) & (shoelace > 1e-6)).any())
 
 
 def segm_box(segm):
@@ -139,23 +179,36 @@ def occlude(annos: List[dict], cover: List, hw, box_moved_thresh: float, min_are
     rasterised = any(isinstance(a["segmentation"], np.ndarray) for a in annos) or any(
         isinstance(c, np.ndarray) for c in cover
     )
-    new_segms = None
+    new_segms, untouched = None, [False] * len(annos)
     if not rasterised:
         union = unary_union([polygons_to_geometry(c) for c in cover])
-        new_segms = []
-        for a in annos:
-            new = _subtract_polygons(a["segmentation"], union)
+        rings = [p for a in annos for p in a["segmentation"]]
+        cover_rings = [p for c in cover for p in c if len(p)]
+        may_touch = np.ones(len(rings), bool)
+        if cover_rings and all(len(p) for p in rings):
+            may_touch = _rings_near(_ring_boxes(rings), _ring_boxes(cover_rings))
+        new_segms, k = [], 0
+        for j, a in enumerate(annos):
+            n = len(a["segmentation"])
+            near, k = may_touch[k : k + n], k + n
+            untouched[j] = box_moved_thresh >= 0 and not near.any()
+            new = _subtract_polygons(a["segmentation"], union, near)
             if new is None:
                 new_segms = None
                 break
             new_segms.append(new)
     if new_segms is None:  # raster path
+        untouched = [False] * len(annos)
         cover = [rasterize(c, hw) for c in cover]
         alpha = union_mask(cover, hw)
         new_segms = [rasterize(a["segmentation"], hw) & ~alpha for a in annos]
         annos = [dict(a, segmentation=rasterize(a["segmentation"], hw)) for a in annos]
     kept = []
-    for a, segm in zip(annos, new_segms):
+    for a, segm, same in zip(annos, new_segms, untouched):
+        if same and _surely_positive_area(segm):
+            # nothing covered: the box did not move and the area is > 0, so it is kept
+            kept.append(dict(a, segmentation=segm, bbox=segm_box(segm)))
+            continue
         area = segm_area(segm)
         moved = np.abs(segm_box(segm) - segm_box(a["segmentation"])).max() > box_moved_thresh
         if area <= 0 or (moved and area <= min_area):
@@ -200,26 +253,84 @@ class CanvasPlaceTransform(Transform):
         return coords + np.array([self.dx, self.dy], dtype=coords.dtype)
 
     def apply_polygons(self, polygons):
-        shifted = [self.apply_coords(np.asarray(p, np.float64)) for p in polygons]
-        return clip_polygons(shifted, 0, 0, self.canvas_w, self.canvas_h)
+        return self.apply_polygon_groups([list(polygons)])[0]
+
+    def apply_polygon_groups(self, groups):
+        """:meth:`apply_polygons` of every instance's polygons (None entries kept), batched."""
+        flat = [np.asarray(p, np.float64) for ps in groups if ps for p in ps]
+        if flat:
+            shifted = self.apply_coords(np.concatenate(flat))
+            parts = iter(np.split(shifted, np.cumsum([len(p) for p in flat])[:-1]))
+            groups = [[next(parts) for _ in ps] if ps else ps for ps in groups]
+        return clip_polygon_groups(groups, 0, 0, self.canvas_w, self.canvas_h)
 
 
 def clip_polygons(polygons, x0, y0, w, h):
     """Clip ``(N, 2)`` polygons to the window ``[x0, x0 + w] x [y0, y0 + h]``; polygons inside
     it are kept as they are (no shapely call), the others are cut with shapely as detectron2's
     ``CropTransform`` does. Coordinates stay in the input frame."""
-    out, cut = [], []
-    for p in polygons:
-        p = np.asarray(p, np.float64)
-        lo, hi = p.min(0), p.max(0)
-        if lo[0] >= x0 and lo[1] >= y0 and hi[0] <= x0 + w and hi[1] <= y0 + h:
-            out.append(p)
-        elif hi[0] > x0 and hi[1] > y0 and lo[0] < x0 + w and lo[1] < y0 + h:
-            cut.append(p)
-    if cut:
-        clipped = T.CropTransform(x0, y0, w, h).apply_polygons(cut)
-        out.extend(c + np.array([x0, y0], np.float64) for c in clipped)
+    return clip_polygon_groups([list(polygons)], x0, y0, w, h)[0]
+
+
+def clip_polygon_groups(groups, x0, y0, w, h):
+    """:func:`clip_polygons` of every instance's polygon list in ``groups`` (None or empty
+    entries stay as they are), with one vectorised inside/outside test for all polygons and
+    one batch of shapely calls for those crossing the window border.
+
+    The cut is fvcore's ``CropTransform.apply_polygons`` (buffer(0), validity test,
+    intersection with the buffered window, exterior rings of the valid polygon parts), done
+    with shapely's array functions: the same GEOS operations, so the same coordinates. Per
+    instance, the polygons inside the window come first (in order), then the cut pieces.
+    """
+    flat = [np.asarray(p, np.float64) for ps in groups if ps for p in ps]
+    if not flat:
+        return list(groups)
+    sizes = np.array([len(p) for p in flat])
+    if (sizes == 0).any():
+        raise ValueError("clip_polygon_groups: a polygon has no points")
+    pts = np.concatenate(flat)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    lo = np.minimum.reduceat(pts, starts, axis=0)
+    hi = np.maximum.reduceat(pts, starts, axis=0)
+    inside = (lo[:, 0] >= x0) & (lo[:, 1] >= y0) & (hi[:, 0] <= x0 + w) & (hi[:, 1] <= y0 + h)
+    crossing = ~inside & (hi[:, 0] > x0) & (hi[:, 1] > y0) & (lo[:, 0] < x0 + w)
+    crossing &= lo[:, 1] < y0 + h
+    pieces = [[] for _ in flat]  # cut pieces of each crossing polygon, in the input frame
+    cut = np.flatnonzero(crossing)
+    if len(cut):
+        shift = np.array([x0, y0], np.float64)
+        for i, piece in _crop_with_shapely([flat[i] for i in cut], x0, y0, w, h):
+            local = piece.copy()  # CropTransform.apply_coords, then back to the input frame
+            local[:, 0] -= x0
+            local[:, 1] -= y0
+            pieces[cut[i]].append(local + shift)
+    out, k = [], 0
+    for ps in groups:
+        if not ps:
+            out.append(ps)
+            continue
+        idx = range(k, k + len(ps))
+        k += len(ps)
+        out.append([flat[i] for i in idx if inside[i]] + [q for i in idx for q in pieces[i]])
     return out
+
+
+def _crop_with_shapely(polygons, x0, y0, w, h):
+    """(input index, ``(N, 2)`` exterior ring) of every valid polygon piece of ``polygons``
+    intersected with the window, in input order (fvcore's ``CropTransform`` steps)."""
+    window = sg.box(x0, y0, x0 + w, y0 + h).buffer(0.0)
+    sizes = [len(p) for p in polygons]
+    owners = np.repeat(np.arange(len(sizes)), sizes)
+    rings = shapely.linearrings(np.concatenate(polygons), indices=owners)
+    geoms = shapely.buffer(shapely.polygons(rings), 0.0)
+    valid = np.flatnonzero(shapely.is_valid(geoms))
+    cropped = shapely.intersection(geoms[valid], window)
+    parts, owner = shapely.get_parts(cropped, return_index=True)
+    keep = (shapely.get_type_id(parts) == 3) & ~shapely.is_empty(parts) & shapely.is_valid(parts)
+    parts, owner = parts[keep], owner[keep]
+    coords, ring = shapely.get_coordinates(shapely.get_exterior_ring(parts), return_index=True)
+    bounds = np.searchsorted(ring, np.arange(1, len(parts)))
+    return [(int(valid[o]), c[:-1]) for o, c in zip(owner, np.split(coords, bounds))]
 
 
 def polygon_mask_boxes(polygons_per_instance) -> np.ndarray:

@@ -144,6 +144,8 @@ def _transform_polygons(polys, transforms: T.TransformList):
             coords = t.apply_coords(np.concatenate(flat))
             parts = iter(np.split(coords, np.cumsum([len(p) for p in flat])[:-1]))
             polys = [[next(parts) for _ in ps] if ps else ps for ps in polys]
+        elif hasattr(t, "apply_polygon_groups"):  # clipping, batched over the instances
+            polys = t.apply_polygon_groups(polys)
         else:
             polys = [t.apply_polygons(ps) if ps else ps for ps in polys]
     return polys

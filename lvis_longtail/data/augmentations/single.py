@@ -5,7 +5,7 @@ import numpy as np
 from detectron2.data import transforms as T
 from fvcore.transforms.transform import Transform
 
-from lvis_longtail.data.augmentations.geometry import clip_polygons
+from lvis_longtail.data.augmentations.geometry import clip_polygon_groups
 from lvis_longtail.data.augmentations.registry import LONGTAIL_AUGMENTATION_REGISTRY
 
 # INPUT.SCALE_JITTER.PRESET -> (MIN_SCALE, MAX_SCALE, TARGET_SIZE, CROP_SIZE)
@@ -80,10 +80,15 @@ class ResizeCropTransform(Transform):
         return coords
 
     def apply_polygons(self, polygons):
+        return self.apply_polygon_groups([list(polygons)])[0]
+
+    def apply_polygon_groups(self, groups):
+        """:meth:`apply_polygons` of every instance's polygons (None entries kept), batched."""
         scale = np.array([self.new_w * 1.0 / self.w, self.new_h * 1.0 / self.h])
-        scaled = [np.asarray(p, np.float64) * scale for p in polygons]
-        clipped = clip_polygons(scaled, self.x0, self.y0, self.cw, self.ch)
-        return [p - np.array([self.x0, self.y0], np.float64) for p in clipped]
+        scaled = [[np.asarray(p, np.float64) * scale for p in ps] if ps else ps for ps in groups]
+        clipped = clip_polygon_groups(scaled, self.x0, self.y0, self.cw, self.ch)
+        shift = np.array([self.x0, self.y0], np.float64)
+        return [[p - shift for p in ps] if ps else ps for ps in clipped]
 
 
 class ScaleJitterCrop(T.Augmentation):
