@@ -116,8 +116,10 @@ def paste_pixels(image: np.ndarray, src: np.ndarray, alpha: np.ndarray) -> np.nd
         win = (slice(y0, sy1), slice(x0, sx1))
         mask = alpha[win]
         if out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] in (1, 3, 4):
-            dst = np.ascontiguousarray(out[win])
-            out[win] = cv2.copyTo(src[win], mask.view(np.uint8), dst).reshape(dst.shape)
+            dst = out[win]
+            res = cv2.copyTo(src[win], mask.view(np.uint8), dst)  # in place when it can
+            if res is not dst:
+                dst[...] = res.reshape(dst.shape)
         else:
             np.copyto(out[win], src[win], where=mask.reshape(mask.shape + (1,) * (out.ndim - 2)))
     if y1 > src.shape[0] or x1 > src.shape[1]:  # covered pixels beyond the source: zeros

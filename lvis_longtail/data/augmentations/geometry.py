@@ -12,6 +12,13 @@ from shapely import geometry as sg
 from shapely.ops import unary_union
 
 
+def split_rows(array: np.ndarray, sizes) -> List[np.ndarray]:
+    """``np.split(array, np.cumsum(sizes)[:-1])`` (views of consecutive rows), without its
+    per-piece overhead."""
+    ends = np.cumsum(sizes).tolist()
+    return [array[a:b] for a, b in zip([0] + ends[:-1], ends)]
+
+
 def rasterize(segm, hw) -> np.ndarray:
     """``(H, W)`` uint8 mask of a polygon list (pycocotools, as detectron2) or a mask."""
     if isinstance(segm, np.ndarray):
@@ -26,16 +33,16 @@ def rasterize(segm, hw) -> np.ndarray:
 def union_mask(segms, hw) -> np.ndarray:
     """``(H, W)`` bool union of segmentations (polygon lists and/or masks), rasterised as
     :func:`rasterize` does, with one pycocotools call for all polygons."""
-    out = np.zeros(hw, bool)
+    out = None
     polys = [np.asarray(p, np.float64).reshape(-1) for s in segms if isinstance(s, list)
              for p in s if len(p) >= 6]
     if polys:
         rle = mask_util.merge(mask_util.frPyObjects([p.tolist() for p in polys], *hw))
-        out |= mask_util.decode(rle).astype(bool)
+        out = np.ascontiguousarray(mask_util.decode(rle).view(bool))  # 0/1 uint8 as bool
     for s in segms:
         if isinstance(s, np.ndarray):
-            out |= s.astype(bool)
-    return out
+            out = s.astype(bool) if out is None else out | s.astype(bool)
+    return np.zeros(hw, bool) if out is None else out
 
 
 def polygons_to_geometry(segm):
@@ -126,21 +133,31 @@ def _rings_near(boxes, cover_boxes):
     return meet.any(1)
 
 
-def _surely_positive_area(rings) -> bool:
-    """True if the union of ``rings`` (as :func:`polygons_to_geometry` builds it) has an area
-    > 0 for sure: one ring is a valid polygon with a non-degenerate shoelace area (the union
-    contains it). False means "not known" (the caller computes the area)."""
-    rings = [np.asarray(p, np.float64).reshape(-1, 2) for p in rings]
-    rings = [p for p in rings if len(p) >= 3]
+def _surely_positive_areas(segms) -> np.ndarray:
+    """Per polygon list: True if the union of its rings (as :func:`polygons_to_geometry`
+    builds it) has an area > 0 for sure: one ring is a valid polygon whose shoelace area is
+    not degenerate (the union contains it). False means "not known". One batch for all."""
+    rings, owner = [], []
+    for j, segm in enumerate(segms):
+        for p in segm:
+            pts = np.asarray(p, np.float64).reshape(-1, 2)
+            if len(pts) >= 3:
+                rings.append(pts)
+                owner.append(j)
+    out = np.zeros(len(segms), bool)
     if not rings:
-        return False
-    x = [p[:, 0] for p in rings]
-    y = [p[:, 1] for p in rings]
-    shoelace = np.array([abs(np.dot(a, np.roll(b, -1)) - np.dot(b, np.roll(a, -1))) / 2
-                         for a, b in zip(x, y)])
-    owners = np.repeat(np.arange(len(rings)), [len(p) for p in rings])
-    polys = shapely.polygons(shapely.linearrings(np.concatenate(rings), indices=owners))
-    return bool((shapely.is_valid(polys) & (shoelace > 1e-6)).any())
+        return out
+    sizes = np.array([len(p) for p in rings])
+    pts = np.concatenate(rings)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    nxt = np.arange(1, len(pts) + 1)
+    nxt[starts + sizes - 1] = starts  # each ring's last point is followed by its first
+    cross = pts[:, 0] * pts[nxt, 1] - pts[nxt, 0] * pts[:, 1]
+    area = np.abs(np.add.reduceat(cross, starts)) / 2
+    ids = np.repeat(np.arange(len(rings)), sizes)
+    valid = shapely.is_valid(shapely.polygons(shapely.linearrings(pts, indices=ids)))
+    out[np.asarray(owner)[valid & (area > 1e-6)]] = True
+    return out
 
 
 def segm_box(segm):
@@ -203,9 +220,13 @@ def occlude(annos: List[dict], cover: List, hw, box_moved_thresh: float, min_are
         alpha = union_mask(cover, hw)
         new_segms = [rasterize(a["segmentation"], hw) & ~alpha for a in annos]
         annos = [dict(a, segmentation=rasterize(a["segmentation"], hw)) for a in annos]
+    intact = np.zeros(len(annos), bool)  # untouched, with an area > 0 for sure
+    if any(untouched):
+        idx = np.flatnonzero(untouched)
+        intact[idx] = _surely_positive_areas([new_segms[j] for j in idx])
     kept = []
-    for a, segm, same in zip(annos, new_segms, untouched):
-        if same and _surely_positive_area(segm):
+    for a, segm, keep in zip(annos, new_segms, intact):
+        if keep:
             # nothing covered: the box did not move and the area is > 0, so it is kept
             kept.append(dict(a, segmentation=segm, bbox=segm_box(segm)))
             continue
@@ -260,7 +281,7 @@ class CanvasPlaceTransform(Transform):
         flat = [np.asarray(p, np.float64) for ps in groups if ps for p in ps]
         if flat:
             shifted = self.apply_coords(np.concatenate(flat))
-            parts = iter(np.split(shifted, np.cumsum([len(p) for p in flat])[:-1]))
+            parts = iter(split_rows(shifted, [len(p) for p in flat]))
             groups = [[next(parts) for _ in ps] if ps else ps for ps in groups]
         return clip_polygon_groups(groups, 0, 0, self.canvas_w, self.canvas_h)
 
@@ -329,8 +350,8 @@ def _crop_with_shapely(polygons, x0, y0, w, h):
     keep = (shapely.get_type_id(parts) == 3) & ~shapely.is_empty(parts) & shapely.is_valid(parts)
     parts, owner = parts[keep], owner[keep]
     coords, ring = shapely.get_coordinates(shapely.get_exterior_ring(parts), return_index=True)
-    bounds = np.searchsorted(ring, np.arange(1, len(parts)))
-    return [(int(valid[o]), c[:-1]) for o, c in zip(owner, np.split(coords, bounds))]
+    sizes = np.bincount(ring, minlength=len(parts))
+    return [(int(valid[o]), c[:-1]) for o, c in zip(owner, split_rows(coords, sizes))]
 
 
 def polygon_mask_boxes(polygons_per_instance) -> np.ndarray:

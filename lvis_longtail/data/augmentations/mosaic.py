@@ -43,7 +43,9 @@ class MosaicStep(SampleStep):
         cx = int(round(np.random.uniform(*self.center_range) * tw))
         cy = int(round(np.random.uniform(*self.center_range) * th))
         tiles = [sample] + [e.load() for e in extras[: self.num_extra]]
-        canvas = np.full((ch, cw) + sample.image.shape[2:], self.pad_value, sample.image.dtype)
+        # filled tile by tile: each tile's pixels, then the rest of its quadrant with padding
+        canvas = np.empty((ch, cw) + sample.image.shape[2:], sample.image.dtype)
+        quadrants = [(0, cy, 0, cx), (0, cy, cx, cw), (cy, ch, 0, cx), (cy, ch, cx, cw)]
         annos, ignores = [], []
         for k, tile in enumerate(tiles):
             h, w = tile.hw
@@ -57,6 +59,7 @@ class MosaicStep(SampleStep):
             resized = resize.apply_image(tile.image)
             dst, src = place._slices()
             canvas[dst] = resized[src]
+            _pad_around(canvas, quadrants[k], dst, self.pad_value)
             placed = transform_sample(tile, tfm, image=canvas)
             annos.extend(placed.annos)
             ignores.extend(placed.ignore)
@@ -71,6 +74,21 @@ class MosaicStep(SampleStep):
             not_exhaustive=nex,
             recompute_boxes=True,
         )
+
+
+def _pad_around(canvas: np.ndarray, quadrant, dst, pad_value: float) -> None:
+    """Fill the part of the canvas ``quadrant`` ``(y0, y1, x0, x1)`` outside the tile's
+    ``dst`` slices (a rectangle inside it) with ``pad_value``."""
+    qy0, qy1, qx0, qx1 = quadrant
+    ty0, ty1 = max(dst[0].start, qy0), min(dst[0].stop, qy1)
+    tx0, tx1 = max(dst[1].start, qx0), min(dst[1].stop, qx1)
+    if ty1 <= ty0 or tx1 <= tx0:  # nothing of the tile in its quadrant
+        canvas[qy0:qy1, qx0:qx1] = pad_value
+        return
+    canvas[qy0:ty0, qx0:qx1] = pad_value
+    canvas[ty1:qy1, qx0:qx1] = pad_value
+    canvas[ty0:ty1, qx0:tx0] = pad_value
+    canvas[ty0:ty1, tx1:qx1] = pad_value
 
 
 @LONGTAIL_AUGMENTATION_REGISTRY.register()

@@ -19,6 +19,8 @@ from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 from fvcore.transforms.transform import Transform
 
+from lvis_longtail.data.augmentations.geometry import split_rows
+
 
 @dataclass
 class Sample:
@@ -142,7 +144,7 @@ def _transform_polygons(polys, transforms: T.TransformList):
             if not flat:
                 continue
             coords = t.apply_coords(np.concatenate(flat))
-            parts = iter(np.split(coords, np.cumsum([len(p) for p in flat])[:-1]))
+            parts = iter(split_rows(coords, [len(p) for p in flat]))
             polys = [[next(parts) for _ in ps] if ps else ps for ps in polys]
         elif hasattr(t, "apply_polygon_groups"):  # clipping, batched over the instances
             polys = t.apply_polygon_groups(polys)
