@@ -13,6 +13,7 @@ from lvis_longtail.data.augmentations.sample import (
     LazySample,
     Sample,
     SampleStep,
+    contiguous_image,
     merge_class_sets,
     transform_sample,
 )
@@ -106,7 +107,8 @@ def paste_pixels(image: np.ndarray, src: np.ndarray, alpha: np.ndarray) -> np.nd
     """A copy of ``image`` ``(H, W, C)`` with the pixels of ``src`` (aligned top-left, zero
     beyond its extent) where the ``(H, W)`` bool ``alpha`` is set; only the box of ``alpha``
     is visited (OpenCV's masked copy for 8-bit images of 1-4 channels)."""
-    out = image.copy()
+    out = contiguous_image(image)
+    out = out.copy() if out is image else out
     rows, cols = np.flatnonzero(alpha.any(1)), np.flatnonzero(alpha.any(0))
     if not len(rows):
         return out
@@ -117,7 +119,9 @@ def paste_pixels(image: np.ndarray, src: np.ndarray, alpha: np.ndarray) -> np.nd
         mask = alpha[win]
         if out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] in (1, 3, 4):
             dst = out[win]
-            res = cv2.copyTo(src[win], mask.view(np.uint8), dst)  # in place when it can
+            part = src[win]
+            part = contiguous_image(part) if part.strides[1] < 0 else part  # a flipped view
+            res = cv2.copyTo(part, mask.view(np.uint8), dst)  # in place when it can
             if res is not dst:
                 dst[...] = res.reshape(dst.shape)
         else:

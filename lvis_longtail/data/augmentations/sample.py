@@ -12,6 +12,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Callable, List, Sequence, Set
 
+import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 from detectron2.data import detection_utils as utils
@@ -79,6 +80,20 @@ class SampleStep(abc.ABC):
     def __repr__(self):
         params = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(self).items()))
         return f"{type(self).__name__}({params})"
+
+
+def contiguous_image(image: np.ndarray) -> np.ndarray:
+    """``np.ascontiguousarray(image)`` (a new array only if needed). A horizontally flipped
+    view (detectron2's ``HFlipTransform``) of a uint8 image is copied by OpenCV's flip: the
+    same pixels, about 10x faster than numpy's copy of a negative-stride view."""
+    if image.flags.c_contiguous:
+        return image
+    if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] in (1, 3, 4):
+        base = image[:, ::-1]
+        if base.strides[0] > 0 and base.strides[1] == image.shape[2] and base.strides[2] == 1:
+            out = cv2.flip(base, 1)
+            return out.reshape(image.shape)
+    return np.ascontiguousarray(image)
 
 
 def merge_class_sets(samples: Sequence[Sample], pos: Set[int]):

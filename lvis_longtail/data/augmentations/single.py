@@ -91,6 +91,21 @@ class ResizeCropTransform(Transform):
         return [[p - shift for p in ps] if ps else ps for ps in clipped]
 
 
+class ImagePadTransform(T.PadTransform):
+    """detectron2's ``PadTransform`` whose images of 1-4 uint8 channels are padded by OpenCV
+    (``copyMakeBorder``, one pass) when ``pad_value`` is a uint8 value: the same pixels as
+    ``np.pad``; anything else is padded by ``np.pad``."""
+
+    def apply_image(self, img):
+        v = float(self.pad_value)
+        if not (img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] in (1, 3, 4)
+                and v.is_integer() and 0 <= v <= 255):
+            return super().apply_image(img)
+        out = cv2.copyMakeBorder(np.ascontiguousarray(img), self.y0, self.y1, self.x0, self.x1,
+                                 cv2.BORDER_CONSTANT, value=(v,) * 4)
+        return out.reshape(out.shape[:2] + img.shape[2:])
+
+
 class ScaleJitterCrop(T.Augmentation):
     """detectron2's ``ResizeScale(min_scale, max_scale, *target)`` followed by
     ``FixedSizeCrop(crop, pad=True, pad_value)``: the same random draws, sizes and offsets, but
@@ -113,7 +128,7 @@ class ScaleJitterCrop(T.Augmentation):
         pad_h, pad_w = self.crop[0] - ch, self.crop[1] - cw
         return T.TransformList([
             ResizeCropTransform(h, w, new_h, new_w, int(ox), int(oy), int(ch), int(cw)),
-            T.PadTransform(0, 0, int(pad_w), int(pad_h), int(cw), int(ch), self.pad_value),
+            ImagePadTransform(0, 0, int(pad_w), int(pad_h), int(cw), int(ch), self.pad_value),
         ])
 
 
