@@ -7,7 +7,8 @@ import numpy as np
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 
-from lvis_longtail.data.augmentations.geometry import CanvasPlaceTransform, occlude, union_mask
+from lvis_longtail.data.augmentations.geometry import CanvasPlaceTransform, union_mask
+from lvis_longtail.data.augmentations.occlusion import occlude
 from lvis_longtail.data.augmentations.registry import LONGTAIL_AUGMENTATION_REGISTRY
 from lvis_longtail.data.augmentations.sample import (
     LazySample,

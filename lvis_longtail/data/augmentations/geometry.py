@@ -1,5 +1,6 @@
-"""Geometry shared by the augmentation steps: rasterising, polygon clipping and occlusion
-(shapely), and the canvas placement transform of mosaic and copy-paste."""
+"""Geometry shared by the augmentation steps: rasterising, polygon clipping and hole opening
+(shapely), and the canvas placement transform of mosaic and copy-paste (occlusion:
+:mod:`~lvis_longtail.data.augmentations.occlusion`)."""
 
 from typing import List
 
@@ -88,78 +89,6 @@ def geometry_to_polygons(geom, _depth: int = 0):
     return polys
 
 
-def _subtract_polygons(segm, cover, may_touch=None):
-    """``segm`` (a union of polygons) minus the geometry ``cover``, ring by ring, so that
-    untouched rings stay exactly as they are; None if the result is not expressible.
-    ``may_touch`` (one bool per ring, optional): False for rings known to miss ``cover``."""
-    out = []
-    x0, y0, x1, y1 = cover.bounds if not cover.is_empty else (0, 0, -1, -1)
-    for i, p in enumerate(segm):
-        if may_touch is not None and not may_touch[i]:
-            out.append(np.asarray(p, np.float64).reshape(-1))
-            continue
-        pts = np.asarray(p, np.float64).reshape(-1, 2)
-        lo, hi = pts.min(0), pts.max(0)
-        if hi[0] <= x0 or hi[1] <= y0 or lo[0] >= x1 or lo[1] >= y1:
-            out.append(np.asarray(p, np.float64).reshape(-1))
-            continue
-        ring = polygons_to_geometry([p])
-        if not ring.intersects(cover):
-            out.append(np.asarray(p, np.float64).reshape(-1))
-            continue
-        rest = geometry_to_polygons(ring.difference(cover))
-        if rest is None:
-            return None
-        out.extend(rest)
-    return out
-
-
-def _ring_boxes(rings):
-    """``(N, 4)`` XYXY boxes of flat polygons (each with >= 1 point), one reduceat pass."""
-    pts = [np.asarray(p, np.float64).reshape(-1, 2) for p in rings]
-    starts = np.cumsum([0] + [len(p) for p in pts[:-1]])
-    pts = np.concatenate(pts)
-    return np.concatenate(
-        [np.minimum.reduceat(pts, starts, axis=0), np.maximum.reduceat(pts, starts, axis=0)], 1
-    )
-
-
-def _rings_near(boxes, cover_boxes):
-    """Whether each ``(N, 4)`` box meets (closed) at least one of the ``(M, 4)`` boxes: a ring
-    whose box meets none of the cover rings' boxes cannot meet the cover's geometry."""
-    b, c = boxes[:, None, :], cover_boxes[None, :, :]
-    meet = (b[..., 0] <= c[..., 2]) & (b[..., 2] >= c[..., 0])
-    meet &= (b[..., 1] <= c[..., 3]) & (b[..., 3] >= c[..., 1])
-    return meet.any(1)
-
-
-def _surely_positive_areas(segms) -> np.ndarray:
-    """Per polygon list: True if the union of its rings (as :func:`polygons_to_geometry`
-    builds it) has an area > 0 for sure: one ring is a valid polygon whose shoelace area is
-    not degenerate (the union contains it). False means "not known". One batch for all."""
-    rings, owner = [], []
-    for j, segm in enumerate(segms):
-        for p in segm:
-            pts = np.asarray(p, np.float64).reshape(-1, 2)
-            if len(pts) >= 3:
-                rings.append(pts)
-                owner.append(j)
-    out = np.zeros(len(segms), bool)
-    if not rings:
-        return out
-    sizes = np.array([len(p) for p in rings])
-    pts = np.concatenate(rings)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    nxt = np.arange(1, len(pts) + 1)
-    nxt[starts + sizes - 1] = starts  # each ring's last point is followed by its first
-    cross = pts[:, 0] * pts[nxt, 1] - pts[nxt, 0] * pts[:, 1]
-    area = np.abs(np.add.reduceat(cross, starts)) / 2
-    ids = np.repeat(np.arange(len(rings)), sizes)
-    valid = shapely.is_valid(shapely.polygons(shapely.linearrings(pts, indices=ids)))
-    out[np.asarray(owner)[valid & (area > 1e-6)]] = True
-    return out
-
-
 def segm_box(segm):
     """Tight XYXY box of a polygon list or mask (zeros if empty)."""
     if isinstance(segm, np.ndarray):
@@ -178,64 +107,6 @@ def segm_area(segm) -> float:
     if isinstance(segm, np.ndarray):
         return float(segm.sum())
     return float(polygons_to_geometry(segm).area)
-
-
-def occlude(annos: List[dict], cover: List, hw, box_moved_thresh: float, min_area: float):
-    """Remove the pixels covered by ``cover`` (segmentations pasted on top) from ``annos``.
-
-    An instance is dropped if nothing is left, or if its box moved by more than
-    ``box_moved_thresh`` px and at most ``min_area`` px remain. Polygons stay polygons (a cut
-    hole is opened by :func:`geometry_to_polygons`); if ``annos`` or ``cover`` hold masks,
-    every segmentation of both is rasterised.
-
-    Returns:
-        (kept annotations, cover segmentations) -- both rasterised or both as given.
-    """
-    if not cover or not annos:
-        return annos, cover
-    rasterised = any(isinstance(a["segmentation"], np.ndarray) for a in annos) or any(
-        isinstance(c, np.ndarray) for c in cover
-    )
-    new_segms, untouched = None, [False] * len(annos)
-    if not rasterised:
-        union = unary_union([polygons_to_geometry(c) for c in cover])
-        rings = [p for a in annos for p in a["segmentation"]]
-        cover_rings = [p for c in cover for p in c if len(p)]
-        may_touch = np.ones(len(rings), bool)
-        if cover_rings and all(len(p) for p in rings):
-            may_touch = _rings_near(_ring_boxes(rings), _ring_boxes(cover_rings))
-        new_segms, k = [], 0
-        for j, a in enumerate(annos):
-            n = len(a["segmentation"])
-            near, k = may_touch[k : k + n], k + n
-            untouched[j] = box_moved_thresh >= 0 and not near.any()
-            new = _subtract_polygons(a["segmentation"], union, near)
-            if new is None:
-                new_segms = None
-                break
-            new_segms.append(new)
-    if new_segms is None:  # raster path
-        untouched = [False] * len(annos)
-        cover = [rasterize(c, hw) for c in cover]
-        alpha = union_mask(cover, hw)
-        new_segms = [rasterize(a["segmentation"], hw) & ~alpha for a in annos]
-        annos = [dict(a, segmentation=rasterize(a["segmentation"], hw)) for a in annos]
-    intact = np.zeros(len(annos), bool)  # untouched, with an area > 0 for sure
-    if any(untouched):
-        idx = np.flatnonzero(untouched)
-        intact[idx] = _surely_positive_areas([new_segms[j] for j in idx])
-    kept = []
-    for a, segm, keep in zip(annos, new_segms, intact):
-        if keep:
-            # nothing covered: the box did not move and the area is > 0, so it is kept
-            kept.append(dict(a, segmentation=segm, bbox=segm_box(segm)))
-            continue
-        area = segm_area(segm)
-        moved = np.abs(segm_box(segm) - segm_box(a["segmentation"])).max() > box_moved_thresh
-        if area <= 0 or (moved and area <= min_area):
-            continue
-        kept.append(dict(a, segmentation=segm, bbox=segm_box(segm)))
-    return kept, cover
 
 
 class CanvasPlaceTransform(Transform):
