@@ -112,9 +112,10 @@ def segm_area(segm) -> float:
 class CanvasPlaceTransform(Transform):
     """Place an ``(src_h, src_w)`` image at offset ``(dx, dy)`` (may be negative) of an
     ``(canvas_h, canvas_w)`` canvas filled with ``pad_value``; what falls outside is cut.
-    Polygons are shifted and clipped to the canvas."""
+    Polygons are shifted and clipped to the canvas (only shifted with ``clip=False``, for a
+    caller that clips the polygons of several placements at once)."""
 
-    def __init__(self, dx, dy, src_h, src_w, canvas_h, canvas_w, pad_value=0.0):
+    def __init__(self, dx, dy, src_h, src_w, canvas_h, canvas_w, pad_value=0.0, clip=True):
         super().__init__()
         self._set_attributes(locals())
 
@@ -154,6 +155,8 @@ class CanvasPlaceTransform(Transform):
             shifted = self.apply_coords(np.concatenate(flat))
             parts = iter(split_rows(shifted, [len(p) for p in flat]))
             groups = [[next(parts) for _ in ps] if ps else ps for ps in groups]
+        if not self.clip:
+            return groups
         return clip_polygon_groups(groups, 0, 0, self.canvas_w, self.canvas_h)
 
 

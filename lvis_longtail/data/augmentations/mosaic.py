@@ -5,7 +5,7 @@ from typing import Sequence
 import numpy as np
 from detectron2.data import transforms as T
 
-from lvis_longtail.data.augmentations.geometry import CanvasPlaceTransform
+from lvis_longtail.data.augmentations.geometry import CanvasPlaceTransform, clip_polygon_groups
 from lvis_longtail.data.augmentations.registry import LONGTAIL_AUGMENTATION_REGISTRY
 from lvis_longtail.data.augmentations.sample import (
     LazySample,
@@ -53,16 +53,17 @@ class MosaicStep(SampleStep):
             nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
             dx = cx - nw if k in (0, 2) else cx
             dy = cy - nh if k in (0, 1) else cy
-            place = CanvasPlaceTransform(dx, dy, nh, nw, ch, cw, self.pad_value)
+            place = CanvasPlaceTransform(dx, dy, nh, nw, ch, cw, self.pad_value, clip=False)
             resize = T.ResizeTransform(h, w, nh, nw) if (nh, nw) != (h, w) else T.NoOpTransform()
             tfm = T.TransformList([resize, place])
             resized = resize.apply_image(tile.image)
             dst, src = place._slices()
             canvas[dst] = resized[src]
             _pad_around(canvas, quadrants[k], dst, self.pad_value)
-            placed = transform_sample(tile, tfm, image=canvas)
+            placed = transform_sample(tile, tfm, image=canvas)  # polygons not yet clipped
             annos.extend(placed.annos)
-            ignores.extend(placed.ignore)
+            ignores.append(placed.ignore)
+        annos, ignores = _clip_to_canvas(annos, ignores, ch, cw)
         pos = set().union(*[t.pos for t in tiles])
         neg, nex = merge_class_sets(tiles, pos)
         return Sample(
@@ -74,6 +75,26 @@ class MosaicStep(SampleStep):
             not_exhaustive=nex,
             recompute_boxes=True,
         )
+
+
+def _clip_to_canvas(annos, ignores, ch, cw):
+    """Clip the placed tiles' polygons to the canvas, all in one batch (per instance and per
+    tile's ignore list, as ``CanvasPlaceTransform`` clips); instances cut away are dropped."""
+    polys = [
+        [np.asarray(p).reshape(-1, 2) for p in a["segmentation"]]
+        if isinstance(a.get("segmentation"), list) else None
+        for a in annos
+    ]
+    clipped = clip_polygon_groups(polys + list(ignores), 0, 0, cw, ch)
+    out = []
+    for anno, poly in zip(annos, clipped):
+        if poly is not None:
+            if not poly:
+                continue  # every polygon fell outside the canvas
+            anno = dict(anno, segmentation=[p.reshape(-1) for p in poly])
+        out.append(anno)
+    ignore = [p for group in clipped[len(annos):] for p in group if len(p)]
+    return out, ignore
 
 
 def _pad_around(canvas: np.ndarray, quadrant, dst, pad_value: float) -> None:
