@@ -10,7 +10,13 @@ from lvis_longtail.data.augmentations.copy_paste import paste_pixels
 from lvis_longtail.data.augmentations.geometry import clip_polygon_groups
 from lvis_longtail.data.augmentations.mosaic import MosaicStep
 from lvis_longtail.data.augmentations.occlusion import occlude, polygon_geometries
-from lvis_longtail.data.augmentations.sample import LazySample, Sample, contiguous_image
+from lvis_longtail.data.augmentations.sample import (
+    LazySample,
+    Sample,
+    contiguous_image,
+    copy_image_into,
+    scratch_array,
+)
 from lvis_longtail.data.augmentations.single import ImagePadTransform
 
 
@@ -162,3 +168,26 @@ def test_mosaic_canvas_reuse_never_touches_a_held_sample():
     again = step(sample(0), extras)  # reuses the now unreferenced canvas: fully rewritten
     assert again.image.ctypes.data == address
     np.testing.assert_array_equal(again.image, kept)
+
+
+def test_scratch_array_is_reused_only_when_unreferenced():
+    a = scratch_array("test", (4, 5, 3), np.uint8)
+    b = scratch_array("test", (4, 5, 3), np.uint8)  # ``a`` is held: a new array
+    assert not np.shares_memory(a, b)
+    view = b[:, ::-1]
+    del a, b
+    c = scratch_array("test", (4, 5, 3), np.uint8)  # ``view`` still holds the last one
+    assert not np.shares_memory(c, view)
+    address = c.ctypes.data
+    del c
+    assert scratch_array("test", (4, 5, 3), np.uint8).ctypes.data == address
+    assert scratch_array("test", (4, 6, 3), np.uint8).shape == (4, 6, 3)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_copy_image_into_flipped_and_plain_views(channels):
+    base = np.random.default_rng(6).integers(0, 256, (9, 11, channels), dtype=np.uint8)
+    for view in (base, base[:, ::-1], base[::-1, ::-1], base.astype(np.float32)[:, ::-1]):
+        out = np.zeros(view.shape, view.dtype)
+        assert copy_image_into(out, view) is out
+        np.testing.assert_array_equal(out, view)

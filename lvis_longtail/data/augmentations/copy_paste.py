@@ -15,7 +15,9 @@ from lvis_longtail.data.augmentations.sample import (
     Sample,
     SampleStep,
     contiguous_image,
+    copy_image_into,
     merge_class_sets,
+    scratch_array,
     transform_sample,
 )
 
@@ -108,8 +110,7 @@ def paste_pixels(image: np.ndarray, src: np.ndarray, alpha: np.ndarray) -> np.nd
     """A copy of ``image`` ``(H, W, C)`` with the pixels of ``src`` (aligned top-left, zero
     beyond its extent) where the ``(H, W)`` bool ``alpha`` is set; only the box of ``alpha``
     is visited (OpenCV's masked copy for 8-bit images of 1-4 channels)."""
-    out = contiguous_image(image)
-    out = out.copy() if out is image else out
+    out = copy_image_into(scratch_array("copy_paste", image.shape, image.dtype), image)
     rows, cols = np.flatnonzero(alpha.any(1)), np.flatnonzero(alpha.any(0))
     if not len(rows):
         return out

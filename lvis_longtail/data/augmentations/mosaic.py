@@ -1,7 +1,5 @@
 """Mosaic (Bochkovskiy et al. 2020, YOLOv4): four training images in one canvas."""
 
-import sys
-import threading
 from typing import Sequence
 
 import numpy as np
@@ -14,6 +12,7 @@ from lvis_longtail.data.augmentations.sample import (
     Sample,
     SampleStep,
     merge_class_sets,
+    scratch_array,
     transform_sample,
 )
 
@@ -46,7 +45,7 @@ class MosaicStep(SampleStep):
         cy = int(round(np.random.uniform(*self.center_range) * th))
         tiles = [sample] + [e.load() for e in extras[: self.num_extra]]
         # filled tile by tile: each tile's pixels, then the rest of its quadrant with padding
-        canvas = _canvas((ch, cw) + sample.image.shape[2:], sample.image.dtype)
+        canvas = scratch_array("mosaic", (ch, cw) + sample.image.shape[2:], sample.image.dtype)
         quadrants = [(0, cy, 0, cx), (0, cy, cx, cw), (cy, ch, 0, cx), (cy, ch, cx, cw)]
         annos, ignores = [], []
         for k, tile in enumerate(tiles):
@@ -77,23 +76,6 @@ class MosaicStep(SampleStep):
             not_exhaustive=nex,
             recompute_boxes=True,
         )
-
-
-_SCRATCH = threading.local()  # the last canvas of this thread, reused once unreferenced
-
-
-def _canvas(shape, dtype) -> np.ndarray:
-    """An uninitialised canvas: the previous one of this thread if nothing references it any
-    more (the steps after the mosaic resized or copied it), else a new array. Reusing it
-    spares the page faults of a fresh multi-megabyte allocation on every sample."""
-    buf = getattr(_SCRATCH, "canvas", None)
-    # references to an unused buffer: _SCRATCH, ``buf`` and getrefcount's argument
-    if buf is not None and buf.shape == shape and buf.dtype == dtype and (
-        sys.getrefcount(buf) == 3
-    ):
-        return buf
-    _SCRATCH.canvas = buf = np.empty(shape, dtype)
-    return buf
 
 
 def _clip_to_canvas(annos, ignores, ch, cw):

@@ -9,6 +9,8 @@ LVIS image-level class sets (contiguous ids). Polygons stay polygons through eve
 
 import abc
 import copy
+import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, List, Sequence, Set
 
@@ -80,6 +82,38 @@ class SampleStep(abc.ABC):
     def __repr__(self):
         params = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(self).items()))
         return f"{type(self).__name__}({params})"
+
+
+_SCRATCH = threading.local()  # per thread: name -> the last array handed out
+
+
+def scratch_array(name: str, shape, dtype) -> np.ndarray:
+    """An uninitialised array for a step's output image: the one last handed out under
+    ``name`` in this thread if nothing references it any more (the steps after it resized or
+    copied it), else a new one. Reusing it spares the page faults of a fresh multi-megabyte
+    allocation on every sample; an array still referenced anywhere is never reused."""
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    buf = bufs.get(name)
+    # references to an unused array: the dict, ``buf`` and getrefcount's argument
+    if buf is not None and buf.shape == tuple(shape) and buf.dtype == dtype and (
+        sys.getrefcount(buf) == 3
+    ):
+        return buf
+    bufs[name] = buf = np.empty(shape, dtype)
+    return buf
+
+
+def copy_image_into(out: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """``out[...] = image`` (same shape and dtype); a horizontally flipped uint8 view is
+    copied by OpenCV's flip (see :func:`contiguous_image`)."""
+    if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] in (1, 3, 4):
+        base = image[:, ::-1]
+        if image.strides[1] < 0 and base.strides[0] > 0 and base.strides[1] == image.shape[2]:
+            res = cv2.flip(base, 1, dst=out.reshape(out.shape[:2]) if out.shape[2] == 1 else out)
+            if res.ctypes.data == out.ctypes.data:
+                return out
+    np.copyto(out, image)
+    return out
 
 
 def contiguous_image(image: np.ndarray) -> np.ndarray:
