@@ -155,14 +155,17 @@ def main(argv=None):
     print(f"{args.images} images 640x480, {args.instances[0]}-{args.instances[1]} instances "
           f"each; {args.samples} samples x {args.rounds} rounds; 1 thread")
     print(f"load average before {load0[0]:.2f}, after {load1[0]:.2f} ({os.cpu_count()} CPUs)")
-    print(f"| {'configuration':38s} | images/s | x detectron2 | bar |")
-    print(f"|{'-' * 40}|----------|--------------|-----|")
+    print(f"| {'configuration':38s} | images/s | x detectron2 | rounds' range | bar |")
+    print(f"|{'-' * 40}|----------|--------------|---------------|-----|")
     bars = {k: v[2] for k, v in CONFIGS.items()}
     for name, s in speeds.items():
-        ratio = statistics.median(a / b for a, b in zip(s, base))
+        ratios = [a / b for a, b in zip(s, base)]
+        ratio = statistics.median(ratios)
         bar = bars.get(name)
         verdict = "" if bar is None else (f">= {bar} ok" if ratio >= bar else f">= {bar} MISSED")
-        print(f"| {name:38s} | {statistics.median(s):8.1f} | {ratio:12.2f} | {verdict} |")
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+        print(f"| {name:38s} | {statistics.median(s):8.1f} | {ratio:12.2f} | {spread:>13s} "
+              f"| {verdict} |")
 
 
 if __name__ == "__main__":

@@ -191,3 +191,14 @@ def test_copy_image_into_flipped_and_plain_views(channels):
         out = np.zeros(view.shape, view.dtype)
         assert copy_image_into(out, view) is out
         np.testing.assert_array_equal(out, view)
+
+
+def test_scratch_array_pool_of_two():
+    a = scratch_array("pool_test", (3, 4), np.uint8, pool=2)
+    b = scratch_array("pool_test", (3, 4), np.uint8, pool=2)  # ``a`` held: the second slot
+    c = scratch_array("pool_test", (3, 4), np.uint8, pool=2)  # both held: a new array
+    assert len({x.ctypes.data for x in (a, b, c)}) == 3
+    address = c.ctypes.data  # ``c`` took the last slot
+    del c
+    d = scratch_array("pool_test", (3, 4), np.uint8, pool=2)
+    assert d.ctypes.data == address and not np.shares_memory(d, a) and not np.shares_memory(d, b)

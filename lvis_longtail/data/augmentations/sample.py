@@ -87,19 +87,26 @@ class SampleStep(abc.ABC):
 _SCRATCH = threading.local()  # per thread: name -> the last array handed out
 
 
-def scratch_array(name: str, shape, dtype) -> np.ndarray:
-    """An uninitialised array for a step's output image: the one last handed out under
-    ``name`` in this thread if nothing references it any more (the steps after it resized or
-    copied it), else a new one. Reusing it spares the page faults of a fresh multi-megabyte
-    allocation on every sample; an array still referenced anywhere is never reused."""
+def scratch_array(name: str, shape, dtype, pool: int = 1) -> np.ndarray:
+    """An uninitialised array for a step's output image: one of the last ``pool`` arrays
+    handed out under ``name`` in this thread if nothing references it any more (the steps
+    after it resized or copied it), else a new one. Reusing it spares the page faults of a
+    fresh multi-megabyte allocation on every sample; an array still referenced anywhere is
+    never reused."""
     bufs = _SCRATCH.__dict__.setdefault("bufs", {})
-    buf = bufs.get(name)
-    # references to an unused array: the dict, ``buf`` and getrefcount's argument
-    if buf is not None and buf.shape == tuple(shape) and buf.dtype == dtype and (
-        sys.getrefcount(buf) == 3
-    ):
-        return buf
-    bufs[name] = buf = np.empty(shape, dtype)
+    slot = None  # where a new array goes: an empty slot, an unused one, else the last
+    for k in range(pool):
+        buf = bufs.get((name, k))
+        if buf is None:
+            slot = k
+            break
+        # references to an unused array: the dict, ``buf`` and getrefcount's argument
+        if sys.getrefcount(buf) == 3:
+            if buf.shape == tuple(shape) and buf.dtype == dtype:
+                return buf
+            slot = k if slot is None else slot
+    slot = pool - 1 if slot is None else slot
+    bufs[(name, slot)] = buf = np.empty(shape, dtype)
     return buf
 
 

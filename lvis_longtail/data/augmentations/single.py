@@ -7,6 +7,7 @@ from fvcore.transforms.transform import Transform
 
 from lvis_longtail.data.augmentations.geometry import clip_polygon_groups
 from lvis_longtail.data.augmentations.registry import LONGTAIL_AUGMENTATION_REGISTRY
+from lvis_longtail.data.augmentations.sample import scratch_array
 
 # INPUT.SCALE_JITTER.PRESET -> (MIN_SCALE, MAX_SCALE, TARGET_SIZE, CROP_SIZE)
 SCALE_JITTER_PRESETS = {
@@ -57,14 +58,19 @@ class ResizeCropTransform(Transform):
         sx, sy = self.new_w / self.w, self.new_h / self.h
         squeeze = img.ndim == 3 and img.shape[2] == 1
         src = img[:, :, 0] if squeeze else img
+        scratch = not nearest and src.dtype == np.uint8 and src.ndim == 3  # images
         if sx >= 1.0 and sy >= 1.0:
             m = np.array([[sx, 0.0, 0.5 * sx - 0.5 - self.x0], [0.0, sy, 0.5 * sy - 0.5 - self.y0]])
             flags = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
-            out = cv2.warpAffine(src, m, (self.cw, self.ch), flags=flags,
+            dst = scratch_array("resize_crop", (self.ch, self.cw) + src.shape[2:], src.dtype,
+                                pool=2) if scratch else None
+            out = cv2.warpAffine(src, m, (self.cw, self.ch), dst=dst, flags=flags,
                                  borderMode=cv2.BORDER_REPLICATE)
         else:
             flags = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
-            out = cv2.resize(src, (self.new_w, self.new_h), interpolation=flags)
+            dst = scratch_array("resize_crop", (self.new_h, self.new_w) + src.shape[2:],
+                                src.dtype, pool=2) if scratch else None
+            out = cv2.resize(src, (self.new_w, self.new_h), dst=dst, interpolation=flags)
             out = out[self.y0 : self.y0 + self.ch, self.x0 : self.x0 + self.cw]
         return out[:, :, None] if squeeze else out
 
@@ -101,8 +107,10 @@ class ImagePadTransform(T.PadTransform):
         if not (img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] in (1, 3, 4)
                 and v.is_integer() and 0 <= v <= 255):
             return super().apply_image(img)
+        shape = (img.shape[0] + self.y0 + self.y1, img.shape[1] + self.x0 + self.x1)
+        dst = scratch_array("pad", shape + img.shape[2:], img.dtype, pool=2)
         out = cv2.copyMakeBorder(np.ascontiguousarray(img), self.y0, self.y1, self.x0, self.x1,
-                                 cv2.BORDER_CONSTANT, value=(v,) * 4)
+                                 cv2.BORDER_CONSTANT, dst=dst, value=(v,) * 4)
         return out.reshape(out.shape[:2] + img.shape[2:])
 
 
