@@ -103,7 +103,8 @@ def test_occlude_keeps_far_instances_as_they_are_and_cuts_by_hand():
 def test_contiguous_image_of_flipped_views(channels):
     rng = np.random.default_rng(2)
     base = rng.integers(0, 256, (13, 17, channels), dtype=np.uint8)
-    for view in (base[:, ::-1], base[2:9, 3:15][:, ::-1], base[::-1], base[:, 1:5]):
+    for view in (base[:, ::-1], base[2:9, 3:15][:, ::-1], base[::-1], base[:, 1:5],
+                 base[:, ::-1, ::-1]):
         out = contiguous_image(view)
         assert out.flags.c_contiguous and out.shape == view.shape
         np.testing.assert_array_equal(out, view)
@@ -125,13 +126,15 @@ def test_image_pad_transform_equals_np_pad(shape, dtype, pad):
 
 
 @pytest.mark.parametrize("src_hw", [(40, 50), (25, 30), (60, 70)])
-@pytest.mark.parametrize("flip", [False, True])
-def test_paste_pixels_equals_masked_copy_of_placed_source(src_hw, flip):
+@pytest.mark.parametrize("view", ["plain", "flipped", "rgb of bgr"])
+def test_paste_pixels_equals_masked_copy_of_placed_source(src_hw, view):
     rng = np.random.default_rng(4)
     dst = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
     src = rng.integers(0, 256, src_hw + (3,), dtype=np.uint8)
-    if flip:
+    if view == "flipped":
         dst, src = dst[:, ::-1], src[:, ::-1]
+    elif view == "rgb of bgr":  # what read_image returns for INPUT.FORMAT RGB
+        dst, src = dst[:, :, ::-1], src[:, :, ::-1]
     alpha = np.zeros((40, 50), bool)
     alpha[5:35, 8:45] = rng.random((30, 37)) > 0.4
     placed = np.zeros_like(dst)  # the source aligned top-left, zeros beyond it
@@ -187,7 +190,9 @@ def test_scratch_array_is_reused_only_when_unreferenced():
 @pytest.mark.parametrize("channels", [1, 3])
 def test_copy_image_into_flipped_and_plain_views(channels):
     base = np.random.default_rng(6).integers(0, 256, (9, 11, channels), dtype=np.uint8)
-    for view in (base, base[:, ::-1], base[::-1, ::-1], base.astype(np.float32)[:, ::-1]):
+    views = (base, base[:, ::-1], base[::-1, ::-1], base[:, ::-1, ::-1],
+             base.astype(np.float32)[:, ::-1])
+    for view in views:
         out = np.zeros(view.shape, view.dtype)
         assert copy_image_into(out, view) is out
         np.testing.assert_array_equal(out, view)

@@ -115,7 +115,9 @@ def copy_image_into(out: np.ndarray, image: np.ndarray) -> np.ndarray:
     copied by OpenCV's flip (see :func:`contiguous_image`)."""
     if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] in (1, 3, 4):
         base = image[:, ::-1]
-        if image.strides[1] < 0 and base.strides[0] > 0 and base.strides[1] == image.shape[2]:
+        if image.strides[1] < 0 and base.strides[0] > 0 and base.strides[1:] == (
+            image.shape[2], 1
+        ):
             res = cv2.flip(base, 1, dst=out.reshape(out.shape[:2]) if out.shape[2] == 1 else out)
             if res.ctypes.data == out.ctypes.data:
                 return out
