@@ -40,6 +40,7 @@ from lvis_longtail.data.augmentations import (
 from lvis_longtail.data.augmentations.geometry import polygon_mask_boxes
 from lvis_longtail.data.augmentations.sample import (
     boxes_to_polygons,
+    contiguous_image,
     ignore_boxes,
     normalize_annotation,
     transform_sample,
@@ -232,7 +233,9 @@ class LongTailDatasetMapper(DatasetMapper):
         out = copy.deepcopy(out)
         image = sample.image
         hw = image.shape[:2]
-        out["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        out["image"] = torch.as_tensor(
+            np.ascontiguousarray(contiguous_image(image).transpose(2, 0, 1))
+        )
         annos = sample.annos
         mask_format = self.instance_mask_format
         if any(isinstance(a.get("segmentation"), np.ndarray) for a in annos):

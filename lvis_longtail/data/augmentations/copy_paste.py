@@ -2,17 +2,22 @@
 
 from typing import Optional, Sequence
 
+import cv2
 import numpy as np
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 
-from lvis_longtail.data.augmentations.geometry import CanvasPlaceTransform, occlude, union_mask
+from lvis_longtail.data.augmentations.geometry import CanvasPlaceTransform, union_mask
+from lvis_longtail.data.augmentations.occlusion import occlude
 from lvis_longtail.data.augmentations.registry import LONGTAIL_AUGMENTATION_REGISTRY
 from lvis_longtail.data.augmentations.sample import (
     LazySample,
     Sample,
     SampleStep,
+    contiguous_image,
+    copy_image_into,
     merge_class_sets,
+    scratch_array,
     transform_sample,
 )
 
@@ -75,8 +80,9 @@ class CopyPasteStep(SampleStep):
         h, w = sample.hw
         sh, sw = src.hw
         place = CanvasPlaceTransform(0, 0, sh, sw, h, w, 0.0)
-        src_img = place.apply_image(src.image)
-        pasted = transform_sample(src, T.TransformList([place]), image=src_img).annos
+        # the annotations only: the source's pixels are copied where the alpha mask is
+        hw_only = np.empty((h, w, 0), np.uint8)
+        pasted = transform_sample(src, T.TransformList([place]), image=hw_only).annos
         if not pasted:
             return sample
         kept, covers = occlude(
@@ -86,8 +92,7 @@ class CopyPasteStep(SampleStep):
         alpha = union_mask(covers, (h, w))
         if covers and isinstance(covers[0], np.ndarray):  # the sample was rasterised
             pasted = [dict(a, segmentation=c) for a, c in zip(pasted, covers)]
-        image = sample.image.copy()
-        np.copyto(image, src_img, where=alpha[:, :, None])
+        image = paste_pixels(sample.image, src.image, alpha)
         pos = set(sample.pos) | {int(a["category_id"]) for a in pasted}
         neg, nex = merge_class_sets([sample, src], pos)
         return Sample(
@@ -99,6 +104,35 @@ class CopyPasteStep(SampleStep):
             not_exhaustive=nex,
             recompute_boxes=True,
         )
+
+
+def paste_pixels(image: np.ndarray, src: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """A copy of ``image`` ``(H, W, C)`` with the pixels of ``src`` (aligned top-left, zero
+    beyond its extent) where the ``(H, W)`` bool ``alpha`` is set; only the box of ``alpha``
+    is visited (OpenCV's masked copy for 8-bit images of 1-4 channels)."""
+    out = copy_image_into(scratch_array("copy_paste", image.shape, image.dtype), image)
+    rows, cols = np.flatnonzero(alpha.any(1)), np.flatnonzero(alpha.any(0))
+    if not len(rows):
+        return out
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    sy1, sx1 = min(y1, src.shape[0]), min(x1, src.shape[1])
+    if sy1 > y0 and sx1 > x0:
+        win = (slice(y0, sy1), slice(x0, sx1))
+        mask = alpha[win]
+        if out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] in (1, 3, 4):
+            dst = out[win]
+            part = src[win]
+            part = contiguous_image(part) if part.strides[1] < 0 else part  # a flipped view
+            res = cv2.copyTo(part, mask.view(np.uint8), dst)  # in place when it can
+            if res is not dst:
+                dst[...] = res.reshape(dst.shape)
+        else:
+            np.copyto(out[win], src[win], where=mask.reshape(mask.shape + (1,) * (out.ndim - 2)))
+    if y1 > src.shape[0] or x1 > src.shape[1]:  # covered pixels beyond the source: zeros
+        beyond = alpha.copy()
+        beyond[: src.shape[0], : src.shape[1]] = False
+        out[beyond] = 0
+    return out
 
 
 @LONGTAIL_AUGMENTATION_REGISTRY.register()

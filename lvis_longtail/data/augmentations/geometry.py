@@ -1,15 +1,23 @@
-"""Geometry shared by the augmentation steps: rasterising, polygon clipping and occlusion
-(shapely), and the canvas placement transform of mosaic and copy-paste."""
+"""Geometry shared by the augmentation steps: rasterising, polygon clipping and hole opening
+(shapely), and the canvas placement transform of mosaic and copy-paste (occlusion:
+:mod:`~lvis_longtail.data.augmentations.occlusion`)."""
 
 from typing import List
 
 import numpy as np
 import pycocotools.mask as mask_util
+import shapely
 from detectron2.data import detection_utils as utils
-from detectron2.data import transforms as T
 from fvcore.transforms.transform import Transform
 from shapely import geometry as sg
 from shapely.ops import unary_union
+
+
+def split_rows(array: np.ndarray, sizes) -> List[np.ndarray]:
+    """``np.split(array, np.cumsum(sizes)[:-1])`` (views of consecutive rows), without its
+    per-piece overhead."""
+    ends = np.cumsum(sizes).tolist()
+    return [array[a:b] for a, b in zip([0] + ends[:-1], ends)]
 
 
 def rasterize(segm, hw) -> np.ndarray:
@@ -26,16 +34,16 @@ def rasterize(segm, hw) -> np.ndarray:
 def union_mask(segms, hw) -> np.ndarray:
     """``(H, W)`` bool union of segmentations (polygon lists and/or masks), rasterised as
     :func:`rasterize` does, with one pycocotools call for all polygons."""
-    out = np.zeros(hw, bool)
+    out = None
     polys = [np.asarray(p, np.float64).reshape(-1) for s in segms if isinstance(s, list)
              for p in s if len(p) >= 6]
     if polys:
         rle = mask_util.merge(mask_util.frPyObjects([p.tolist() for p in polys], *hw))
-        out |= mask_util.decode(rle).astype(bool)
+        out = np.ascontiguousarray(mask_util.decode(rle).view(bool))  # 0/1 uint8 as bool
     for s in segms:
         if isinstance(s, np.ndarray):
-            out |= s.astype(bool)
-    return out
+            out = s.astype(bool) if out is None else out | s.astype(bool)
+    return np.zeros(hw, bool) if out is None else out
 
 
 def polygons_to_geometry(segm):
@@ -81,28 +89,6 @@ def geometry_to_polygons(geom, _depth: int = 0):
     return polys
 
 
-def _subtract_polygons(segm, cover):
-    """``segm`` (a union of polygons) minus the geometry ``cover``, ring by ring, so that
-    untouched rings stay exactly as they are; None if the result is not expressible."""
-    out = []
-    x0, y0, x1, y1 = cover.bounds if not cover.is_empty else (0, 0, -1, -1)
-    for p in segm:
-        pts = np.asarray(p, np.float64).reshape(-1, 2)
-        lo, hi = pts.min(0), pts.max(0)
-        if hi[0] <= x0 or hi[1] <= y0 or lo[0] >= x1 or lo[1] >= y1:
-            out.append(np.asarray(p, np.float64).reshape(-1))
-            continue
-        ring = polygons_to_geometry([p])
-        if not ring.intersects(cover):
-            out.append(np.asarray(p, np.float64).reshape(-1))
-            continue
-        rest = geometry_to_polygons(ring.difference(cover))
-        if rest is None:
-            return None
-        out.extend(rest)
-    return out
-
-
 def segm_box(segm):
     """Tight XYXY box of a polygon list or mask (zeros if empty)."""
     if isinstance(segm, np.ndarray):
@@ -123,53 +109,13 @@ def segm_area(segm) -> float:
     return float(polygons_to_geometry(segm).area)
 
 
-def occlude(annos: List[dict], cover: List, hw, box_moved_thresh: float, min_area: float):
-    """Remove the pixels covered by ``cover`` (segmentations pasted on top) from ``annos``.
-
-    An instance is dropped if nothing is left, or if its box moved by more than
-    ``box_moved_thresh`` px and at most ``min_area`` px remain. Polygons stay polygons (a cut
-    hole is opened by :func:`geometry_to_polygons`); if ``annos`` or ``cover`` hold masks,
-    every segmentation of both is rasterised.
-
-    Returns:
-        (kept annotations, cover segmentations) -- both rasterised or both as given.
-    """
-    if not cover or not annos:
-        return annos, cover
-    rasterised = any(isinstance(a["segmentation"], np.ndarray) for a in annos) or any(
-        isinstance(c, np.ndarray) for c in cover
-    )
-    new_segms = None
-    if not rasterised:
-        union = unary_union([polygons_to_geometry(c) for c in cover])
-        new_segms = []
-        for a in annos:
-            new = _subtract_polygons(a["segmentation"], union)
-            if new is None:
-                new_segms = None
-                break
-            new_segms.append(new)
-    if new_segms is None:  # raster path
-        cover = [rasterize(c, hw) for c in cover]
-        alpha = union_mask(cover, hw)
-        new_segms = [rasterize(a["segmentation"], hw) & ~alpha for a in annos]
-        annos = [dict(a, segmentation=rasterize(a["segmentation"], hw)) for a in annos]
-    kept = []
-    for a, segm in zip(annos, new_segms):
-        area = segm_area(segm)
-        moved = np.abs(segm_box(segm) - segm_box(a["segmentation"])).max() > box_moved_thresh
-        if area <= 0 or (moved and area <= min_area):
-            continue
-        kept.append(dict(a, segmentation=segm, bbox=segm_box(segm)))
-    return kept, cover
-
-
 class CanvasPlaceTransform(Transform):
     """Place an ``(src_h, src_w)`` image at offset ``(dx, dy)`` (may be negative) of an
     ``(canvas_h, canvas_w)`` canvas filled with ``pad_value``; what falls outside is cut.
-    Polygons are shifted and clipped to the canvas."""
+    Polygons are shifted and clipped to the canvas (only shifted with ``clip=False``, for a
+    caller that clips the polygons of several placements at once)."""
 
-    def __init__(self, dx, dy, src_h, src_w, canvas_h, canvas_w, pad_value=0.0):
+    def __init__(self, dx, dy, src_h, src_w, canvas_h, canvas_w, pad_value=0.0, clip=True):
         super().__init__()
         self._set_attributes(locals())
 
@@ -200,26 +146,86 @@ class CanvasPlaceTransform(Transform):
         return coords + np.array([self.dx, self.dy], dtype=coords.dtype)
 
     def apply_polygons(self, polygons):
-        shifted = [self.apply_coords(np.asarray(p, np.float64)) for p in polygons]
-        return clip_polygons(shifted, 0, 0, self.canvas_w, self.canvas_h)
+        return self.apply_polygon_groups([list(polygons)])[0]
+
+    def apply_polygon_groups(self, groups):
+        """:meth:`apply_polygons` of every instance's polygons (None entries kept), batched."""
+        flat = [np.asarray(p, np.float64) for ps in groups if ps for p in ps]
+        if flat:
+            shifted = self.apply_coords(np.concatenate(flat))
+            parts = iter(split_rows(shifted, [len(p) for p in flat]))
+            groups = [[next(parts) for _ in ps] if ps else ps for ps in groups]
+        if not self.clip:
+            return groups
+        return clip_polygon_groups(groups, 0, 0, self.canvas_w, self.canvas_h)
 
 
 def clip_polygons(polygons, x0, y0, w, h):
     """Clip ``(N, 2)`` polygons to the window ``[x0, x0 + w] x [y0, y0 + h]``; polygons inside
     it are kept as they are (no shapely call), the others are cut with shapely as detectron2's
     ``CropTransform`` does. Coordinates stay in the input frame."""
-    out, cut = [], []
-    for p in polygons:
-        p = np.asarray(p, np.float64)
-        lo, hi = p.min(0), p.max(0)
-        if lo[0] >= x0 and lo[1] >= y0 and hi[0] <= x0 + w and hi[1] <= y0 + h:
-            out.append(p)
-        elif hi[0] > x0 and hi[1] > y0 and lo[0] < x0 + w and lo[1] < y0 + h:
-            cut.append(p)
-    if cut:
-        clipped = T.CropTransform(x0, y0, w, h).apply_polygons(cut)
-        out.extend(c + np.array([x0, y0], np.float64) for c in clipped)
+    return clip_polygon_groups([list(polygons)], x0, y0, w, h)[0]
+
+
+def clip_polygon_groups(groups, x0, y0, w, h):
+    """:func:`clip_polygons` of every instance's polygon list in ``groups`` (None or empty
+    entries stay as they are), with one vectorised inside/outside test for all polygons and
+    one batch of shapely calls for those crossing the window border.
+
+    The cut is fvcore's ``CropTransform.apply_polygons`` (buffer(0), validity test,
+    intersection with the buffered window, exterior rings of the valid polygon parts), done
+    with shapely's array functions: the same GEOS operations, so the same coordinates. Per
+    instance, the polygons inside the window come first (in order), then the cut pieces.
+    """
+    flat = [np.asarray(p, np.float64) for ps in groups if ps for p in ps]
+    if not flat:
+        return list(groups)
+    sizes = np.array([len(p) for p in flat])
+    if (sizes == 0).any():
+        raise ValueError("clip_polygon_groups: a polygon has no points")
+    pts = np.concatenate(flat)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    lo = np.minimum.reduceat(pts, starts, axis=0)
+    hi = np.maximum.reduceat(pts, starts, axis=0)
+    inside = (lo[:, 0] >= x0) & (lo[:, 1] >= y0) & (hi[:, 0] <= x0 + w) & (hi[:, 1] <= y0 + h)
+    crossing = ~inside & (hi[:, 0] > x0) & (hi[:, 1] > y0) & (lo[:, 0] < x0 + w)
+    crossing &= lo[:, 1] < y0 + h
+    pieces = [[] for _ in flat]  # cut pieces of each crossing polygon, in the input frame
+    cut = np.flatnonzero(crossing)
+    if len(cut):
+        shift = np.array([x0, y0], np.float64)
+        for i, piece in _crop_with_shapely([flat[i] for i in cut], x0, y0, w, h):
+            local = piece.copy()  # CropTransform.apply_coords, then back to the input frame
+            local[:, 0] -= x0
+            local[:, 1] -= y0
+            pieces[cut[i]].append(local + shift)
+    out, k = [], 0
+    for ps in groups:
+        if not ps:
+            out.append(ps)
+            continue
+        idx = range(k, k + len(ps))
+        k += len(ps)
+        out.append([flat[i] for i in idx if inside[i]] + [q for i in idx for q in pieces[i]])
     return out
+
+
+def _crop_with_shapely(polygons, x0, y0, w, h):
+    """(input index, ``(N, 2)`` exterior ring) of every valid polygon piece of ``polygons``
+    intersected with the window, in input order (fvcore's ``CropTransform`` steps)."""
+    window = sg.box(x0, y0, x0 + w, y0 + h).buffer(0.0)
+    sizes = [len(p) for p in polygons]
+    owners = np.repeat(np.arange(len(sizes)), sizes)
+    rings = shapely.linearrings(np.concatenate(polygons), indices=owners)
+    geoms = shapely.buffer(shapely.polygons(rings), 0.0)
+    valid = np.flatnonzero(shapely.is_valid(geoms))
+    cropped = shapely.intersection(geoms[valid], window)
+    parts, owner = shapely.get_parts(cropped, return_index=True)
+    keep = (shapely.get_type_id(parts) == 3) & ~shapely.is_empty(parts) & shapely.is_valid(parts)
+    parts, owner = parts[keep], owner[keep]
+    coords, ring = shapely.get_coordinates(shapely.get_exterior_ring(parts), return_index=True)
+    sizes = np.bincount(ring, minlength=len(parts))
+    return [(int(valid[o]), c[:-1]) for o, c in zip(owner, split_rows(coords, sizes))]
 
 
 def polygon_mask_boxes(polygons_per_instance) -> np.ndarray:

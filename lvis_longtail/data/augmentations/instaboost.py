@@ -13,7 +13,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from lvis_longtail.data.augmentations.geometry import clip_polygons, occlude, rasterize, segm_box
+from lvis_longtail.data.augmentations.geometry import clip_polygons, rasterize, segm_box
+from lvis_longtail.data.augmentations.occlusion import occlude
 from lvis_longtail.data.augmentations.registry import LONGTAIL_AUGMENTATION_REGISTRY
 from lvis_longtail.data.augmentations.sample import LazySample, Sample, SampleStep
 

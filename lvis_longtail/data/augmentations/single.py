@@ -5,8 +5,9 @@ import numpy as np
 from detectron2.data import transforms as T
 from fvcore.transforms.transform import Transform
 
-from lvis_longtail.data.augmentations.geometry import clip_polygons
+from lvis_longtail.data.augmentations.geometry import clip_polygon_groups
 from lvis_longtail.data.augmentations.registry import LONGTAIL_AUGMENTATION_REGISTRY
+from lvis_longtail.data.augmentations.sample import scratch_array
 
 # INPUT.SCALE_JITTER.PRESET -> (MIN_SCALE, MAX_SCALE, TARGET_SIZE, CROP_SIZE)
 SCALE_JITTER_PRESETS = {
@@ -57,14 +58,19 @@ class ResizeCropTransform(Transform):
         sx, sy = self.new_w / self.w, self.new_h / self.h
         squeeze = img.ndim == 3 and img.shape[2] == 1
         src = img[:, :, 0] if squeeze else img
+        scratch = not nearest and src.dtype == np.uint8 and src.ndim == 3  # images
         if sx >= 1.0 and sy >= 1.0:
             m = np.array([[sx, 0.0, 0.5 * sx - 0.5 - self.x0], [0.0, sy, 0.5 * sy - 0.5 - self.y0]])
             flags = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
-            out = cv2.warpAffine(src, m, (self.cw, self.ch), flags=flags,
+            dst = scratch_array("resize_crop", (self.ch, self.cw) + src.shape[2:], src.dtype,
+                                pool=2) if scratch else None
+            out = cv2.warpAffine(src, m, (self.cw, self.ch), dst=dst, flags=flags,
                                  borderMode=cv2.BORDER_REPLICATE)
         else:
             flags = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
-            out = cv2.resize(src, (self.new_w, self.new_h), interpolation=flags)
+            dst = scratch_array("resize_crop", (self.new_h, self.new_w) + src.shape[2:],
+                                src.dtype, pool=2) if scratch else None
+            out = cv2.resize(src, (self.new_w, self.new_h), dst=dst, interpolation=flags)
             out = out[self.y0 : self.y0 + self.ch, self.x0 : self.x0 + self.cw]
         return out[:, :, None] if squeeze else out
 
@@ -80,10 +86,32 @@ class ResizeCropTransform(Transform):
         return coords
 
     def apply_polygons(self, polygons):
+        return self.apply_polygon_groups([list(polygons)])[0]
+
+    def apply_polygon_groups(self, groups):
+        """:meth:`apply_polygons` of every instance's polygons (None entries kept), batched."""
         scale = np.array([self.new_w * 1.0 / self.w, self.new_h * 1.0 / self.h])
-        scaled = [np.asarray(p, np.float64) * scale for p in polygons]
-        clipped = clip_polygons(scaled, self.x0, self.y0, self.cw, self.ch)
-        return [p - np.array([self.x0, self.y0], np.float64) for p in clipped]
+        scaled = [[np.asarray(p, np.float64) * scale for p in ps] if ps else ps for ps in groups]
+        clipped = clip_polygon_groups(scaled, self.x0, self.y0, self.cw, self.ch)
+        shift = np.array([self.x0, self.y0], np.float64)
+        return [[p - shift for p in ps] if ps else ps for ps in clipped]
+
+
+class ImagePadTransform(T.PadTransform):
+    """detectron2's ``PadTransform`` whose images of 1-4 uint8 channels are padded by OpenCV
+    (``copyMakeBorder``, one pass) when ``pad_value`` is a uint8 value: the same pixels as
+    ``np.pad``; anything else is padded by ``np.pad``."""
+
+    def apply_image(self, img):
+        v = float(self.pad_value)
+        if not (img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] in (1, 3, 4)
+                and v.is_integer() and 0 <= v <= 255):
+            return super().apply_image(img)
+        shape = (img.shape[0] + self.y0 + self.y1, img.shape[1] + self.x0 + self.x1)
+        dst = scratch_array("pad", shape + img.shape[2:], img.dtype, pool=2)
+        out = cv2.copyMakeBorder(np.ascontiguousarray(img), self.y0, self.y1, self.x0, self.x1,
+                                 cv2.BORDER_CONSTANT, dst=dst, value=(v,) * 4)
+        return out.reshape(out.shape[:2] + img.shape[2:])
 
 
 class ScaleJitterCrop(T.Augmentation):
@@ -108,7 +136,7 @@ class ScaleJitterCrop(T.Augmentation):
         pad_h, pad_w = self.crop[0] - ch, self.crop[1] - cw
         return T.TransformList([
             ResizeCropTransform(h, w, new_h, new_w, int(ox), int(oy), int(ch), int(cw)),
-            T.PadTransform(0, 0, int(pad_w), int(pad_h), int(cw), int(ch), self.pad_value),
+            ImagePadTransform(0, 0, int(pad_w), int(pad_h), int(cw), int(ch), self.pad_value),
         ])
 
 
