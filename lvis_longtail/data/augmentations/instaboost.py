@@ -73,6 +73,8 @@ class InstaBoostStep(SampleStep):
         # Inpaint the hole inside its box (plus the inpainting radius), not the whole image.
         x0, y0 = np.maximum(np.floor(box[:2]).astype(int) - 6, 0)
         x1, y1 = np.minimum(np.ceil(box[2:]).astype(int) + 6, (hw[1], hw[0]))
+        if x1 <= x0 or y1 <= y0 or not mask[y0:y1, x0:x1].any():
+            return image, annos  # the instance lies outside the image: nothing to move
         hole = cv2.dilate(mask[y0:y1, x0:x1], np.ones((3, 3), np.uint8))
         filled = image.copy()
         filled[y0:y1, x0:x1] = cv2.inpaint(
