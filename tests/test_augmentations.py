@@ -306,7 +306,7 @@ def test_instaboost_identity_and_jitter(records):
     assert all(0.5 * a <= b <= 1.5 * a for a, b in zip(areas0, areas1))
     outside = copy.deepcopy(sample)  # an annotation entirely outside the image is left alone
     w = HW[1]
-    outside.annos = [dict(sample.annos[0], segmentation=[[w + 5.0, 2, w + 20, 2, w + 20, 12]])]
+    outside.annos = [dict(sample.annos[0], segmentation=[[w + 10.0, 2, w + 25, 2, w + 25, 12]])]
     kept = InstaBoostStep(1.0, 3, 0.3, (0.8, 1.2), 10.0)(outside, [])
     assert kept.annos[0]["segmentation"] == outside.annos[0]["segmentation"]
     assert np.array_equal(kept.image, outside.image)
