@@ -223,11 +223,13 @@ def main(argv=None):
         args.command = saved.get("command", args.command)
         return 0 if report(args, data, args.seeds, saved.get("wall_s", 0.0)) else 1
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    with cf.ThreadPoolExecutor(args.jobs) as pool:
-        pseudo = dict(zip(args.seeds, pool.map(
-            lambda s: seed_pipeline(args, data, s, threads), args.seeds)))  # fmt: skip
-        jobs = [pool.submit(train, args, data, s, v, threads, pseudo[s])
-                for s in args.seeds for v in ("ignore", "ignore_extra")]  # fmt: skip
+    with cf.ThreadPoolExecutor(args.jobs) as pool:  # a seed's round 2 starts once it can
+        firsts = {pool.submit(seed_pipeline, args, data, s, threads): s for s in args.seeds}
+        jobs = []
+        for done in cf.as_completed(firsts):
+            seed, pseudo = firsts[done], done.result()
+            jobs += [pool.submit(train, args, data, seed, v, threads, pseudo)
+                     for v in ("ignore", "ignore_extra")]  # fmt: skip
         for j in jobs:
             j.result()
     path = report(args, data, args.seeds, time.time() - start)
