@@ -89,7 +89,8 @@ def test_missing_lvis_format_json_names_entry_and_resolved_path(tmp_path):
     assert re.search(r"resolved: /\S*/nowhere/lt_synthetic/annotations", msg)
     assert "python -m lvis_longtail.data.synthetic --out DIR" in msg
     other = error_of(["DATASETS.LVIS_FORMAT", "[['mine', 'ann/my.json', 'img']]"], check_files=True)
-    assert "lvis_longtail.data.synthetic" not in other
+    line = next(x for x in other.splitlines() if "DATASETS.LVIS_FORMAT[0]" in x)
+    assert "lvis_longtail.data.synthetic" not in line  # (the tiny base's own train set may lack)
 
 
 def test_registered_dataset_files_are_checked_when_asked(tmp_path, monkeypatch):
