@@ -172,6 +172,6 @@ def test_an_extra_set_without_labels_is_named():
     try:
         cfg = tiny_cfg(opts=["DATASETS.EXTRA_TRAIN", "('lt_ex_empty',)"])
         with pytest.raises(ValueError, match="no image of 'lt_ex_empty' has an annotation"):
-            extra_images_dataset(cfg)
+            extra_images_dataset(cfg, main=[])
     finally:
         DatasetCatalog.remove("lt_ex_empty")

@@ -24,7 +24,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.utils.data as torchdata
-from detectron2.data import DatasetCatalog, get_detection_dataset_dicts
+from detectron2.data import DatasetCatalog
+from detectron2.data.build import filter_images_with_only_crowd_annotations
 from detectron2.data.common import AspectRatioGroupedDataset
 from detectron2.data.samplers import RepeatFactorTrainingSampler
 from detectron2.utils import comm
@@ -120,34 +121,29 @@ class LossWeightGroupedDataset(AspectRatioGroupedDataset):
                 del bucket[:]
 
 
-def extra_images_dataset(cfg) -> Tuple[List[dict], ExtraImagesSampler]:
-    """The records of ``DATASETS.TRAIN`` then ``DATASETS.EXTRA_TRAIN`` (those with
-    ``loss_weight``), and the :class:`ExtraImagesSampler` over them."""
+def extra_images_dataset(cfg, main: List[dict]) -> Tuple[List[dict], ExtraImagesSampler]:
+    """The records ``main`` (of ``DATASETS.TRAIN``, as detectron2's loader config read them)
+    then those of ``DATASETS.EXTRA_TRAIN`` (with ``loss_weight``), and the
+    :class:`ExtraImagesSampler` over them."""
     sampler_name = cfg.DATALOADER.SAMPLER_TRAIN
     if sampler_name not in ("TrainingSampler", "RepeatFactorTrainingSampler"):
         raise ValueError(
             f"DATASETS.EXTRA_TRAIN works with DATALOADER.SAMPLER_TRAIN 'TrainingSampler' or "
             f"'RepeatFactorTrainingSampler', not {sampler_name!r}"
         )
+    filter_empty = cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+    extra = []
     for name in cfg.DATASETS.EXTRA_TRAIN:
         records = DatasetCatalog.get(name)
-        if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS and not any(
-            r.get("annotations") for r in records
-        ):
+        if filter_empty and not any(r.get("annotations") for r in records):
             raise ValueError(
                 f"DATASETS.EXTRA_TRAIN: no image of '{name}' has an annotation ({len(records)} "
                 "images): a pseudo-label file without labels (a --score-thresh above every "
                 "score?) trains nothing"
             )
-    proposals = cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None
-    main = get_detection_dataset_dicts(
-        cfg.DATASETS.TRAIN,
-        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-        proposal_files=proposals,
-    )
-    extra = get_detection_dataset_dicts(
-        cfg.DATASETS.EXTRA_TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
-    )
+        extra += records
+    if filter_empty:
+        extra = filter_images_with_only_crowd_annotations(extra)
     weight = float(cfg.DATASETS.EXTRA_TRAIN_LOSS_WEIGHT)
     extra = [dict(r, **{LOSS_WEIGHT: weight}) for r in extra]
     repeat_factors = None

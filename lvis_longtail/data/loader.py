@@ -78,7 +78,7 @@ def build_longtail_train_loader(cfg, mapper=None):
     mapper = mapper if mapper is not None else LongTailDatasetMapper(cfg, True)
     kwargs = _train_loader_from_config(cfg, mapper=mapper)
     if cfg.DATASETS.EXTRA_TRAIN:  # pseudo-labelled extra images (extra_images.py)
-        kwargs["dataset"], kwargs["sampler"] = extra_images_dataset(cfg)
+        kwargs["dataset"], kwargs["sampler"] = extra_images_dataset(cfg, kwargs["dataset"])
     extra = getattr(mapper, "num_extra_images", 0)
     if extra == 0:
         return _group_by_loss_weight(cfg, build_detection_train_loader(**kwargs))

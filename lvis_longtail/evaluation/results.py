@@ -462,8 +462,7 @@ def write_results_file(
     score = table.task_score("file")
     if with_masks and table.masks is None and n:
         _raise_bad_row(table, 0, score, split, source, with_masks)
-    with contextlib.ExitStack() as stack:
-        f = stack.enter_context(atomic_write(path, buffering=1 << 20)) if path else None
+    with atomic_write(path, buffering=1 << 20) if path else contextlib.nullcontext() as f:
         if f:
             f.write("[")
         for start in range(0, n, WRITE_CHUNK):  # checked, then written, chunk by chunk

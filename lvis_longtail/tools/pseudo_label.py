@@ -124,7 +124,7 @@ def write_pseudo_labels(
         images, categories = _images_and_categories(source, records, dataset_meta)
         lookup = np.full(max(to_contiguous, default=0) + 1, "", dtype="<U1")
         lookup[list(to_contiguous)] = [dataset_meta.class_frequency[c] for c in to_contiguous.values()]  # fmt: skip  # noqa: E501
-        per_group, num_images, num_labels = Counter(), 0, 0
+        per_group, num_labels = Counter(), 0
         with atomic_write(output, buffering=1 << 20) as f:
             f.write(json.dumps({"images": images, "categories": categories})[:-1])
             f.write(',"annotations":[')
@@ -132,13 +132,13 @@ def write_pseudo_labels(
             for path in paths:
                 for chunk in iter_chunks(path, with_blob=True):
                     rows = chunk.rows[np.isin(chunk.rows["entry"], first_entries(chunk, seen))]
-                    num_images = len(seen)
                     text = _annotations_json(rows, chunk, num_labels)
                     if text:
                         f.write(("," if num_labels else "") + text)
                     num_labels += len(rows)
                     per_group.update(lookup[rows["category_id"]].tolist())
             f.write("]}")
+        num_images = len(seen)
     finally:
         stream.discard(paths)
     summary = {
