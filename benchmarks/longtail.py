@@ -10,10 +10,14 @@ and writes ``benchmarks/results/longtail[_quick|_cuda].md`` with paired differen
 row's reference, 95 % t intervals over seeds, seed x class bootstrap intervals and the seeds a
 ±1-point interval needs::
 
-    python benchmarks/longtail.py                 # CPU: 3 seeds, 300 iterations, 2 runs at a time
-    python benchmarks/longtail.py --quick         # smoke run: 1 seed, 60 iterations
-    python benchmarks/longtail.py --device cuda   # GPU: 5 seeds, 1000 iterations (tiny base)
+    python benchmarks/longtail.py                 # CPU: 4 rows x 3 seeds, 250 iterations
+    python benchmarks/longtail.py --quick         # smoke run: the 4 rows, 1 seed, 60 iterations
+    python benchmarks/longtail.py --device cuda   # GPU: every row, 5 seeds, 1000 iterations
+    python benchmarks/longtail.py --methods all   # CPU: every row (hours on 2 cores)
     python benchmarks/longtail.py --report-only   # re-aggregate finished runs
+
+The CPU and quick modes run ``methods.CPU_ROWS`` unless ``--methods`` names rows; the GPU
+mode runs every row but the diagnostics.
 
 A finished run (``benchmark_run.json`` with rc 0 and the planned fingerprint) is reused, so an
 interrupted benchmark continues where it stopped; a changed option retrains what it affects.
@@ -37,10 +41,11 @@ from lvis_longtail.benchmark import methods as methods_mod  # noqa: E402
 from lvis_longtail.benchmark import page, plan  # noqa: E402
 from lvis_longtail.utils.io import write_json_atomic  # noqa: E402
 
-# mode -> (seeds, iterations, pre-training iterations, parallel runs)
+# mode -> (seeds, iterations, pre-training iterations, parallel runs); the CPU mode is sized
+# for <= 60 min on an idle 2-core machine (pre-training ~15 min, 6 rounds of 2 runs ~7 min each)
 MODES = {
     "quick": ((0,), 60, 150, 2),
-    "cpu": ((0, 1, 2), 300, 1000, 2),
+    "cpu": ((0, 1, 2), 250, 1000, 2),
     "cuda": ((0, 1, 2, 3, 4), 1000, 2000, 3),
 }
 DATASETS = {  # generator options (lvis_longtail.data.synthetic.generate)
@@ -167,9 +172,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 60 iterations")
     p.add_argument("--device", default="cpu", help="MODEL.DEVICE; cuda selects the GPU mode")
     p.add_argument("--seeds", type=int, nargs="+", help="default: per mode (cpu: 0 1 2)")
-    p.add_argument("--iters", type=int, help="iterations per row (cpu: 300)")
+    p.add_argument("--iters", type=int, help="iterations per row (cpu: 250)")
     p.add_argument("--pretrain-iters", type=int, help="shared pre-training (cpu: 1000; 0: none)")
-    p.add_argument("--methods", nargs="+", help="rows (default: all but diagnostics)")
+    p.add_argument("--methods", nargs="+", help="rows or all (CPU: CPU_ROWS; GPU: all)")
     p.add_argument("--jobs", type=int, help="runs in parallel (cpu: 2)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (cpus // jobs)")
     p.add_argument("--repeat-threshold", type=float, default=0.13)
@@ -186,7 +191,12 @@ def parse_args(argv=None):
     args.pretrain_iters = pre if args.pretrain_iters is None else args.pretrain_iters
     args.jobs = args.jobs or jobs
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    args.methods = args.methods or list(methods_mod.default_methods())
+    if not args.methods:
+        args.methods = list(
+            methods_mod.default_methods() if args.mode == "cuda" else methods_mod.CPU_ROWS
+        )
+    elif args.methods == ["all"]:
+        args.methods = list(methods_mod.default_methods())
     args.output = args.output or os.path.join(REPO, "output", "benchmarks", f"longtail_{args.mode}")
     args.datasets = args.datasets or os.path.expanduser(
         os.getenv("DETECTRON2_DATASETS", os.path.join(REPO, "datasets"))

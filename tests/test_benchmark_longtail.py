@@ -253,13 +253,16 @@ def test_execute_reuses_finished_runs(tmp_path, driver):
 def test_driver_modes(driver, tmp_path):
     cpu = driver.parse_args(["--output", str(tmp_path)])
     assert (cpu.mode, cpu.seeds, cpu.iters, cpu.pretrain_iters, cpu.jobs) == (
-        "cpu", [0, 1, 2], 300, 1000, 2,
+        "cpu", [0, 1, 2], 250, 1000, 2,
     )  # fmt: skip
     quick = driver.parse_args(["--quick"])
     assert (quick.mode, quick.seeds, quick.iters) == ("quick", [0], 60)
     gpu = driver.parse_args(["--device", "cuda", "--pretrain-iters", "0"])
     assert (gpu.mode, len(gpu.seeds), gpu.iters, gpu.pretrain_iters) == ("cuda", 5, 1000, 0)
-    assert set(cpu.methods) == set(M.default_methods())
+    assert cpu.methods == list(M.CPU_ROWS) and quick.methods == list(M.CPU_ROWS)
+    assert gpu.methods == list(M.default_methods()) and "bags_long" not in gpu.methods
+    assert driver.parse_args(["--methods", "all"]).methods == list(M.default_methods())
+    assert set(M.CPU_ROWS) <= set(M.default_methods())
     with open(os.devnull, "w"):
         assert json.loads(json.dumps(driver.DATASETS))  # generator options are plain json
 

@@ -91,29 +91,27 @@ METHODS: Tuple[Method, ...] = (
     Method("dicebce_arealevel", "DiceBCE + area_ratio levels + RFS", _tiny("dicebce_arealevel"), group="mask"),  # noqa: E501
     Method("heavymask", "Heavy mask head + RFS", _tiny("heavymask"), group="mask"),
     Method("maskscoring", "Mask scoring + RFS", _tiny("maskscoring"), group="mask"),
-    # Rows of the newer capabilities: opt-in (only when named in --methods) until a full run
-    # has measured them, so the default CPU run keeps its 60-minute budget.
+    # Rows outside CPU_ROWS: the GPU mode's default; on CPU, name them (or "all") in --methods.
     Method("cascade", "Cascade + Seesaw + RFS", "tiny/cascade_mask_rcnn_R18_FPN_tiny_seesaw.yaml",
-           ref="seesaw", group="mask", diagnostic=True),
+           ref="seesaw", group="mask"),
     Method("htc_lite", "HTC-Lite + Seesaw + RFS", "tiny/htc_lite_R18_FPN_tiny_seesaw.yaml",
-           ref="cascade", group="mask", diagnostic=True),
+           ref="cascade", group="mask"),
     Method("htc_lite_noctx", "HTC-Lite without context + Seesaw + RFS",
-           "tiny/htc_lite_R18_FPN_tiny_seesaw_noctx.yaml", ref="htc_lite", group="mask",
-           diagnostic=True),
+           "tiny/htc_lite_R18_FPN_tiny_seesaw_noctx.yaml", ref="htc_lite", group="mask"),
     Method("balanced_softmax", "Balanced Softmax (no RFS)", _tiny("balanced_softmax"), NO_RFS,
-           rfs=False, diagnostic=True),
+           rfs=False),
     Method("logit_adjustment", "Logit-adjusted CE (no RFS)", _tiny("logit_adjustment"), NO_RFS,
-           rfs=False, diagnostic=True),
-    Method("ecm", "ECM loss + RFS", _tiny("ecm"), diagnostic=True),
+           rfs=False),
+    Method("ecm", "ECM loss + RFS", _tiny("ecm")),
     Method("norcal", "NorCal on SoftmaxCE (no RFS), post-hoc", _tiny("softmax_norcal"), NO_RFS,
-           rfs=False, base="softmax", eval_only=True, group="test", diagnostic=True),
+           rfs=False, base="softmax", eval_only=True, group="test"),
     Method("tta", "SoftmaxCE + RFS with the 1st-place TTA", _tiny("tta"), base="softmax_rfs",
-           eval_only=True, group="test", diagnostic=True),
+           eval_only=True, group="test"),
     Method("recipe_mmdet2020", "MMDet 2020 recipe (Seesaw, jitter + crop, InstaBoost-style)",
-           _tiny("mmdet2020"), ref="seesaw", diagnostic=True),
+           _tiny("mmdet2020"), ref="seesaw"),
     Method("recipe_1st2020", "1st place stage 1 (EQL, mosaic, rotation, jitter)",
-           _tiny("1st2020_stage1"), ref="eql", diagnostic=True),
-    Method("copypaste_lsj", "Copy-paste + LSJ + RFS", _tiny("copypaste_lsj"), diagnostic=True),
+           _tiny("1st2020_stage1"), ref="eql"),
+    Method("copypaste_lsj", "Copy-paste + LSJ + RFS", _tiny("copypaste_lsj")),
     # diagnostics (only when named in --methods)
     Method("bags_long", "GroupSoftmax, fine-tune as long as the training", _tiny("bags"),
            base="softmax_rfs", length=1.0, diagnostic=True),
@@ -177,4 +175,12 @@ def methods_by_name(methods: Sequence[Method] = METHODS) -> dict:
 
 
 def default_methods(methods: Sequence[Method] = METHODS) -> Tuple[str, ...]:
+    """Every row but the diagnostics: the GPU mode's default and ``--methods all``."""
     return tuple(m.name for m in methods if not m.diagnostic)
+
+
+# The CPU and quick modes' default rows: what 3 seeds fit in the CPU mode's 60 minutes on 2
+# cores (a row costs ~7 core-minutes there: ~1.2 s/iteration on one thread plus ~100 s for the
+# 400 val images): the two reference rows every other row is paired against (SoftmaxCE without
+# and with RFS), the MMDet entry's classifier (Seesaw) and the 1st place's mask recipe.
+CPU_ROWS: Tuple[str, ...] = ("softmax", "softmax_rfs", "seesaw", "heavymask")
