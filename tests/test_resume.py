@@ -1,6 +1,7 @@
 """Exact resume: K iterations uninterrupted == K/2, checkpoint, a new trainer with resume, K/2
 more: same weights, loss statistics (Seesaw / EQLv2 buffers), SGD momentum, LR scheduler and
-data stream position, on CPU with DATALOADER.NUM_WORKERS 0."""
+data stream position (also with pseudo-labelled extra images), on CPU with
+DATALOADER.NUM_WORKERS 0."""
 
 import pickle
 
@@ -39,7 +40,18 @@ def two_aspect_sets(tmp_path_factory):
     return root
 
 
-def resume_cfg(out, loss):
+# the tall images as a pseudo-labelled extra set: 4 of them per epoch, losses weighted 0.5,
+# batched apart from the main images (4 buckets), sampled by ExtraImagesSampler
+EXTRA = {
+    "MODEL.META_ARCHITECTURE": "LongTailRCNN",
+    "DATASETS.TRAIN": "('lt_resume_wide_train',)",
+    "DATASETS.EXTRA_TRAIN": "('lt_resume_tall_train',)",
+    "DATASETS.EXTRA_TRAIN_PER_EPOCH": 4,
+    "DATASETS.EXTRA_TRAIN_LOSS_WEIGHT": 0.5,
+}
+
+
+def resume_cfg(out, loss, extra=False):
     opts = {
         "MODEL.ROI_HEADS.NUM_CLASSES": 6,
         "MODEL.ROI_BOX_HEAD.CLS_LOSS_NAME": loss,
@@ -59,6 +71,7 @@ def resume_cfg(out, loss):
         "SOLVER.CHECKPOINT_PERIOD": K // 2,
         "SEED": SEED,
         "OUTPUT_DIR": str(out),
+        **(EXTRA if extra else {}),
     }
     return setup_cfg(str(TINY_BASE), [str(x) for kv in opts.items() for x in kv])
 
@@ -90,16 +103,18 @@ def final_state(trainer):
     return trainer.model.state_dict(), momentum, (trainer.scheduler.last_epoch, lrs)
 
 
-@pytest.mark.parametrize("loss", ["SeesawLoss", "EQLv2"])
-def test_interrupted_and_resumed_run_equals_uninterrupted(two_aspect_sets, tmp_path, loss):
+@pytest.mark.parametrize(
+    "loss, extra", [("SeesawLoss", False), ("EQLv2", False), ("SeesawLoss", True)]
+)
+def test_interrupted_and_resumed_run_equals_uninterrupted(two_aspect_sets, tmp_path, loss, extra):
     torch.set_num_threads(1)
-    full = new_trainer(resume_cfg(tmp_path / "full", loss))
+    full = new_trainer(resume_cfg(tmp_path / "full", loss, extra))
     full.resume_or_load(resume=False)
     full.train()
     weights, momentum, sched = final_state(full)
     consumed = full._data_stream.state_dict()["samples"]
 
-    part = new_trainer(resume_cfg(tmp_path / "part", loss))
+    part = new_trainer(resume_cfg(tmp_path / "part", loss, extra))
     part.register_hooks([_StopAfter(K // 2 - 1)])
     part.resume_or_load(resume=False)
     with pytest.raises(_Interrupted):
@@ -111,7 +126,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(two_aspect_sets, tmp_p
     assert waiting > 0, "the test needs a partial aspect-ratio bucket at the checkpoint"
     assert ckpt["trainer"]["data_stream"]["samples"] == K // 2 * 3 + waiting
 
-    resumed = new_trainer(resume_cfg(tmp_path / "part", loss))
+    resumed = new_trainer(resume_cfg(tmp_path / "part", loss, extra))
     resumed.resume_or_load(resume=True)
     assert resumed.start_iter == K // 2
     resumed.train()
@@ -128,6 +143,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(two_aspect_sets, tmp_p
     assert sched == r_sched and sched[0] == K
     stream = resumed._data_stream.state_dict()
     assert stream["samples"] == consumed >= K * 3
+    if extra:  # the sampler's stream, with its per-epoch draw of extra images, was resumed
+        assert type(resumed._data_stream._sampler.sampler).__name__ == "ExtraImagesSampler"
+        assert len(buckets) == 4
 
 
 def test_resumable_sampler_skips_the_consumed_indices():
