@@ -10,8 +10,8 @@ and writes ``benchmarks/results/longtail[_quick|_cuda].md`` with paired differen
 row's reference, 95 % t intervals over seeds, seed x class bootstrap intervals and the seeds a
 ±1-point interval needs::
 
-    python benchmarks/longtail.py                 # CPU: 4 rows x 3 seeds, 250 iterations
-    python benchmarks/longtail.py --quick         # smoke run: the 4 rows, 1 seed, 60 iterations
+    python benchmarks/longtail.py                 # CPU: 3 rows x 3 seeds, 250 iterations
+    python benchmarks/longtail.py --quick         # smoke run: the 3 rows, 1 seed, 60 iterations
     python benchmarks/longtail.py --device cuda   # GPU: every row, 5 seeds, 1000 iterations
     python benchmarks/longtail.py --methods all   # CPU: every row (hours on 2 cores)
     python benchmarks/longtail.py --report-only   # re-aggregate finished runs
@@ -42,7 +42,8 @@ from lvis_longtail.benchmark import page, plan  # noqa: E402
 from lvis_longtail.utils.io import write_json_atomic  # noqa: E402
 
 # mode -> (seeds, iterations, pre-training iterations, parallel runs); the CPU mode is sized
-# for <= 60 min on an idle 2-core machine (pre-training ~15 min, 6 rounds of 2 runs ~7 min each)
+# for <= 60 min on an idle 2-core machine: pre-training ~17.5 min, then 9 runs of ~495 s, 2 at
+# a time (benchmarks/results/longtail_calibration.md)
 MODES = {
     "quick": ((0,), 60, 150, 2),
     "cpu": ((0, 1, 2), 250, 1000, 2),
@@ -201,8 +202,9 @@ def parse_args(argv=None):
     args.datasets = args.datasets or os.path.expanduser(
         os.getenv("DETECTRON2_DATASETS", os.path.join(REPO, "datasets"))
     )
-    args.command = "python benchmarks/longtail.py " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    args.command = " ".join(
+        ["python benchmarks/longtail.py"]
+        + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)]
     )
     return args
 

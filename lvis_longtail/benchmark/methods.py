@@ -180,7 +180,7 @@ def default_methods(methods: Sequence[Method] = METHODS) -> Tuple[str, ...]:
 
 
 # The CPU and quick modes' default rows: what 3 seeds fit in the CPU mode's 60 minutes on 2
-# cores (a row costs ~7 core-minutes there: ~1.2 s/iteration on one thread plus ~100 s for the
-# 400 val images): the two reference rows every other row is paired against (SoftmaxCE without
-# and with RFS), the MMDet entry's classifier (Seesaw) and the 1st place's mask recipe.
-CPU_ROWS: Tuple[str, ...] = ("softmax", "softmax_rfs", "seesaw", "heavymask")
+# cores (measured, benchmarks/results/longtail_calibration.md: pre-training ~17.5 min, then
+# ~495 s per row and seed on one core, the heavy mask head ~775 s): the two reference rows
+# every other row is paired against (SoftmaxCE without and with RFS) and Seesaw.
+CPU_ROWS: Tuple[str, ...] = ("softmax", "softmax_rfs", "seesaw")
