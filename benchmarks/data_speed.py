@@ -42,25 +42,55 @@ META = "lt_data_speed_train"
 # name -> (INPUT.AUGMENTATIONS, overrides, bar as a fraction of detectron2's images/s)
 CONFIGS = {
     "lvis_longtail default (= detectron2)": (["ResizeShortestEdge", "RandomFlip"], [], None),
-    "LSJ 0.1-2.0 + 1024 crop": (["ScaleJitter", "RandomFlip"],
-                                ["INPUT.SCALE_JITTER.PRESET", "lsj_1024"], 0.8),
-    "MMDet 768-1792 + 1280 crop": (["ScaleJitter", "RandomFlip"],
-                                   ["INPUT.SCALE_JITTER.PRESET", "mmdet_1280"], 0.8),
-    "Rotation p=1 + default": (["Rotation", "ResizeShortestEdge", "RandomFlip"],
-                               ["INPUT.ROTATION.PROB", "1.0"], None),
-    "Mosaic p=1 (4 x 640) + default": (["Mosaic", "ResizeShortestEdge", "RandomFlip"],
-                                       ["INPUT.MOSAIC.PROB", "1.0"], 0.5),
-    "CopyPaste p=1 + LSJ (Ghiasi)": (["ScaleJitter", "RandomFlip", "CopyPaste"],
-                                     ["INPUT.SCALE_JITTER.PRESET", "lsj_1024",
-                                      "INPUT.COPY_PASTE.PROB", "1.0"], 0.5),
-    "InstaBoost p=1 + default": (["InstaBoost", "ResizeShortestEdge", "RandomFlip"],
-                                 ["INPUT.INSTABOOST.PROB", "1.0"], None),
-    "1st place stage 1 recipe": (["Mosaic", "ScaleJitter", "Rotation", "RandomFlip"],
-                                 ["INPUT.MOSAIC.PROB", "1.0", "INPUT.SCALE_JITTER.MIN_SCALE", "0.5",
-                                  "INPUT.SCALE_JITTER.MAX_SCALE", "1.5",
-                                  "INPUT.SCALE_JITTER.TARGET_SIZE", "(1280, 1280)"], None),
-    "MMDet entry recipe": (["InstaBoost", "ScaleJitter", "RandomFlip"],
-                           ["INPUT.SCALE_JITTER.PRESET", "mmdet_1280"], None),
+    "LSJ 0.1-2.0 + 1024 crop": (
+        ["ScaleJitter", "RandomFlip"],
+        ["INPUT.SCALE_JITTER.PRESET", "lsj_1024"],
+        0.8,
+    ),
+    "MMDet 768-1792 + 1280 crop": (
+        ["ScaleJitter", "RandomFlip"],
+        ["INPUT.SCALE_JITTER.PRESET", "mmdet_1280"],
+        0.8,
+    ),
+    "Rotation p=1 + default": (
+        ["Rotation", "ResizeShortestEdge", "RandomFlip"],
+        ["INPUT.ROTATION.PROB", "1.0"],
+        None,
+    ),
+    "Mosaic p=1 (4 x 640) + default": (
+        ["Mosaic", "ResizeShortestEdge", "RandomFlip"],
+        ["INPUT.MOSAIC.PROB", "1.0"],
+        0.5,
+    ),
+    "CopyPaste p=1 + LSJ (Ghiasi)": (
+        ["ScaleJitter", "RandomFlip", "CopyPaste"],
+        ["INPUT.SCALE_JITTER.PRESET", "lsj_1024", "INPUT.COPY_PASTE.PROB", "1.0"],
+        0.5,
+    ),
+    "InstaBoost p=1 + default": (
+        ["InstaBoost", "ResizeShortestEdge", "RandomFlip"],
+        ["INPUT.INSTABOOST.PROB", "1.0"],
+        None,
+    ),
+    "1st place stage 1 recipe": (
+        ["Mosaic", "ScaleJitter", "Rotation", "RandomFlip"],
+        [
+            "INPUT.MOSAIC.PROB",
+            "1.0",
+            "INPUT.SCALE_JITTER.MIN_SCALE",
+            "0.5",
+            "INPUT.SCALE_JITTER.MAX_SCALE",
+            "1.5",
+            "INPUT.SCALE_JITTER.TARGET_SIZE",
+            "(1280, 1280)",
+        ],
+        None,
+    ),
+    "MMDet entry recipe": (
+        ["InstaBoost", "ScaleJitter", "RandomFlip"],
+        ["INPUT.SCALE_JITTER.PRESET", "mmdet_1280"],
+        None,
+    ),
 }
 
 
@@ -86,25 +116,47 @@ def make_dataset(folder, num_images, instances, seed=0):
         annos = []
         for _ in range(int(rng.integers(instances[0], instances[1] + 1))):
             r = rng.uniform(8, 90)
-            poly = blob(rng, rng.uniform(r, w - r), rng.uniform(r, h - r), r,
-                        int(rng.integers(16, 49)))
+            poly = blob(
+                rng, rng.uniform(r, w - r), rng.uniform(r, h - r), r, int(rng.integers(16, 49))
+            )
             pts = poly.reshape(-1, 2)
             x0, y0 = pts.min(0)
             x1, y1 = pts.max(0)
-            annos.append({"bbox": [x0, y0, x1 - x0, y1 - y0], "bbox_mode": BoxMode.XYWH_ABS,
-                          "category_id": int(rng.choice(NUM_CLASSES, p=weights)),
-                          "segmentation": [poly.tolist()]})
-        records.append({"file_name": path, "height": h, "width": w, "image_id": i + 1,
-                        "annotations": annos, "neg_category_ids": [1, 2, 3],
-                        "not_exhaustive_category_ids": [4]})
+            annos.append(
+                {
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "bbox_mode": BoxMode.XYWH_ABS,
+                    "category_id": int(rng.choice(NUM_CLASSES, p=weights)),
+                    "segmentation": [poly.tolist()],
+                }
+            )
+        records.append(
+            {
+                "file_name": path,
+                "height": h,
+                "width": w,
+                "image_id": i + 1,
+                "annotations": annos,
+                "neg_category_ids": [1, 2, 3],
+                "not_exhaustive_category_ids": [4],
+            }
+        )
     return records
 
 
 def make_cfg(steps, opts):
     cfg = get_cfg()
     add_longtail_config(cfg)
-    cfg.merge_from_list(["INPUT.MIN_SIZE_TRAIN", "(640, 672, 704, 736, 768, 800)",
-                         "MODEL.MASK_ON", "True", "DATASETS.TRAIN", f"('{META}',)"])
+    cfg.merge_from_list(
+        [
+            "INPUT.MIN_SIZE_TRAIN",
+            "(640, 672, 704, 736, 768, 800)",
+            "MODEL.MASK_ON",
+            "True",
+            "DATASETS.TRAIN",
+            f"('{META}',)",
+        ]
+    )
     cfg.INPUT.AUGMENTATIONS = steps
     cfg.merge_from_list(opts)
     return cfg
@@ -152,8 +204,10 @@ def main(argv=None):
                 speeds[name].append(time_config(run, order))
     load1 = os.getloadavg()
     base = speeds["detectron2 DatasetMapper"]
-    print(f"{args.images} images 640x480, {args.instances[0]}-{args.instances[1]} instances "
-          f"each; {args.samples} samples x {args.rounds} rounds; 1 thread")
+    print(
+        f"{args.images} images 640x480, {args.instances[0]}-{args.instances[1]} instances "
+        f"each; {args.samples} samples x {args.rounds} rounds; 1 thread"
+    )
     print(f"load average before {load0[0]:.2f}, after {load1[0]:.2f} ({os.cpu_count()} CPUs)")
     print(f"| {'configuration':38s} | images/s | x detectron2 | rounds' range | bar |")
     print(f"|{'-' * 40}|----------|--------------|---------------|-----|")
@@ -164,8 +218,10 @@ def main(argv=None):
         bar = bars.get(name)
         verdict = "" if bar is None else (f">= {bar} ok" if ratio >= bar else f">= {bar} MISSED")
         spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
-        print(f"| {name:38s} | {statistics.median(s):8.1f} | {ratio:12.2f} | {spread:>13s} "
-              f"| {verdict} |")
+        print(
+            f"| {name:38s} | {statistics.median(s):8.1f} | {ratio:12.2f} | {spread:>13s} "
+            f"| {verdict} |"
+        )
 
 
 if __name__ == "__main__":

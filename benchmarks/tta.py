@@ -69,9 +69,17 @@ def variants():
         ("no TTA", None, OFF),
         # detectron2's TTA reads MIN_SIZES / MAX_SIZE, not SCALES: the same short sides (the
         # images are square, so the max sizes do not bind)
-        ("detectron2 TTA", "detectron2", OFF + [
-            "TEST.AUG.MIN_SIZES", tuple(s for s, _ in _leaf_value("TEST.AUG.SCALES")),
-            "TEST.AUG.MAX_SIZE", max(m for _, m in _leaf_value("TEST.AUG.SCALES"))]),
+        (
+            "detectron2 TTA",
+            "detectron2",
+            OFF
+            + [
+                "TEST.AUG.MIN_SIZES",
+                tuple(s for s, _ in _leaf_value("TEST.AUG.SCALES")),
+                "TEST.AUG.MAX_SIZE",
+                max(m for _, m in _leaf_value("TEST.AUG.SCALES")),
+            ],
+        ),
         ("ours, all off", "ours", OFF),
         ("+ valid ranges", "ours", OFF + ranges),
         ("+ rare factor", "ours", OFF + rare),
@@ -212,12 +220,14 @@ def merge_speed(tta_seconds, rounds=5, repeats=7):
 
 def print_merge(merge):
     ms, shares = merge["ms"], merge["soft_nms_share_per_round"]
-    print(f"\nmerge, 3000 dets / 1203 classes (medians of {merge['rounds']} rounds): "
-          f"batched_nms {ms['batched_nms']:.2f} ms; Gaussian Soft-NMS on the "
-          f"{merge['boxes_after_nms']} survivors of NMS 0.7 {ms['soft_nms_after_nms']:.2f} ms "
-          f"= {100 * merge['soft_nms_share_of_tta']:.2f}% (range {100 * min(shares):.2f}-"
-          f"{100 * max(shares):.2f}%) of {merge['tta_s_per_image']:.2f} s TTA/image; "
-          f"on all 3000 boxes {ms['soft_nms_all']:.2f} ms")
+    print(
+        f"\nmerge, 3000 dets / 1203 classes (medians of {merge['rounds']} rounds): "
+        f"batched_nms {ms['batched_nms']:.2f} ms; Gaussian Soft-NMS on the "
+        f"{merge['boxes_after_nms']} survivors of NMS 0.7 {ms['soft_nms_after_nms']:.2f} ms "
+        f"= {100 * merge['soft_nms_share_of_tta']:.2f}% (range {100 * min(shares):.2f}-"
+        f"{100 * max(shares):.2f}%) of {merge['tta_s_per_image']:.2f} s TTA/image; "
+        f"on all 3000 boxes {ms['soft_nms_all']:.2f} ms"
+    )
 
 
 def _mask_memory_child(chunk):
@@ -264,8 +274,13 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=150)
     p.add_argument("--output", default=os.path.join(REPO, "output", "benchmark_tta"))
     p.add_argument("--out", default=os.path.join(REPO, "output", "benchmark_tta", "tta.json"))
-    p.add_argument("--merge-only", type=float, default=0.0, metavar="TTA_S_PER_IMAGE",
-                   help="only part 2, its share taken of this TTA time per image")
+    p.add_argument(
+        "--merge-only",
+        type=float,
+        default=0.0,
+        metavar="TTA_S_PER_IMAGE",
+        help="only part 2, its share taken of this TTA time per image",
+    )
     p.add_argument("--mask-memory-child", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.mask_memory_child:
@@ -293,8 +308,10 @@ def main(argv=None):
         print(f"| {r['variant']} | " + " | ".join(f"{r[c]:.1f}" for c in cols)
               + f" | {r['s_per_image']:.2f} |")  # fmt: skip
     print_merge(merge)
-    print(f"mask inference, 300 dets, 1203 classes: peak +{memory['unchunked_mib']:.0f} MiB "
-          f"unchunked, +{memory['chunked_mib']:.0f} MiB in chunks of {memory['chunk']}")
+    print(
+        f"mask inference, 300 dets, 1203 classes: peak +{memory['unchunked_mib']:.0f} MiB "
+        f"unchunked, +{memory['chunked_mib']:.0f} MiB in chunks of {memory['chunk']}"
+    )
     return 0
 
 

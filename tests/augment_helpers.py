@@ -62,9 +62,11 @@ def masks_of(instances):
     h, w = instances.image_size
     gm = instances.gt_masks
     if hasattr(gm, "polygons"):
-        return np.stack([utils.polygons_to_bitmask(p, h, w) for p in gm.polygons]) if len(
-            gm
-        ) else np.zeros((0, h, w), bool)
+        return (
+            np.stack([utils.polygons_to_bitmask(p, h, w) for p in gm.polygons])
+            if len(gm)
+            else np.zeros((0, h, w), bool)
+        )
     return gm.tensor.numpy().astype(bool)
 
 

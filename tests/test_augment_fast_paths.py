@@ -34,8 +34,11 @@ def random_groups(rng, num):
             if rng.random() < 0.2:  # self-intersecting
                 ps.append(rng.uniform(-40, 140, (int(rng.integers(4, 9)), 2)))
             else:
-                ps.append(blob(rng, int(rng.integers(3, 25)), *rng.uniform(-30, 130, 2),
-                               rng.uniform(2, 50)))
+                ps.append(
+                    blob(
+                        rng, int(rng.integers(3, 25)), *rng.uniform(-30, 130, 2), rng.uniform(2, 50)
+                    )
+                )
         groups.append(ps)
     return groups
 
@@ -103,8 +106,13 @@ def test_occlude_keeps_far_instances_as_they_are_and_cuts_by_hand():
 def test_contiguous_image_of_flipped_views(channels):
     rng = np.random.default_rng(2)
     base = rng.integers(0, 256, (13, 17, channels), dtype=np.uint8)
-    for view in (base[:, ::-1], base[2:9, 3:15][:, ::-1], base[::-1], base[:, 1:5],
-                 base[:, ::-1, ::-1]):
+    for view in (
+        base[:, ::-1],
+        base[2:9, 3:15][:, ::-1],
+        base[::-1],
+        base[:, 1:5],
+        base[:, ::-1, ::-1],
+    ):
         out = contiguous_image(view)
         assert out.flags.c_contiguous and out.shape == view.shape
         np.testing.assert_array_equal(out, view)
@@ -113,10 +121,15 @@ def test_contiguous_image_of_flipped_views(channels):
     np.testing.assert_array_equal(contiguous_image(floats), floats)
 
 
-@pytest.mark.parametrize("shape,dtype,pad", [((9, 7, 3), np.uint8, 128.0),
-                                             ((9, 7, 1), np.uint8, 0.0),
-                                             ((9, 7, 3), np.float32, 0.5),
-                                             ((9, 7, 3), np.uint8, 127.5)])
+@pytest.mark.parametrize(
+    "shape,dtype,pad",
+    [
+        ((9, 7, 3), np.uint8, 128.0),
+        ((9, 7, 1), np.uint8, 0.0),
+        ((9, 7, 3), np.float32, 0.5),
+        ((9, 7, 3), np.uint8, 127.5),
+    ],
+)
 def test_image_pad_transform_equals_np_pad(shape, dtype, pad):
     img = np.random.default_rng(3).integers(0, 256, shape).astype(dtype)
     ours = ImagePadTransform(0, 0, 5, 3, 7, 9, pad).apply_image(img)
@@ -190,8 +203,13 @@ def test_scratch_array_is_reused_only_when_unreferenced():
 @pytest.mark.parametrize("channels", [1, 3])
 def test_copy_image_into_flipped_and_plain_views(channels):
     base = np.random.default_rng(6).integers(0, 256, (9, 11, channels), dtype=np.uint8)
-    views = (base, base[:, ::-1], base[::-1, ::-1], base[:, ::-1, ::-1],
-             base.astype(np.float32)[:, ::-1])
+    views = (
+        base,
+        base[:, ::-1],
+        base[::-1, ::-1],
+        base[:, ::-1, ::-1],
+        base.astype(np.float32)[:, ::-1],
+    )
     for view in views:
         out = np.zeros(view.shape, view.dtype)
         assert copy_image_into(out, view) is out

@@ -38,8 +38,14 @@ def records(tmp_path):
         objs = [(0, a), (1, b), (2 + k, tri(20, 45, 20 + k))]
         out.append(
             write_record(
-                tmp_path, f"r{k}", HW, objs, ignore=[(10 + k, 12, 40 + k, 30),
-                (60, 40 + k, 90, 70)], neg=[8 - k, 7], nex=[3 + k], seed=k,
+                tmp_path,
+                f"r{k}",
+                HW,
+                objs,
+                ignore=[(10 + k, 12, 40 + k, 30), (60, 40 + k, 90, 70)],
+                neg=[8 - k, 7],
+                nex=[3 + k],
+                seed=k,
             )
         )
     return out
@@ -67,13 +73,29 @@ def test_default_steps_equal_detectron2(records, crop):
 
 @pytest.mark.parametrize("target,crop", [((96, 96), (64, 72)), ((40, 40), (64, 64))])
 def test_scale_jitter_equals_resize_scale_and_fixed_size_crop(records, target, crop):
-    opts = ["INPUT.SCALE_JITTER.TARGET_SIZE", str(target), "INPUT.SCALE_JITTER.CROP_SIZE",
-            str(crop), "INPUT.SCALE_JITTER.MIN_SCALE", "0.5", "INPUT.SCALE_JITTER.MAX_SCALE", "2.0"]
+    opts = [
+        "INPUT.SCALE_JITTER.TARGET_SIZE",
+        str(target),
+        "INPUT.SCALE_JITTER.CROP_SIZE",
+        str(crop),
+        "INPUT.SCALE_JITTER.MIN_SCALE",
+        "0.5",
+        "INPUT.SCALE_JITTER.MAX_SCALE",
+        "2.0",
+    ]
     ours = LongTailDatasetMapper(aug_cfg(["ScaleJitter"], opts), True)
     cfg = aug_cfg([], ["MODEL.MASK_ON", "True"])
-    theirs = DatasetMapper(cfg, True, augmentations=[
-        T.ResizeScale(0.5, 2.0, *target), T.FixedSizeCrop(crop, pad=True, pad_value=128.0)],
-        image_format="BGR", use_instance_mask=True, recompute_boxes=True)
+    theirs = DatasetMapper(
+        cfg,
+        True,
+        augmentations=[
+            T.ResizeScale(0.5, 2.0, *target),
+            T.FixedSizeCrop(crop, pad=True, pad_value=128.0),
+        ],
+        image_format="BGR",
+        use_instance_mask=True,
+        recompute_boxes=True,
+    )
     for seed in range(6):
         np.random.seed(seed)
         a = ours(records[seed % 4])
@@ -109,13 +131,20 @@ def test_opencv_decoding_equals_detectron2_read_image(tmp_path, fmt):
     from lvis_longtail.data.mapper import read_image
 
     rng = np.random.default_rng(0)
-    rgb = np.asarray(Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
-        (64, 48), Image.BICUBIC))
+    rgb = np.asarray(
+        Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
+            (64, 48), Image.BICUBIC
+        )
+    )
     exif = Image.Exif()
     exif[0x0112] = 6  # rotated: both readers must apply the orientation
     paths = []
-    for name, img, kw in [("a.jpg", rgb, {"quality": 90}), ("b.png", rgb, {}),
-                          ("c.jpg", rgb[:, :, 0], {}), ("d.jpg", rgb, {"exif": exif})]:
+    for name, img, kw in [
+        ("a.jpg", rgb, {"quality": 90}),
+        ("b.png", rgb, {}),
+        ("c.jpg", rgb[:, :, 0], {}),
+        ("d.jpg", rgb, {"exif": exif}),
+    ]:
         paths.append(str(tmp_path / name))
         Image.fromarray(img).save(paths[-1], **kw)
     for path in paths:
@@ -140,9 +169,18 @@ STEP_LISTS = {
     "mosaic": (["Mosaic"], ["INPUT.MOSAIC.PROB", "1.0", "INPUT.MOSAIC.TILE_SIZE", "(60, 50)"]),
     "all": (
         ["Mosaic", "ScaleJitter", "Rotation", "RandomFlip"],
-        ["INPUT.MOSAIC.PROB", "1.0", "INPUT.MOSAIC.TILE_SIZE", "(60, 50)",
-         "INPUT.SCALE_JITTER.TARGET_SIZE", "(120, 100)", "INPUT.SCALE_JITTER.CROP_SIZE",
-         "(80, 80)", "INPUT.ROTATION.PROB", "1.0"],
+        [
+            "INPUT.MOSAIC.PROB",
+            "1.0",
+            "INPUT.MOSAIC.TILE_SIZE",
+            "(60, 50)",
+            "INPUT.SCALE_JITTER.TARGET_SIZE",
+            "(120, 100)",
+            "INPUT.SCALE_JITTER.CROP_SIZE",
+            "(80, 80)",
+            "INPUT.ROTATION.PROB",
+            "1.0",
+        ],
     ),
 }
 
@@ -202,8 +240,15 @@ def test_mosaic_clips_and_merges_negatives_present_elsewhere(tmp_path):
 
 def test_rotation_round_trip(records):
     cfg = aug_cfg(
-        ["Rotation"], ["INPUT.ROTATION.PROB", "1.0", "INPUT.ROTATION.ANGLE", "90.0",
-                       "INPUT.ROTATION.EXPAND", "True"],
+        ["Rotation"],
+        [
+            "INPUT.ROTATION.PROB",
+            "1.0",
+            "INPUT.ROTATION.ANGLE",
+            "90.0",
+            "INPUT.ROTATION.EXPAND",
+            "True",
+        ],
     )
     mapper = LongTailDatasetMapper(cfg, True)
     step = mapper.steps[0]
@@ -225,8 +270,9 @@ def test_rotation_round_trip(records):
 
 
 def _paste(tmp_path, dest_objs, src_objs, **kw):
-    dest = write_record(tmp_path, "dest", HW, dest_objs, ignore=[(60, 50, 95, 75)], neg=[7, 8],
-                        nex=[1], seed=1)
+    dest = write_record(
+        tmp_path, "dest", HW, dest_objs, ignore=[(60, 50, 95, 75)], neg=[7, 8], nex=[1], seed=1
+    )
     src = write_record(tmp_path, "src", HW, src_objs, neg=[8], nex=[2], seed=2)
     mapper = LongTailDatasetMapper(aug_cfg(["CopyPaste"]), True)
     step = CopyPasteStep(1.0, 100, kw.get("moved", 10.0), kw.get("min_area", 30.0))
@@ -284,8 +330,10 @@ def test_copy_paste_prefers_rare_sources(tmp_path):
     recs = [write_record(tmp_path, f"c{k}", HW, [(k, rect(5, 5, 20, 20))]) for k in range(3)]
     step = CopyPasteStep(1.0, 100, 10, 30, num_candidates=3, class_image_count=[50, 2, 9])
     assert step._choose([LazySample(r, None) for r in recs]).record is recs[1]
-    assert CopyPasteStep(1.0, 100, 10, 30)._choose([LazySample(r, None) for r in recs]).record \
+    assert (
+        CopyPasteStep(1.0, 100, 10, 30)._choose([LazySample(r, None) for r in recs]).record
         is recs[0]
+    )
 
 
 def test_instaboost_identity_and_jitter(records):
@@ -320,8 +368,18 @@ def test_rle_bitmask_dataset_through_every_step(tmp_path, records):
             rle = mask_util.encode(np.asfortranarray(raster(a["segmentation"][0], HW)))
             a["segmentation"] = {"size": list(HW), "counts": rle["counts"].decode()}
     steps, opts = STEP_LISTS["all"]
-    cfg = aug_cfg(["InstaBoost"] + steps + ["CopyPaste"], opts + ["INPUT.MASK_FORMAT", "bitmask",
-                  "INPUT.COPY_PASTE.PROB", "1.0", "INPUT.INSTABOOST.PROB", "1.0"])
+    cfg = aug_cfg(
+        ["InstaBoost"] + steps + ["CopyPaste"],
+        opts
+        + [
+            "INPUT.MASK_FORMAT",
+            "bitmask",
+            "INPUT.COPY_PASTE.PROB",
+            "1.0",
+            "INPUT.INSTABOOST.PROB",
+            "1.0",
+        ],
+    )
     mapper = LongTailDatasetMapper(cfg, True)
     assert mapper.num_extra_images == 4
     for seed in range(3):

@@ -38,8 +38,16 @@ NEW_CONFIGS = [
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("aug_datasets") / "lt_synthetic"
-    generate(str(root), seed=3, num_train=16, num_val=2, num_test=2, image_size=(64, 64),
-             num_classes=8, progress=False)
+    generate(
+        str(root),
+        seed=3,
+        num_train=16,
+        num_val=2,
+        num_test=2,
+        image_size=(64, 64),
+        num_classes=8,
+        progress=False,
+    )
     register_synthetic(str(root), prefix="lt_aug")
     return "lt_aug_train"
 
@@ -47,8 +55,9 @@ def synthetic(tmp_path_factory):
 def test_grouped_sampler_is_the_sampler_stream():
     factors = torch.tensor([1.0, 3.5, 1.0, 0.2, 2.0])
     flat = list(itertools.islice(iter(RepeatFactorTrainingSampler(factors, seed=5)), 40))
-    groups = list(itertools.islice(GroupedSampler(RepeatFactorTrainingSampler(factors, seed=5),
-                                                  4), 10))
+    groups = list(
+        itertools.islice(GroupedSampler(RepeatFactorTrainingSampler(factors, seed=5), 4), 10)
+    )
     assert [i for g in groups for i in g] == flat
 
 
@@ -77,8 +86,18 @@ def test_all_instances_removed_is_retried(tmp_path):
 
 
 def test_loader_is_deterministic(synthetic):
-    opts = ["DATASETS.TRAIN", f"('{synthetic}',)", "MODEL.ROI_HEADS.NUM_CLASSES", "8",
-            "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2", "SEED", "7"]
+    opts = [
+        "DATASETS.TRAIN",
+        f"('{synthetic}',)",
+        "MODEL.ROI_HEADS.NUM_CLASSES",
+        "8",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "SEED",
+        "7",
+    ]
     cfg = setup_cfg(str(REPO / "configs/tiny/mask_rcnn_R18_FPN_tiny_1st2020_stage1.yaml"), opts)
 
     def first_batches():
@@ -96,16 +115,43 @@ def test_loader_is_deterministic(synthetic):
 
 @pytest.mark.parametrize("name", NEW_CONFIGS)
 def test_recipe_yaml_trains_two_iterations(synthetic, name):
-    opts = ["DATASETS.TRAIN", f"('{synthetic}',)", "DATASETS.TEST", "()",
-            "MODEL.ROI_HEADS.NUM_CLASSES", "8", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
-            "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "1"]
+    opts = [
+        "DATASETS.TRAIN",
+        f"('{synthetic}',)",
+        "DATASETS.TEST",
+        "()",
+        "MODEL.ROI_HEADS.NUM_CLASSES",
+        "8",
+        "MODEL.WEIGHTS",
+        "",
+        "MODEL.DEVICE",
+        "cpu",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "SOLVER.IMS_PER_BATCH",
+        "1",
+    ]
     if name.startswith("LVISv1"):  # the recipe at 128 px on an R18 trunk, fast on a CPU
-        opts += ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-                 "MODEL.FPN.OUT_CHANNELS", "64", "INPUT.SCALE_JITTER.PRESET", "custom",
-                 "INPUT.SCALE_JITTER.TARGET_SIZE", "(128, 128)",
-                 "INPUT.SCALE_JITTER.CROP_SIZE", "(128, 128)",
-                 "INPUT.MOSAIC.TILE_SIZE", "(64, 64)", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
-                 "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64"]
+        opts += [
+            "MODEL.RESNETS.DEPTH",
+            "18",
+            "MODEL.RESNETS.RES2_OUT_CHANNELS",
+            "64",
+            "MODEL.FPN.OUT_CHANNELS",
+            "64",
+            "INPUT.SCALE_JITTER.PRESET",
+            "custom",
+            "INPUT.SCALE_JITTER.TARGET_SIZE",
+            "(128, 128)",
+            "INPUT.SCALE_JITTER.CROP_SIZE",
+            "(128, 128)",
+            "INPUT.MOSAIC.TILE_SIZE",
+            "(64, 64)",
+            "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+            "100",
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+            "64",
+        ]
     cfg = setup_cfg(str(REPO / "configs" / name), opts)
     seed_all_rng(0)
     model = build_model(cfg)
@@ -120,11 +166,22 @@ def test_recipe_yaml_trains_two_iterations(synthetic, name):
 
 
 def test_show_augmentations_writes_a_grid(synthetic, tmp_path):
-    path = show_augmentations.main([
-        "--config-file", str(REPO / "configs/tiny/mask_rcnn_R18_FPN_tiny_copypaste_lsj.yaml"),
-        "--num", "4", "--output", str(tmp_path), "--cell", "96",
-        "DATASETS.TRAIN", f"('{synthetic}',)", "MODEL.ROI_HEADS.NUM_CLASSES", "8",
-    ])
+    path = show_augmentations.main(
+        [
+            "--config-file",
+            str(REPO / "configs/tiny/mask_rcnn_R18_FPN_tiny_copypaste_lsj.yaml"),
+            "--num",
+            "4",
+            "--output",
+            str(tmp_path),
+            "--cell",
+            "96",
+            "DATASETS.TRAIN",
+            f"('{synthetic}',)",
+            "MODEL.ROI_HEADS.NUM_CLASSES",
+            "8",
+        ]
+    )
     grid = np.asarray(Image.open(path))
     assert grid.shape == (2 * 100 + 4, 2 * 100 + 4, 3)
     assert grid.std() > 10  # images drawn, not a blank canvas

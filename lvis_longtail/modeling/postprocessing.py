@@ -234,7 +234,9 @@ def class_wise_suppression(
         keep = batched_nms(boxes, scores, classes, nms_thresh)
         return keep, scores[keep]
     if nms_type in ("soft_linear", "soft_gaussian"):
-        params = SoftNMSParams(nms_type[len("soft_"):], soft.sigma, soft.iou_thresh, soft.min_score)
+        params = SoftNMSParams(
+            nms_type[len("soft_") :], soft.sigma, soft.iou_thresh, soft.min_score
+        )
         return batched_soft_nms(boxes, scores, classes, params)
     raise ValueError(f"NMS type {nms_type!r} is not one of: {', '.join(NMS_TYPES)}")
 

@@ -141,7 +141,7 @@ class LongTailTTA(nn.Module):
         self.nms_thresh = nms if nms >= 0 else cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST
         self.soft_nms = None
         if aug.MERGE_NMS_TYPE != "hard":
-            method = aug.MERGE_NMS_TYPE[len("soft_"):]
+            method = aug.MERGE_NMS_TYPE[len("soft_") :]
             self.soft_nms = SoftNMSParams.from_config(aug.SOFT_NMS, method)
         self.mask_rule = aug.MASK_RULE
         self.mask_chunk = max(1, int(aug.MASK_CHUNK_SIZE))

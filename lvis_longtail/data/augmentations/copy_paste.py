@@ -86,8 +86,11 @@ class CopyPasteStep(SampleStep):
         if not pasted:
             return sample
         kept, covers = occlude(
-            sample.annos, [a["segmentation"] for a in pasted], (h, w),
-            self.box_moved_thresh, self.min_visible_area,
+            sample.annos,
+            [a["segmentation"] for a in pasted],
+            (h, w),
+            self.box_moved_thresh,
+            self.min_visible_area,
         )
         alpha = union_mask(covers, (h, w))
         if covers and isinstance(covers[0], np.ndarray):  # the sample was rasterised
@@ -157,6 +160,10 @@ def CopyPaste(cfg):
                 f"metadata of DATASETS.TRAIN[0] ('{name}'), which it lacks"
             )
     return CopyPasteStep(
-        node.PROB, node.MAX_NUM_PASTED, node.BOX_MOVED_THRESH, node.MIN_VISIBLE_AREA,
-        node.RARE_SOURCE_CANDIDATES, counts,
+        node.PROB,
+        node.MAX_NUM_PASTED,
+        node.BOX_MOVED_THRESH,
+        node.MIN_VISIBLE_AREA,
+        node.RARE_SOURCE_CANDIDATES,
+        counts,
     )

@@ -35,8 +35,13 @@ def union_mask(segms, hw) -> np.ndarray:
     """``(H, W)`` bool union of segmentations (polygon lists and/or masks), rasterised as
     :func:`rasterize` does, with one pycocotools call for all polygons."""
     out = None
-    polys = [np.asarray(p, np.float64).reshape(-1) for s in segms if isinstance(s, list)
-             for p in s if len(p) >= 6]
+    polys = [
+        np.asarray(p, np.float64).reshape(-1)
+        for s in segms
+        if isinstance(s, list)
+        for p in s
+        if len(p) >= 6
+    ]
     if polys:
         rle = mask_util.merge(mask_util.frPyObjects([p.tolist() for p in polys], *hw))
         out = np.ascontiguousarray(mask_util.decode(rle).view(bool))  # 0/1 uint8 as bool

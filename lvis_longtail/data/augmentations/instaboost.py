@@ -96,8 +96,9 @@ class InstaBoostStep(SampleStep):
         shifted = m.copy()
         shifted[:, 2] -= (u0, v0)
         patch = np.zeros_like(image)
-        patch[v0:v1, u0:u1] = cv2.warpAffine(image, shifted, (int(u1 - u0), int(v1 - v0)),
-                                             flags=cv2.INTER_LINEAR)
+        patch[v0:v1, u0:u1] = cv2.warpAffine(
+            image, shifted, (int(u1 - u0), int(v1 - v0)), flags=cv2.INTER_LINEAR
+        )
         new_mask = rasterize(new_segm, hw).astype(bool)
         np.copyto(filled, patch, where=new_mask[:, :, None])
         others = annos[:i] + annos[i + 1 :]

@@ -83,7 +83,8 @@ def _clip_to_canvas(annos, ignores, ch, cw):
     tile's ignore list, as ``CanvasPlaceTransform`` clips); instances cut away are dropped."""
     polys = [
         [np.asarray(p).reshape(-1, 2) for p in a["segmentation"]]
-        if isinstance(a.get("segmentation"), list) else None
+        if isinstance(a.get("segmentation"), list)
+        else None
         for a in annos
     ]
     clipped = clip_polygon_groups(polys + list(ignores), 0, 0, cw, ch)
@@ -94,7 +95,7 @@ def _clip_to_canvas(annos, ignores, ch, cw):
                 continue  # every polygon fell outside the canvas
             anno = dict(anno, segmentation=[p.reshape(-1) for p in poly])
         out.append(anno)
-    ignore = [p for group in clipped[len(annos):] for p in group if len(p)]
+    ignore = [p for group in clipped[len(annos) :] for p in group if len(p)]
     return out, ignore
 
 

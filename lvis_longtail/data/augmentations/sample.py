@@ -115,9 +115,7 @@ def copy_image_into(out: np.ndarray, image: np.ndarray) -> np.ndarray:
     copied by OpenCV's flip (see :func:`contiguous_image`)."""
     if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] in (1, 3, 4):
         base = image[:, ::-1]
-        if image.strides[1] < 0 and base.strides[0] > 0 and base.strides[1:] == (
-            image.shape[2], 1
-        ):
+        if image.strides[1] < 0 and base.strides[0] > 0 and base.strides[1:] == (image.shape[2], 1):
             res = cv2.flip(base, 1, dst=out.reshape(out.shape[:2]) if out.shape[2] == 1 else out)
             if res.ctypes.data == out.ctypes.data:
                 return out
@@ -175,7 +173,8 @@ def transform_sample(sample: Sample, transforms: T.TransformList, image=None) ->
     boxes = np.minimum(boxes, list(hw + hw)[::-1])
     polys = [
         [np.asarray(p).reshape(-1, 2) for p in a["segmentation"]]
-        if isinstance(a.get("segmentation"), list) else None
+        if isinstance(a.get("segmentation"), list)
+        else None
         for a in sample.annos
     ]
     polys = _transform_polygons(polys, transforms)
@@ -245,8 +244,13 @@ def clip_boxes(boxes: np.ndarray, hw) -> np.ndarray:
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     h, w = hw
     boxes = np.stack(
-        [boxes[:, 0].clip(0, w), boxes[:, 1].clip(0, h), boxes[:, 2].clip(0, w),
-         boxes[:, 3].clip(0, h)], axis=1,
+        [
+            boxes[:, 0].clip(0, w),
+            boxes[:, 1].clip(0, h),
+            boxes[:, 2].clip(0, w),
+            boxes[:, 3].clip(0, h),
+        ],
+        axis=1,
     )
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     return boxes[keep]

@@ -62,14 +62,23 @@ class ResizeCropTransform(Transform):
         if sx >= 1.0 and sy >= 1.0:
             m = np.array([[sx, 0.0, 0.5 * sx - 0.5 - self.x0], [0.0, sy, 0.5 * sy - 0.5 - self.y0]])
             flags = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
-            dst = scratch_array("resize_crop", (self.ch, self.cw) + src.shape[2:], src.dtype,
-                                pool=2) if scratch else None
-            out = cv2.warpAffine(src, m, (self.cw, self.ch), dst=dst, flags=flags,
-                                 borderMode=cv2.BORDER_REPLICATE)
+            dst = (
+                scratch_array("resize_crop", (self.ch, self.cw) + src.shape[2:], src.dtype, pool=2)
+                if scratch
+                else None
+            )
+            out = cv2.warpAffine(
+                src, m, (self.cw, self.ch), dst=dst, flags=flags, borderMode=cv2.BORDER_REPLICATE
+            )
         else:
             flags = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
-            dst = scratch_array("resize_crop", (self.new_h, self.new_w) + src.shape[2:],
-                                src.dtype, pool=2) if scratch else None
+            dst = (
+                scratch_array(
+                    "resize_crop", (self.new_h, self.new_w) + src.shape[2:], src.dtype, pool=2
+                )
+                if scratch
+                else None
+            )
             out = cv2.resize(src, (self.new_w, self.new_h), dst=dst, interpolation=flags)
             out = out[self.y0 : self.y0 + self.ch, self.x0 : self.x0 + self.cw]
         return out[:, :, None] if squeeze else out
@@ -104,13 +113,26 @@ class ImagePadTransform(T.PadTransform):
 
     def apply_image(self, img):
         v = float(self.pad_value)
-        if not (img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] in (1, 3, 4)
-                and v.is_integer() and 0 <= v <= 255):
+        if not (
+            img.dtype == np.uint8
+            and img.ndim == 3
+            and img.shape[2] in (1, 3, 4)
+            and v.is_integer()
+            and 0 <= v <= 255
+        ):
             return super().apply_image(img)
         shape = (img.shape[0] + self.y0 + self.y1, img.shape[1] + self.x0 + self.x1)
         dst = scratch_array("pad", shape + img.shape[2:], img.dtype, pool=2)
-        out = cv2.copyMakeBorder(np.ascontiguousarray(img), self.y0, self.y1, self.x0, self.x1,
-                                 cv2.BORDER_CONSTANT, dst=dst, value=(v,) * 4)
+        out = cv2.copyMakeBorder(
+            np.ascontiguousarray(img),
+            self.y0,
+            self.y1,
+            self.x0,
+            self.x1,
+            cv2.BORDER_CONSTANT,
+            dst=dst,
+            value=(v,) * 4,
+        )
         return out.reshape(out.shape[:2] + img.shape[2:])
 
 
@@ -134,10 +156,12 @@ class ScaleJitterCrop(T.Augmentation):
         oy, ox = np.round(np.multiply(max_offset, np.random.uniform(0.0, 1.0))).astype(int)
         ch, cw = min(self.crop[0], new_h - oy), min(self.crop[1], new_w - ox)
         pad_h, pad_w = self.crop[0] - ch, self.crop[1] - cw
-        return T.TransformList([
-            ResizeCropTransform(h, w, new_h, new_w, int(ox), int(oy), int(ch), int(cw)),
-            ImagePadTransform(0, 0, int(pad_w), int(pad_h), int(cw), int(ch), self.pad_value),
-        ])
+        return T.TransformList(
+            [
+                ResizeCropTransform(h, w, new_h, new_w, int(ox), int(oy), int(ch), int(cw)),
+                ImagePadTransform(0, 0, int(pad_w), int(pad_h), int(cw), int(ch), self.pad_value),
+            ]
+        )
 
 
 def scale_jitter_params(cfg):
