@@ -184,6 +184,11 @@ def parse_args(argv=None):
     p.add_argument("--datasets", help="dataset root ($DETECTRON2_DATASETS or ./datasets)")
     p.add_argument("--force", action="store_true", help="retrain finished runs")
     p.add_argument("--report-only", action="store_true", help="only aggregate finished runs")
+    p.add_argument(
+        "--reuse-archive",
+        action="store_true",
+        help="do not retrain runs whose results the results folder archives (same fingerprint)",
+    )
     args = p.parse_args(argv)
     args.mode = "quick" if args.quick else ("cuda" if args.device.startswith("cuda") else "cpu")
     seeds, iters, pre, jobs = MODES[args.mode]
@@ -198,9 +203,12 @@ def parse_args(argv=None):
         )
     elif args.methods == ["all"]:
         args.methods = list(methods_mod.default_methods())
-    args.output = args.output or os.path.join(REPO, "output", "benchmarks", f"longtail_{args.mode}")
-    args.datasets = args.datasets or os.path.expanduser(
-        os.getenv("DETECTRON2_DATASETS", os.path.join(REPO, "datasets"))
+    args.output = os.path.abspath(
+        args.output or os.path.join(REPO, "output", "benchmarks", f"longtail_{args.mode}")
+    )
+    args.datasets = os.path.abspath(
+        args.datasets
+        or os.path.expanduser(os.getenv("DETECTRON2_DATASETS", os.path.join(REPO, "datasets")))
     )
     args.command = " ".join(
         ["python benchmarks/longtail.py"]
@@ -220,6 +228,7 @@ def settings(args) -> plan.Settings:
         dataset_key=json.dumps(DATASETS, sort_keys=True),
         python=sys.executable,
         configs="configs",  # relative to the repository (the runs' cwd): location-free fingerprints
+        anchors={os.path.abspath(args.output): "<runs>", os.path.abspath(args.datasets): "<data>"},
     )
 
 
@@ -229,10 +238,12 @@ def main(argv=None) -> int:
     for name, options in DATASETS.items():
         ensure_dataset(os.path.join(args.datasets, name), options)
     runs = plan.plan_runs(args.methods, args.seeds, settings(args))
+    archive = page.read_archive(page.archive_path(args.results, args.mode))
     if not args.report_only:
         started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         load0 = os.getloadavg()
-        execute(runs, args.jobs, args.threads, args.force)
+        reusable = {r.key for r in runs if args.reuse_archive and page.archived(r, archive)}
+        execute(plan.runs_to_train(runs, reusable), args.jobs, args.threads, args.force)
         page.record_invocation(
             args.output,
             {
@@ -247,9 +258,14 @@ def main(argv=None) -> int:
                 "loadavg_end": list(os.getloadavg()),
             },
         )
-    path = page.write(args, runs, DATASETS, dataset_paths(args.datasets)["val"][0])
+    # the page shows this invocation's rows and seeds and every archived one
+    names, seeds = page.archived_plan(archive)
+    known = methods_mod.methods_by_name()
+    names = list(dict.fromkeys(args.methods + [n for n in names if n in known]))
+    shown = plan.plan_runs(names, sorted(set(args.seeds) | set(seeds)), settings(args))
+    path = page.write(args, shown, DATASETS, dataset_paths(args.datasets)["val"][0])
     print(f"wrote {path}")
-    missing = [r.key for r in runs if not r.done()]
+    missing = [r.key for r in runs if not (r.done() or page.archived(r, archive))]
     if missing:
         print(f"missing runs: {missing}")
     return 1 if missing else 0

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -302,6 +303,65 @@ def test_page_from_finished_runs(tmp_path, driver):
     assert f"- *DiceBCEMaskHead + RFS*: {M.NOTES['dicebce']}" in text
     summary = json.load(open(path[:-3] + ".json"))
     assert summary["per_run"]["dicebce"]["1"]["bbox/APr"] == pytest.approx(34 - 15)
+    assert "5 runs shown: 5 finished in this checkout's runs folder, 0 from the archive" in text
+
+    # the archive alone rebuilds the page in a checkout without the run folders
+    archive_file = page.archive_path(args.results, "cpu")
+    archive = page.read_archive(archive_file)
+    # softmax/seed1 has no csv; the pre-training run has no record here (not finished)
+    assert sorted(archive["runs"]) == sorted(r.key for r in runs[1:] if r.key != "softmax/seed1")
+    shutil.rmtree(tmp_path / "runs")
+    assert not any(r.done() for r in runs)
+    again = open(page.write(args, runs, driver.DATASETS, str(val_json))).read()
+    assert "5 runs shown: 0 finished in this checkout's runs folder, 5 from the archive" in again
+    for line in ("| SoftmaxCE + RFS | 21.5 ± 0.7 |", "+2.0 [+2.0, +2.0]*"):
+        assert line in again
+    assert page.archived_plan(archive_file) == (["softmax", "softmax_rfs", "dicebce"], [0, 1])
+    # a changed row (another fingerprint) does not take archived results
+    changed = _settings(tmp_path / "runs", iters=9)
+    stale = plan.plan_runs(["softmax_rfs", "dicebce"], [0, 1], changed)
+    assert not any(page.archived(r, archive) for r in stale[1:])
+    text3 = open(page.write(args, stale, driver.DATASETS, str(val_json))).read()
+    assert "0 runs shown" in text3 and "Archived runs not shown" in text3
+    assert "dicebce/seed0" in text3.split("Archived runs not shown")[1]
+    assert len(page.read_archive(archive_file)["runs"]) == 5  # kept, not deleted
+
+    # a run trained again next to its archived result is a reproduction: the page says how far
+    run = next(r for r in runs if r.key == "dicebce/seed0")
+    out = os.path.join(run.out_dir, "inference", plan.DATASET_NAMES["val"])
+    os.makedirs(out)
+    _write_csv(tmp_path / "pc.csv", {1: 33.0, 2: 14.0, 3: 23.0}, {1: 33.0, 2: 8.0, 3: 0.0})
+    os.replace(tmp_path / "pc.csv", os.path.join(out, page.CSV_FILE))
+    with open(os.path.join(run.out_dir, plan.RUN_FILE), "w") as f:
+        json.dump({"rc": 0, "fingerprint": run.fingerprint, "wall_s": 60.0}, f)
+    text4 = open(page.write(args, runs, driver.DATASETS, str(val_json))).read()
+    # bbox AP: mean(33, 14, 23) = 23.33 here vs mean(33, 13, 23) = 23.0 archived
+    assert "Reproduction: 1 archived runs were run again here; largest |difference| " in text4
+    assert "|difference| bbox/AP 0.33, bbox/APr 0.50, segm/AP 0.00 AP points" in text4
+    assert "dicebce/seed0 bbox/AP 23.3 vs 23.0" in text4
+    updated = page.read_archive(archive_file)["runs"]["dicebce/seed0"]
+    assert updated["per_class"]["bbox"]["2"] == 14.0
+
+
+def test_archive_errors_name_file_and_run(tmp_path):
+    from lvis_longtail.benchmark import page
+
+    path = tmp_path / "longtail_runs.json"
+    path.write_text("{")
+    with pytest.raises(ValueError, match="longtail_runs.json: not json"):
+        page.read_archive(str(path))
+    path.write_text(json.dumps({"runs": {}}))
+    with pytest.raises(ValueError, match="not a version 1 run archive"):
+        page.read_archive(str(path))
+    entry = {"fingerprint": "ab", "record": {}, "per_class": {"bbox": {"x": 1.0}}}
+    path.write_text(json.dumps({"version": 1, "runs": {"eql/seed0": entry}}))
+    with pytest.raises(ValueError, match=r"run 'eql/seed0': per_class\['bbox'\] must map"):
+        page.read_archive(str(path))
+    entry.update(per_class=None, fingerprint=3)
+    path.write_text(json.dumps({"version": 1, "runs": {"eql/seed0": entry}}))
+    with pytest.raises(ValueError, match="run 'eql/seed0': 'fingerprint' missing"):
+        page.read_archive(str(path))
+    assert page.read_archive(str(tmp_path / "absent.json"))["runs"] == {}
 
 
 def test_extract_init_keeps_backbone(tmp_path):
@@ -319,3 +379,34 @@ def test_extract_init_keeps_backbone(tmp_path):
     )
     with pytest.raises(ValueError, match="no weights start with"):
         plan.extract_init(src, dst, prefixes=("nope.",))
+
+
+def test_fingerprints_do_not_depend_on_folders(tmp_path):
+    def plan_in(root):
+        s = _settings(
+            root / "runs",
+            datasets={k: (str(root / "data" / f"{k}.json"), str(root / "data")) for k in
+                      ("pretrain", "train", "val")},
+            anchors={str(root / "runs"): "<runs>", str(root / "data"): "<data>"},
+        )  # fmt: skip
+        return {r.key: r.fingerprint for r in plan.plan_runs(["bags"], [0], s)}
+
+    assert plan_in(tmp_path / "a") == plan_in(tmp_path / "b")
+    unanchored = {r.key: r.fingerprint for r in plan.plan_runs(["bags"], [0], _settings(tmp_path))}
+    assert unanchored != plan_in(tmp_path / "a")  # without anchors the folder is part of it
+
+
+def test_runs_to_train_keeps_what_training_runs_start_from(tmp_path):
+    runs = plan.plan_runs(["bags", "eqlv2"], [0], _settings(tmp_path))
+    keys = lambda rs: [r.key for r in rs]  # noqa: E731
+    everything = {r.key for r in runs}
+    assert keys(plan.runs_to_train(runs, set())) == keys(runs)
+    assert keys(plan.runs_to_train(runs, everything)) == []
+    # bags fine-tunes softmax_rfs: its archived results do not hold its weights
+    archived = everything - {"bags/seed0"}
+    assert keys(plan.runs_to_train(runs, archived)) == [
+        "pretrain/seed0", "softmax_rfs/seed0", "bags/seed0",
+    ]  # fmt: skip
+    assert keys(plan.runs_to_train(runs, everything - {"eqlv2/seed0"})) == [
+        "pretrain/seed0", "eqlv2/seed0",
+    ]  # fmt: skip

@@ -1,5 +1,13 @@
 """Write the long-tail benchmark's results page: collect finished runs, render the markdown
-(setup, summary, paired differences with intervals, plots) and a json of every number."""
+(setup, summary, paired differences with intervals, plots) and a json of every number.
+
+Next to the page, ``longtail[_mode]_runs.json`` archives every finished run: its fingerprint
+(location-free, :mod:`lvis_longtail.benchmark.plan`), its per-class AP and its timing record.
+The page is built from the planned runs that finished here and, for the others, from archived
+runs with the planned fingerprint, so a results folder committed by one checkout is extended
+by the next one without retraining what it holds; a run found both here and in the archive is
+a reproduction, and the page lists how far the two differ.
+"""
 
 import json
 import math
@@ -30,6 +38,7 @@ SUMMARY_KEYS = (
 )  # fmt: skip
 CLS_KEYS = ("bbox/APr", "bbox/AP", "bbox/APc", "bbox/APf", "segm/APr")
 MASK_KEYS = ("segm/AP", "segm/APr", "segm/thin", "segm/APf", "bbox/AP")
+REPRO_KEYS = ("bbox/AP", "bbox/APr", "segm/AP")
 ROW_NOTES = """\
 How to read the rows. Every row is one config of `lvis_longtail/benchmark/methods.py`, trained
 per seed from the same pre-trained backbone + FPN on the same long-tailed train split. Each Δ is
@@ -42,6 +51,81 @@ on the first Δ would need at the observed spread. A row shows what its change d
 detector, at this schedule, on synthetic shapes whose class is given by shape and colour; it
 cannot show what the method does on LVIS (real appearance variety, 1203 classes, 100k images),
 at other schedules, or for methods whose hyper-parameters were tuned for LVIS and not here."""
+
+
+ARCHIVE_VERSION = 1
+
+
+def archive_path(results: str, mode: str) -> str:
+    """``<results>/longtail[_mode]_runs.json``."""
+    return os.path.join(results, "longtail" + ("" if mode == "cpu" else f"_{mode}") + "_runs.json")
+
+
+def read_archive(path: str) -> dict:
+    """``{"runs": {key: entry}, "invocations": [...]}`` of an archive (empty when absent).
+
+    An entry is ``{"fingerprint": str, "record": {...}, "per_class": {task: {category id
+    (str): AP}} or None}`` (None: the pre-training run).
+
+    Raises:
+        ValueError: naming the file, run and field of a malformed entry.
+    """
+    if not os.path.isfile(path):
+        return {"version": ARCHIVE_VERSION, "runs": {}, "invocations": []}
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not json: {e}") from None
+    if not isinstance(data, dict) or data.get("version") != ARCHIVE_VERSION:
+        raise ValueError(f"{path}: not a version {ARCHIVE_VERSION} run archive")
+    runs = data.get("runs")
+    if not isinstance(runs, dict):
+        raise ValueError(f"{path}: 'runs' must be an object of run key -> entry")
+    for key, entry in runs.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("fingerprint"), str):
+            raise ValueError(f"{path}: run {key!r}: 'fingerprint' missing or not a string")
+        if not isinstance(entry.get("record"), dict):
+            raise ValueError(f"{path}: run {key!r}: 'record' missing or not an object")
+        pc = entry.get("per_class")
+        if pc is None:
+            continue
+        if not isinstance(pc, dict):
+            raise ValueError(f"{path}: run {key!r}: 'per_class' must be an object or null")
+        for task, values in pc.items():
+            if not isinstance(values, dict) or not all(
+                isinstance(v, (int, float)) and k.isdigit() for k, v in values.items()
+            ):
+                raise ValueError(
+                    f"{path}: run {key!r}: per_class[{task!r}] must map category ids to AP"
+                )
+    data.setdefault("invocations", [])
+    return data
+
+
+def archived_plan(path: str) -> tuple:
+    """The row names and seeds an archive holds (the driver reports them too)."""
+    names, seeds = [], set()
+    for key in read_archive(path)["runs"]:
+        name, _, seed = key.rpartition("/seed")
+        if name != "pretrain" and seed.isdigit():
+            names.append(name) if name not in names else None
+            seeds.add(int(seed))
+    return names, sorted(seeds)
+
+
+def archived(run: Run, archive: dict) -> bool:
+    """Whether ``archive`` (:func:`read_archive`) holds ``run``'s results, same fingerprint."""
+    entry = archive["runs"].get(run.key)
+    return (
+        entry is not None
+        and entry["fingerprint"] == run.fingerprint
+        and (run.method is None or entry["per_class"] is not None)
+    )
+
+
+def _archived_per_class(entry: dict) -> dict:
+    return {t: {int(c): float(v) for c, v in pc.items()} for t, pc in entry["per_class"].items()}
 
 
 def record_invocation(output: str, invocation: dict) -> None:
@@ -58,13 +142,24 @@ def read_invocations(output: str) -> List[dict]:
         return json.load(f)
 
 
-def collect(runs: Sequence[Run], val_dataset: str, classes: Dict[int, dict]):
-    """Per-class AP ``{row: {seed: PerClass}}``, run records, and csv/json mismatches."""
+def collect(runs: Sequence[Run], val_dataset: str, classes: Dict[int, dict], archive: dict):
+    """Per-class AP ``{row: {seed: PerClass}}`` and run records of the finished runs (here, or
+    archived with the planned fingerprint), csv/json mismatches, reproductions (runs found in
+    both: ``[(key, metric, here, archived)]``) and the updated archive entries."""
     per_class: Dict[str, Dict[int, dict]] = {}
     records: Dict[str, Dict[int, dict]] = {}
-    mismatches = []
+    mismatches, reproduced = [], []
+    entries = dict(archive["runs"])
     for run in runs:
-        if run.method is None or not run.done():
+        old = entries.get(run.key) if archived(run, archive) else None
+        if not run.done():
+            if old is not None and run.method is not None:
+                records.setdefault(run.name, {})[run.seed] = old["record"]
+                per_class.setdefault(run.name, {})[run.seed] = _archived_per_class(old)
+            continue
+        record = {k: v for k, v in run.record().items() if k != "cmd"}  # cmd: local paths
+        if run.method is None:  # the pre-training: its record only
+            entries[run.key] = {"fingerprint": run.fingerprint, "record": record, "per_class": None}
             continue
         inference = os.path.join(run.out_dir, "inference", val_dataset)
         csv_path = os.path.join(inference, CSV_FILE)
@@ -73,13 +168,22 @@ def collect(runs: Sequence[Run], val_dataset: str, classes: Dict[int, dict]):
             continue
         pc = read_per_class(csv_path)
         per_class.setdefault(run.name, {})[run.seed] = pc
-        records.setdefault(run.name, {})[run.seed] = run.record()
+        records.setdefault(run.name, {})[run.seed] = record
+        metrics = run_metrics(pc, classes)
         metrics_path = os.path.join(inference, METRICS_FILE)
         if os.path.isfile(metrics_path):
             with open(metrics_path) as f:
-                bad = check_against_metrics(run_metrics(pc, classes), json.load(f))
+                bad = check_against_metrics(metrics, json.load(f))
             mismatches += [(run.key, *m) for m in bad]
-    return per_class, records, mismatches
+        if old is not None and old["per_class"] is not None:
+            before = run_metrics(_archived_per_class(old), classes)
+            reproduced += [(run.key, k, metrics[k], before[k]) for k in REPRO_KEYS]
+        entries[run.key] = {
+            "fingerprint": run.fingerprint,
+            "record": record,
+            "per_class": {t: {str(c): v for c, v in d.items()} for t, d in pc.items()},
+        }
+    return per_class, records, mismatches, reproduced, entries
 
 
 def _mean(values) -> float:
@@ -101,7 +205,11 @@ def write(args, runs: Sequence[Run], datasets: dict, val_json: str) -> str:
         val = json.load(f)
     classes = class_info(val["categories"])
     train_images = {c["id"]: c.get("image_count", 0) for c in val["categories"]}
-    per_class, records, mismatches = collect(runs, DATASET_NAMES["val"], classes)
+    archive_file = archive_path(args.results, args.mode)
+    archive = read_archive(archive_file)
+    per_class, records, mismatches, reproduced, entries = collect(
+        runs, DATASET_NAMES["val"], classes, archive
+    )
     table = methods_by_name()
     shown = [m for m in table.values() if m.name in per_class]
     rows = [(m.name, m.label) for m in shown]
@@ -126,7 +234,10 @@ def write(args, runs: Sequence[Run], datasets: dict, val_json: str) -> str:
 
     base_runs = per_class.get(BASELINE, {})
     base_ap = _mean([run_metrics(pc, classes)["bbox/AP"] for pc in base_runs.values()])
-    invocations = read_invocations(args.output)
+    seen = {i.get("start_ts") for i in archive["invocations"]}
+    invocations = archive["invocations"] + [
+        i for i in read_invocations(args.output) if i.get("start_ts") not in seen
+    ]
     wall = [r["wall_s"] for rs in records.values() for r in rs.values()]
     spi = [
         r.get("s_per_iter")
@@ -135,7 +246,15 @@ def write(args, runs: Sequence[Run], datasets: dict, val_json: str) -> str:
         if table[n].kind == "train"
     ]
     pre = next((r for r in runs if r.method is None), None)
-    pre_rec = pre.record() if pre is not None and pre.done() else None
+    pre_entry = entries.get(pre.key) if pre is not None else None
+    pre_rec = (
+        pre_entry["record"]
+        if pre_entry is not None and pre_entry["fingerprint"] == pre.fingerprint
+        else None
+    )
+    planned = {r.key: r.fingerprint for r in runs}
+    shown_seeds = sorted({seed for v in per_class.values() for seed in v})
+    stale = sorted(k for k, e in entries.items() if planned.get(k) not in (None, e["fingerprint"]))
     lines = [
         f"# Long-tail benchmark on the synthetic LVIS-format dataset ({args.mode} mode)",
         "",
@@ -168,7 +287,7 @@ def write(args, runs: Sequence[Run], datasets: dict, val_json: str) -> str:
         else "- Initialisation: none (every row from scratch).",
         f"- Schedule: {args.iters} iterations at batch 4 (warmup 10 %, LR steps at 70 % and 90 "
         f"%), fine-tunes a third of that; `DATALOADER.REPEAT_THRESHOLD {args.repeat_threshold}` "
-        f"for RFS rows; `MODEL.DEVICE {args.device}`; seeds {', '.join(map(str, args.seeds))}.",
+        f"for RFS rows; `MODEL.DEVICE {args.device}`; seeds {', '.join(map(str, shown_seeds))}.",
         f"- Baseline level: SoftmaxCE (no RFS) bbox AP {base_ap:.1f} on val (target ≥ "
         f"{TARGET_BBOX_AP:.0f}: {'met' if base_ap >= TARGET_BBOX_AP else 'NOT met'}).",
         "",
@@ -195,6 +314,36 @@ def write(args, runs: Sequence[Run], datasets: dict, val_json: str) -> str:
         f"![per-class AP vs training images]({pc_png})",
         "",
     ]
+    here = sum(
+        r.method is not None and r.done() and r.seed in per_class.get(r.name, {}) for r in runs
+    )
+    shown_n = sum(len(v) for v in per_class.values())
+    lines += [
+        "## Runs",
+        "",
+        f"{shown_n} runs shown: {here} finished in this checkout's runs folder, "
+        f"{shown_n - here} from the archive `{os.path.basename(archive_file)}` (same "
+        "fingerprint: same command line, schedule, data and initialisation).",
+    ]
+    if reproduced:
+        worst = {k: max(abs(a - b) for _, key, a, b in reproduced if key == k) for k in REPRO_KEYS}
+        lines += [
+            "",
+            f"Reproduction: {len(reproduced) // len(REPRO_KEYS)} archived runs were run again "
+            "here; largest |difference| "
+            + ", ".join(f"{k} {v:.2f}" for k, v in worst.items())
+            + " AP points ("
+            + "; ".join(
+                f"{key} {k} {a:.1f} vs {b:.1f}"
+                for key, k, a, b in reproduced
+                if abs(a - b) > 0.05 and k == REPRO_KEYS[0]
+            )
+            + ").",
+        ]
+    if stale:
+        lines += ["", f"Archived runs not shown (their fingerprint differs from the plan's): "
+                  f"{', '.join(stale)}."]  # fmt: skip
+    lines.append("")
     if mismatches:
         lines += [
             "**Warning**: a per-class csv is missing, or its group AP differs from "
@@ -219,4 +368,7 @@ def write(args, runs: Sequence[Run], datasets: dict, val_json: str) -> str:
         for name, seeds in per_class.items()
     }
     write_json_atomic({"per_run": summary, "invocations": invocations}, path[:-3] + ".json")
+    write_json_atomic(
+        {"version": ARCHIVE_VERSION, "runs": entries, "invocations": invocations}, archive_file
+    )
     return path

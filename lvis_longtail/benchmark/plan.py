@@ -6,14 +6,16 @@ same *fingerprint* as planned: a hash of its command line (config, overrides, sc
 dataset paths, seed, device) and of its dependencies' fingerprints (the pre-training run, the
 base of a fine-tune) and of the generated datasets' options. Changing anything upstream
 therefore retrains exactly what it affects, and an interrupted benchmark continues where it
-stopped.
+stopped. Fingerprints do not depend on where the runs and datasets live (``Settings.anchors``),
+so the results folder's archive of finished runs (``lvis_longtail.benchmark.page``) stays valid
+in another checkout.
 """
 
 import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Set
 
 from lvis_longtail.benchmark.methods import Method, methods_by_name
 
@@ -38,6 +40,8 @@ class Settings:
         dataset_key: hash of the generator options of the datasets (part of fingerprints).
         python: interpreter of the runs.
         configs: the ``configs/`` folder.
+        anchors: ``{folder: token}``; each folder in a command line is replaced by its token in
+            the fingerprint (the runs and datasets folders), so fingerprints are location-free.
     """
 
     iters: int
@@ -49,6 +53,7 @@ class Settings:
     dataset_key: str = ""
     python: str = "python"
     configs: str = "configs"
+    anchors: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,6 +67,7 @@ class Run:
     deps: List["Run"] = field(default_factory=list)
     cmd: List[str] = field(default_factory=list)
     salt: str = ""  # the datasets' generator options
+    anchors: Sequence[tuple] = ()  # (folder, token), longest folder first
 
     @property
     def key(self) -> str:
@@ -69,7 +75,12 @@ class Run:
 
     @property
     def fingerprint(self) -> str:
-        parts = self.cmd[1:] + [self.salt] + [d.fingerprint for d in self.deps]  # no interpreter
+        parts = []
+        for part in self.cmd[1:]:  # not the interpreter
+            for folder, token in self.anchors:
+                part = part.replace(folder, token)
+            parts.append(part)
+        parts += [self.salt] + [d.fingerprint for d in self.deps]
         return hashlib.sha1("\0".join(parts).encode()).hexdigest()[:16]
 
     def record(self) -> Optional[dict]:
@@ -164,16 +175,18 @@ def plan_runs(names: Sequence[str], seeds: Sequence[int], s: Settings, methods=N
 
     for name in names:
         add(name)
+    anchors = tuple(sorted(s.anchors.items(), key=lambda kv: -len(kv[0])))
     pre = None
     if s.pretrain_iters > 0:
-        pre = Run("pretrain", PRETRAIN_SEED, os.path.join(s.output, "pretrain"))
+        pre = Run("pretrain", PRETRAIN_SEED, os.path.join(s.output, "pretrain"), anchors=anchors)
         pre.cmd, pre.salt = pretrain_command(pre, s), s.dataset_key
     runs: Dict[str, Run] = {}
     ordered = [pre] if pre else []
     for seed in seeds:
         for name in wanted:
             m = table[name]
-            run = Run(name, seed, os.path.join(s.output, name, f"seed{seed}"), method=m)
+            out_dir = os.path.join(s.output, name, f"seed{seed}")
+            run = Run(name, seed, out_dir, method=m, anchors=anchors)
             if m.base:
                 run.deps = [runs[f"{m.base}/seed{seed}"]]
             elif pre:
@@ -182,6 +195,18 @@ def plan_runs(names: Sequence[str], seeds: Sequence[int], s: Settings, methods=N
             runs[run.key] = run
             ordered.append(run)
     return ordered
+
+
+def runs_to_train(runs: Sequence[Run], reusable: Set[str]) -> List[Run]:
+    """The runs of ``runs`` (in order) that must train here: all but those in ``reusable``
+    (keys whose results are archived) that no kept run starts from (an archive holds no
+    weights: a fine-tune's base and the pre-training of a row that trains are kept)."""
+    kept: List[Run] = []
+    for run in reversed(runs):
+        if run.key in reusable and not any(run in k.deps for k in kept):
+            continue
+        kept.append(run)
+    return kept[::-1]
 
 
 def extract_init(model_final: str, out_path: str, prefixes: Sequence[str] = ("backbone.",)):
