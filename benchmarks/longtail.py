@@ -2,8 +2,9 @@
 """Long-tail benchmark on the synthetic dataset: does each method really help rare classes?
 
 Every row of ``lvis_longtail/benchmark/methods.py`` (one line each; add yours there) is trained
-per seed in its own ``train_net.py`` subprocess, from a backbone + FPN pre-trained once on a
-separate, class-balanced synthetic split (the analogue of ImageNet initialisation; cached), on
+per seed in its own ``train_net.py`` subprocess, from a backbone + FPN (and the mask head's
+class-agnostic layers, ``plan.INIT_PREFIXES``) pre-trained once on a separate, class-balanced
+synthetic split (the analogue of ImageNet initialisation; cached), on
 the long-tailed train split, and evaluated on a 400-image val split with >= 25 instances per
 class. The report (``lvis_longtail.benchmark.report``) reads each run's ``lvis_per_class.csv``
 and writes ``benchmarks/results/longtail[_quick|_cuda].md`` with paired differences to each
@@ -141,7 +142,7 @@ def execute(
             log.close()
             del active[key]
             rc = proc.returncode
-            if rc == 0 and run.method is None:  # the pre-training: keep backbone + FPN
+            if rc == 0 and run.method is None:  # the pre-training: keep plan.INIT_PREFIXES
                 plan.extract_init(
                     os.path.join(run.out_dir, "model_final.pth"),
                     os.path.join(run.out_dir, plan.INIT_FILE),

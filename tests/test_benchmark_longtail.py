@@ -368,11 +368,19 @@ def test_extract_init_keeps_backbone(tmp_path):
     import torch
 
     src, dst = str(tmp_path / "model_final.pth"), str(tmp_path / plan.INIT_FILE)
-    state = {"backbone.bottom_up.w": torch.ones(2), "backbone.fpn_lateral2.b": torch.zeros(1)}
-    torch.save(
-        {"model": {**state, "roi_heads.box_predictor.w": torch.ones(3)}, "iteration": 9}, src
-    )
-    assert plan.extract_init(src, dst) == 2
+    state = {
+        "backbone.bottom_up.w": torch.ones(2),
+        "backbone.fpn_lateral2.b": torch.zeros(1),
+        "roi_heads.mask_head.mask_fcn1.weight": torch.ones(1),
+        "roi_heads.mask_head.deconv.bias": torch.ones(1),
+    }
+    fresh = {  # class-specific or not pre-trained here
+        "roi_heads.box_predictor.w": torch.ones(3),
+        "roi_heads.mask_head.predictor.weight": torch.ones(2),
+        "proposal_generator.rpn_head.conv.weight": torch.ones(1),
+    }
+    torch.save({"model": {**state, **fresh}, "iteration": 9}, src)
+    assert plan.extract_init(src, dst) == 4
     loaded = torch.load(dst, weights_only=False)["model"]
     assert sorted(loaded) == sorted(state) and torch.equal(
         loaded["backbone.bottom_up.w"], state["backbone.bottom_up.w"]

@@ -280,9 +280,10 @@ def write(args, runs: Sequence[Run], datasets: dict, val_json: str) -> str:
         f"{sum(c['frequency'] == 'c' for c in classes.values())} common, "
         f"{sum(c['frequency'] == 'f' for c in classes.values())} frequent; "
         f"{sum(c['thin'] for c in classes.values())} thin/hollow, walls 1.5x the default).",
-        f"- Initialisation: backbone + FPN of SoftmaxCE trained {args.pretrain_iters} iterations "
-        "on the class-balanced pre-training split (1600 images, another seed), cached; RPN and "
-        "RoI heads start fresh in every row."
+        f"- Initialisation: backbone + FPN and the mask head's convolutions and deconvolution of "
+        f"SoftmaxCE trained {args.pretrain_iters} iterations on the class-balanced pre-training "
+        "split (1600 images, another seed and class assignment), cached; the RPN, the box head "
+        "and the class-specific mask predictor start fresh in every row."
         if args.pretrain_iters
         else "- Initialisation: none (every row from scratch).",
         f"- Schedule: {args.iters} iterations at batch 4 (warmup 10 %, LR steps at 70 % and 90 "

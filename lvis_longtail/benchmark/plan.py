@@ -23,6 +23,11 @@ RUN_FILE = "benchmark_run.json"
 PRETRAIN_CONFIG = "tiny/mask_rcnn_R18_FPN_tiny_softmax.yaml"
 PRETRAIN_SEED = 0
 INIT_FILE = "init_backbone.pth"
+# What a row takes from the pre-training: backbone + FPN and the class-agnostic layers of the
+# mask head (its convolutions and deconvolution: thin walls need more than a row's schedule to
+# be learnt from scratch); the RPN, the box head and the class-specific mask predictor start
+# fresh (the pre-training split's class ids are another assignment).
+INIT_PREFIXES = ("backbone.", "roi_heads.mask_head.mask_fcn", "roi_heads.mask_head.deconv")
 DATASET_NAMES = {"pretrain": "lt_bench_pretrain", "train": "lt_bench_train", "val": "lt_bench_val"}
 
 
@@ -187,11 +192,13 @@ def plan_runs(names: Sequence[str], seeds: Sequence[int], s: Settings, methods=N
             m = table[name]
             out_dir = os.path.join(s.output, name, f"seed{seed}")
             run = Run(name, seed, out_dir, method=m, anchors=anchors)
+            salt = s.dataset_key
             if m.base:
                 run.deps = [runs[f"{m.base}/seed{seed}"]]
             elif pre:
                 run.deps = [pre]
-            run.cmd, run.salt = method_command(run, s), s.dataset_key
+                salt += "\0init:" + ",".join(INIT_PREFIXES)
+            run.cmd, run.salt = method_command(run, s), salt
             runs[run.key] = run
             ordered.append(run)
     return ordered
@@ -209,9 +216,9 @@ def runs_to_train(runs: Sequence[Run], reusable: Set[str]) -> List[Run]:
     return kept[::-1]
 
 
-def extract_init(model_final: str, out_path: str, prefixes: Sequence[str] = ("backbone.",)):
-    """Keep the ``prefixes`` weights of a checkpoint (the pre-trained backbone + FPN) in a
-    new checkpoint ``{"model": {...}}``; the RoI heads and RPN of every row start fresh.
+def extract_init(model_final: str, out_path: str, prefixes: Sequence[str] = INIT_PREFIXES):
+    """Keep the ``prefixes`` weights of a checkpoint (:data:`INIT_PREFIXES`: the pre-trained
+    backbone + FPN and mask-head layers) in a new checkpoint ``{"model": {...}}``.
 
     Returns:
         the number of tensors kept.
