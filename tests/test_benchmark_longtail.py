@@ -418,3 +418,24 @@ def test_runs_to_train_keeps_what_training_runs_start_from(tmp_path):
     assert keys(plan.runs_to_train(runs, everything - {"eqlv2/seed0"})) == [
         "pretrain/seed0", "eqlv2/seed0",
     ]  # fmt: skip
+
+
+def test_init_prefixes_name_layers_every_row_loads():
+    """The pre-trained tensors that rows start from exist, with the same shapes, in the model
+    of every row that trains from the initialisation (so none is silently skipped)."""
+    from conftest import tiny_cfg
+    from detectron2.modeling import build_model
+
+    def shapes(config):
+        cfg = tiny_cfg(config_file=os.path.join(_REPO, "configs", config))
+        return {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+
+    pre = shapes(plan.PRETRAIN_CONFIG)
+    kept = {k: v for k, v in pre.items() if k.startswith(plan.INIT_PREFIXES)}
+    for prefix in plan.INIT_PREFIXES:
+        assert any(k.startswith(prefix) for k in kept), prefix
+    assert not any("predictor" in k for k in kept)  # class-specific layers start fresh
+    for config in sorted({m.config for m in M.METHODS if not m.base}):
+        row = shapes(config)
+        wrong = {k: (v, row.get(k)) for k, v in kept.items() if row.get(k) != v}
+        assert not wrong, f"{config}: {wrong}"

@@ -149,8 +149,10 @@ NOTES = {
     "htc_lite_noctx": "HTC-Lite without its context branch against HTC-Lite: the context alone.",
     "balanced_softmax": "the log-prior offset of Balanced Softmax against softmax, no RFS.",
     "logit_adjustment": "logit-adjusted CE against softmax, no RFS.",
-    "ecm": "the effective class-margin loss with the reference's cosine classifier (scale 20), "
-    "with RFS, at a schedule far shorter than the reference's 10,000-iteration warm-up.",
+    "ecm": "the effective class-margin loss with the reference's cosine classifier (scale 20) "
+    "and gradient clip, with RFS, at a schedule far shorter than the reference's "
+    "10,000-iteration warm-up; not the loss alone (the classifier differs from the reference "
+    "row's).",
     "norcal": "post-hoc NorCal (default gamma) on the SoftmaxCE model of the same seed; gamma "
     "is not tuned here (use norcal_sweep).",
     "tta": "the 1st-place test-time augmentation on the SoftmaxCE + RFS model of the same seed.",
