@@ -316,7 +316,7 @@ def test_page_from_finished_runs(tmp_path, driver):
     assert "5 runs shown: 0 finished in this checkout's runs folder, 5 from the archive" in again
     for line in ("| SoftmaxCE + RFS | 21.5 ± 0.7 |", "+2.0 [+2.0, +2.0]*"):
         assert line in again
-    assert page.archived_plan(archive_file) == (["softmax", "softmax_rfs", "dicebce"], [0, 1])
+    assert page.archived_plan(archive) == (["softmax", "softmax_rfs", "dicebce"], [0, 1])
     # a changed row (another fingerprint) does not take archived results
     changed = _settings(tmp_path / "runs", iters=9)
     stale = plan.plan_runs(["softmax_rfs", "dicebce"], [0, 1], changed)

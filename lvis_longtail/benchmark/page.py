@@ -103,10 +103,11 @@ def read_archive(path: str) -> dict:
     return data
 
 
-def archived_plan(path: str) -> tuple:
-    """The row names and seeds an archive holds (the driver reports them too)."""
+def archived_plan(archive: dict) -> tuple:
+    """The row names and seeds an archive (:func:`read_archive`) holds (the driver reports
+    them too)."""
     names, seeds = [], set()
-    for key in read_archive(path)["runs"]:
+    for key in archive["runs"]:
         name, _, seed = key.rpartition("/seed")
         if name != "pretrain" and seed.isdigit():
             names.append(name) if name not in names else None
