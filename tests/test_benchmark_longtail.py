@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -439,3 +440,37 @@ def test_init_prefixes_name_layers_every_row_loads():
         row = shapes(config)
         wrong = {k: (v, row.get(k)) for k, v in kept.items() if row.get(k) != v}
         assert not wrong, f"{config}: {wrong}"
+
+
+def test_driver_report_only_adds_archived_rows(tmp_path, driver, monkeypatch):
+    """``--report-only`` end to end: the page shows this invocation's rows and the archived
+    ones; the exit status counts archived runs as present."""
+    from lvis_longtail.benchmark import page
+
+    monkeypatch.setattr(driver, "ensure_dataset", lambda root, options: None)
+    val = tmp_path / "data" / "lt_bench" / "annotations" / "lt_synthetic_val.json"
+    val.parent.mkdir(parents=True)
+    val.write_text(json.dumps({"images": [{"id": 1}], "categories": CATEGORIES}))
+    argv = ["--output", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
+    argv += ["--datasets", str(tmp_path / "data"), "--seeds", "0", "--report-only"]
+
+    def finish(names):
+        args = driver.parse_args(argv + ["--methods", *names])
+        for run in plan.plan_runs(args.methods, args.seeds, driver.settings(args)):
+            out = os.path.join(run.out_dir, "inference", plan.DATASET_NAMES["val"])
+            os.makedirs(out, exist_ok=True)
+            if run.method is not None:
+                _write_csv(Path(out) / page.CSV_FILE, {1: 40.0, 2: 20.0}, {1: 30.0})
+            with open(os.path.join(run.out_dir, plan.RUN_FILE), "w") as f:
+                json.dump({"rc": 0, "fingerprint": run.fingerprint, "wall_s": 1.0}, f)
+
+    finish(["eqlv2"])  # and its reference, softmax
+    assert driver.main(argv + ["--methods", "eqlv2"]) == 0
+    shutil.rmtree(tmp_path / "runs")  # another checkout: only the results folder
+    finish(["softmax_rfs"])
+    assert driver.main(argv + ["--methods", "softmax_rfs"]) == 0
+    text = (tmp_path / "results" / "longtail.md").read_text()
+    for label in ("| SoftmaxCE (no RFS) |", "| SoftmaxCE + RFS |", "| EQLv2 (no RFS) |"):
+        assert label in text
+    assert "3 runs shown: 2 finished in this checkout's runs folder, 1 from the archive" in text
+    assert driver.main(argv + ["--methods", "fedloss"]) == 1  # never run: missing
