@@ -305,6 +305,8 @@ def test_page_from_finished_runs(tmp_path, driver):
     summary = json.load(open(path[:-3] + ".json"))
     assert summary["per_run"]["dicebce"]["1"]["bbox/APr"] == pytest.approx(34 - 15)
     assert "5 runs shown: 5 finished in this checkout's runs folder, 0 from the archive" in text
+    # the same runs reported again are not reproductions of themselves
+    assert "Reproduction" not in open(page.write(args, runs, driver.DATASETS, str(val_json))).read()
 
     # the archive alone rebuilds the page in a checkout without the run folders
     archive_file = page.archive_path(args.results, "cpu")
@@ -334,7 +336,7 @@ def test_page_from_finished_runs(tmp_path, driver):
     _write_csv(tmp_path / "pc.csv", {1: 33.0, 2: 14.0, 3: 23.0}, {1: 33.0, 2: 8.0, 3: 0.0})
     os.replace(tmp_path / "pc.csv", os.path.join(out, page.CSV_FILE))
     with open(os.path.join(run.out_dir, plan.RUN_FILE), "w") as f:
-        json.dump({"rc": 0, "fingerprint": run.fingerprint, "wall_s": 60.0}, f)
+        json.dump({"rc": 0, "fingerprint": run.fingerprint, "wall_s": 61.0}, f)
     text4 = open(page.write(args, runs, driver.DATASETS, str(val_json))).read()
     # bbox AP: mean(33, 14, 23) = 23.33 here vs mean(33, 13, 23) = 23.0 archived
     assert "Reproduction: 1 archived runs were run again here; largest |difference| " in text4

@@ -146,7 +146,8 @@ def read_invocations(output: str) -> List[dict]:
 def collect(runs: Sequence[Run], val_dataset: str, classes: Dict[int, dict], archive: dict):
     """Per-class AP ``{row: {seed: PerClass}}`` and run records of the finished runs (here, or
     archived with the planned fingerprint), csv/json mismatches, reproductions (runs found in
-    both: ``[(key, metric, here, archived)]``) and the updated archive entries."""
+    both, as different runs: ``[(key, metric, here, archived)]``) and the updated archive
+    entries."""
     per_class: Dict[str, Dict[int, dict]] = {}
     records: Dict[str, Dict[int, dict]] = {}
     mismatches, reproduced = [], []
@@ -176,7 +177,7 @@ def collect(runs: Sequence[Run], val_dataset: str, classes: Dict[int, dict], arc
             with open(metrics_path) as f:
                 bad = check_against_metrics(metrics, json.load(f))
             mismatches += [(run.key, *m) for m in bad]
-        if old is not None and old["per_class"] is not None:
+        if old is not None and old["record"] != record:  # another run of it: a reproduction
             before = run_metrics(_archived_per_class(old), classes)
             reproduced += [(run.key, k, metrics[k], before[k]) for k in REPRO_KEYS]
         entries[run.key] = {
@@ -329,18 +330,18 @@ def write(args, runs: Sequence[Run], datasets: dict, val_json: str) -> str:
     ]
     if reproduced:
         worst = {k: max(abs(a - b) for _, key, a, b in reproduced if key == k) for k in REPRO_KEYS}
+        differing = "; ".join(
+            f"{key} {k} {a:.1f} vs {b:.1f}"
+            for key, k, a, b in reproduced
+            if abs(a - b) > 0.05 and k == REPRO_KEYS[0]
+        )
         lines += [
             "",
             f"Reproduction: {len(reproduced) // len(REPRO_KEYS)} archived runs were run again "
             "here; largest |difference| "
             + ", ".join(f"{k} {v:.2f}" for k, v in worst.items())
-            + " AP points ("
-            + "; ".join(
-                f"{key} {k} {a:.1f} vs {b:.1f}"
-                for key, k, a, b in reproduced
-                if abs(a - b) > 0.05 and k == REPRO_KEYS[0]
-            )
-            + ").",
+            + " AP points"
+            + (f" ({differing})." if differing else "."),
         ]
     if stale:
         lines += ["", f"Archived runs not shown (their fingerprint differs from the plan's): "
