@@ -18,6 +18,7 @@ from lvis_longtail.modeling.roi_heads.context_head import (
     context_targets,
     fuse_context,
 )
+from lvis_longtail.modeling.roi_heads.htc_lite import cap_foreground
 
 K = 6
 SMALL = [
@@ -170,6 +171,43 @@ def test_last_stage_proposals_carry_matching_gt_masks(storage, monkeypatch):
         assert torch.equal(props.gt_masks.tensor[fg], gt.gt_masks.tensor[best])
         assert torch.equal(props.gt_classes[fg], gt.gt_classes[best])
     assert fg_total > 0
+
+
+def test_mask_positive_cap_draws_a_subset_of_each_images_foreground(storage, monkeypatch):
+    bg = K
+    props = []
+    for classes in ([0, bg, 1, 2, bg, 3, 4], [bg, 5, bg]):
+        p = Instances((8, 8))
+        p.gt_classes = torch.tensor(classes)
+        p.row = torch.arange(len(classes))
+        props.append(p)
+    assert cap_foreground(props, K, 0) is props  # 0: no cap
+    torch.manual_seed(0)
+    capped = cap_foreground(props, K, 2)
+    assert [len(p) for p in capped] == [2, 1]  # 5 positives -> 2; 1 positive -> kept
+    rows = capped[0].row.tolist()
+    assert len(set(rows)) == 2 and set(rows) <= {0, 2, 3, 5, 6}  # distinct positives
+    assert capped[1].row.tolist() == [1]
+    draws = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        draws.add(tuple(sorted(cap_foreground(props, K, 2)[0].row.tolist())))
+    assert len(draws) > 1  # random, not the first ones
+
+    # in the model: the key caps the RoIs the mask head trains on
+    model = model_of(*HTC, "MODEL.ROI_HEADS.HTC_LITE.MASK_MAX_POSITIVES", 1)
+    heads = model.roi_heads
+    assert heads.mask_max_positives == 1
+    seen = {}
+    original = heads._forward_mask
+
+    def spy(features, instances, context=None):
+        seen["n"] = [len(i) for i in instances]
+        return original(features, instances, context)
+
+    monkeypatch.setattr(heads, "_forward_mask", spy)
+    train_step(model, seed=1)
+    assert seen["n"] and all(n <= 1 for n in seen["n"]) and sum(seen["n"]) > 0
 
 
 def test_mask_head_runs_once_at_inference_on_the_final_boxes():

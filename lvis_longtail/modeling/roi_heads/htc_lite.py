@@ -43,6 +43,7 @@ class LongTailHTCLiteROIHeads(LongTailCascadeROIHeads):
         context_fuse_box: bool = True,
         context_fuse_mask: bool = True,
         mask_train_stage: int = -1,
+        mask_max_positives: int = 0,
         **kwargs,
     ):
         """
@@ -52,6 +53,9 @@ class LongTailHTCLiteROIHeads(LongTailCascadeROIHeads):
             context_fuse_mask: add it to the mask RoI features.
             mask_train_stage: stage whose positives train the mask head (0-based; negative
                 counts from the last).
+            mask_max_positives: at most this many positives per image train the mask head,
+                drawn at random (0: all). The cascade does not re-sample its later stages, so
+                a trained model's last stage has about twice the first stage's positives.
             kwargs: as :class:`LongTailCascadeROIHeads`.
         """
         super().__init__(**kwargs)
@@ -59,6 +63,7 @@ class LongTailHTCLiteROIHeads(LongTailCascadeROIHeads):
         self.context_fuse_box = context_fuse_box
         self.context_fuse_mask = context_fuse_mask
         self.mask_train_stage = mask_train_stage % self.num_cascade_stages
+        self.mask_max_positives = mask_max_positives
         self._forward_state: Optional[dict] = None  # per-forward: box context, stage proposals
 
     @classmethod
@@ -73,6 +78,7 @@ class LongTailHTCLiteROIHeads(LongTailCascadeROIHeads):
             )
         node = cfg.MODEL.ROI_CONTEXT_HEAD
         ret.update(mask_train_stage=stage, context_fuse_box=node.FUSE_BOX)
+        ret["mask_max_positives"] = cfg.MODEL.ROI_HEADS.HTC_LITE.MASK_MAX_POSITIVES
         ret["context_fuse_mask"] = node.FUSE_MASK
         if node.ENABLED:
             roi_channels = input_shape[cfg.MODEL.ROI_HEADS.IN_FEATURES[0]].channels
@@ -101,7 +107,11 @@ class LongTailHTCLiteROIHeads(LongTailCascadeROIHeads):
             if self.training:
                 proposals = self.label_and_sample_proposals(proposals, targets)
                 losses.update(self._forward_box(features, proposals, targets))
-                mask_proposals = self._forward_state["stage_proposals"][self.mask_train_stage]
+                mask_proposals = cap_foreground(
+                    self._forward_state["stage_proposals"][self.mask_train_stage],
+                    self.num_classes,
+                    self.mask_max_positives,
+                )
                 losses.update(self._forward_mask(features, mask_proposals, mask_context))
                 losses.update(self._forward_keypoint(features, proposals))
                 return proposals, losses
@@ -157,3 +167,20 @@ class LongTailHTCLiteROIHeads(LongTailCascadeROIHeads):
                 if name.startswith("gt_") and not props.has(name):
                     props.set(name, value[matched])
         return proposals
+
+
+def cap_foreground(
+    proposals: List[Instances], num_classes: int, max_per_image: int
+) -> List[Instances]:
+    """Each image's foreground proposals (``0 <= gt_classes < num_classes``), at most
+    ``max_per_image`` of them drawn at random without replacement (torch's global RNG, as
+    detectron2's sampler); ``max_per_image`` <= 0 returns ``proposals`` unchanged."""
+    if max_per_image <= 0:
+        return proposals
+    out = []
+    for p in proposals:
+        fg = torch.nonzero((p.gt_classes >= 0) & (p.gt_classes < num_classes)).squeeze(1)
+        if fg.numel() > max_per_image:
+            fg = fg[torch.randperm(fg.numel(), device=fg.device)[:max_per_image]]
+        out.append(p[fg])
+    return out
