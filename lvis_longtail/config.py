@@ -342,10 +342,10 @@ def _add_htc_lite_config(cfg: CN) -> None:
     # HTC-Lite's choice; 0 with the context head off is exactly LongTailCascadeROIHeads).
     cfg.MODEL.ROI_HEADS.HTC_LITE = CN()
     cfg.MODEL.ROI_HEADS.HTC_LITE.MASK_TRAIN_STAGE = -1
-    # At most this many positives per image (random) train the mask head; 0 = all. The cascade
-    # does not re-sample later stages, so a trained model's last stage has ~2x the first
-    # stage's positives (and mask cost); BATCH_SIZE_PER_IMAGE x POSITIVE_FRACTION (128 by
-    # default) caps it at the first stage's budget, as re-sampling at each stage would.
+    # At most this many positives per image (random) train the mask head; 0 = all, -1 = as
+    # many as the first stage has for that image (the mask cost of the cascade, which trains
+    # its mask head on the first stage's positives). The cascade does not re-sample later
+    # stages, so a trained model's last stage has ~2x the first stage's positives.
     cfg.MODEL.ROI_HEADS.HTC_LITE.MASK_MAX_POSITIVES = 0
     # Global context head of HTC-Lite (read by LongTailHTCLiteROIHeads only): convs + global
     # average pooling on one FPN level give an image vector, trained to predict the image's

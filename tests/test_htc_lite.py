@@ -18,7 +18,7 @@ from lvis_longtail.modeling.roi_heads.context_head import (
     context_targets,
     fuse_context,
 )
-from lvis_longtail.modeling.roi_heads.htc_lite import cap_foreground
+from lvis_longtail.modeling.roi_heads.htc_lite import cap_foreground, num_foreground
 
 K = 6
 SMALL = [
@@ -193,6 +193,8 @@ def test_mask_positive_cap_draws_a_subset_of_each_images_foreground(storage, mon
         torch.manual_seed(seed)
         draws.add(tuple(sorted(cap_foreground(props, K, 2)[0].row.tolist())))
     assert len(draws) > 1  # random, not the first ones
+    assert [len(p) for p in cap_foreground(props, K, [0, 5])] == [0, 1]  # one cap per image
+    assert [int(num_foreground(p, K)) for p in props] == [5, 1]
 
     # in the model: the key caps the RoIs the mask head trains on
     model = model_of(*HTC, "MODEL.ROI_HEADS.HTC_LITE.MASK_MAX_POSITIVES", 1)
@@ -208,6 +210,24 @@ def test_mask_positive_cap_draws_a_subset_of_each_images_foreground(storage, mon
     monkeypatch.setattr(heads, "_forward_mask", spy)
     train_step(model, seed=1)
     assert seen["n"] and all(n <= 1 for n in seen["n"]) and sum(seen["n"]) > 0
+    # -1: as many as the first stage's positives of each image
+    first = {}
+    model = model_of(*HTC, "MODEL.ROI_HEADS.HTC_LITE.MASK_MAX_POSITIVES", -1)
+    heads = model.roi_heads
+    original_box, original_mask = heads._forward_box, heads._forward_mask
+
+    def spy_box(features, proposals, targets=None):
+        first["n"] = [int(num_foreground(p, K)) for p in proposals]
+        return original_box(features, proposals, targets)
+
+    def spy_mask(features, instances, context=None):
+        seen["n"] = [len(i) for i in instances]
+        return original_mask(features, instances, context)
+
+    monkeypatch.setattr(heads, "_forward_box", spy_box)
+    monkeypatch.setattr(heads, "_forward_mask", spy_mask)
+    train_step(model, seed=1)
+    assert all(n <= f for n, f in zip(seen["n"], first["n"])) and sum(seen["n"]) > 0
 
 
 def test_mask_head_runs_once_at_inference_on_the_final_boxes():

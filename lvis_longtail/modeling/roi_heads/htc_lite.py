@@ -1,7 +1,7 @@
 """HTC-Lite (the MMDet team's LVIS 2020 entry, Seesaw Loss paper appendix D.1): a Cascade
 Mask R-CNN with global context encoding and one mask head trained on the last stage."""
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from detectron2.config import configurable
@@ -54,8 +54,9 @@ class LongTailHTCLiteROIHeads(LongTailCascadeROIHeads):
             mask_train_stage: stage whose positives train the mask head (0-based; negative
                 counts from the last).
             mask_max_positives: at most this many positives per image train the mask head,
-                drawn at random (0: all). The cascade does not re-sample its later stages, so
-                a trained model's last stage has about twice the first stage's positives.
+                drawn at random (0: all; -1: as many as the first stage has for that image).
+                The cascade does not re-sample its later stages, so a trained model's last
+                stage has about twice the first stage's positives, and the mask head's cost.
             kwargs: as :class:`LongTailCascadeROIHeads`.
         """
         super().__init__(**kwargs)
@@ -107,10 +108,12 @@ class LongTailHTCLiteROIHeads(LongTailCascadeROIHeads):
             if self.training:
                 proposals = self.label_and_sample_proposals(proposals, targets)
                 losses.update(self._forward_box(features, proposals, targets))
+                stages = self._forward_state["stage_proposals"]
+                cap = self.mask_max_positives
+                if cap < 0:  # the first stage's positives of each image
+                    cap = [int(num_foreground(p, self.num_classes)) for p in stages[0]]
                 mask_proposals = cap_foreground(
-                    self._forward_state["stage_proposals"][self.mask_train_stage],
-                    self.num_classes,
-                    self.mask_max_positives,
+                    stages[self.mask_train_stage], self.num_classes, cap
                 )
                 losses.update(self._forward_mask(features, mask_proposals, mask_context))
                 losses.update(self._forward_keypoint(features, proposals))
@@ -169,18 +172,29 @@ class LongTailHTCLiteROIHeads(LongTailCascadeROIHeads):
         return proposals
 
 
+def _is_foreground(p: Instances, num_classes: int) -> torch.Tensor:
+    return (p.gt_classes >= 0) & (p.gt_classes < num_classes)
+
+
+def num_foreground(p: Instances, num_classes: int) -> torch.Tensor:
+    """The number of foreground proposals (``0 <= gt_classes < num_classes``) of an image."""
+    return _is_foreground(p, num_classes).sum()
+
+
 def cap_foreground(
-    proposals: List[Instances], num_classes: int, max_per_image: int
+    proposals: List[Instances], num_classes: int, max_per_image: Union[int, Sequence[int]]
 ) -> List[Instances]:
-    """Each image's foreground proposals (``0 <= gt_classes < num_classes``), at most
-    ``max_per_image`` of them drawn at random without replacement (torch's global RNG, as
-    detectron2's sampler); ``max_per_image`` <= 0 returns ``proposals`` unchanged."""
-    if max_per_image <= 0:
-        return proposals
+    """Each image's foreground proposals, at most ``max_per_image`` (one int, or one per
+    image) of them drawn at random without replacement (torch's global RNG, as detectron2's
+    sampler); an int ``max_per_image`` <= 0 returns ``proposals`` unchanged."""
+    if isinstance(max_per_image, int):
+        if max_per_image <= 0:
+            return proposals
+        max_per_image = [max_per_image] * len(proposals)
     out = []
-    for p in proposals:
-        fg = torch.nonzero((p.gt_classes >= 0) & (p.gt_classes < num_classes)).squeeze(1)
-        if fg.numel() > max_per_image:
-            fg = fg[torch.randperm(fg.numel(), device=fg.device)[:max_per_image]]
+    for p, cap in zip(proposals, max_per_image):
+        fg = torch.nonzero(_is_foreground(p, num_classes)).squeeze(1)
+        if fg.numel() > cap:
+            fg = fg[torch.randperm(fg.numel(), device=fg.device)[:cap]]
         out.append(p[fg])
     return out
