@@ -229,7 +229,7 @@ def settings(args) -> plan.Settings:
         dataset_key=json.dumps(DATASETS, sort_keys=True),
         python=sys.executable,
         configs="configs",  # relative to the repository (the runs' cwd): location-free fingerprints
-        anchors={os.path.abspath(args.output): "<runs>", os.path.abspath(args.datasets): "<data>"},
+        anchors={args.output: "<runs>", args.datasets: "<data>"},  # absolute (parse_args)
     )
 
 

@@ -106,13 +106,13 @@ def read_archive(path: str) -> dict:
 def archived_plan(archive: dict) -> tuple:
     """The row names and seeds an archive (:func:`read_archive`) holds (the driver reports
     them too)."""
-    names, seeds = [], set()
+    names, seeds = {}, set()
     for key in archive["runs"]:
         name, _, seed = key.rpartition("/seed")
         if name != "pretrain" and seed.isdigit():
-            names.append(name) if name not in names else None
+            names[name] = None  # ordered, unique
             seeds.add(int(seed))
-    return names, sorted(seeds)
+    return list(names), sorted(seeds)
 
 
 def archived(run: Run, archive: dict) -> bool:

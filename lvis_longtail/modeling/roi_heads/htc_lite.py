@@ -8,6 +8,7 @@ from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.modeling.roi_heads.cascade_rcnn import _ScaleGradient
+from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
 from detectron2.structures import Instances, pairwise_iou
 
 from lvis_longtail.modeling.roi_heads.cascade import LongTailCascadeROIHeads
@@ -172,29 +173,27 @@ class LongTailHTCLiteROIHeads(LongTailCascadeROIHeads):
         return proposals
 
 
-def _is_foreground(p: Instances, num_classes: int) -> torch.Tensor:
-    return (p.gt_classes >= 0) & (p.gt_classes < num_classes)
-
-
 def num_foreground(p: Instances, num_classes: int) -> torch.Tensor:
-    """The number of foreground proposals (``0 <= gt_classes < num_classes``) of an image."""
-    return _is_foreground(p, num_classes).sum()
+    """The number of foreground proposals of an image (detectron2's rule: ``gt_classes`` not
+    -1 and not ``num_classes``)."""
+    return ((p.gt_classes != -1) & (p.gt_classes != num_classes)).sum()
 
 
 def cap_foreground(
     proposals: List[Instances], num_classes: int, max_per_image: Union[int, Sequence[int]]
 ) -> List[Instances]:
-    """Each image's foreground proposals, at most ``max_per_image`` (one int, or one per
-    image) of them drawn at random without replacement (torch's global RNG, as detectron2's
-    sampler); an int ``max_per_image`` <= 0 returns ``proposals`` unchanged."""
+    """Each image's foreground proposals (detectron2's ``select_foreground_proposals``), at
+    most ``max_per_image`` (one int, or one per image) of them drawn at random without
+    replacement (torch's global RNG, as detectron2's sampler); an int ``max_per_image`` <= 0
+    returns ``proposals`` unchanged."""
     if isinstance(max_per_image, int):
         if max_per_image <= 0:
             return proposals
         max_per_image = [max_per_image] * len(proposals)
+    foreground, _ = select_foreground_proposals(proposals, num_classes)
     out = []
-    for p, cap in zip(proposals, max_per_image):
-        fg = torch.nonzero(_is_foreground(p, num_classes)).squeeze(1)
-        if fg.numel() > cap:
-            fg = fg[torch.randperm(fg.numel(), device=fg.device)[:cap]]
-        out.append(p[fg])
+    for p, cap in zip(foreground, max_per_image):
+        if len(p) > cap:
+            p = p[torch.randperm(len(p), device=p.gt_classes.device)[:cap]]
+        out.append(p)
     return out
