@@ -99,12 +99,15 @@ def seconds_per_iter(out_dir: str) -> float:
     return float(sorted(times)[len(times) // 2]) if times else float("nan")
 
 
-def execute(
-    runs: List[plan.Run], jobs: int, threads: int, force: bool, poll_s: float = 1.0
-) -> None:
+def execute(runs: List[plan.Run], jobs: int, threads: int, force: bool, poll_s: float = 1.0) -> int:
     """Run the pending runs, ``jobs`` at a time, each after its dependencies (a run whose
-    dependency failed is skipped); each finished run gets its ``benchmark_run.json``."""
+    dependency failed is skipped); each finished run gets its ``benchmark_run.json``.
+
+    Returns:
+        how many runs were pending (0: nothing trained).
+    """
     pending = [r for r in runs if force or not r.done()]
+    num_pending = len(pending)
 
     def env(run):  # the pre-training runs alone: it gets every job's threads
         n = str(threads * jobs if run.method is None else threads)
@@ -167,6 +170,7 @@ def execute(
             print(
                 f"{'DONE' if rc == 0 else 'FAIL'} {key} rc={rc} {record['wall_s']:.0f}s", flush=True
             )
+    return num_pending
 
 
 def parse_args(argv=None):
@@ -229,6 +233,7 @@ def settings(args) -> plan.Settings:
         dataset_key=json.dumps(DATASETS, sort_keys=True),
         python=sys.executable,
         configs="configs",  # relative to the repository (the runs' cwd): location-free fingerprints
+        root=REPO,
         anchors={args.output: "<runs>", args.datasets: "<data>"},  # absolute (parse_args)
     )
 
@@ -244,7 +249,8 @@ def main(argv=None) -> int:
         started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         load0 = os.getloadavg()
         reusable = {r.key for r in runs if args.reuse_archive and page.archived(r, archive)}
-        execute(plan.runs_to_train(runs, reusable), args.jobs, args.threads, args.force)
+        trained = execute(plan.runs_to_train(runs, reusable), args.jobs, args.threads, args.force)
+    if not args.report_only and trained:  # the page lists the invocations that trained runs
         page.record_invocation(
             args.output,
             {

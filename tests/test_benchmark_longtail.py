@@ -145,6 +145,7 @@ def _settings(tmp_path, **kw):
         output=str(tmp_path),
         datasets={k: (f"{k}.json", "img") for k in ("pretrain", "train", "val")},
         dataset_key="gen-v1",
+        root=_REPO,
     )
     opts.update(kw)
     return plan.Settings(**opts)
@@ -219,6 +220,38 @@ def test_fingerprint_follows_upstream_changes(tmp_path):
         "SOLVER.STEPS": "(700, 900)",
         "SOLVER.CHECKPOINT_PERIOD": "10000",
     }
+
+
+def test_fingerprint_follows_the_config_content(tmp_path):
+    """Editing what a config sets (or its base) retrains its runs; editing comments does not."""
+    configs = tmp_path / "configs"
+    shutil.copytree(os.path.join(_REPO, "configs"), configs)
+    s = _settings(tmp_path, configs=str(configs), root="")
+
+    def prints():
+        return {r.key: r.fingerprint for r in plan.plan_runs(["htc_lite", "bags"], [0], s)}
+
+    before = prints()
+    keys = [r.config_key for r in plan.plan_runs(["htc_lite", "bags"], [0], s)]
+    here = plan.plan_runs(["htc_lite", "bags"], [0], _settings(tmp_path))
+    assert keys == [r.config_key for r in here]  # the copy has the repository's content
+    leaf = configs / "tiny" / "htc_lite_R18_FPN_tiny_seesaw.yaml"
+    leaf.write_text("# a new comment\n" + leaf.read_text())
+    assert prints() == before
+    leaf.write_text(leaf.read_text().replace("CONV_DIM: 64", "CONV_DIM: 32"))
+    after = prints()
+    assert after["htc_lite/seed0"] != before["htc_lite/seed0"]
+    assert {k: v for k, v in after.items() if k != "htc_lite/seed0"} == {
+        k: v for k, v in before.items() if k != "htc_lite/seed0"
+    }
+    base = configs / "tiny" / "Base-MaskRCNN-Tiny.yaml"  # every row and the pre-training
+    base.write_text(base.read_text().replace("\nSEED: 0\n", "\nSEED: 5\n"))
+    assert all(after[k] != v for k, v in prints().items())
+    content = plan.config_content(str(leaf))
+    assert content["MODEL"]["ROI_CONTEXT_HEAD"]["CONV_DIM"] == 32  # the leaf's value
+    assert content["MODEL"]["ROI_HEADS"]["NAME"] == "LongTailHTCLiteROIHeads"
+    assert "_BASE_" not in content and "OUTPUT_DIR" not in content
+    assert content["SEED"] == 5 and content["VERSION"] == 2  # from the base, node by node
 
 
 def schedule_pairs(opts):

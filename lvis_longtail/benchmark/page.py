@@ -326,7 +326,7 @@ def write(args, runs: Sequence[Run], datasets: dict, val_json: str) -> str:
         "",
         f"{shown_n} runs shown: {here} finished in this checkout's runs folder, "
         f"{shown_n - here} from the archive `{os.path.basename(archive_file)}` (same "
-        "fingerprint: same command line, schedule, data and initialisation).",
+        "fingerprint: same command line, config content, schedule, data and initialisation).",
     ]
     if reproduced:
         worst = {k: max(abs(a - b) for _, key, a, b in reproduced if key == k) for k in REPRO_KEYS}

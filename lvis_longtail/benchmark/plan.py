@@ -3,8 +3,9 @@ finished run can be reused.
 
 A run is reused when its folder holds a ``benchmark_run.json`` with return code 0 and the
 same *fingerprint* as planned: a hash of its command line (config, overrides, schedule,
-dataset paths, seed, device) and of its dependencies' fingerprints (the pre-training run, the
-base of a fine-tune) and of the generated datasets' options. Changing anything upstream
+dataset paths, seed, device), of its config's content (the YAML chain through ``_BASE_``, parsed:
+comments do not count), of its dependencies' fingerprints (the pre-training run, the base of a
+fine-tune) and of the generated datasets' options. Changing anything upstream
 therefore retrains exactly what it affects, and an interrupted benchmark continues where it
 stopped. Fingerprints do not depend on where the runs and datasets live (``Settings.anchors``),
 so the results folder's archive of finished runs (``lvis_longtail.benchmark.page``) stays valid
@@ -44,7 +45,9 @@ class Settings:
         datasets: ``{"pretrain" | "train" | "val": (json file, image root)}``.
         dataset_key: hash of the generator options of the datasets (part of fingerprints).
         python: interpreter of the runs.
-        configs: the ``configs/`` folder.
+        configs: the ``configs/`` folder, as the command lines name it.
+        root: the folder ``configs`` is relative to (the runs' working directory), to read the
+            configs' content for the fingerprints.
         anchors: ``{folder: token}``; each folder in a command line is replaced by its token in
             the fingerprint (the runs and datasets folders), so fingerprints are location-free.
     """
@@ -58,6 +61,7 @@ class Settings:
     dataset_key: str = ""
     python: str = "python"
     configs: str = "configs"
+    root: str = ""
     anchors: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -72,6 +76,7 @@ class Run:
     deps: List["Run"] = field(default_factory=list)
     cmd: List[str] = field(default_factory=list)
     salt: str = ""  # the datasets' generator options
+    config_key: str = ""  # the config's content (:func:`config_key`)
     anchors: Sequence[tuple] = ()  # (folder, token), longest folder first
 
     @property
@@ -85,7 +90,7 @@ class Run:
             for folder, token in self.anchors:
                 part = part.replace(folder, token)
             parts.append(part)
-        parts += [self.salt] + [d.fingerprint for d in self.deps]
+        parts += [self.salt, self.config_key] + [d.fingerprint for d in self.deps]
         return hashlib.sha1("\0".join(parts).encode()).hexdigest()[:16]
 
     def record(self) -> Optional[dict]:
@@ -98,6 +103,35 @@ class Run:
     def done(self) -> bool:
         rec = self.record()
         return bool(rec) and rec.get("rc") == 0 and rec.get("fingerprint") == self.fingerprint
+
+
+def _merge(base: dict, child: dict) -> dict:
+    out = dict(base)
+    for k, v in child.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_content(path: str) -> dict:
+    """The keys a YAML config sets, its ``_BASE_`` chain merged in (detectron2's rule: the
+    child's values over the base's, node by node); ``OUTPUT_DIR`` left out (the benchmark sets
+    it)."""
+    import yaml
+
+    with open(path) as f:
+        node = yaml.safe_load(f) or {}
+    base = node.pop("_BASE_", None)
+    if base:
+        node = _merge(config_content(os.path.join(os.path.dirname(path), base)), node)
+    node.pop("OUTPUT_DIR", None)
+    return node
+
+
+def config_key(path: str) -> str:
+    """Hash of :func:`config_content`: editing what a config sets (here or in a base) changes
+    the fingerprint of every run of it; editing its comments does not."""
+    text = json.dumps(config_content(path), sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def schedule_opts(iters: int, finetune: bool, length: float = 1 / 3) -> List[str]:
@@ -185,6 +219,7 @@ def plan_runs(names: Sequence[str], seeds: Sequence[int], s: Settings, methods=N
     if s.pretrain_iters > 0:
         pre = Run("pretrain", PRETRAIN_SEED, os.path.join(s.output, "pretrain"), anchors=anchors)
         pre.cmd, pre.salt = pretrain_command(pre, s), s.dataset_key
+        pre.config_key = config_key(os.path.join(s.root, s.configs, PRETRAIN_CONFIG))
     runs: Dict[str, Run] = {}
     ordered = [pre] if pre else []
     for seed in seeds:
@@ -199,6 +234,7 @@ def plan_runs(names: Sequence[str], seeds: Sequence[int], s: Settings, methods=N
                 run.deps = [pre]
                 salt += "\0init:" + ",".join(INIT_PREFIXES)
             run.cmd, run.salt = method_command(run, s), salt
+            run.config_key = config_key(os.path.join(s.root, s.configs, m.config))
             runs[run.key] = run
             ordered.append(run)
     return ordered
