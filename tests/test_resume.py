@@ -159,6 +159,16 @@ def test_resumable_sampler_skips_the_consumed_indices():
     fresh = ResumableSampler(RepeatFactorTrainingSampler(torch.ones(4), seed=9))
     fresh.seed = 5  # the checkpointed seed replaces a random one
     assert fresh.seed == 5
+    # multi-image steps group detectron2's sampler: the seed is the wrapped sampler's
+    from lvis_longtail.data.loader import GroupedSampler
+
+    grouped = ResumableSampler(
+        GroupedSampler(RepeatFactorTrainingSampler(torch.ones(4), seed=9), 2)
+    )
+    assert grouped.seed == 9
+    grouped.seed = 5
+    same = ResumableSampler(GroupedSampler(RepeatFactorTrainingSampler(torch.ones(4), seed=5), 2))
+    assert [g for _, g in zip(range(6), grouped)] == [g for _, g in zip(range(6), same)]
 
 
 def test_rng_state_round_trip_is_exact():

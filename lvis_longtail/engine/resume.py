@@ -51,14 +51,24 @@ class ResumableSampler(torchdata.Sampler):
         self.sampler = sampler
         self.skip = 0
 
+    def _seeded(self):
+        """The sampler that holds the seed: ``sampler`` or the one it wraps (``.sampler``, as
+        :class:`~lvis_longtail.data.loader.GroupedSampler` wraps detectron2's)."""
+        s = self.sampler
+        while not hasattr(s, "_seed") and hasattr(s, "sampler"):
+            s = s.sampler
+        return s if hasattr(s, "_seed") else None
+
     @property
     def seed(self) -> Optional[int]:
-        return getattr(self.sampler, "_seed", None)
+        s = self._seeded()
+        return None if s is None else s._seed
 
     @seed.setter
     def seed(self, value: Optional[int]) -> None:
-        if value is not None and hasattr(self.sampler, "_seed"):
-            self.sampler._seed = int(value)
+        s = self._seeded()
+        if value is not None and s is not None:
+            s._seed = int(value)
 
     def __iter__(self):
         it = iter(self.sampler)
