@@ -250,21 +250,21 @@ def main(argv=None) -> int:
         load0 = os.getloadavg()
         reusable = {r.key for r in runs if args.reuse_archive and page.archived(r, archive)}
         trained = execute(plan.runs_to_train(runs, reusable), args.jobs, args.threads, args.force)
-    if not args.report_only and trained:  # the page lists the invocations that trained runs
-        page.record_invocation(
-            args.output,
-            {
-                "command": args.command,
-                "started": started,
-                "start_ts": t0,
-                "wall_s": time.time() - t0,
-                "jobs": args.jobs,
-                "threads": args.threads,
-                "cpus": os.cpu_count(),
-                "loadavg_start": list(load0),
-                "loadavg_end": list(os.getloadavg()),
-            },
-        )
+        if trained:  # the page lists the invocations that trained runs
+            page.record_invocation(
+                args.output,
+                {
+                    "command": args.command,
+                    "started": started,
+                    "start_ts": t0,
+                    "wall_s": time.time() - t0,
+                    "jobs": args.jobs,
+                    "threads": args.threads,
+                    "cpus": os.cpu_count(),
+                    "loadavg_start": list(load0),
+                    "loadavg_end": list(os.getloadavg()),
+                },
+            )
     # the page shows this invocation's rows and seeds and every archived one
     names, seeds = page.archived_plan(archive)
     known = methods_mod.methods_by_name()

@@ -22,10 +22,10 @@ also gives the mask RoIs per training step.
     .venv/bin/python benchmarks/roi_heads_speed.py                 # tiny R18 models, K = 1203
     .venv/bin/python benchmarks/roi_heads_speed.py --quick         # fewer steps, 2 cores
     .venv/bin/python benchmarks/roi_heads_speed.py --preset lvis --device cuda   # R50, 800 px
-    # a trained regime: a long-tail benchmark run's HTC-Lite checkpoint on its val images
+    # a trained regime: a long-tail benchmark run's HTC-Lite checkpoint on its training images
     .venv/bin/python benchmarks/roi_heads_speed.py \\
-        --weights output/benchmarks/longtail_cpu/htc_lite/seed0/model_final.pth \\
-        --data datasets/lt_bench/annotations/lt_synthetic_val.json datasets/lt_bench/images
+        --weights output/benchmarks/longtail_cpu/htc_lite/seed0/model_final.pth --batch 4 \\
+        --data datasets/lt_bench/annotations/lt_synthetic_train.json datasets/lt_bench/images
 """
 
 import argparse

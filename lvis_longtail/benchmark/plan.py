@@ -105,24 +105,13 @@ class Run:
         return bool(rec) and rec.get("rc") == 0 and rec.get("fingerprint") == self.fingerprint
 
 
-def _merge(base: dict, child: dict) -> dict:
-    out = dict(base)
-    for k, v in child.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def config_content(path: str) -> dict:
-    """The keys a YAML config sets, its ``_BASE_`` chain merged in (detectron2's rule: the
-    child's values over the base's, node by node); ``OUTPUT_DIR`` left out (the benchmark sets
-    it)."""
-    import yaml
+    """The keys a YAML config sets, its ``_BASE_`` chain merged in (fvcore's
+    ``load_yaml_with_base``, as detectron2 reads configs); ``OUTPUT_DIR`` left out (the
+    benchmark sets it)."""
+    from detectron2.config import CfgNode
 
-    with open(path) as f:
-        node = yaml.safe_load(f) or {}
-    base = node.pop("_BASE_", None)
-    if base:
-        node = _merge(config_content(os.path.join(os.path.dirname(path), base)), node)
+    node = CfgNode.load_yaml_with_base(path)
     node.pop("OUTPUT_DIR", None)
     return node
 
@@ -221,6 +210,7 @@ def plan_runs(names: Sequence[str], seeds: Sequence[int], s: Settings, methods=N
         pre.cmd, pre.salt = pretrain_command(pre, s), s.dataset_key
         pre.config_key = config_key(os.path.join(s.root, s.configs, PRETRAIN_CONFIG))
     runs: Dict[str, Run] = {}
+    keys = {n: config_key(os.path.join(s.root, s.configs, table[n].config)) for n in wanted}
     ordered = [pre] if pre else []
     for seed in seeds:
         for name in wanted:
@@ -234,7 +224,7 @@ def plan_runs(names: Sequence[str], seeds: Sequence[int], s: Settings, methods=N
                 run.deps = [pre]
                 salt += "\0init:" + ",".join(INIT_PREFIXES)
             run.cmd, run.salt = method_command(run, s), salt
-            run.config_key = config_key(os.path.join(s.root, s.configs, m.config))
+            run.config_key = keys[name]
             runs[run.key] = run
             ordered.append(run)
     return ordered
