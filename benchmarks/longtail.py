@@ -159,6 +159,7 @@ def execute(runs: List[plan.Run], jobs: int, threads: int, force: bool, poll_s: 
                 "loadavg_start": load0,
                 "loadavg_end": os.getloadavg(),
                 "cmd": run.cmd,
+                "init": plan.lineage_of(run) if rc == 0 else None,
             }
             write_json_atomic(
                 {
@@ -248,8 +249,18 @@ def main(argv=None) -> int:
     if not args.report_only:
         started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         load0 = os.getloadavg()
-        reusable = {r.key for r in runs if args.reuse_archive and page.archived(r, archive)}
-        trained = execute(plan.runs_to_train(runs, reusable), args.jobs, args.threads, args.force)
+        opts = (args.jobs, args.threads, args.force)
+        pre, trained, reusable = set(), 0, set()
+        if args.reuse_archive:
+            # archived runs are reusable only from the pre-training they descend from: one that
+            # must train here goes first and decides which they are
+            first = [
+                r for r in plan.runs_to_train(runs, page.reusable(runs, archive)) if not r.method
+            ]
+            trained += execute(first, *opts)
+            pre, reusable = {r.key for r in first}, page.reusable(runs, archive)
+        todo = [r for r in plan.runs_to_train(runs, reusable) if r.key not in pre]
+        trained += execute(todo, *opts)
         if trained:  # the page lists the invocations that trained runs
             page.record_invocation(
                 args.output,
@@ -272,7 +283,8 @@ def main(argv=None) -> int:
     shown = plan.plan_runs(names, sorted(set(args.seeds) | set(seeds)), settings(args))
     path = page.write(args, shown, DATASETS, dataset_paths(args.datasets)["val"][0])
     print(f"wrote {path}")
-    missing = [r.key for r in runs if not (r.done() or page.archived(r, archive))]
+    lineage = page.current_init(runs, archive)
+    missing = [r.key for r in runs if not (r.done() or page.archived(r, archive, lineage))]
     if missing:
         print(f"missing runs: {missing}")
     return 1 if missing else 0

@@ -205,6 +205,22 @@ def test_eval_only_row_and_reference_rules(tmp_path):
         plan.plan_runs(["nope"], [0], _settings(tmp_path))
 
 
+def test_schedule_multiplier_scales_a_training_row(tmp_path):
+    by = {r.key: r for r in plan.plan_runs(["recipe_mmdet2020"], [0], _settings(tmp_path))}
+    # the recipe and its plain reference at 4x (1200 iterations, steps at 70 % / 90 %) and
+    # the reference's own reference at 1x
+    for key in ("recipe_mmdet2020/seed0", "seesaw_4x/seed0"):
+        assert _opt(by[key].cmd, "SOLVER.MAX_ITER") == "1200"
+        assert _opt(by[key].cmd, "SOLVER.STEPS") == "(840, 1080)"
+    assert _opt(by["seesaw/seed0"].cmd, "SOLVER.MAX_ITER") == "300"
+    assert by["seesaw_4x/seed0"].fingerprint != by["seesaw/seed0"].fingerprint
+    assert M.methods_by_name()["recipe_mmdet2020"].reference == "seesaw_4x"
+    with pytest.raises(ValueError, match="schedule"):
+        M.Method("x", "X", M.SOFTMAX, base="softmax", schedule=2.0)
+    with pytest.raises(ValueError, match="schedule"):
+        M.Method("x", "X", M.SOFTMAX, schedule=0.0)
+
+
 def test_fingerprint_follows_upstream_changes(tmp_path):
     a = {r.key: r for r in plan.plan_runs(["bags"], [0], _settings(tmp_path))}
     b = {r.key: r for r in plan.plan_runs(["bags"], [0], _settings(tmp_path, pretrain_iters=500))}
@@ -268,6 +284,7 @@ def test_execute_reuses_finished_runs(tmp_path, driver):
     assert counter.read_text() == "xx" and all(r.done() for r in runs)
     rec = runs[0].record()
     assert rec["rc"] == 0 and rec["fingerprint"] == runs[0].fingerprint and rec["wall_s"] >= 0
+    assert rec["init"] == "scratch"  # no pre-training: nothing shared to descend from
     driver.execute(runs, jobs=2, threads=1, force=False, poll_s=0.05)  # nothing to do
     assert counter.read_text() == "xx"
     runs[1].cmd = runs[1].cmd + ["changed"]  # a changed command is stale: rerun only it
@@ -356,7 +373,7 @@ def test_page_from_finished_runs(tmp_path, driver):
     # a changed row (another fingerprint) does not take archived results
     changed = _settings(tmp_path / "runs", iters=9)
     stale = plan.plan_runs(["softmax_rfs", "dicebce"], [0, 1], changed)
-    assert not any(page.archived(r, archive) for r in stale[1:])
+    assert not any(page.archived(r, archive, None) for r in stale[1:])
     text3 = open(page.write(args, stale, driver.DATASETS, str(val_json))).read()
     assert "0 runs shown" in text3 and "Archived runs not shown" in text3
     assert "dicebce/seed0" in text3.split("Archived runs not shown")[1]
@@ -440,6 +457,43 @@ def test_fingerprints_do_not_depend_on_folders(tmp_path):
     assert unanchored != plan_in(tmp_path / "a")  # without anchors the folder is part of it
 
 
+def test_runs_descend_from_one_pretraining_realisation(tmp_path, driver):
+    import torch
+
+    runs = plan.plan_runs(["bags"], [0], _settings(tmp_path))
+    by = {r.key: r for r in runs}
+    pre, rfs, bags = by["pretrain/seed0"], by["softmax_rfs/seed0"], by["bags/seed0"]
+    os.makedirs(pre.out_dir)
+    weights = {"backbone.a": torch.arange(4.0), "backbone.b": torch.ones(2, dtype=torch.int64)}
+    torch.save({"model": weights}, os.path.join(pre.out_dir, plan.INIT_FILE))
+    digest = plan.weights_digest(os.path.join(pre.out_dir, plan.INIT_FILE))
+    assert digest == plan.lineage_of(pre) and len(digest) == 16
+    reordered = {"model": dict(reversed(list(weights.items())))}
+    torch.save(reordered, str(tmp_path / "r.pth"))
+    assert plan.weights_digest(str(tmp_path / "r.pth")) == digest  # names, not dict order
+    weights["backbone.a"][3] += 1e-6  # one value in the last bits: another realisation
+    torch.save({"model": weights}, str(tmp_path / "w.pth"))
+    assert plan.weights_digest(str(tmp_path / "w.pth")) != digest
+
+    def finish(run, init):
+        os.makedirs(run.out_dir, exist_ok=True)
+        rec = {"rc": 0, "fingerprint": run.fingerprint, "init": init}
+        with open(os.path.join(run.out_dir, plan.RUN_FILE), "w") as f:
+            json.dump(rec, f)
+
+    finish(pre, digest)
+    assert plan.lineage_of(rfs) == digest  # inherited from the pre-training ...
+    finish(rfs, plan.lineage_of(rfs))
+    assert plan.lineage_of(bags) == digest  # ... through a fine-tune's base
+    finish(bags, plan.lineage_of(bags))
+    assert all(r.done() for r in (pre, rfs, bags)) and bags.init() == digest
+    finish(pre, "retrained")  # the pre-training trained again, other weights
+    assert pre.done() and not rfs.done()  # what started from the old ones is stale
+    assert not plan.plan_runs(["softmax"], [0], _settings(tmp_path, pretrain_iters=0))[0].deps
+    scratch = plan.plan_runs(["softmax"], [0], _settings(tmp_path / "s", pretrain_iters=0))[0]
+    assert plan.lineage_of(scratch) == "scratch"
+
+
 def test_runs_to_train_keeps_what_training_runs_start_from(tmp_path):
     runs = plan.plan_runs(["bags", "eqlv2"], [0], _settings(tmp_path))
     keys = lambda rs: [r.key for r in rs]  # noqa: E731
@@ -489,15 +543,16 @@ def test_driver_report_only_adds_archived_rows(tmp_path, driver, monkeypatch):
     argv = ["--output", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
     argv += ["--datasets", str(tmp_path / "data"), "--seeds", "0", "--report-only"]
 
-    def finish(names):
+    def finish(names, init=None, ap=40.0):
         args = driver.parse_args(argv + ["--methods", *names])
         for run in plan.plan_runs(args.methods, args.seeds, driver.settings(args)):
             out = os.path.join(run.out_dir, "inference", plan.DATASET_NAMES["val"])
             os.makedirs(out, exist_ok=True)
             if run.method is not None:
-                _write_csv(Path(out) / page.CSV_FILE, {1: 40.0, 2: 20.0}, {1: 30.0})
+                _write_csv(Path(out) / page.CSV_FILE, {1: ap, 2: 20.0}, {1: 30.0})
+            rec = {"rc": 0, "fingerprint": run.fingerprint, "wall_s": 1.0, "init": init}
             with open(os.path.join(run.out_dir, plan.RUN_FILE), "w") as f:
-                json.dump({"rc": 0, "fingerprint": run.fingerprint, "wall_s": 1.0}, f)
+                json.dump(rec, f)
 
     finish(["eqlv2"])  # and its reference, softmax
     assert driver.main(argv + ["--methods", "eqlv2"]) == 0
@@ -509,3 +564,52 @@ def test_driver_report_only_adds_archived_rows(tmp_path, driver, monkeypatch):
         assert label in text
     assert "3 runs shown: 2 finished in this checkout's runs folder, 1 from the archive" in text
     assert driver.main(argv + ["--methods", "fedloss"]) == 1  # never run: missing
+
+    # the pre-training trained again with other weights (another CPU): the archived runs of
+    # the first realisation are neither shown nor paired with the new ones, and the page says
+    # how far the same commands moved
+    shutil.rmtree(tmp_path / "runs")
+    finish(["softmax_rfs"], init="other", ap=46.0)
+    assert driver.main(argv + ["--methods", "softmax_rfs"]) == 0
+    text = (tmp_path / "results" / "longtail.md").read_text()
+    assert "| EQLv2 (no RFS) |" not in text
+    assert "2 runs shown: 2 finished in this checkout's runs folder, 0 from the archive" in text
+    # bbox AP mean(46, 20) = 33 against mean(40, 20) = 30 for both rows
+    assert "2 archived runs of it were replaced here, not paired; largest |difference| " in text
+    assert "bbox/AP 3.00" in text and "Reproduction: " not in text
+    assert "from another pre-training realisation): eqlv2/seed0." in text
+    assert driver.main(argv + ["--methods", "eqlv2"]) == 1  # eqlv2: only the first realisation
+
+    archive = page.read_archive(page.archive_path(str(tmp_path / "results"), "cpu"))
+    assert archive["runs"]["softmax/seed0"]["record"]["init"] == "other"
+    assert archive["runs"]["eqlv2/seed0"]["record"]["init"] is None  # kept, not deleted
+
+    # --reuse-archive trains the pre-training first; its weights decide what is reusable
+    calls = []
+
+    def fake_execute(runs, jobs, threads, force, poll_s=1.0):
+        calls.append([r.key for r in runs])
+        for run in runs:
+            init = pre_init if run.method is None else plan.lineage_of(run)
+            out = os.path.join(run.out_dir, "inference", plan.DATASET_NAMES["val"])
+            os.makedirs(out, exist_ok=True)
+            if run.method is not None:
+                _write_csv(Path(out) / page.CSV_FILE, {1: 40.0, 2: 20.0}, {1: 30.0})
+            with open(os.path.join(run.out_dir, plan.RUN_FILE), "w") as f:
+                json.dump({"rc": 0, "fingerprint": run.fingerprint, "wall_s": 1.0, "init": init}, f)
+        return len(runs)
+
+    monkeypatch.setattr(driver, "execute", fake_execute)
+    train = [a for a in argv if a != "--report-only"] + ["--reuse-archive", "--methods"]
+    shutil.rmtree(tmp_path / "runs")
+    pre_init = "other"  # the archived softmax rows' realisation: reused, eqlv2 trained
+    assert driver.main(train + ["eqlv2"]) == 0
+    assert calls == [["pretrain/seed0"], ["eqlv2/seed0"]]
+    shutil.rmtree(tmp_path / "runs")
+    calls.clear()
+    assert driver.main(train + ["softmax_rfs"]) == 0  # all archived: nothing trains
+    assert not any(calls)
+    pre_init = "third"  # a new row trains; nothing archived descends from this pre-training
+    calls.clear()
+    assert driver.main(train + ["fedloss"]) == 0
+    assert calls == [["pretrain/seed0"], ["softmax/seed0", "softmax_rfs/seed0", "fedloss/seed0"]]

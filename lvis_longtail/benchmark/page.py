@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from lvis_longtail.benchmark import plots
 from lvis_longtail.benchmark.methods import BASELINE, NOTES, methods_by_name
@@ -115,14 +115,38 @@ def archived_plan(archive: dict) -> tuple:
     return list(names), sorted(seeds)
 
 
-def archived(run: Run, archive: dict) -> bool:
-    """Whether ``archive`` (:func:`read_archive`) holds ``run``'s results, same fingerprint."""
-    entry = archive["runs"].get(run.key)
+def _same_fingerprint(run: Run, entry) -> bool:
     return (
         entry is not None
         and entry["fingerprint"] == run.fingerprint
         and (run.method is None or entry["per_class"] is not None)
     )
+
+
+def current_init(runs: Sequence[Run], archive: dict) -> Optional[str]:
+    """The pre-training realisation the page and the reuse of archived runs follow: the one
+    finished here, else the archived one (``"scratch"`` when the rows have no pre-training;
+    None for records older than the ``init`` field)."""
+    pre = next((r for r in runs if r.method is None), None)
+    if pre is None:
+        return "scratch"
+    if pre.done():
+        return pre.init()
+    entry = archive["runs"].get(pre.key)
+    return entry["record"].get("init") if _same_fingerprint(pre, entry) else None
+
+
+def archived(run: Run, archive: dict, init: Optional[str]) -> bool:
+    """Whether ``archive`` (:func:`read_archive`) holds ``run``'s results: same fingerprint,
+    descended from the pre-training realisation ``init`` (:func:`current_init`)."""
+    entry = archive["runs"].get(run.key)
+    return _same_fingerprint(run, entry) and entry["record"].get("init") == init
+
+
+def reusable(runs: Sequence[Run], archive: dict) -> set:
+    """Keys of ``runs`` whose results the archive holds for the current realisation."""
+    init = current_init(runs, archive)
+    return {r.key for r in runs if archived(r, archive, init)}
 
 
 def _archived_per_class(entry: dict) -> dict:
@@ -145,15 +169,21 @@ def read_invocations(output: str) -> List[dict]:
 
 def collect(runs: Sequence[Run], val_dataset: str, classes: Dict[int, dict], archive: dict):
     """Per-class AP ``{row: {seed: PerClass}}`` and run records of the finished runs (here, or
-    archived with the planned fingerprint), csv/json mismatches, reproductions (runs found in
-    both, as different runs: ``[(key, metric, here, archived)]``) and the updated archive
-    entries."""
+    archived with the planned fingerprint and pre-training realisation), csv/json mismatches,
+    reproductions (runs found in both, as different runs: ``[(key, metric, here, archived,
+    same realisation)]``; a run of another realisation is replaced, not paired) and the
+    updated archive entries."""
     per_class: Dict[str, Dict[int, dict]] = {}
     records: Dict[str, Dict[int, dict]] = {}
     mismatches, reproduced = [], []
     entries = dict(archive["runs"])
+    init = current_init(runs, archive)
     for run in runs:
-        old = entries.get(run.key) if archived(run, archive) else None
+        entry = entries.get(run.key)
+        old = entry if archived(run, archive, init) else None
+        other = entry if old is None and _same_fingerprint(run, entry) else None
+        if run.done() and run.init() != init:  # from a pre-training no longer here
+            continue
         if not run.done():
             if old is not None and run.method is not None:
                 records.setdefault(run.name, {})[run.seed] = old["record"]
@@ -177,9 +207,10 @@ def collect(runs: Sequence[Run], val_dataset: str, classes: Dict[int, dict], arc
             with open(metrics_path) as f:
                 bad = check_against_metrics(metrics, json.load(f))
             mismatches += [(run.key, *m) for m in bad]
-        if old is not None and old["record"] != record:  # another run of it: a reproduction
-            before = run_metrics(_archived_per_class(old), classes)
-            reproduced += [(run.key, k, metrics[k], before[k]) for k in REPRO_KEYS]
+        for prev, same in ((old, True), (other, False)):  # another run of it: a reproduction
+            if prev is not None and prev["record"] != record:
+                before = run_metrics(_archived_per_class(prev), classes)
+                reproduced += [(run.key, k, metrics[k], before[k], same) for k in REPRO_KEYS]
         entries[run.key] = {
             "fingerprint": run.fingerprint,
             "record": record,
@@ -256,7 +287,16 @@ def write(args, runs: Sequence[Run], datasets: dict, val_json: str) -> str:
     )
     planned = {r.key: r.fingerprint for r in runs}
     shown_seeds = sorted({seed for v in per_class.values() for seed in v})
-    stale = sorted(k for k, e in entries.items() if planned.get(k) not in (None, e["fingerprint"]))
+    init = current_init(runs, archive)
+    stale = sorted(
+        k
+        for k, e in entries.items()
+        if k in planned
+        and (
+            planned[k] != e["fingerprint"]
+            or (pre is not None and k != pre.key and e["record"].get("init") != init)
+        )
+    )
     lines = [
         f"# Long-tail benchmark on the synthetic LVIS-format dataset ({args.mode} mode)",
         "",
@@ -289,7 +329,12 @@ def write(args, runs: Sequence[Run], datasets: dict, val_json: str) -> str:
         if args.pretrain_iters
         else "- Initialisation: none (every row from scratch).",
         f"- Schedule: {args.iters} iterations at batch 4 (warmup 10 %, LR steps at 70 % and 90 "
-        f"%), fine-tunes a third of that; `DATALOADER.REPEAT_THRESHOLD {args.repeat_threshold}` "
+        f"%), fine-tunes a third of that"
+        + "".join(
+            f"; {', '.join(m.name for m in shown if m.schedule == x)}: {x:g}× that"
+            for x in sorted({m.schedule for m in shown} - {1.0})
+        )
+        + f"; `DATALOADER.REPEAT_THRESHOLD {args.repeat_threshold}` "
         f"for RFS rows; `MODEL.DEVICE {args.device}`; seeds {', '.join(map(str, shown_seeds))}.",
         f"- Baseline level: SoftmaxCE (no RFS) bbox AP {base_ap:.1f} on val (target ≥ "
         f"{TARGET_BBOX_AP:.0f}: {'met' if base_ap >= TARGET_BBOX_AP else 'NOT met'}).",
@@ -318,7 +363,11 @@ def write(args, runs: Sequence[Run], datasets: dict, val_json: str) -> str:
         "",
     ]
     here = sum(
-        r.method is not None and r.done() and r.seed in per_class.get(r.name, {}) for r in runs
+        r.method is not None
+        and r.done()
+        and r.init() == init
+        and r.seed in per_class.get(r.name, {})
+        for r in runs
     )
     shown_n = sum(len(v) for v in per_class.values())
     lines += [
@@ -328,24 +377,32 @@ def write(args, runs: Sequence[Run], datasets: dict, val_json: str) -> str:
         f"{shown_n - here} from the archive `{os.path.basename(archive_file)}` (same "
         "fingerprint: same command line, config content, schedule, data and initialisation).",
     ]
-    if reproduced:
-        worst = {k: max(abs(a - b) for _, key, a, b in reproduced if key == k) for k in REPRO_KEYS}
+    for same, head in (
+        (True, "Reproduction: {n} archived runs were run again here"),
+        (False, "Reproduction from another pre-training realisation (the same commands, "
+         "other weights, e.g. another CPU's floating-point kernels): {n} archived runs of it "
+         "were replaced here, not paired"),
+    ):  # fmt: skip
+        rep = [r[:4] for r in reproduced if r[4] == same]
+        if not rep:
+            continue
+        worst = {k: max(abs(a - b) for _, key, a, b in rep if key == k) for k in REPRO_KEYS}
         differing = "; ".join(
             f"{key} {k} {a:.1f} vs {b:.1f}"
-            for key, k, a, b in reproduced
+            for key, k, a, b in rep
             if abs(a - b) > 0.05 and k == REPRO_KEYS[0]
         )
         lines += [
             "",
-            f"Reproduction: {len(reproduced) // len(REPRO_KEYS)} archived runs were run again "
-            "here; largest |difference| "
+            head.format(n=len(rep) // len(REPRO_KEYS))
+            + "; largest |difference| "
             + ", ".join(f"{k} {v:.2f}" for k, v in worst.items())
             + " AP points"
             + (f" ({differing})." if differing else "."),
         ]
     if stale:
-        lines += ["", f"Archived runs not shown (their fingerprint differs from the plan's): "
-                  f"{', '.join(stale)}."]  # fmt: skip
+        lines += ["", "Archived runs not shown (another fingerprint than the plan's, or from "
+                  f"another pre-training realisation): {', '.join(stale)}."]  # fmt: skip
     lines.append("")
     if mismatches:
         lines += [

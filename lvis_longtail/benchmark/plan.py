@@ -7,9 +7,11 @@ dataset paths, seed, device), of its config's content (the YAML chain through ``
 comments do not count), of its dependencies' fingerprints (the pre-training run, the base of a
 fine-tune) and of the generated datasets' options. Changing anything upstream
 therefore retrains exactly what it affects, and an interrupted benchmark continues where it
-stopped. Fingerprints do not depend on where the runs and datasets live (``Settings.anchors``),
-so the results folder's archive of finished runs (``lvis_longtail.benchmark.page``) stays valid
-in another checkout.
+stopped. A finished run also records which realisation of the pre-training it descends from
+(``init``, :func:`weights_digest`): the same fingerprint trained on another CPU gives other
+weights, and runs are only paired, reused or reported within one realisation. Fingerprints do
+not depend on where the runs and datasets live (``Settings.anchors``), so the results folder's
+archive of finished runs (``lvis_longtail.benchmark.page``) stays valid in another checkout.
 """
 
 import hashlib
@@ -37,7 +39,8 @@ class Settings:
     """What every run of one benchmark invocation shares.
 
     Attributes:
-        iters: training iterations of a row (fine-tunes: ``Method.length`` of it).
+        iters: training iterations of a row (``Method.schedule`` x it; fine-tunes:
+            ``Method.length`` of it).
         pretrain_iters: iterations of the shared pre-training (0: every row from scratch).
         device: ``MODEL.DEVICE``.
         repeat_threshold: ``DATALOADER.REPEAT_THRESHOLD`` of the rows with RFS.
@@ -101,8 +104,20 @@ class Run:
             return json.load(f)
 
     def done(self) -> bool:
+        """Finished with the planned fingerprint, from the initialisation its dependency now
+        holds (a pre-training trained again, e.g. on a CPU with other floating-point kernels,
+        gives other weights: what started from the old ones is stale)."""
         rec = self.record()
-        return bool(rec) and rec.get("rc") == 0 and rec.get("fingerprint") == self.fingerprint
+        if not rec or rec.get("rc") != 0 or rec.get("fingerprint") != self.fingerprint:
+            return False
+        dep = self.deps[0].record() if self.deps else None
+        return dep is None or dep.get("init") == rec.get("init")
+
+    def init(self) -> Optional[str]:
+        """The initialisation a finished run descends from (:func:`weights_digest` of the
+        pre-training's ``INIT_FILE``, inherited through bases; "scratch" without one)."""
+        rec = self.record()
+        return rec.get("init") if rec else None
 
 
 def config_content(path: str) -> dict:
@@ -163,7 +178,8 @@ def method_command(run: Run, s: Settings) -> List[str]:
     m = run.method
     opts = list(m.opts)
     if m.kind != "eval":
-        opts += schedule_opts(s.iters, m.kind == "finetune", m.length)
+        iters = s.iters if m.kind == "finetune" else max(1, round(s.iters * m.schedule))
+        opts += schedule_opts(iters, m.kind == "finetune", m.length)
     opts += _dataset_opts(s, "train", "val")
     opts += ["OUTPUT_DIR", run.out_dir, "SEED", str(run.seed), "MODEL.DEVICE", s.device]
     opts += ["TEST.EVAL_PERIOD", "0"]
@@ -240,6 +256,32 @@ def runs_to_train(runs: Sequence[Run], reusable: Set[str]) -> List[Run]:
             continue
         kept.append(run)
     return kept[::-1]
+
+
+def weights_digest(path: str) -> str:
+    """Hash of a checkpoint's weights (names, dtypes, shapes and bytes): which realisation of
+    the pre-training a run starts from. Runs are paired only within one realisation: the same
+    command on a CPU with other floating-point kernels trains other weights."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = state.get("model", state)
+    h = hashlib.sha1()
+    for name in sorted(state):
+        t = torch.as_tensor(state[name]).detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def lineage_of(run: Run) -> Optional[str]:
+    """The ``init`` a run that just finished records: the pre-training's digest of its
+    ``INIT_FILE``, else its dependency's ``init`` ("scratch" for a row without one)."""
+    if run.method is None:
+        return weights_digest(os.path.join(run.out_dir, INIT_FILE))
+    if not run.deps:
+        return "scratch"
+    return (run.deps[0].record() or {}).get("init")
 
 
 def extract_init(model_final: str, out_path: str, prefixes: Sequence[str] = INIT_PREFIXES):
