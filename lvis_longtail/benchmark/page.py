@@ -325,7 +325,8 @@ def write(args, runs: Sequence[Run], datasets: dict, val_json: str) -> str:
         f"- Initialisation: backbone + FPN and the mask head's convolutions and deconvolution of "
         f"SoftmaxCE trained {args.pretrain_iters} iterations on the class-balanced pre-training "
         "split (1600 images, another seed and class assignment), cached; the RPN, the box head "
-        "and the class-specific mask predictor start fresh in every row."
+        "and the class-specific mask predictor start fresh in every row"
+        + (f"; every row shown descends from its realisation `{init}`." if init else ".")
         if args.pretrain_iters
         else "- Initialisation: none (every row from scratch).",
         f"- Schedule: {args.iters} iterations at batch 4 (warmup 10 %, LR steps at 70 % and 90 "
