@@ -159,7 +159,7 @@ def execute(runs: List[plan.Run], jobs: int, threads: int, force: bool, poll_s: 
                 "loadavg_start": load0,
                 "loadavg_end": os.getloadavg(),
                 "cmd": run.cmd,
-                "init": plan.lineage_of(run) if rc == 0 else None,
+                "init": plan.init_of(run) if rc == 0 else None,
             }
             write_json_atomic(
                 {
@@ -283,8 +283,8 @@ def main(argv=None) -> int:
     shown = plan.plan_runs(names, sorted(set(args.seeds) | set(seeds)), settings(args))
     path = page.write(args, shown, DATASETS, dataset_paths(args.datasets)["val"][0])
     print(f"wrote {path}")
-    lineage = page.current_init(runs, archive)
-    missing = [r.key for r in runs if not (r.done() or page.archived(r, archive, lineage))]
+    init = page.current_init(runs, archive)
+    missing = [r.key for r in runs if not (r.done() or page.archived(r, archive, init))]
     if missing:
         print(f"missing runs: {missing}")
     return 1 if missing else 0

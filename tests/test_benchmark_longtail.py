@@ -467,7 +467,7 @@ def test_runs_descend_from_one_pretraining_realisation(tmp_path, driver):
     weights = {"backbone.a": torch.arange(4.0), "backbone.b": torch.ones(2, dtype=torch.int64)}
     torch.save({"model": weights}, os.path.join(pre.out_dir, plan.INIT_FILE))
     digest = plan.weights_digest(os.path.join(pre.out_dir, plan.INIT_FILE))
-    assert digest == plan.lineage_of(pre) and len(digest) == 16
+    assert digest == plan.init_of(pre) and len(digest) == 16
     reordered = {"model": dict(reversed(list(weights.items())))}
     torch.save(reordered, str(tmp_path / "r.pth"))
     assert plan.weights_digest(str(tmp_path / "r.pth")) == digest  # names, not dict order
@@ -482,16 +482,16 @@ def test_runs_descend_from_one_pretraining_realisation(tmp_path, driver):
             json.dump(rec, f)
 
     finish(pre, digest)
-    assert plan.lineage_of(rfs) == digest  # inherited from the pre-training ...
-    finish(rfs, plan.lineage_of(rfs))
-    assert plan.lineage_of(bags) == digest  # ... through a fine-tune's base
-    finish(bags, plan.lineage_of(bags))
+    assert plan.init_of(rfs) == digest  # inherited from the pre-training ...
+    finish(rfs, plan.init_of(rfs))
+    assert plan.init_of(bags) == digest  # ... through a fine-tune's base
+    finish(bags, plan.init_of(bags))
     assert all(r.done() for r in (pre, rfs, bags)) and bags.init() == digest
     finish(pre, "retrained")  # the pre-training trained again, other weights
     assert pre.done() and not rfs.done()  # what started from the old ones is stale
     assert not plan.plan_runs(["softmax"], [0], _settings(tmp_path, pretrain_iters=0))[0].deps
     scratch = plan.plan_runs(["softmax"], [0], _settings(tmp_path / "s", pretrain_iters=0))[0]
-    assert plan.lineage_of(scratch) == "scratch"
+    assert plan.init_of(scratch) == "scratch"
 
 
 def test_runs_to_train_keeps_what_training_runs_start_from(tmp_path):
@@ -590,7 +590,7 @@ def test_driver_report_only_adds_archived_rows(tmp_path, driver, monkeypatch):
     def fake_execute(runs, jobs, threads, force, poll_s=1.0):
         calls.append([r.key for r in runs])
         for run in runs:
-            init = pre_init if run.method is None else plan.lineage_of(run)
+            init = pre_init if run.method is None else plan.init_of(run)
             out = os.path.join(run.out_dir, "inference", plan.DATASET_NAMES["val"])
             os.makedirs(out, exist_ok=True)
             if run.method is not None:

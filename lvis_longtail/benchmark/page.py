@@ -285,18 +285,10 @@ def write(args, runs: Sequence[Run], datasets: dict, val_json: str) -> str:
         if pre_entry is not None and pre_entry["fingerprint"] == pre.fingerprint
         else None
     )
-    planned = {r.key: r.fingerprint for r in runs}
     shown_seeds = sorted({seed for v in per_class.values() for seed in v})
     init = current_init(runs, archive)
-    stale = sorted(
-        k
-        for k, e in entries.items()
-        if k in planned
-        and (
-            planned[k] != e["fingerprint"]
-            or (pre is not None and k != pre.key and e["record"].get("init") != init)
-        )
-    )
+    updated = {"runs": entries}
+    stale = sorted(r.key for r in runs if r.key in entries and not archived(r, updated, init))
     lines = [
         f"# Long-tail benchmark on the synthetic LVIS-format dataset ({args.mode} mode)",
         "",

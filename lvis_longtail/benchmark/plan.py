@@ -274,7 +274,7 @@ def weights_digest(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def lineage_of(run: Run) -> Optional[str]:
+def init_of(run: Run) -> Optional[str]:
     """The ``init`` a run that just finished records: the pre-training's digest of its
     ``INIT_FILE``, else its dependency's ``init`` ("scratch" for a row without one)."""
     if run.method is None:
