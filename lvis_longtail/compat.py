@@ -14,6 +14,7 @@ import importlib.util
 import random
 import sys
 import types
+import warnings
 
 import numpy as np
 
@@ -278,11 +279,30 @@ def _sync_bn_on_cpu() -> None:
         batch_norm.nn = _TorchNNWithCPUSyncBN("torch.nn")
 
 
+# Deprecation warnings that importing detectron2 0.6 and fvcore triggers in today's packages,
+# each silenced by its message and the module it is attributed to, so a command's first line
+# of output is its own. Appended after any filter the user set (-W, PYTHONWARNINGS), which wins.
+QUIET_WARNINGS = (
+    # fvcore.nn.focal_loss scripts two functions at import; torch 2.x deprecates jit.script
+    (FutureWarning, r"`torch\.jit\.script` is deprecated", r"torch\.jit\._script"),
+    # detectron2.model_zoo imports pkg_resources (setuptools >= 67 warns at import)
+    (UserWarning, r"pkg_resources is deprecated", r"detectron2\.model_zoo\.model_zoo"),
+)
+
+
+def _quiet_dependency_warnings() -> None:
+    """Known deprecation warnings of detectron2 0.6's dependencies at import time."""
+    for category, message, module in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module,
+                                append=True)  # fmt: skip
+
+
 def apply() -> None:
     """Apply every needed shim once. Safe to call repeatedly."""
     global _APPLIED
     if _APPLIED:
         return
+    _quiet_dependency_warnings()
     _stub_missing_c_ops()
     _pillow_linear()
     _lvis_numpy_float()
