@@ -3,12 +3,11 @@
 
 Every row of ``benchmarks/longtail_rows.py`` (one line each; add yours there) is trained per
 seed in its own ``train_net.py`` subprocess on the long-tailed train split, from a backbone +
-FPN (and the mask head's class-agnostic layers, ``INIT_PREFIXES``) pre-trained once on a
-class-balanced synthetic split (the analogue of ImageNet initialisation; cached by its config),
-and evaluated on a 400-image val split with >= 25 instances per class. Each finished run writes
-one record to ``benchmarks/results/longtail[_quick|_cuda]/`` (``longtail_page.py``), and the
-page next to it gives paired differences to each row's reference, 95 % t and bootstrap
-intervals and the seeds a ±1-point interval needs::
+FPN (and the mask head's class-agnostic layers) pre-trained once on a class-balanced synthetic
+split (cached by its config), and evaluated on a 400-image val split with >= 25 instances per
+class. Each finished run writes one record to ``benchmarks/results/longtail[_quick|_cuda]/``;
+the page next to it (``longtail_page.py``) gives paired differences to each row's reference,
+95 % t and bootstrap intervals and the seeds a ±1-point interval needs::
 
     python benchmarks/longtail.py                 # CPU: 3 rows x 3 seeds, 250 iterations
     python benchmarks/longtail.py --quick         # smoke run: the 3 rows, 1 seed, 60 iterations
@@ -45,6 +44,7 @@ import longtail_page as page  # noqa: E402
 from longtail_rows import CPU_ROWS, Method, default_methods, methods_by_name, schedule_opts  # noqa: E402,E501
 from paired_stats import class_info, read_per_class, run_metrics  # noqa: E402
 
+from lvis_longtail.data import synthetic  # noqa: E402
 from lvis_longtail.utils.io import atomic_write, read_json, write_json_atomic  # noqa: E402
 from lvis_longtail.utils.per_class_csv import CSV_FILE  # noqa: E402
 
@@ -61,11 +61,10 @@ DATASETS = {  # generator options (lvis_longtail.data.synthetic.generate)
     "lt_bench_pretrain": dict(seed=1000, num_train=1600, num_val=1, num_test=1,
                               thickness_scale=1.5, head_tail_ratio=1.0),
 }  # fmt: skip
-NAMES = {"pretrain": "lt_bench_pretrain", "train": "lt_bench_train", "val": "lt_bench_val"}
-SPLITS = {  # dataset folder, annotation file of each split
-    "pretrain": ("lt_bench_pretrain", "annotations", "lt_synthetic_train.json"),
-    "train": ("lt_bench", "annotations", "lt_synthetic_train.json"),
-    "val": ("lt_bench", "annotations", "lt_synthetic_val.json"),
+SPLITS = {  # registered name: dataset folder, annotation file
+    "lt_bench_pretrain": ("lt_bench_pretrain", "lt_synthetic_train.json"),
+    "lt_bench_train": ("lt_bench", "lt_synthetic_train.json"),
+    "lt_bench_val": ("lt_bench", "lt_synthetic_val.json"),
 }
 PRETRAIN_CONFIG = "tiny/mask_rcnn_R18_FPN_tiny_softmax.yaml"
 INIT_FILE = "init.pth"
@@ -77,7 +76,7 @@ INIT_PREFIXES = ("backbone.", "roi_heads.mask_head.mask_fcn", "roi_heads.mask_he
 
 @dataclass
 class Run:
-    """One ``train_net.py`` run: ``overrides`` are its options without paths (its record's)."""
+    """One ``train_net.py`` run; ``overrides`` are its options without paths (its record's)."""
 
     name: str
     seed: int
@@ -92,31 +91,12 @@ class Run:
         return f"{self.name}_seed{self.seed}"
 
 
-def prepare_data(args) -> list:
-    """Generate the datasets unless their manifests record the same options; write the val
-    split's categories next to the records and return them."""
-    from lvis_longtail.data import synthetic
-
-    for name, options in DATASETS.items():
-        manifest = os.path.join(args.datasets, name, "benchmark_dataset.json")
-        if not os.path.isfile(manifest) or read_json(manifest) != options:
-            print(f"generating {args.datasets}/{name} with {options}", flush=True)
-            synthetic.generate(os.path.join(args.datasets, name), progress=False, **options)
-            write_json_atomic(options, manifest)
-    val = read_json(os.path.join(args.datasets, *SPLITS["val"]))
-    keep = ("id", "name", "frequency", "thin", "image_count")
-    categories = [{k: c[k] for k in keep if k in c} for c in val["categories"]]
-    os.makedirs(args.records, exist_ok=True)
-    write_json_atomic(categories, os.path.join(args.records, "classes.json"))
-    return categories
-
-
 def row_overrides(m: Method, seed: int, args) -> List[str]:
     opts = list(m.opts)
     if not m.eval_only:  # a fine-tune: m.length of the schedule; else m.schedule x it
         iters = args.iters if m.base else max(1, round(args.iters * m.schedule))
         opts += schedule_opts(iters, bool(m.base), m.length)
-    opts += ["DATASETS.TRAIN", f"('{NAMES['train']}',)", "DATASETS.TEST", f"('{NAMES['val']}',)"]
+    opts += ["DATASETS.TRAIN", "('lt_bench_train',)", "DATASETS.TEST", "('lt_bench_val',)"]
     opts += ["SEED", str(seed), "MODEL.DEVICE", args.device, "TEST.EVAL_PERIOD", "0"]
     if m.rfs:
         opts += ["DATALOADER.REPEAT_THRESHOLD", str(args.repeat_threshold)]
@@ -126,8 +106,8 @@ def row_overrides(m: Method, seed: int, args) -> List[str]:
 
 
 def plan(args):
-    """``(pre-training run or None, row runs)``: the rows of ``args.methods``, their bases and
-    references first, seed by seed."""
+    """``(pre-training run or None, row runs)``: the rows of ``args.methods`` with their bases
+    and references before them, seed by seed."""
     table, names = methods_by_name(), []
 
     def add(name: str) -> None:
@@ -136,22 +116,22 @@ def plan(args):
         for dep in (table[name].base, table[name].reference):
             if dep and dep not in names:
                 add(dep)
-        names.append(name) if name not in names else None
+        names.extend([name] if name not in names else [])
 
     for name in args.methods:
         add(name)
     pre = None
     if args.pretrain_iters:
         opts = ["DATALOADER.SAMPLER_TRAIN", "TrainingSampler", *schedule_opts(args.pretrain_iters)]
-        opts += ["DATASETS.TRAIN", f"('{NAMES['pretrain']}',)", "DATASETS.TEST", "()"]
+        opts += ["DATASETS.TRAIN", "('lt_bench_pretrain',)", "DATASETS.TEST", "()"]
         opts += ["SEED", "0", "MODEL.DEVICE", args.device]
         # cached by its config: the YAML chain (as train_net.py reads it), overrides and data
-        content = CfgNode.load_yaml_with_base(os.path.join(REPO, "configs", PRETRAIN_CONFIG))
-        key = json.dumps([content, opts, DATASETS, INIT_PREFIXES], sort_keys=True, default=str)
-        digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-        pre = Run(
-            "pretrain", 0, PRETRAIN_CONFIG, opts, os.path.join(args.output, f"pretrain_{digest}")
+        yaml = CfgNode.load_yaml_with_base(os.path.join(REPO, "configs", PRETRAIN_CONFIG))
+        key = json.dumps([yaml, opts, DATASETS, INIT_PREFIXES], sort_keys=True, default=str)
+        out_dir = os.path.join(
+            args.output, "pretrain_" + hashlib.sha1(key.encode()).hexdigest()[:12]
         )
+        pre = Run("pretrain", 0, PRETRAIN_CONFIG, opts, out_dir)
     runs = {}
     for seed in args.seeds:
         for m in (table[n] for n in names):
@@ -163,49 +143,23 @@ def plan(args):
 
 
 def command(run: Run, args, pre: Optional[Run]) -> List[str]:
-    """The ``train_net.py`` command line of ``run`` (its overrides plus the paths)."""
+    """The ``train_net.py`` command line of ``run``: its overrides and the paths."""
     cmd = [sys.executable, "train_net.py", "--config-file", os.path.join("configs", run.config)]
     cmd += ["--eval-only"] if run.method and run.method.eval_only else []
-    data = [[NAMES[k], os.path.join(args.datasets, *f), os.path.join(args.datasets, f[0], "images")]
-            for k, f in SPLITS.items()]  # fmt: skip
+    data = [(name, os.path.join(args.datasets, folder)) for name, (folder, _) in SPLITS.items()]
+    data = [
+        [n, os.path.join(d, "annotations", SPLITS[n][1]), os.path.join(d, "images")]
+        for n, d in data
+    ]
     cmd += ["DATASETS.LVIS_FORMAT", repr(data), *run.overrides, "OUTPUT_DIR", run.out_dir]
     if run.method is not None:
         init = os.path.join(pre.out_dir, INIT_FILE) if pre else ""
-        weights = os.path.join(run.base.out_dir, "model_final.pth") if run.base else init
-        cmd += ["MODEL.WEIGHTS", weights]
+        cmd += ["MODEL.WEIGHTS", _final(run.base) if run.base else init]
     return cmd
 
 
-def weights_digest(path: str) -> str:
-    """Hash of a checkpoint's weights (names, dtypes, shapes and bytes): which pre-trained
-    weights a run starts from (the same command trains other weights on another CPU)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    h = hashlib.sha1()
-    for name, t in sorted(state.get("model", state).items()):
-        t = torch.as_tensor(t).detach().cpu().contiguous()
-        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
-
-
-def extract_init(model_final: str, out_path: str) -> None:
-    """Keep the :data:`INIT_PREFIXES` weights of a checkpoint in ``{"model": {...}}``."""
-    state = torch.load(model_final, map_location="cpu", weights_only=False)
-    kept = {k: v for k, v in state.get("model", state).items() if k.startswith(INIT_PREFIXES)}
-    if not kept:
-        raise ValueError(f"{model_final}: no weights start with {list(INIT_PREFIXES)}")
-    with atomic_write(out_path, "wb") as f:
-        torch.save({"model": kept, "__author__": "lvis_longtail benchmark"}, f)
-
-
-def seconds_per_iter(out_dir: str) -> float:
-    """Median detectron2 iteration time of a run (its ``metrics.json``), nan if unknown."""
-    path, times = os.path.join(out_dir, "metrics.json"), []
-    if os.path.isfile(path):
-        with open(path) as f:
-            times = [json.loads(line).get("time") for line in f if line.strip()]
-    times = sorted(t for t in times if t is not None)
-    return float(times[len(times) // 2]) if times else float("nan")
+def _final(run: Run) -> str:
+    return os.path.join(run.out_dir, "model_final.pth")
 
 
 def matches(rec: Optional[dict], run: Run) -> bool:
@@ -214,67 +168,73 @@ def matches(rec: Optional[dict], run: Run) -> bool:
 
 
 def to_train(runs: List[Run], records: dict, init: Optional[str], force: bool) -> List[Run]:
-    """The runs without a record of their config and overrides (all with ``force``), rows from
-    the initialisation recorded from another one than ``init`` (when known), the bases of these
-    whose model is not here and every run that starts from a base that trains again."""
-
-    def missing(r: Run) -> bool:
-        rec = records.get(r.key)
-        if force or not matches(rec, r):
-            return True
-        return init is not None and r.base is None and rec["init"] != init
-
-    todo = {r.key for r in runs if missing(r)}
+    """The runs without a record (all with ``force``), the rows from the initialisation recorded
+    from another one than ``init`` (when known), the bases of these whose model is not here and
+    the runs that start from a base that trains."""
+    todo = {r.key for r in runs if force or not matches(records.get(r.key), r)}
+    todo |= {
+        r.key for r in runs if init and not r.base and records.get(r.key, {}).get("init") != init
+    }
     for r in reversed(runs):
         if r.key in todo and r.base and not os.path.isfile(_final(r.base)):
             todo.add(r.base.key)
-    for r in runs:
-        if r.base and r.base.key in todo:
-            todo.add(r.key)
+    todo |= {r.key for r in runs if r.base and r.base.key in todo}
     return [r for r in runs if r.key in todo]
 
 
-def _final(run: Run) -> str:
-    return os.path.join(run.out_dir, "model_final.pth")
+def weights_digest(path: str) -> str:
+    """Hash of a checkpoint's weights (names, dtypes, shapes and bytes): which pre-trained
+    weights a run starts from (the same command trains other weights on another CPU)."""
+    state, h = torch.load(path, map_location="cpu", weights_only=False), hashlib.sha1()
+    for name, t in sorted(state.get("model", state).items()):
+        t = torch.as_tensor(t).detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
-def train_run(run: Run, cmd: List[str], threads: int):
-    """Run ``cmd`` in the repository with ``threads`` torch threads, output to the run's log;
-    returns (return code, wall seconds)."""
+def train_run(run: Run, cmd: List[str], threads: int) -> tuple:
+    """Run ``cmd`` in the repository with ``threads`` torch threads, its output to the run's
+    log; returns (return code, wall seconds, median seconds per iteration or nan)."""
     os.makedirs(run.out_dir, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     print(f"START {run.key}", flush=True)
     start = time.time()
     with open(os.path.join(run.out_dir, "benchmark_stdout.log"), "w") as log:
-        log.write(shlex.join(cmd) + "\n")
-        log.flush()
+        print(shlex.join(cmd), file=log, flush=True)
         rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    wall = time.time() - start
+    wall, times = time.time() - start, []
     print(f"{'DONE' if rc == 0 else 'FAIL'} {run.key} rc={rc} {wall:.0f}s", flush=True)
-    return rc, wall
+    if os.path.isfile(os.path.join(run.out_dir, "metrics.json")):  # detectron2's event log
+        with open(os.path.join(run.out_dir, "metrics.json")) as f:
+            times = sorted(t for t in (json.loads(x).get("time") for x in f) if t is not None)
+    return rc, wall, float(times[len(times) // 2]) if times else float("nan")
 
 
-def record(run: Run, wall: float, init: str, per_class: dict, classes) -> dict:
-    """The record of a finished run (``longtail_page.write_record``)."""
+def record(run: Run, timing: tuple, init: str, per_class: dict, classes) -> dict:
     return {"row": run.name, "seed": run.seed, "config": run.config, "overrides": run.overrides,
-            "init": init, "wall_s": wall, "s_per_iter": seconds_per_iter(run.out_dir),
+            "init": init, "wall_s": timing[1], "s_per_iter": timing[2],
             "metrics": run_metrics(per_class, classes), "per_class": per_class}  # fmt: skip
 
 
 def pretrain(pre: Run, args, records: dict, train: bool) -> Optional[str]:
-    """The digest of the pre-trained checkpoint: cached, else trained (with ``train``; every
-    job's threads) and recorded; None when neither."""
-    init_path = os.path.join(pre.out_dir, INIT_FILE)
-    if not os.path.isfile(init_path) and train:
-        rc, wall = train_run(pre, command(pre, args, None), args.threads * args.jobs)
-        if rc:
-            raise SystemExit(f"pre-training failed (rc {rc}); see {pre.out_dir}")
-        extract_init(_final(pre), init_path)
-        rec = record(pre, wall, weights_digest(init_path), {}, {})
-        records[pre.key] = rec
-        page.write_record(args.records, rec)
-    return weights_digest(init_path) if os.path.isfile(init_path) else None
+    """The digest of the pre-trained checkpoint: cached, else trained (with ``train``, on every
+    job's threads), cut to :data:`INIT_PREFIXES` and recorded; None when neither."""
+    path = os.path.join(pre.out_dir, INIT_FILE)
+    if train and not os.path.isfile(path):
+        timing = train_run(pre, command(pre, args, None), args.threads * args.jobs)
+        if timing[0]:
+            raise SystemExit(f"pre-training failed (rc {timing[0]}); see {pre.out_dir}")
+        state = torch.load(_final(pre), map_location="cpu", weights_only=False)["model"]
+        kept = {k: v for k, v in state.items() if k.startswith(INIT_PREFIXES)}
+        if not kept:
+            raise SystemExit(f"{_final(pre)}: no weights start with {INIT_PREFIXES}")
+        with atomic_write(path, "wb") as f:
+            torch.save({"model": kept}, f)
+        records[pre.key] = record(pre, timing, weights_digest(path), {}, {})
+        page.write_record(args.records, records[pre.key])
+    return weights_digest(path) if os.path.isfile(path) else None
 
 
 def execute(todo: List[Run], args, pre, init: str, records: dict, classes) -> None:
@@ -283,16 +243,14 @@ def execute(todo: List[Run], args, pre, init: str, records: dict, classes) -> No
     failed = set()
 
     def one(run: Run) -> None:
-        if run.base and (run.base.key in failed or run.base.key not in records):
-            print(f"SKIP {run.key}: its base {run.base.key} failed", flush=True)
-            return
-        rc, wall = train_run(run, command(run, args, pre), args.threads)
-        if rc:
-            failed.add(run.key)
-            return
-        csv = os.path.join(run.out_dir, "inference", NAMES["val"], CSV_FILE)
+        if run.base and run.base.key in failed:
+            return print(f"SKIP {run.key}: its base {run.base.key} failed", flush=True)
+        timing = train_run(run, command(run, args, pre), args.threads)
+        if timing[0]:
+            return failed.add(run.key)
         run_init = records[run.base.key]["init"] if run.base else init
-        records[run.key] = record(run, wall, run_init, read_per_class(csv), classes)
+        csv = os.path.join(run.out_dir, "inference", "lt_bench_val", CSV_FILE)
+        records[run.key] = record(run, timing, run_init, read_per_class(csv), classes)
         page.write_record(args.records, records[run.key])
 
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -300,24 +258,37 @@ def execute(todo: List[Run], args, pre, init: str, records: dict, classes) -> No
             list(pool.map(one, wave))
 
 
+def prepare_data(args) -> list:
+    """Generate the datasets unless their manifests record the same options; write the val
+    split's categories next to the records and return them."""
+    for name, options in DATASETS.items():
+        manifest = os.path.join(args.datasets, name, "benchmark_dataset.json")
+        if not os.path.isfile(manifest) or read_json(manifest) != options:
+            print(f"generating {args.datasets}/{name} with {options}", flush=True)
+            synthetic.generate(os.path.join(args.datasets, name), progress=False, **options)
+            write_json_atomic(options, manifest)
+    val = read_json(
+        os.path.join(args.datasets, "lt_bench", "annotations", SPLITS["lt_bench_val"][1])
+    )
+    keep = ("id", "name", "frequency", "thin", "image_count")
+    categories = [{k: c[k] for k in keep if k in c} for c in val["categories"]]
+    os.makedirs(args.records, exist_ok=True)
+    write_json_atomic(categories, os.path.join(args.records, "classes.json"))
+    return categories
+
+
 def report(args, records: dict) -> str:
-    """Write the page from the records that match this mode's plan (rows and seeds of
-    ``args`` and of the records)."""
+    """Write the page from the records of this mode's plan for their row and seed."""
     table = methods_by_name()
     names = [r["row"] for r in records.values() if r["row"] in table]
-    seeds = {r["seed"] for r in records.values()}
-    full = replace_args(args, methods=list(dict.fromkeys(args.methods + names)),
-                        seeds=sorted(set(args.seeds) | seeds))  # fmt: skip
+    seeds = sorted(set(args.seeds) | {r["seed"] for r in records.values()})
+    full = argparse.Namespace(**{**vars(args), "methods": args.methods + names, "seeds": seeds})
     pre, runs = plan(full)
     planned = {r.key: r for r in runs + ([pre] if pre else [])}
     shown = {k: r for k, r in records.items() if k in planned and matches(r, planned[k])}
     categories = read_json(os.path.join(args.records, "classes.json"), what="val categories")
     stale = sorted(set(records) - set(shown))
     return page.write_page(args, shown, stale, DATASETS, categories)
-
-
-def replace_args(args, **changes):
-    return argparse.Namespace(**{**vars(args), **changes})
 
 
 def parse_args(argv=None):
@@ -341,10 +312,12 @@ def parse_args(argv=None):
     args.mode = "quick" if args.quick else ("cuda" if args.device.startswith("cuda") else "cpu")
     args.suffix = "" if args.mode == "cpu" else f"_{args.mode}"
     seeds, iters, pre, jobs = MODES[args.mode]
-    args.seeds = args.seeds or list(seeds)
-    args.iters = args.iters or iters
+    args.seeds, args.iters, args.jobs = (
+        args.seeds or list(seeds),
+        args.iters or iters,
+        args.jobs or jobs,
+    )
     args.pretrain_iters = pre if args.pretrain_iters is None else args.pretrain_iters
-    args.jobs = args.jobs or jobs
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     rows = default_methods() if args.mode == "cuda" else CPU_ROWS
     args.methods = list(default_methods() if args.methods == ["all"] else args.methods or rows)

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import longtail  # noqa: E402
 import longtail_page as page  # noqa: E402
 import paired_stats as ps  # noqa: E402
+from longtail_rows import METHODS  # noqa: E402
 
 CATEGORIES = [
     {"id": 1, "name": "a", "frequency": "f", "thin": False, "image_count": 300},
@@ -173,7 +174,7 @@ def test_record_round_trip_and_errors(tmp_path):
     with pytest.raises(ValueError, match="softmax_seed4.json: holds row 'softmax' seed 3"):
         page.read_records(str(tmp_path))
     page.write_record(str(tmp_path / "b"), dict(rec, wall_s="slow"))
-    with pytest.raises(ValueError, match=r"b/softmax_seed3.json: field 'wall_s'"):
+    with pytest.raises(ValueError, match=r"b/softmax_seed3.json: field 'wall_s' malformed: 'slow'"):
         page.read_records(str(tmp_path / "b"))
 
 
@@ -215,3 +216,25 @@ def test_dry_run_plans_without_training(tmp_path, capsys):
     argv = ["--results", results, "--output", str(tmp_path / "runs"), "--dry-run"]
     assert longtail.main(argv) == 0  # every CPU row has its record
     assert "0 of 9 runs to train" in capsys.readouterr().out
+
+
+def test_init_prefixes_name_layers_every_row_loads():
+    """The pre-trained tensors that rows start from exist, with the same shapes, in the model
+    of every row that trains from the initialisation (so none is silently skipped)."""
+    from conftest import tiny_cfg
+    from detectron2.modeling import build_model
+
+    def shapes(config):
+        cfg = tiny_cfg(config_file=os.path.join(REPO, "configs", config))
+        return {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+
+    kept = {
+        k: v
+        for k, v in shapes(longtail.PRETRAIN_CONFIG).items()
+        if k.startswith(longtail.INIT_PREFIXES)
+    }
+    assert all(any(k.startswith(p) for k in kept) for p in longtail.INIT_PREFIXES)
+    assert not any("predictor" in k for k in kept)  # class-specific layers start fresh
+    for config in sorted({m.config for m in METHODS if not m.base}):
+        row = shapes(config)
+        assert not {k for k, v in kept.items() if row.get(k) != v}, config
