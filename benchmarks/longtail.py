@@ -146,11 +146,12 @@ def command(run: Run, args, pre: Optional[Run]) -> List[str]:
     """The ``train_net.py`` command line of ``run``: its overrides and the paths."""
     cmd = [sys.executable, "train_net.py", "--config-file", os.path.join("configs", run.config)]
     cmd += ["--eval-only"] if run.method and run.method.eval_only else []
-    data = [(name, os.path.join(args.datasets, folder)) for name, (folder, _) in SPLITS.items()]
-    data = [
-        [n, os.path.join(d, "annotations", SPLITS[n][1]), os.path.join(d, "images")]
-        for n, d in data
-    ]
+    data = []
+    for name, (folder, ann) in SPLITS.items():
+        folder = os.path.join(args.datasets, folder)
+        data.append(
+            [name, os.path.join(folder, "annotations", ann), os.path.join(folder, "images")]
+        )
     cmd += ["DATASETS.LVIS_FORMAT", repr(data), *run.overrides, "OUTPUT_DIR", run.out_dir]
     if run.method is not None:
         init = os.path.join(pre.out_dir, INIT_FILE) if pre else ""
@@ -206,7 +207,7 @@ def train_run(run: Run, cmd: List[str], threads: int) -> tuple:
         rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     wall, times = time.time() - start, []
     print(f"{'DONE' if rc == 0 else 'FAIL'} {run.key} rc={rc} {wall:.0f}s", flush=True)
-    if os.path.isfile(os.path.join(run.out_dir, "metrics.json")):  # detectron2's event log
+    if rc == 0 and os.path.isfile(os.path.join(run.out_dir, "metrics.json")):  # d2's event log
         with open(os.path.join(run.out_dir, "metrics.json")) as f:
             times = sorted(t for t in (json.loads(x).get("time") for x in f) if t is not None)
     return rc, wall, float(times[len(times) // 2]) if times else float("nan")
@@ -339,7 +340,8 @@ def main(argv=None) -> int:
         needs_pre = init is None and any(not r.base for r in todo)
         if args.dry_run:
             cmds = [(pre, None)] * needs_pre + [(r, pre) for r in todo]
-            print("\n".join(f"{r.key}: {shlex.join(command(r, args, p))}" for r, p in cmds))
+            for run, init_run in cmds:
+                print(f"{run.key}: {shlex.join(command(run, args, init_run))}")
             print(f"{len(todo)} of {len(runs)} runs to train (more if the pre-training gives "
                   f"other weights than their records'); records: {args.records}")  # fmt: skip
             return 0

@@ -1,12 +1,7 @@
 """The rows of the long-tail benchmark: one :class:`Method` per line of :data:`METHODS`.
 
 Adding a row is one line: a short name, a label, a config file under ``configs/`` and, if
-needed, ``KEY VALUE`` overrides, e.g.::
-
-    Method("htc_lite", "HTC-Lite + Seesaw + RFS", "tiny/htc_lite_R18_FPN_tiny_seesaw.yaml",
-           ref="cascade", group="mask"),
-    Method("tta", "SoftmaxCE + RFS with TTA", _tiny("tta"), base="softmax_rfs", eval_only=True),
-
+needed, ``KEY VALUE`` overrides (and a line in :data:`NOTES` saying what its difference shows).
 A row trains its config from the shared pre-trained initialisation (``longtail.py``), unless
 it names a ``base``: then it fine-tunes that row's ``model_final.pth`` of the same seed
 (``length`` x the schedule), or with ``eval_only`` only evaluates it with its own overrides

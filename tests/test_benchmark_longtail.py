@@ -94,7 +94,7 @@ def test_paired_difference_and_tables_by_hand():
     assert 1.0 <= res["boot"][0] <= 3.5 <= res["boot"][1] <= 6.0  # cell differences are 1-6
     rows = [("new", "New", "ref", "Ref")]
     table = ps.delta_table(rows, {"new": NEW, "ref": REF}, CLASSES, ("bbox/APr",))
-    row = table.splitlines()[2]  # t(2) * 0.5 / sqrt(3) = 1.24: [+2.26, +4.74]
+    row = table.splitlines()[2]  # t(2) * 0.5 / sqrt(3) = 1.242: [+2.26, +4.74]
     assert row.startswith("| New | Ref | +3.5 [+2.3, +4.7]* {")
     assert row.endswith("| 4 |")  # t(2) * 0.5 / sqrt(3) = 1.24 > 1, t(3) * 0.5 / 2 = 0.80
     summary = ps.summary_table([("ref", "Ref")], {"ref": REF}, CLASSES, ("bbox/APf",))
@@ -197,13 +197,15 @@ def test_page_from_fixture_records(tmp_path):
     assert (tmp_path / "longtail_groups.png").stat().st_size > 0
 
 
-def test_committed_page_regenerates_from_committed_records(tmp_path):
+@pytest.mark.parametrize("mode", ["", "_quick"])
+def test_committed_page_regenerates_from_committed_records(tmp_path, mode):
     results = os.path.join(REPO, "benchmarks", "results")
-    shutil.copytree(os.path.join(results, "longtail"), tmp_path / "longtail")
-    shutil.copy(os.path.join(results, "longtail_notes.md"), tmp_path)
-    assert longtail.main(["--results", str(tmp_path), "--report-only"]) == 0
-    with open(os.path.join(results, "longtail.md")) as f:
-        assert (tmp_path / "longtail.md").read_text() == f.read()
+    shutil.copytree(os.path.join(results, f"longtail{mode}"), tmp_path / f"longtail{mode}")
+    shutil.copy(os.path.join(results, f"longtail{mode}_notes.md"), tmp_path)
+    argv = ["--results", str(tmp_path), "--report-only"] + (["--quick"] if mode else [])
+    assert longtail.main(argv) == 0
+    with open(os.path.join(results, f"longtail{mode}.md")) as f:
+        assert (tmp_path / f"longtail{mode}.md").read_text() == f.read()
 
 
 def test_dry_run_plans_without_training(tmp_path, capsys):
