@@ -6,7 +6,6 @@ started from (``init``), wall time, metrics and per-class AP; ``classes.json`` n
 the val split's categories. The page (tables, row notes, plots) is written from these alone.
 """
 
-import json
 import math
 import os
 from typing import Dict
@@ -15,7 +14,7 @@ import numpy as np
 from longtail_rows import BASELINE, NOTES, methods_by_name
 from paired_stats import GROUPS, TASKS, class_info, delta_table, run_metrics, summary_table
 
-from lvis_longtail.utils.io import atomic_write, read_json
+from lvis_longtail.utils.io import atomic_write, read_json, write_json_atomic
 
 FIELDS = "row seed config overrides init wall_s s_per_iter metrics per_class".split()
 SUMMARY_KEYS = (
@@ -48,8 +47,7 @@ def write_record(folder: str, record: dict) -> str:
     }
     path = os.path.join(folder, f"{record['row']}_seed{record['seed']}.json")
     os.makedirs(folder, exist_ok=True)
-    with atomic_write(path) as f:
-        json.dump(out, f, indent=1, allow_nan=False)
+    write_json_atomic(out, path)
     return path
 
 
