@@ -1,50 +1,55 @@
 #!/usr/bin/env python
 """Long-tail benchmark on the synthetic dataset: does each method really help rare classes?
 
-Every row of ``lvis_longtail/benchmark/methods.py`` (one line each; add yours there) is trained
-per seed in its own ``train_net.py`` subprocess, from a backbone + FPN (and the mask head's
-class-agnostic layers, ``plan.INIT_PREFIXES``) pre-trained once on a separate, class-balanced
-synthetic split (the analogue of ImageNet initialisation; cached), on
-the long-tailed train split, and evaluated on a 400-image val split with >= 25 instances per
-class. The report (``lvis_longtail.benchmark.report``) reads each run's ``lvis_per_class.csv``
-and writes ``benchmarks/results/longtail[_quick|_cuda].md`` with paired differences to each
-row's reference, 95 % t intervals over seeds, seed x class bootstrap intervals and the seeds a
-±1-point interval needs::
+Every row of ``benchmarks/longtail_rows.py`` (one line each; add yours there) is trained per
+seed in its own ``train_net.py`` subprocess on the long-tailed train split, from a backbone +
+FPN (and the mask head's class-agnostic layers) pre-trained once on a class-balanced synthetic
+split (cached by its config), and evaluated on a 400-image val split with >= 25 instances per
+class. Each finished run writes one record to ``benchmarks/results/longtail[_quick|_cuda]/``;
+the page next to it (``longtail_page.py``) gives paired differences to each row's reference,
+95 % t and bootstrap intervals and the seeds a ±1-point interval needs::
 
     python benchmarks/longtail.py                 # CPU: 3 rows x 3 seeds, 250 iterations
     python benchmarks/longtail.py --quick         # smoke run: the 3 rows, 1 seed, 60 iterations
     python benchmarks/longtail.py --device cuda   # GPU: every row, 5 seeds, 1000 iterations
     python benchmarks/longtail.py --methods all   # CPU: every row (hours on 2 cores)
-    python benchmarks/longtail.py --report-only   # re-aggregate finished runs
+    python benchmarks/longtail.py --dry-run       # the commands it would run
+    python benchmarks/longtail.py --report-only   # the page from the records
 
-The CPU and quick modes run ``methods.CPU_ROWS`` unless ``--methods`` names rows; the GPU
-mode runs every row but the diagnostics.
-
-A finished run (``benchmark_run.json`` with rc 0 and the planned fingerprint) is reused, so an
-interrupted benchmark continues where it stopped; a changed option retrains what it affects.
-``--force`` retrains everything. ``<results>/longtail[_mode]_notes.md`` (hand-written) is
-appended to the report.
+The CPU and quick modes run ``CPU_ROWS`` unless ``--methods`` names rows. A run whose record has
+the planned config and overrides is not trained again (``--force``: it is); when rows train from
+a pre-trained checkpoint, the rows recorded from another one train again, so that paired rows
+start from the same weights. ``<results>/longtail[_mode]_notes.md`` is appended to the page.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from detectron2.config import CfgNode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.insert(0, REPO)  # this checkout's lvis_longtail, before an installed one
 
-from lvis_longtail.benchmark import methods as methods_mod  # noqa: E402
-from lvis_longtail.benchmark import page, plan  # noqa: E402
-from lvis_longtail.utils.io import write_json_atomic  # noqa: E402
+import longtail_page as page  # noqa: E402
+from longtail_rows import CPU_ROWS, Method, default_methods, methods_by_name, schedule_opts  # noqa: E402,E501
+from paired_stats import class_info, read_per_class, run_metrics  # noqa: E402
 
-# mode -> (seeds, iterations, pre-training iterations, parallel runs); the CPU mode is sized
-# for <= 60 min on an idle 2-core machine: pre-training ~17.5 min, then 9 runs of ~495 s, 2 at
-# a time (benchmarks/results/longtail_calibration.md)
+from lvis_longtail.data import synthetic  # noqa: E402
+from lvis_longtail.utils.io import atomic_write, read_json, write_json_atomic  # noqa: E402
+from lvis_longtail.utils.per_class_csv import CSV_FILE  # noqa: E402
+
+# mode -> (seeds, iterations, pre-training iterations, parallel runs); the CPU mode is sized for
+# <= 60 min on an idle 2-core machine (benchmarks/results/longtail_calibration.md)
 MODES = {
     "quick": ((0,), 60, 150, 2),
     "cpu": ((0, 1, 2), 250, 1000, 2),
@@ -56,122 +61,235 @@ DATASETS = {  # generator options (lvis_longtail.data.synthetic.generate)
     "lt_bench_pretrain": dict(seed=1000, num_train=1600, num_val=1, num_test=1,
                               thickness_scale=1.5, head_tail_ratio=1.0),
 }  # fmt: skip
-MANIFEST = "benchmark_dataset.json"
+SPLITS = {  # registered name: dataset folder, annotation file
+    "lt_bench_pretrain": ("lt_bench_pretrain", "lt_synthetic_train.json"),
+    "lt_bench_train": ("lt_bench", "lt_synthetic_train.json"),
+    "lt_bench_val": ("lt_bench", "lt_synthetic_val.json"),
+}
+PRETRAIN_CONFIG = "tiny/mask_rcnn_R18_FPN_tiny_softmax.yaml"
+INIT_FILE = "init.pth"
+# What a row takes from the pre-training: backbone + FPN and the class-agnostic layers of the
+# mask head (thin walls need more than a row's schedule to be learnt from scratch); the RPN,
+# the box head and the class-specific mask predictor start fresh (another class assignment).
+INIT_PREFIXES = ("backbone.", "roi_heads.mask_head.mask_fcn", "roi_heads.mask_head.deconv")
 
 
-def ensure_dataset(root: str, options: dict) -> None:
-    """Generate the dataset at ``root`` unless its manifest records the same options."""
-    from lvis_longtail.data import synthetic
+@dataclass
+class Run:
+    """One ``train_net.py`` run; ``overrides`` are its options without paths (its record's)."""
 
-    manifest = os.path.join(root, MANIFEST)
-    if os.path.isfile(manifest):
-        with open(manifest) as f:
-            if json.load(f) == options:
-                return
-    print(f"generating {root} with {options}", flush=True)
-    synthetic.generate(root, progress=False, **options)
-    write_json_atomic(options, manifest)
+    name: str
+    seed: int
+    config: str
+    overrides: List[str]
+    out_dir: str
+    method: Optional[Method] = None  # None: the pre-training
+    base: Optional["Run"] = None  # the run whose model it fine-tunes or evaluates
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}_seed{self.seed}"
 
 
-def dataset_paths(root: str) -> Dict[str, tuple]:
-    ann = lambda name, split: os.path.join(root, name, "annotations", f"lt_synthetic_{split}.json")  # noqa: E731,E501
-    img = lambda name: os.path.join(root, name, "images")  # noqa: E731
-    return {
-        "pretrain": (ann("lt_bench_pretrain", "train"), img("lt_bench_pretrain")),
-        "train": (ann("lt_bench", "train"), img("lt_bench")),
-        "val": (ann("lt_bench", "val"), img("lt_bench")),
+def row_overrides(m: Method, seed: int, args) -> List[str]:
+    opts = list(m.opts)
+    if not m.eval_only:  # a fine-tune: m.length of the schedule; else m.schedule x it
+        iters = args.iters if m.base else max(1, round(args.iters * m.schedule))
+        opts += schedule_opts(iters, bool(m.base), m.length)
+    opts += ["DATASETS.TRAIN", "('lt_bench_train',)", "DATASETS.TEST", "('lt_bench_val',)"]
+    opts += ["SEED", str(seed), "MODEL.DEVICE", args.device, "TEST.EVAL_PERIOD", "0"]
+    if m.rfs:
+        opts += ["DATALOADER.REPEAT_THRESHOLD", str(args.repeat_threshold)]
+    elif "DATALOADER.SAMPLER_TRAIN" not in m.opts[::2]:
+        opts += ["DATALOADER.SAMPLER_TRAIN", "TrainingSampler"]
+    return opts
+
+
+def plan(args):
+    """``(pre-training run or None, row runs)``: the rows of ``args.methods`` with their bases
+    and references before them, seed by seed."""
+    table, names = methods_by_name(), []
+
+    def add(name: str) -> None:
+        if name not in table:
+            raise SystemExit(f"unknown benchmark row {name!r}; known: {sorted(table)}")
+        for dep in (table[name].base, table[name].reference):
+            if dep and dep not in names:
+                add(dep)
+        names.extend([name] if name not in names else [])
+
+    for name in args.methods:
+        add(name)
+    pre = None
+    if args.pretrain_iters:
+        opts = ["DATALOADER.SAMPLER_TRAIN", "TrainingSampler", *schedule_opts(args.pretrain_iters)]
+        opts += ["DATASETS.TRAIN", "('lt_bench_pretrain',)", "DATASETS.TEST", "()"]
+        opts += ["SEED", "0", "MODEL.DEVICE", args.device]
+        # cached by its config: the YAML chain (as train_net.py reads it), overrides and data
+        yaml = CfgNode.load_yaml_with_base(os.path.join(REPO, "configs", PRETRAIN_CONFIG))
+        key = json.dumps([yaml, opts, DATASETS, INIT_PREFIXES], sort_keys=True, default=str)
+        out_dir = os.path.join(
+            args.output, "pretrain_" + hashlib.sha1(key.encode()).hexdigest()[:12]
+        )
+        pre = Run("pretrain", 0, PRETRAIN_CONFIG, opts, out_dir)
+    runs = {}
+    for seed in args.seeds:
+        for m in (table[n] for n in names):
+            out_dir = os.path.join(args.output, m.name, f"seed{seed}")
+            base = runs.get(f"{m.base}_seed{seed}")
+            run = Run(m.name, seed, m.config, row_overrides(m, seed, args), out_dir, m, base)
+            runs[run.key] = run
+    return pre, list(runs.values())
+
+
+def command(run: Run, args, pre: Optional[Run]) -> List[str]:
+    """The ``train_net.py`` command line of ``run``: its overrides and the paths."""
+    cmd = [sys.executable, "train_net.py", "--config-file", os.path.join("configs", run.config)]
+    cmd += ["--eval-only"] if run.method and run.method.eval_only else []
+    data = []
+    for name, (folder, ann) in SPLITS.items():
+        folder = os.path.join(args.datasets, folder)
+        data.append(
+            [name, os.path.join(folder, "annotations", ann), os.path.join(folder, "images")]
+        )
+    cmd += ["DATASETS.LVIS_FORMAT", repr(data), *run.overrides, "OUTPUT_DIR", run.out_dir]
+    if run.method is not None:
+        init = os.path.join(pre.out_dir, INIT_FILE) if pre else ""
+        cmd += ["MODEL.WEIGHTS", _final(run.base) if run.base else init]
+    return cmd
+
+
+def _final(run: Run) -> str:
+    return os.path.join(run.out_dir, "model_final.pth")
+
+
+def matches(rec: Optional[dict], run: Run) -> bool:
+    """Whether a record holds ``run`` (the same config and overrides)."""
+    return rec is not None and (rec["config"], rec["overrides"]) == (run.config, run.overrides)
+
+
+def to_train(runs: List[Run], records: dict, init: Optional[str], force: bool) -> List[Run]:
+    """The runs without a record (all with ``force``), the rows from the initialisation recorded
+    from another one than ``init`` (when known), the bases of these whose model is not here and
+    the runs that start from a base that trains."""
+    todo = {r.key for r in runs if force or not matches(records.get(r.key), r)}
+    todo |= {
+        r.key for r in runs if init and not r.base and records.get(r.key, {}).get("init") != init
     }
+    for r in reversed(runs):
+        if r.key in todo and r.base and not os.path.isfile(_final(r.base)):
+            todo.add(r.base.key)
+    todo |= {r.key for r in runs if r.base and r.base.key in todo}
+    return [r for r in runs if r.key in todo]
 
 
-def seconds_per_iter(out_dir: str) -> float:
-    """Median detectron2 iteration time of a run (its ``metrics.json``), nan if unknown."""
-    path = os.path.join(out_dir, "metrics.json")
-    times = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if "time" in rec:
-                    times.append(rec["time"])
-    return float(sorted(times)[len(times) // 2]) if times else float("nan")
+def weights_digest(path: str) -> str:
+    """Hash of a checkpoint's weights (names, dtypes, shapes and bytes): which pre-trained
+    weights a run starts from (the same command trains other weights on another CPU)."""
+    state, h = torch.load(path, map_location="cpu", weights_only=False), hashlib.sha1()
+    for name, t in sorted(state.get("model", state).items()):
+        t = torch.as_tensor(t).detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
-def execute(runs: List[plan.Run], jobs: int, threads: int, force: bool, poll_s: float = 1.0) -> int:
-    """Run the pending runs, ``jobs`` at a time, each after its dependencies (a run whose
-    dependency failed is skipped); each finished run gets its ``benchmark_run.json``.
+def train_run(run: Run, cmd: List[str], threads: int) -> tuple:
+    """Run ``cmd`` in the repository with ``threads`` torch threads, its output to the run's
+    log; returns (return code, wall seconds, median seconds per iteration or nan)."""
+    os.makedirs(run.out_dir, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    print(f"START {run.key}", flush=True)
+    start = time.time()
+    with open(os.path.join(run.out_dir, "benchmark_stdout.log"), "w") as log:
+        print(shlex.join(cmd), file=log, flush=True)
+        rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wall, times = time.time() - start, []
+    print(f"{'DONE' if rc == 0 else 'FAIL'} {run.key} rc={rc} {wall:.0f}s", flush=True)
+    if rc == 0 and os.path.isfile(os.path.join(run.out_dir, "metrics.json")):  # d2's event log
+        with open(os.path.join(run.out_dir, "metrics.json")) as f:
+            times = sorted(t for t in (json.loads(x).get("time") for x in f) if t is not None)
+    return rc, wall, float(times[len(times) // 2]) if times else float("nan")
 
-    Returns:
-        how many runs were pending (0: nothing trained).
-    """
-    pending = [r for r in runs if force or not r.done()]
-    num_pending = len(pending)
 
-    def env(run):  # the pre-training runs alone: it gets every job's threads
-        n = str(threads * jobs if run.method is None else threads)
-        out = dict(os.environ, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n)
-        out["PYTHONPATH"] = REPO + os.pathsep + out.get("PYTHONPATH", "")
-        return out
+def record(run: Run, timing: tuple, init: str, per_class: dict, classes) -> dict:
+    return {"row": run.name, "seed": run.seed, "config": run.config, "overrides": run.overrides,
+            "init": init, "wall_s": timing[1], "s_per_iter": timing[2],
+            "metrics": run_metrics(per_class, classes), "per_class": per_class}  # fmt: skip
 
-    active, failed, finished = {}, set(), set()
-    print(f"{len(pending)} of {len(runs)} runs to do, {jobs} at a time, {threads} thread(s) each")
-    while pending or active:
-        for run in list(pending):
-            if len(active) >= jobs:
-                break
-            if any(d.key in failed for d in run.deps):
-                pending.remove(run)
-                failed.add(run.key)
-                print(f"SKIP {run.key}: a run it starts from failed", flush=True)
-                continue
-            if any(d in pending or d.key in active for d in run.deps):
-                continue
-            pending.remove(run)
-            os.makedirs(run.out_dir, exist_ok=True)
-            log = open(os.path.join(run.out_dir, "benchmark_stdout.log"), "w")
-            log.write(" ".join(shlex.quote(c) for c in run.cmd) + "\n")
-            log.flush()
-            proc = subprocess.Popen(
-                run.cmd, cwd=REPO, env=env(run), stdout=log, stderr=subprocess.STDOUT
-            )
-            active[run.key] = (run, proc, time.time(), log, os.getloadavg())
-            print(f"START {run.key}", flush=True)
-        time.sleep(poll_s)
-        for key, (run, proc, t0, log, load0) in list(active.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del active[key]
-            rc = proc.returncode
-            if rc == 0 and run.method is None:  # the pre-training: keep plan.INIT_PREFIXES
-                plan.extract_init(
-                    os.path.join(run.out_dir, "model_final.pth"),
-                    os.path.join(run.out_dir, plan.INIT_FILE),
-                )
-            (finished if rc == 0 else failed).add(key)
-            record = {
-                "rc": rc,
-                "fingerprint": run.fingerprint,
-                "wall_s": time.time() - t0,
-                "s_per_iter": seconds_per_iter(run.out_dir),
-                "loadavg_start": load0,
-                "loadavg_end": os.getloadavg(),
-                "cmd": run.cmd,
-                "init": plan.init_of(run) if rc == 0 else None,
-            }
-            write_json_atomic(
-                {
-                    k: (None if v != v else v) if isinstance(v, float) else v
-                    for k, v in record.items()
-                },
-                os.path.join(run.out_dir, plan.RUN_FILE),
-            )
-            print(
-                f"{'DONE' if rc == 0 else 'FAIL'} {key} rc={rc} {record['wall_s']:.0f}s", flush=True
-            )
-    return num_pending
+
+def pretrain(pre: Run, args, records: dict, train: bool) -> Optional[str]:
+    """The digest of the pre-trained checkpoint: cached, else trained (with ``train``, on every
+    job's threads), cut to :data:`INIT_PREFIXES` and recorded; None when neither."""
+    path = os.path.join(pre.out_dir, INIT_FILE)
+    if train and not os.path.isfile(path):
+        timing = train_run(pre, command(pre, args, None), args.threads * args.jobs)
+        if timing[0]:
+            raise SystemExit(f"pre-training failed (rc {timing[0]}); see {pre.out_dir}")
+        state = torch.load(_final(pre), map_location="cpu", weights_only=False)["model"]
+        kept = {k: v for k, v in state.items() if k.startswith(INIT_PREFIXES)}
+        if not kept:
+            raise SystemExit(f"{_final(pre)}: no weights start with {INIT_PREFIXES}")
+        with atomic_write(path, "wb") as f:
+            torch.save({"model": kept}, f)
+        records[pre.key] = record(pre, timing, weights_digest(path), {}, {})
+        page.write_record(args.records, records[pre.key])
+    return weights_digest(path) if os.path.isfile(path) else None
+
+
+def execute(todo: List[Run], args, pre, init: str, records: dict, classes) -> None:
+    """Train ``todo``, ``args.jobs`` at a time: the rows from the initialisation, then the runs
+    that start from them (skipped when their base failed); record each finished run."""
+    failed = set()
+
+    def one(run: Run) -> None:
+        if run.base and run.base.key in failed:
+            return print(f"SKIP {run.key}: its base {run.base.key} failed", flush=True)
+        timing = train_run(run, command(run, args, pre), args.threads)
+        if timing[0]:
+            return failed.add(run.key)
+        run_init = records[run.base.key]["init"] if run.base else init
+        csv = os.path.join(run.out_dir, "inference", "lt_bench_val", CSV_FILE)
+        records[run.key] = record(run, timing, run_init, read_per_class(csv), classes)
+        page.write_record(args.records, records[run.key])
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for wave in ([r for r in todo if not r.base], [r for r in todo if r.base]):
+            list(pool.map(one, wave))
+
+
+def prepare_data(args) -> list:
+    """Generate the datasets unless their manifests record the same options; write the val
+    split's categories next to the records and return them."""
+    for name, options in DATASETS.items():
+        manifest = os.path.join(args.datasets, name, "benchmark_dataset.json")
+        if not os.path.isfile(manifest) or read_json(manifest) != options:
+            print(f"generating {args.datasets}/{name} with {options}", flush=True)
+            synthetic.generate(os.path.join(args.datasets, name), progress=False, **options)
+            write_json_atomic(options, manifest)
+    val = read_json(
+        os.path.join(args.datasets, "lt_bench", "annotations", SPLITS["lt_bench_val"][1])
+    )
+    keep = ("id", "name", "frequency", "thin", "image_count")
+    categories = [{k: c[k] for k in keep if k in c} for c in val["categories"]]
+    os.makedirs(args.records, exist_ok=True)
+    write_json_atomic(categories, os.path.join(args.records, "classes.json"))
+    return categories
+
+
+def report(args, records: dict) -> str:
+    """Write the page from the records of this mode's plan for their row and seed."""
+    table = methods_by_name()
+    names = [r["row"] for r in records.values() if r["row"] in table]
+    seeds = sorted(set(args.seeds) | {r["seed"] for r in records.values()})
+    full = argparse.Namespace(**{**vars(args), "methods": args.methods + names, "seeds": seeds})
+    pre, runs = plan(full)
+    planned = {r.key: r for r in runs + ([pre] if pre else [])}
+    shown = {k: r for k, r in records.items() if k in planned and matches(r, planned[k])}
+    categories = read_json(os.path.join(args.records, "classes.json"), what="val categories")
+    stale = sorted(set(records) - set(shown))
+    return page.write_page(args, shown, stale, DATASETS, categories)
 
 
 def parse_args(argv=None):
@@ -188,105 +306,54 @@ def parse_args(argv=None):
     p.add_argument("--output", help="runs folder (output/benchmarks/longtail_<mode>)")
     p.add_argument("--results", default=os.path.join(REPO, "benchmarks", "results"))
     p.add_argument("--datasets", help="dataset root ($DETECTRON2_DATASETS or ./datasets)")
-    p.add_argument("--force", action="store_true", help="retrain finished runs")
-    p.add_argument("--report-only", action="store_true", help="only aggregate finished runs")
-    p.add_argument(
-        "--reuse-archive",
-        action="store_true",
-        help="do not retrain runs whose results the results folder archives (same fingerprint)",
-    )
+    p.add_argument("--force", action="store_true", help="retrain runs that have a record")
+    p.add_argument("--dry-run", action="store_true", help="print the runs to train, train none")
+    p.add_argument("--report-only", action="store_true", help="only write the page")
     args = p.parse_args(argv)
     args.mode = "quick" if args.quick else ("cuda" if args.device.startswith("cuda") else "cpu")
+    args.suffix = "" if args.mode == "cpu" else f"_{args.mode}"
     seeds, iters, pre, jobs = MODES[args.mode]
-    args.seeds = args.seeds or list(seeds)
-    args.iters = args.iters or iters
+    args.seeds, args.iters, args.jobs = (
+        args.seeds or list(seeds),
+        args.iters or iters,
+        args.jobs or jobs,
+    )
     args.pretrain_iters = pre if args.pretrain_iters is None else args.pretrain_iters
-    args.jobs = args.jobs or jobs
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    if not args.methods:
-        args.methods = list(
-            methods_mod.default_methods() if args.mode == "cuda" else methods_mod.CPU_ROWS
-        )
-    elif args.methods == ["all"]:
-        args.methods = list(methods_mod.default_methods())
-    args.output = os.path.abspath(
-        args.output or os.path.join(REPO, "output", "benchmarks", f"longtail_{args.mode}")
-    )
-    args.datasets = os.path.abspath(
-        args.datasets
-        or os.path.expanduser(os.getenv("DETECTRON2_DATASETS", os.path.join(REPO, "datasets")))
-    )
-    args.command = " ".join(
-        ["python benchmarks/longtail.py"]
-        + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)]
-    )
+    rows = default_methods() if args.mode == "cuda" else CPU_ROWS
+    args.methods = list(default_methods() if args.methods == ["all"] else args.methods or rows)
+    out = os.path.join(REPO, "output", "benchmarks", f"longtail_{args.mode}")
+    args.output = os.path.abspath(args.output or out)
+    data = os.getenv("DETECTRON2_DATASETS", os.path.join(REPO, "datasets"))
+    args.datasets = os.path.abspath(args.datasets or os.path.expanduser(data))
+    args.records = os.path.join(args.results, f"longtail{args.suffix}")
     return args
-
-
-def settings(args) -> plan.Settings:
-    return plan.Settings(
-        iters=args.iters,
-        pretrain_iters=args.pretrain_iters,
-        device=args.device,
-        repeat_threshold=args.repeat_threshold,
-        output=args.output,
-        datasets=dataset_paths(args.datasets),
-        dataset_key=json.dumps(DATASETS, sort_keys=True),
-        python=sys.executable,
-        configs="configs",  # relative to the repository (the runs' cwd): location-free fingerprints
-        root=REPO,
-        anchors={args.output: "<runs>", args.datasets: "<data>"},  # absolute (parse_args)
-    )
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    t0 = time.time()
-    for name, options in DATASETS.items():
-        ensure_dataset(os.path.join(args.datasets, name), options)
-    runs = plan.plan_runs(args.methods, args.seeds, settings(args))
-    archive = page.read_archive(page.archive_path(args.results, args.mode))
+    pre, runs = plan(args)
+    records = page.read_records(args.records)
     if not args.report_only:
-        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        load0 = os.getloadavg()
-        opts = (args.jobs, args.threads, args.force)
-        pre, trained, reusable = set(), 0, set()
-        if args.reuse_archive:
-            # archived runs are reusable only from the pre-training they descend from: one that
-            # must train here goes first and decides which they are
-            first = [
-                r for r in plan.runs_to_train(runs, page.reusable(runs, archive)) if not r.method
-            ]
-            trained += execute(first, *opts)
-            pre, reusable = {r.key for r in first}, page.reusable(runs, archive)
-        todo = [r for r in plan.runs_to_train(runs, reusable) if r.key not in pre]
-        trained += execute(todo, *opts)
-        if trained:  # the page lists the invocations that trained runs
-            page.record_invocation(
-                args.output,
-                {
-                    "command": args.command,
-                    "started": started,
-                    "start_ts": t0,
-                    "wall_s": time.time() - t0,
-                    "jobs": args.jobs,
-                    "threads": args.threads,
-                    "cpus": os.cpu_count(),
-                    "loadavg_start": list(load0),
-                    "loadavg_end": list(os.getloadavg()),
-                },
-            )
-    # the page shows this invocation's rows and seeds and every archived one
-    names, seeds = page.archived_plan(archive)
-    known = methods_mod.methods_by_name()
-    names = list(dict.fromkeys(args.methods + [n for n in names if n in known]))
-    shown = plan.plan_runs(names, sorted(set(args.seeds) | set(seeds)), settings(args))
-    path = page.write(args, shown, DATASETS, dataset_paths(args.datasets)["val"][0])
-    print(f"wrote {path}")
-    init = page.current_init(runs, archive)
-    missing = [r.key for r in runs if not (r.done() or page.archived(r, archive, init))]
-    if missing:
-        print(f"missing runs: {missing}")
+        init = pretrain(pre, args, records, train=False) if pre else "scratch"
+        todo = to_train(runs, records, init, args.force)
+        needs_pre = init is None and any(not r.base for r in todo)
+        if args.dry_run:
+            cmds = [(pre, None)] * needs_pre + [(r, pre) for r in todo]
+            for run, init_run in cmds:
+                print(f"{run.key}: {shlex.join(command(run, args, init_run))}")
+            print(f"{len(todo)} of {len(runs)} runs to train (more if the pre-training gives "
+                  f"other weights than their records'); records: {args.records}")  # fmt: skip
+            return 0
+        if todo:
+            categories = prepare_data(args)
+            if needs_pre:
+                init = pretrain(pre, args, records, train=True)
+                todo = to_train(runs, records, init, args.force)
+            execute(todo, args, pre, init, records, class_info(categories))
+    print(f"wrote {report(args, records)}")
+    missing = [r.key for r in runs if not matches(records.get(r.key), r)]
+    print(f"missing runs: {missing}" if missing else "every planned run has its record")
     return 1 if missing else 0
 
 

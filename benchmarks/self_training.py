@@ -16,7 +16,7 @@ runs from the same random initialisation and schedule (``train_net.py`` subproce
 
 Every run is evaluated on val; the report (``benchmarks/results/self_training[_quick].md``)
 gives mean ± std over seeds and the paired differences to the baseline with 95 % t intervals
-(lvis_longtail.benchmark.report, from each run's per-class csv). Finished steps are reused.
+(``paired_stats.py``, from each run's per-class csv). Finished steps are reused.
 
     python benchmarks/self_training.py              # 3 seeds, 300 iterations, 2 runs at a time
     python benchmarks/self_training.py --quick      # 1 seed, 30 iterations (smoke run)
@@ -34,15 +34,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from lvis_longtail.benchmark.plan import schedule_opts  # noqa: E402
-from lvis_longtail.benchmark.report import (  # noqa: E402
-    class_info,
-    fmt_ci,
-    fmt_mean_std,
-    paired,
-    read_per_class,
-    run_metrics,
-)
+from longtail_rows import schedule_opts  # noqa: E402
+from paired_stats import class_info, fmt_ci, fmt_mean_std, paired, read_per_class, run_metrics  # noqa: E402,E501
+
 from lvis_longtail.utils.io import atomic_write, read_json  # noqa: E402
 
 CONFIGS = {
