@@ -14,6 +14,8 @@ from detectron2.modeling.roi_heads.fast_rcnn import _log_classification_stats
 from torch.nn import functional as F
 
 import lvis_longtail.modeling  # noqa: F401  (registers the ROI heads)
+from lvis_longtail.config import ConfigError
+from lvis_longtail.config_check import check_config
 from lvis_longtail.modeling.cls_losses import (
     CLS_LOSS_REGISTRY,
     EQL,
@@ -86,10 +88,12 @@ def test_registry_names_and_doc():
     assert "obj(cfg, num_classes)" in CLS_LOSS_REGISTRY.__doc__
 
 
-def test_unknown_loss_name_lists_valid_names():
+def test_unknown_loss_name_is_named_and_the_check_lists_valid_names():
     cfg = tiny_cfg(8, opts=["MODEL.ROI_BOX_HEAD.CLS_LOSS_NAME", "Focal"])
-    with pytest.raises(KeyError) as err:
+    with pytest.raises(KeyError, match="No object named 'Focal'"):
         build_cls_loss(cfg, 8)
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg)
     for name in ["Focal"] + ALL_NAMES:
         assert name in str(err.value)
 

@@ -1,5 +1,7 @@
-"""Datasets of lvis_longtail. Importing this module registers the built-in dataset names."""
+"""Datasets of lvis_longtail. Importing this module registers the built-in dataset names and
+the training augmentation steps."""
 
+from lvis_longtail.data import augmentations  # noqa: F401  (registers the steps)
 from lvis_longtail.data.builtin import register_builtin, register_from_config
 from lvis_longtail.data.class_stats import ClassStats, get_class_stats
 from lvis_longtail.data.lvis_format import (
