@@ -9,7 +9,7 @@
 Evaluating a split with annotations prints and saves LVIS AP, APr/APc/APf; a split without
 annotations (LVIS test-dev) is exported to OUTPUT_DIR/inference/<dataset>/
 lvis_instances_results.json for the evaluation server. The run ends with a short summary of
-both. On CPU, each process's thread counts follow MODEL.CPU_THREADS (lvis_longtail/config.py).
+both. On CPU, each process's thread counts follow CPU_THREADS (docs/config_keys.md).
 """
 
 # isort: off

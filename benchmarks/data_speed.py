@@ -181,7 +181,7 @@ def main(argv=None):
     if args.quick:
         args.images, args.samples, args.rounds = 8, 6, 2
     torch.set_num_threads(1)
-    cv2.setNumThreads(1)  # one worker = one thread (training sets MODEL.OPENCV_THREADS = 1)
+    cv2.setNumThreads(1)  # one worker = one thread (training sets OPENCV_THREADS = 1)
     MetadataCatalog.get(META).set(
         thing_classes=[f"c{k}" for k in range(NUM_CLASSES)],
         thing_dataset_id_to_contiguous_id={k + 1: k for k in range(NUM_CLASSES)},

@@ -76,7 +76,7 @@ def common_opts(args, data, seed, out_dir, extra_json=None, threads=1):
         "DATASETS.LVIS_FORMAT", repr(dataset_entries(data, extra_json)),
         "DATASETS.TRAIN", f"('{NAME}_train',)", "DATASETS.TEST", f"('{NAME}_val',)",
         "TEST.EVAL_PERIOD", "0", "MODEL.WEIGHTS", "", "SEED", str(seed),
-        "OUTPUT_DIR", out_dir, "MODEL.DEVICE", args.device, "MODEL.CPU_THREADS", str(threads),
+        "OUTPUT_DIR", out_dir, "MODEL.DEVICE", args.device, "CPU_THREADS", str(threads),
     ]  # fmt: skip
 
 

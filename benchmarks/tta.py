@@ -50,7 +50,7 @@ OFF = [  # the tiny TTA leaf with every new option off = detectron2's TTA on its
 
 
 def _leaf_value(key):
-    from lvis_longtail.config import setup_cfg
+    from lvis_longtail.engine import setup_cfg
 
     node = setup_cfg(TTA_LEAF)
     for part in key.split("."):
@@ -150,8 +150,7 @@ def evaluate_variants(args, weights, dataset, out_dir):
     from detectron2.evaluation import inference_on_dataset
     from detectron2.modeling import GeneralizedRCNNWithTTA
 
-    from lvis_longtail.config import setup_cfg
-    from lvis_longtail.engine import Trainer
+    from lvis_longtail.engine import Trainer, setup_cfg
     from lvis_longtail.modeling.tta import LongTailTTA
 
     rows = []
@@ -235,7 +234,7 @@ def _mask_memory_child(chunk):
     from detectron2.modeling import build_model
     from detectron2.structures import Boxes, Instances
 
-    from lvis_longtail.config import setup_cfg
+    from lvis_longtail.engine import setup_cfg
 
     cfg = setup_cfg(BASE_LEAF, ["MODEL.ROI_HEADS.NUM_CLASSES", "1203", "DATASETS.TRAIN", "()"])
     model = build_model(cfg).eval()

@@ -10,7 +10,7 @@ from detectron2.layers import ModulatedDeformConv
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from lvis_longtail.config import setup_cfg
+from lvis_longtail.engine import setup_cfg
 from lvis_longtail.layers.carafe import CARAFE
 from lvis_longtail.layers.deform_roi_pool import DeformROIPooler
 from lvis_longtail.layers.sync_bn import LongTailSyncBatchNorm

@@ -88,7 +88,7 @@ def test_train_iteration_and_inference(name, storage):
 def test_normed_linear_classifier(storage):
     model = small_model(
         "MODEL.ROI_BOX_HEAD.CLS_LOSS_NAME", "SeesawLoss",
-        "MODEL.ROI_BOX_HEAD.CLS_PREDICTOR", "NormedLinear",
+        "MODEL.ROI_BOX_HEAD.PREDICTOR_TYPE", "NormedLinear",
         "MODEL.ROI_BOX_HEAD.NORMED_SCALE", 10.0,
     )  # fmt: skip
     classifier = model.roi_heads.box_predictor.cls_score
@@ -99,7 +99,7 @@ def test_normed_linear_classifier(storage):
 def test_sigmoid_prior_bias_and_class_agnostic_regression(storage):
     model = small_model(
         "MODEL.ROI_BOX_HEAD.CLS_LOSS_NAME", "EQLv2",
-        "MODEL.ROI_BOX_HEAD.CLS_PREDICTOR", "NormedLinear",
+        "MODEL.ROI_BOX_HEAD.PREDICTOR_TYPE", "NormedLinear",
         "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", True,
     )  # fmt: skip
     predictor = model.roi_heads.box_predictor
@@ -131,7 +131,7 @@ def test_cascade_heads_share_the_long_tail_mask_branch(storage):
         "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", True,
         "MODEL.ROI_MASK_HEAD.LEVEL_ASSIGNMENT", "area_ratio",
         "MODEL.ROI_MASK_HEAD.TEST_AREA_RATIO", "two_pass",
-        "MODEL.ROI_MASK_HEAD.MASK_SCORING", True,
+        "MODEL.ROI_MASKIOU_HEAD.ENABLED", True,
     )  # fmt: skip
     heads = model.roi_heads
     assert heads.mask_level_assignment == "area_ratio" and heads.mask_iou_head is not None

@@ -10,7 +10,7 @@ from detectron2.modeling import build_model
 from torch.nn import functional as F
 
 import lvis_longtail.modeling  # noqa: F401  (registers the ROI heads)
-from lvis_longtail.config import setup_cfg
+from lvis_longtail.engine import setup_cfg
 from lvis_longtail.modeling.cls_losses import (
     BalancedSoftmax,
     ClassLogitCalibration,

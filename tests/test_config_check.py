@@ -3,15 +3,23 @@
 import re
 
 import pytest
-from conftest import TINY_BASE
+from conftest import REPO, TINY_BASE
+from detectron2.config import CfgNode, get_cfg
+from detectron2.modeling import META_ARCH_REGISTRY, ROI_KEYPOINT_HEAD_REGISTRY
 
 from lvis_longtail import config_check
-from lvis_longtail.config import ENUM_KEYS, REGISTRY_KEYS, ConfigError, setup_cfg
+from lvis_longtail.config import ConfigError, add_longtail_config
+from lvis_longtail.config_check import ENUMS, REGISTRY_KEYS, RENAMED, all_keys, get_key
+from lvis_longtail.data.augmentations.single import SCALE_JITTER_PRESETS
+from lvis_longtail.engine import setup_cfg
+from lvis_longtail.modeling.ignore_regions import LongTailRCNN
+
+SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
 
 
-def error_of(opts, **kwargs) -> str:
+def error_of(opts, config_file=TINY_BASE, **kwargs) -> str:
     with pytest.raises(ConfigError) as e:
-        setup_cfg(str(TINY_BASE), opts, **kwargs)
+        setup_cfg(str(config_file), opts, **kwargs)
     return str(e.value)
 
 
@@ -20,14 +28,28 @@ def error_of(opts, **kwargs) -> str:
     [
         ("MODEL.ROI_MASK_HEAD.LEVEL_ASSIGNMENT", "area-ratio"),
         ("MODEL.ROI_MASK_HEAD.TEST_AREA_RATIO", "twopass"),
-        ("MODEL.ROI_MASK_HEAD.PREDICTOR", "Normed"),
+        ("MODEL.ROI_MASK_HEAD.PREDICTOR_TYPE", "Normed"),
+        ("MODEL.ROI_BOX_HEAD.PREDICTOR_TYPE", "Cosine"),
         ("TEST.EVAL_PROTOCOL", "fixd"),
         ("TEST.LVIS_EVALUATOR", "lvis"),
+        ("MODEL.ROI_HEADS.NMS_TYPE", "soft"),
+        ("MODEL.ROI_MASK_HEAD.POOLER_TYPE", "DeformROIAlign"),
     ],
 )
 def test_enum_errors_list_the_valid_values(key, bad):
     msg = error_of([key, bad])
-    assert f"{key} is '{bad}'; valid values: {list(ENUM_KEYS[key])}" in msg
+    assert f"{key} is '{bad}'; valid values: {list(ENUMS[key])}" in msg
+
+
+def test_every_enum_default_is_valid_and_each_value_set_declared_once():
+    cfg = add_longtail_config(get_cfg())
+    assert [k for k, v in ENUMS.items() if get_key(cfg, k) not in v] == []
+    # one declaration for the keys that share a set (e.g. both poolers)
+    assert ENUMS["MODEL.ROI_BOX_HEAD.POOLER_TYPE"] is ENUMS["MODEL.ROI_MASK_HEAD.POOLER_TYPE"]
+    assert "DeformROIAlignV2" in ENUMS["MODEL.ROI_MASK_HEAD.POOLER_TYPE"]
+    assert ENUMS["MODEL.ROI_HEADS.NMS_TYPE"] is ENUMS["TEST.AUG.MERGE_NMS_TYPE"]
+    # the builder's presets are the enum's values (besides "custom": the keys themselves)
+    assert {"custom", *SCALE_JITTER_PRESETS} == set(ENUMS["INPUT.SCALE_JITTER.PRESET"])
 
 
 def test_detectron2_enum_keys_are_checked_too():
@@ -57,6 +79,12 @@ def test_registry_misses_list_the_names_and_the_closest(key, bad, near, register
     assert f"'{registered}'" in msg
 
 
+def test_augmentation_names_are_checked_when_the_config_is_loaded():
+    msg = error_of(["INPUT.AUGMENTATIONS", "['ResizeShortestEdge', 'Mozaic']"])
+    assert "INPUT.AUGMENTATIONS[1] is 'Mozaic', which is not registered; closest: 'Mosaic'" in msg
+    assert "'CopyPaste'" in msg and "INPUT.AUGMENTATIONS[0]" not in msg
+
+
 def test_all_problems_are_reported_at_once():
     msg = error_of(["TEST.EVAL_PROTOCOL", "x", "MODEL.ROI_HEADS.NAME", "y"])
     assert "TEST.EVAL_PROTOCOL" in msg and "MODEL.ROI_HEADS.NAME" in msg
@@ -66,10 +94,31 @@ def test_unknown_keys_get_the_closest_known_key(tmp_path):
     msg = error_of(["MODEL.ROI_BOX_HEAD.CLS_LOSS_NAMES", "EQL"])
     assert "Non-existent key: MODEL.ROI_BOX_HEAD.CLS_LOSS_NAMES" in msg
     assert "did you mean MODEL.ROI_BOX_HEAD.CLS_LOSS_NAME" in msg
-    yaml = tmp_path / "typo.yaml"
-    yaml.write_text(f'_BASE_: "{TINY_BASE}"\nTEST:\n  EVAL_PROTOCLO: fixed\n')
+    yaml_file = tmp_path / "typo.yaml"
+    yaml_file.write_text(f'_BASE_: "{TINY_BASE}"\nTEST:\n  EVAL_PROTOCLO: fixed\n')
     with pytest.raises(ConfigError, match=r"typo.yaml: .*did you mean TEST.EVAL_PROTOCOL"):
-        setup_cfg(str(yaml))
+        setup_cfg(str(yaml_file))
+
+
+@pytest.mark.parametrize("old, new", sorted(RENAMED.items()))
+def test_renamed_options_name_the_new_key(old, new):
+    defaults = add_longtail_config(get_cfg())
+    assert old not in all_keys(defaults) and new in all_keys(defaults)
+    msg = error_of(["SOLVER.MAX_ITER", "10", old, str(get_key(defaults, new))])
+    assert msg == f"command-line options: {old} was renamed to {new}"
+
+
+def test_renamed_keys_of_a_file_are_all_named(tmp_path):
+    yaml_file = tmp_path / "old.yaml"
+    yaml_file.write_text(
+        f'_BASE_: "{TINY_BASE}"\nMODEL:\n  CPU_THREADS: 2\n  ROI_MASK_HEAD:\n'
+        "    MASK_SCORING: True\n    MASK_SCORING_LOSS_WEIGHT: 0.5\n"
+    )
+    msg = error_of([], yaml_file)
+    assert msg.startswith(f"{yaml_file}: ")
+    for old in ("MODEL.CPU_THREADS", "MODEL.ROI_MASK_HEAD.MASK_SCORING"):
+        assert f"{old} was renamed to {RENAMED[old]}" in msg
+    assert "MASK_SCORING_LOSS_WEIGHT was renamed to MODEL.ROI_MASKIOU_HEAD.LOSS_WEIGHT" in msg
 
 
 def test_flags_after_key_value_pairs_are_named():
@@ -114,37 +163,118 @@ def test_cascade_heads_need_class_agnostic_box_regression(name):
     msg = error_of(["MODEL.ROI_HEADS.NAME", name])
     assert "set MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG True" in msg
     setup_cfg(str(TINY_BASE), ["MODEL.ROI_HEADS.NAME", "LongTailROIHeads"])
-    setup_cfg(
-        str(TINY_BASE),
-        [
-            "MODEL.ROI_HEADS.NAME",
-            "LongTailCascadeROIHeads",
-            "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG",
-            "True",
-        ],
-    )
+    agnostic = ["MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "True"]
+    setup_cfg(str(TINY_BASE), ["MODEL.ROI_HEADS.NAME", "LongTailCascadeROIHeads", *agnostic])
+
+
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (
+            ["MODEL.ROI_MASK_HEAD.TEST_AREA_RATIO", "two_pass"],
+            'TEST_AREA_RATIO "two_pass" needs LEVEL_ASSIGNMENT "area_ratio" (got \'box\')',
+        ),
+        (
+            ["MODEL.ROI_MASK_HEAD.PREDICTOR_TYPE", "NormedConv"],
+            "MODEL.ROI_MASK_HEAD.PREDICTOR_TYPE 'NormedConv': only a mask head that reads them "
+            "does (NAME 'DiceBCEMaskHead'), not NAME 'MaskRCNNConvUpsampleHead'",
+        ),
+        (["MODEL.ROI_MASK_HEAD.BOUNDARY_LOSS_WEIGHT", "1.0"], "BOUNDARY_LOSS_WEIGHT 1.0: only"),
+        (
+            ["MODEL.ROI_MASK_HEAD.POOLER_TYPE", "DeformROIAlignV2",
+             "MODEL.ROI_MASK_HEAD.LEVEL_ASSIGNMENT", "area_ratio"],
+            '"DeformROIAlignV2" and LEVEL_ASSIGNMENT "area_ratio" each replace the mask pooler',
+        ),
+        (
+            ["MODEL.ROI_HEADS.HTC_LITE.MASK_TRAIN_STAGE", "3"],
+            "MASK_TRAIN_STAGE 3 is not a stage of the 3-stage cascade",
+        ),
+        (
+            ["TEST.AUG.SCALES", "[[100, 200], [120, 240]]", "TEST.AUG.VALID_RANGES", "[[0, 10]]"],
+            "TEST.AUG.VALID_RANGES has 1 ranges for 2 scales",
+        ),
+        (["TEST.AUG.MASK_RULE", "select"], 'MASK_RULE "select" needs TEST.AUG.VALID_RANGES'),
+        (
+            ["TEST.AUG.ENABLED", "True", "MODEL.KEYPOINT_ON", "True"],
+            "TEST.AUG.ENABLED does not support MODEL.KEYPOINT_ON",
+        ),
+        (
+            ["DATASETS.EXTRA_TRAIN", "('lt_synthetic_val',)", "MODEL.META_ARCHITECTURE",
+             "LongTailRCNN", "DATALOADER.SAMPLER_TRAIN", "RandomSubsetTrainingSampler"],
+            "DATASETS.EXTRA_TRAIN works with DATALOADER.SAMPLER_TRAIN TrainingSampler or "
+            "RepeatFactorTrainingSampler, not 'RandomSubsetTrainingSampler'",
+        ),
+    ],
+)  # fmt: skip
+def test_cross_key_rules_name_the_keys(opts, message):
+    assert message in error_of(opts)
+
+
+def test_cross_key_rules_accept_the_consistent_settings():
+    setup_cfg(str(TINY_BASE), ["MODEL.ROI_MASK_HEAD.NAME", "DiceBCEMaskHead",
+                               "MODEL.ROI_MASK_HEAD.PREDICTOR_TYPE", "NormedConv",
+                               "MODEL.ROI_MASK_HEAD.BOUNDARY_LOSS_WEIGHT", "1.0",
+                               "MODEL.ROI_MASK_HEAD.LEVEL_ASSIGNMENT", "area_ratio",
+                               "MODEL.ROI_MASK_HEAD.TEST_AREA_RATIO", "two_pass",
+                               "MODEL.ROI_HEADS.HTC_LITE.MASK_TRAIN_STAGE", "-3",
+                               "TEST.AUG.SCALES", "[[100, 200], [120, 240]]",
+                               "TEST.AUG.VALID_RANGES", "[[0, 10], [5, -1]]",
+                               "TEST.AUG.MASK_RULE", "select"])  # fmt: skip
+
+
+def test_rules_read_what_a_registered_class_declares(monkeypatch):
+    """A subclass of LongTailRCNN inherits ``supports_loss_weight``; detectron2's
+    GeneralizedRCNN does not declare it."""
+
+    class MyRCNN(LongTailRCNN):
+        pass
+
+    monkeypatch.setitem(META_ARCH_REGISTRY._obj_map, "MyRCNN", MyRCNN)
+    extra = ["DATASETS.EXTRA_TRAIN", "('lt_synthetic_val',)"]
+    setup_cfg(str(TINY_BASE), extra + ["MODEL.META_ARCHITECTURE", "MyRCNN"])
+    msg = error_of(extra + ["MODEL.META_ARCHITECTURE", "GeneralizedRCNN"])
+    assert "DATASETS.EXTRA_TRAIN needs MODEL.META_ARCHITECTURE 'LongTailRCNN'" in msg
 
 
 def test_new_keys_are_checked_just_by_declaring_them(monkeypatch):
-    monkeypatch.setitem(ENUM_KEYS, "MODEL.ROI_HEADS.NMS_THRESH_TEST", (0.5, 0.7))
+    monkeypatch.setitem(ENUMS, "MODEL.ROI_HEADS.NMS_THRESH_TEST", (0.5, 0.7))
     monkeypatch.setitem(
-        REGISTRY_KEYS,
-        "MODEL.ROI_KEYPOINT_HEAD.NAME",
-        ("detectron2.modeling.roi_heads.keypoint_head:ROI_KEYPOINT_HEAD_REGISTRY", ()),
+        REGISTRY_KEYS, "MODEL.ROI_KEYPOINT_HEAD.NAME", (ROI_KEYPOINT_HEAD_REGISTRY, ())
     )
     msg = error_of(["MODEL.ROI_HEADS.NMS_THRESH_TEST", "0.6", "MODEL.ROI_KEYPOINT_HEAD.NAME", "K"])
     assert "MODEL.ROI_HEADS.NMS_THRESH_TEST is 0.6; valid values: [0.5, 0.7]" in msg
     assert "MODEL.ROI_KEYPOINT_HEAD.NAME is 'K', which is not registered" in msg
-    rules = list(config_check.RULES)
-    monkeypatch.setattr(config_check, "RULES", rules)
+    monkeypatch.setattr(config_check, "RULES", list(config_check.RULES))
     config_check.rule(
         lambda cfg: "SOLVER.MAX_ITER must be even" if cfg.SOLVER.MAX_ITER % 2 else None
     )
     assert "SOLVER.MAX_ITER must be even" in error_of(["SOLVER.MAX_ITER", "7"])
 
 
-def test_every_shipped_config_passes():
-    from conftest import REPO
+def _plain(value):
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
-    for path in sorted((REPO / "configs").rglob("*.yaml")):
-        setup_cfg(str(path))
+
+def _set_by_file(path) -> dict:
+    """Every key a YAML sets (with its _BASE_ chain), dotted -> value."""
+    loaded = CfgNode.load_yaml_with_base(str(path), allow_unsafe=True)
+    return {k: get_key(loaded, k) for k in all_keys(loaded) if k != "_BASE_"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_every_shipped_config_passes_and_round_trips(path, tmp_path):
+    cfg = setup_cfg(str(path))
+    assert cfg.is_frozen()
+    known = set(all_keys(cfg))
+    set_by_file = _set_by_file(path)
+    assert set(set_by_file) <= known and not set(set_by_file) & set(RENAMED)
+    for key, value in set_by_file.items():  # what the file says is what the config holds
+        value = CfgNode._decode_cfg_value(value)  # as yacs reads it: "(a,)" is a tuple
+        assert _plain(get_key(cfg, key)) == _plain(value), key
+    dumped = tmp_path / "dumped.yaml"
+    dumped.write_text(cfg.dump())
+    again = setup_cfg(str(dumped))  # yacs keeps the inner sequences of a tuple as lists
+    assert {k: _plain(get_key(again, k)) for k in known} == {
+        k: _plain(get_key(cfg, k)) for k in known
+    }
+    assert set(all_keys(again)) == known

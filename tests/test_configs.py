@@ -4,7 +4,7 @@ import pytest
 from conftest import REPO, register_unit_stats
 from detectron2.modeling import build_model
 
-from lvis_longtail.config import setup_cfg
+from lvis_longtail.engine import setup_cfg
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 

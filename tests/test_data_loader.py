@@ -17,13 +17,12 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 from PIL import Image
 
-from lvis_longtail.config import setup_cfg
 from lvis_longtail.data.augmentations.mosaic import MosaicStep
 from lvis_longtail.data.builtin import register_synthetic
 from lvis_longtail.data.loader import GroupedSampler, GroupMapDataset
 from lvis_longtail.data.mapper import LongTailDatasetMapper
 from lvis_longtail.data.synthetic import generate
-from lvis_longtail.engine import Trainer
+from lvis_longtail.engine import Trainer, setup_cfg
 from lvis_longtail.tools import show_augmentations
 
 NEW_CONFIGS = [

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import REPO, TINY_BASE
 
-from lvis_longtail.config import setup_cfg
+from lvis_longtail.engine import setup_cfg
 from lvis_longtail.engine.launch import configure_cpu_threads, cpu_threads
 from lvis_longtail.engine.summary import format_summary
 
@@ -32,7 +32,7 @@ def test_cpu_threads_overrides(no_thread_env, monkeypatch):
     assert cpu_threads(cfg) == 3
     monkeypatch.setenv("LVIS_LONGTAIL_CPU_THREADS", "2")
     assert cpu_threads(cfg) == 2
-    assert cpu_threads(setup_cfg(str(TINY_BASE), ["MODEL.CPU_THREADS", "5"])) == 5
+    assert cpu_threads(setup_cfg(str(TINY_BASE), ["CPU_THREADS", "5"])) == 5
 
 
 def test_configure_cpu_threads_sets_torch_and_opencv(no_thread_env):
@@ -40,7 +40,7 @@ def test_configure_cpu_threads_sets_torch_and_opencv(no_thread_env):
 
     before, before_cv = torch.get_num_threads(), cv2.getNumThreads()
     try:
-        configure_cpu_threads(setup_cfg(str(TINY_BASE), ["MODEL.CPU_THREADS", "2"]))
+        configure_cpu_threads(setup_cfg(str(TINY_BASE), ["CPU_THREADS", "2"]))
         assert torch.get_num_threads() == 2 and cv2.getNumThreads() == 1
         configure_cpu_threads(setup_cfg(str(TINY_BASE), ["MODEL.DEVICE", "cuda"]))  # no-op
         assert torch.get_num_threads() == 2

@@ -12,8 +12,9 @@ from conftest import REPO, make_batch, tiny_cfg
 from detectron2.data.common import AspectRatioGroupedDataset
 from detectron2.modeling import build_model
 
-from lvis_longtail.config import ConfigError, setup_cfg
+from lvis_longtail.config import ConfigError
 from lvis_longtail.data.extra_images import ExtraImagesSampler, LossWeightGroupedDataset
+from lvis_longtail.engine import setup_cfg
 from lvis_longtail.modeling.ignore_regions import batch_loss_weight
 
 CONFIG = REPO / "configs" / "tiny" / "mask_rcnn_R18_FPN_tiny_seesaw_selftrain_extra.yaml"

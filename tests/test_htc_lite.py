@@ -39,10 +39,10 @@ HTC = ["MODEL.ROI_HEADS.NAME", "LongTailHTCLiteROIHeads"]
 MASK_ALL_ON = [
     "MODEL.ROI_MASK_HEAD.NAME", "DiceBCEMaskHead",
     "MODEL.ROI_MASK_HEAD.BOUNDARY_LOSS_WEIGHT", 1.0,
-    "MODEL.ROI_MASK_HEAD.PREDICTOR", "NormedConv",
+    "MODEL.ROI_MASK_HEAD.PREDICTOR_TYPE", "NormedConv",
     "MODEL.ROI_MASK_HEAD.LEVEL_ASSIGNMENT", "area_ratio",
     "MODEL.ROI_MASK_HEAD.TEST_AREA_RATIO", "two_pass",
-    "MODEL.ROI_MASK_HEAD.MASK_SCORING", True,
+    "MODEL.ROI_MASKIOU_HEAD.ENABLED", True,
 ]  # fmt: skip
 
 
@@ -124,7 +124,7 @@ def test_fusion_adds_each_images_own_vector():
 
 def test_without_context_on_stage_0_it_is_the_cascade(storage):
     opts = ["MODEL.ROI_BOX_HEAD.CLS_LOSS_NAME", "SeesawLoss",
-            "MODEL.ROI_BOX_HEAD.CLS_PREDICTOR", "NormedLinear"]  # fmt: skip
+            "MODEL.ROI_BOX_HEAD.PREDICTOR_TYPE", "NormedLinear"]  # fmt: skip
     cascade = model_of("MODEL.ROI_HEADS.NAME", "LongTailCascadeROIHeads", *opts)
     htc = model_of(*HTC, *opts, "MODEL.ROI_CONTEXT_HEAD.ENABLED", False,
                    "MODEL.ROI_HEADS.HTC_LITE.MASK_TRAIN_STAGE", 0)  # fmt: skip
@@ -260,7 +260,7 @@ def test_chunked_mask_inference_equals_one_shot(path):
     for a, b in zip(whole, chunked):
         assert len(a) > 0
         torch.testing.assert_close(a.pred_masks, b.pred_masks, rtol=0, atol=1e-6)
-        assert a.has("mask_scores") == ("MASK_SCORING" in str(CHUNK_PATHS[path]))
+        assert a.has("mask_scores") == ("ROI_MASKIOU_HEAD" in str(CHUNK_PATHS[path]))
         if a.has("mask_scores"):
             torch.testing.assert_close(a.mask_scores, b.mask_scores, rtol=0, atol=1e-6)
 
@@ -330,7 +330,6 @@ def test_federated_context_trains_with_the_image_labels(storage):
 @pytest.mark.parametrize(
     "opts, match",
     [
-        (["MODEL.ROI_HEADS.HTC_LITE.MASK_TRAIN_STAGE", 3], "MASK_TRAIN_STAGE"),
         (["MODEL.ROI_CONTEXT_HEAD.CONV_DIM", 16], "CONV_DIM"),
         (["MODEL.ROI_CONTEXT_HEAD.IN_FEATURE", "p7"], "IN_FEATURE"),
     ],

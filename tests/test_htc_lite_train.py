@@ -14,12 +14,11 @@ import torch
 import yaml
 from conftest import REPO
 
-from lvis_longtail.config import setup_cfg
 from lvis_longtail.data.builtin import register_synthetic
 from lvis_longtail.data.image_labels import NEG_CLASSES_FIELD
 from lvis_longtail.data.mapper import LongTailDatasetMapper
 from lvis_longtail.data.synthetic import generate
-from lvis_longtail.engine import Trainer
+from lvis_longtail.engine import Trainer, setup_cfg
 
 NUM_CLASSES = 8
 TINY = REPO / "configs" / "tiny"

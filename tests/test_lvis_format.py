@@ -10,9 +10,10 @@ import pytest
 from conftest import TINY_BASE
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from lvis_longtail.config import ConfigError, setup_cfg
+from lvis_longtail.config import ConfigError
 from lvis_longtail.data import LVISFormatError, load_lvis_format_json, register_lvis_format
 from lvis_longtail.data.class_stats import frequency_group, get_class_stats
+from lvis_longtail.engine import setup_cfg
 
 
 def square(x, y, s):

@@ -9,7 +9,8 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 
-from lvis_longtail.config import add_longtail_config
+from lvis_longtail.config import ConfigError, add_longtail_config
+from lvis_longtail.config_check import check_config
 from lvis_longtail.modeling.mask_levels import AreaRatioROIPooler
 from lvis_longtail.modeling.mask_scoring import MaskIoUHead
 
@@ -17,10 +18,10 @@ ALL_ON = [
     "MODEL.ROI_MASK_HEAD.NAME", "DiceBCEMaskHead",
     "MODEL.ROI_MASK_HEAD.NUM_CONV", 7,
     "MODEL.ROI_MASK_HEAD.BOUNDARY_LOSS_WEIGHT", 1.0,
-    "MODEL.ROI_MASK_HEAD.PREDICTOR", "NormedConv",
+    "MODEL.ROI_MASK_HEAD.PREDICTOR_TYPE", "NormedConv",
     "MODEL.ROI_MASK_HEAD.LEVEL_ASSIGNMENT", "area_ratio",
     "MODEL.ROI_MASK_HEAD.TEST_AREA_RATIO", "two_pass",
-    "MODEL.ROI_MASK_HEAD.MASK_SCORING", True,
+    "MODEL.ROI_MASKIOU_HEAD.ENABLED", True,
 ]  # fmt: skip
 ALL_ON_KEYS = {"loss_mask", "loss_mask_dice", "loss_mask_boundary", "loss_maskiou"}
 AGNOSTIC = ["MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK", True]
@@ -63,7 +64,7 @@ def test_train_and_infer(name, storage):
     model = _model(opts)
     roi_heads = model.roi_heads
     assert isinstance(roi_heads.mask_pooler, AreaRatioROIPooler) == ("area_ratio" in opts)
-    assert isinstance(roi_heads.mask_iou_head, MaskIoUHead) == ("MASK_SCORING" in str(opts))
+    assert isinstance(roi_heads.mask_iou_head, MaskIoUHead) == ("ROI_MASKIOU_HEAD" in str(opts))
     batch = make_batch(num_images=2, num_classes=NUM_CLASSES, size=SIZE)
     losses = _train_step(model, batch)
     assert set(losses) & MASK_KEYS == expected_keys
@@ -100,13 +101,13 @@ def test_no_positive_rois(storage):
     [
         (["MODEL.ROI_MASK_HEAD.LEVEL_ASSIGNMENT", "mask"], "LEVEL_ASSIGNMENT"),
         (["MODEL.ROI_MASK_HEAD.TEST_AREA_RATIO", "two_pass"], "two_pass"),
-        (["MODEL.ROI_MASK_HEAD.PREDICTOR", "NormedConv"], "DiceBCEMaskHead"),
+        (["MODEL.ROI_MASK_HEAD.PREDICTOR_TYPE", "NormedConv"], "DiceBCEMaskHead"),
         (["MODEL.ROI_MASK_HEAD.BOUNDARY_LOSS_WEIGHT", 1.0], "DiceBCEMaskHead"),
     ],
 )
 def test_inconsistent_options_rejected(opts, match):
-    with pytest.raises(ValueError, match=match):
-        _model(opts)
+    with pytest.raises(ConfigError, match=match):
+        check_config(tiny_cfg(NUM_CLASSES, opts=list(opts) + SMALL))
 
 
 METHODS = ["dicebce", "dicebce_arealevel", "maskscoring", "heavymask"]
@@ -122,5 +123,6 @@ def test_mask_leaves(method):
     cfg.merge_from_file(str(lvis))
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1203 and cfg.OUTPUT_DIR.endswith(method)
     assert build_model(tiny_cfg(NUM_CLASSES, tiny, SMALL)).roi_heads.mask_on
-    mask_keys = [yaml.safe_load(p.read_text())["MODEL"]["ROI_MASK_HEAD"] for p in (lvis, tiny)]
-    assert mask_keys[0] == mask_keys[1]
+    models = [yaml.safe_load(p.read_text())["MODEL"] for p in (lvis, tiny)]
+    mask_keys = [{k: v for k, v in m.items() if k.startswith("ROI_MASK")} for m in models]
+    assert mask_keys[0] == mask_keys[1] and mask_keys[0]  # ROI_MASK_HEAD, ROI_MASKIOU_HEAD

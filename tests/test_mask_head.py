@@ -89,7 +89,7 @@ def test_class_agnostic(storage):
 
 def test_no_positive_rois(storage):
     head = _head("MODEL.ROI_MASK_HEAD.BOUNDARY_LOSS_WEIGHT", 1.0,
-                 "MODEL.ROI_MASK_HEAD.PREDICTOR", "NormedConv")  # fmt: skip
+                 "MODEL.ROI_MASK_HEAD.PREDICTOR_TYPE", "NormedConv")  # fmt: skip
     empty = [_proposals()[1], _proposals()[1]]
     losses = head(torch.zeros(0, 8, 14, 14), empty)
     assert {k: v.item() for k, v in losses.items()} == {
@@ -100,7 +100,7 @@ def test_no_positive_rois(storage):
 
 
 def test_normed_conv_predictor():
-    head = _head("MODEL.ROI_MASK_HEAD.PREDICTOR", "NormedConv",
+    head = _head("MODEL.ROI_MASK_HEAD.PREDICTOR_TYPE", "NormedConv",
                  "MODEL.ROI_MASK_HEAD.NORMED_SCALE", 20.0)  # fmt: skip
     assert isinstance(head.predictor, NormedConv2d)
     assert list(head._modules)[-1] == "predictor"  # position in the Sequential kept
@@ -113,8 +113,8 @@ def test_normed_conv_predictor():
 
 
 def test_unknown_predictor_rejected():
-    with pytest.raises(ValueError, match="PREDICTOR"):
-        _head("MODEL.ROI_MASK_HEAD.PREDICTOR", "Linear")
+    with pytest.raises(ValueError, match="mask predictor type 'Linear' is not one of"):
+        _head("MODEL.ROI_MASK_HEAD.PREDICTOR_TYPE", "Linear")
 
 
 def test_losses_are_weighted(storage):

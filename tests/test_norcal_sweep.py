@@ -8,10 +8,9 @@ import torch
 from conftest import TINY_BASE
 from detectron2.evaluation.evaluator import inference_context
 
-from lvis_longtail.config import setup_cfg
 from lvis_longtail.data.builtin import register_synthetic
 from lvis_longtail.data.synthetic import generate
-from lvis_longtail.engine import Trainer
+from lvis_longtail.engine import Trainer, setup_cfg
 from lvis_longtail.modeling.cls_losses import set_calibration_strength
 from lvis_longtail.tools import norcal_sweep
 

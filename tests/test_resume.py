@@ -11,10 +11,9 @@ from conftest import TINY_BASE
 from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
 
-from lvis_longtail.config import setup_cfg
 from lvis_longtail.data.builtin import register_synthetic
 from lvis_longtail.data.synthetic import generate
-from lvis_longtail.engine import Trainer
+from lvis_longtail.engine import Trainer, setup_cfg
 from lvis_longtail.engine.resume import ResumableSampler, rng_state, set_rng_state
 
 K = 4

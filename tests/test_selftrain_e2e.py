@@ -7,11 +7,10 @@ import math
 
 from conftest import REPO
 
-from lvis_longtail.config import setup_cfg
 from lvis_longtail.data.builtin import register_synthetic
 from lvis_longtail.data.mapper import LongTailDatasetMapper
 from lvis_longtail.data.synthetic import generate
-from lvis_longtail.engine import Trainer
+from lvis_longtail.engine import Trainer, setup_cfg
 from lvis_longtail.tools.pseudo_label import main as pseudo_label
 
 CONFIG = REPO / "configs" / "tiny" / "mask_rcnn_R18_FPN_tiny_seesaw_selftrain.yaml"

@@ -12,17 +12,16 @@ import torch
 from conftest import REPO, TINY_BASE
 from detectron2.checkpoint import DetectionCheckpointer
 
-from lvis_longtail.config import setup_cfg
 from lvis_longtail.data.builtin import register_synthetic
 from lvis_longtail.data.synthetic import generate
-from lvis_longtail.engine import Trainer
+from lvis_longtail.engine import Trainer, setup_cfg
 
 NUM_CLASSES = 8
 # Shrink the tiny model further: the point here is the pipeline, not the accuracy.
 FAST_OPTS = {
     "MODEL.ROI_HEADS.NUM_CLASSES": NUM_CLASSES,
     "MODEL.ROI_BOX_HEAD.CLS_LOSS_NAME": "SeesawLoss",
-    "MODEL.ROI_BOX_HEAD.CLS_PREDICTOR": "NormedLinear",
+    "MODEL.ROI_BOX_HEAD.PREDICTOR_TYPE": "NormedLinear",
     "MODEL.RPN.POST_NMS_TOPK_TEST": 20,
     "MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.0,
     "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 32,

@@ -10,6 +10,8 @@ from detectron2.engine import DefaultTrainer
 from detectron2.modeling import GeneralizedRCNNWithTTA, build_model
 from detectron2.structures import Boxes, Instances
 
+from lvis_longtail.config import ConfigError
+from lvis_longtail.config_check import check_config
 from lvis_longtail.engine import Trainer
 from lvis_longtail.modeling.tta import LongTailTTA, class_score_factors, select_weights
 
@@ -191,10 +193,10 @@ def test_select_picks_the_scale_of_sqrt_whr():
 
 
 def test_config_errors_name_the_keys():
-    with pytest.raises(ValueError, match="VALID_RANGES has 1 ranges for 2 scales"):
-        LongTailTTA(*_model(["TEST.AUG.VALID_RANGES", [[0, 10]]]))
-    with pytest.raises(ValueError, match='MASK_RULE "select" needs TEST.AUG.VALID_RANGES'):
-        LongTailTTA(*_model(["TEST.AUG.MASK_RULE", "select"]))
+    with pytest.raises(ConfigError, match="VALID_RANGES has 1 ranges for 2 scales"):
+        check_config(tiny_cfg(opts=AUG + ["TEST.AUG.VALID_RANGES", [[0, 10]]]))
+    with pytest.raises(ConfigError, match='MASK_RULE "select" needs TEST.AUG.VALID_RANGES'):
+        check_config(tiny_cfg(opts=AUG + ["TEST.AUG.MASK_RULE", "select"]))
 
 
 def test_trainer_test_wraps_the_model_when_enabled(monkeypatch):
@@ -210,7 +212,7 @@ def test_cascade_two_pass_and_mask_scores_through_tta():
     opts = ["MODEL.ROI_HEADS.NAME", "LongTailCascadeROIHeads",
             "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", True,
             "MODEL.ROI_MASK_HEAD.LEVEL_ASSIGNMENT", "area_ratio",
-            "MODEL.ROI_MASK_HEAD.TEST_AREA_RATIO", "two_pass", "MODEL.ROI_MASK_HEAD.MASK_SCORING",
+            "MODEL.ROI_MASK_HEAD.TEST_AREA_RATIO", "two_pass", "MODEL.ROI_MASKIOU_HEAD.ENABLED",
             True, "TEST.AUG.SCALES", [[48, 80], [64, 100]], "TEST.AUG.VALID_RANGES",
             [[8, -1], [0, 60]], "TEST.AUG.MASK_RULE", "select", "TEST.AUG.MASK_CHUNK_SIZE", 16,
             "TEST.AUG.MERGE_NMS_TYPE", "soft_linear", "TEST.AUG.FLIP", False,

@@ -2,7 +2,7 @@
 
 The 1st place LVIS 2020 entry pseudo-labels unannotated images (Open Images), draws a fresh
 sub-sample of them every epoch and trains on them together with LVIS, their losses scaled by
-a weight. Here (``DATASETS.EXTRA_TRAIN*``, lvis_longtail/config.py):
+a weight. Here (``DATASETS.EXTRA_TRAIN*``, docs/config_keys.md):
 
 - the records of ``DATASETS.EXTRA_TRAIN`` (registered datasets, e.g. an LVIS-format file of
   pseudo labels from ``python -m lvis_longtail.tools.pseudo_label``) follow those of
@@ -125,12 +125,7 @@ def extra_images_dataset(cfg, main: List[dict]) -> Tuple[List[dict], ExtraImages
     """The records ``main`` (of ``DATASETS.TRAIN``, as detectron2's loader config read them)
     then those of ``DATASETS.EXTRA_TRAIN`` (with ``loss_weight``), and the
     :class:`ExtraImagesSampler` over them."""
-    sampler_name = cfg.DATALOADER.SAMPLER_TRAIN
-    if sampler_name not in ("TrainingSampler", "RepeatFactorTrainingSampler"):
-        raise ValueError(
-            f"DATASETS.EXTRA_TRAIN works with DATALOADER.SAMPLER_TRAIN 'TrainingSampler' or "
-            f"'RepeatFactorTrainingSampler', not {sampler_name!r}"
-        )
+    sampler_name = cfg.DATALOADER.SAMPLER_TRAIN  # one of two: lvis_longtail.config_check
     filter_empty = cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
     extra = []
     for name in cfg.DATASETS.EXTRA_TRAIN:

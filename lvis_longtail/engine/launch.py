@@ -95,11 +95,11 @@ def _cpu_worker(
 
 
 def cpu_threads(cfg, processes_per_machine: int = 1) -> int:
-    """Torch threads per process for ``MODEL.CPU_THREADS`` (see lvis_longtail/config.py):
+    """Torch threads per process for ``CPU_THREADS`` (docs/config_keys.md):
     the key, else ``$LVIS_LONGTAIL_CPU_THREADS``, else ``$OMP_NUM_THREADS``, else
     ``cores // processes - DATALOADER.NUM_WORKERS``, at least 1."""
-    if cfg.MODEL.CPU_THREADS > 0:
-        return int(cfg.MODEL.CPU_THREADS)
+    if cfg.CPU_THREADS > 0:
+        return int(cfg.CPU_THREADS)
     for var in ("LVIS_LONGTAIL_CPU_THREADS", "OMP_NUM_THREADS"):
         value = os.environ.get(var, "")
         if value.isdigit() and int(value) > 0:
@@ -116,8 +116,8 @@ def configure_cpu_threads(cfg, processes_per_machine: int = 1) -> None:
         return
     threads = cpu_threads(cfg, processes_per_machine)
     torch.set_num_threads(threads)
-    cv2.setNumThreads(int(cfg.MODEL.OPENCV_THREADS))
+    cv2.setNumThreads(int(cfg.OPENCV_THREADS))
     logging.getLogger(__name__).info(
-        f"CPU threads: torch {threads}, OpenCV {cfg.MODEL.OPENCV_THREADS} per process "
-        "(MODEL.CPU_THREADS, $LVIS_LONGTAIL_CPU_THREADS or $OMP_NUM_THREADS to change)"
+        f"CPU threads: torch {threads}, OpenCV {cfg.OPENCV_THREADS} per process "
+        "(CPU_THREADS, $LVIS_LONGTAIL_CPU_THREADS or $OMP_NUM_THREADS to change)"
     )

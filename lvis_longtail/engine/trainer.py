@@ -6,7 +6,6 @@ import os
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
 
-from lvis_longtail.config import setup_cfg  # noqa: F401  (re-exported)
 from lvis_longtail.data.loader import build_longtail_train_loader
 from lvis_longtail.engine.resume import DataStream
 from lvis_longtail.evaluation import LVISLongTailEvaluator
@@ -126,7 +125,7 @@ class Trainer(DefaultTrainer):
             logger.warning(
                 f"TEST.EVAL_PROTOCOL 'fixed' with TEST.DETECTIONS_PER_IMAGE {cap}: the model "
                 f"keeps at most {cap} detections per image, so Fixed AP is underestimated; set "
-                "TEST.DETECTIONS_PER_IMAGE to -1 or e.g. 1000 (see lvis_longtail/config.py)."
+                "TEST.DETECTIONS_PER_IMAGE to -1 or e.g. 1000 (see docs/config_keys.md)."
             )
         return LVISLongTailEvaluator(
             dataset_name,

@@ -22,6 +22,7 @@ import lvis.results
 import numpy as np
 from lvis import LVIS, LVISEval, LVISResults
 
+from lvis_longtail.config_check import ENUMS
 from lvis_longtail.data.lvis_json import ValidatedLVIS, load_validated, validate_lvis_dict
 from lvis_longtail.evaluation.fast_eval import (
     LVISEvalResult,
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 METRICS_FILE = "lvis_metrics.json"
 TASKS = ("bbox", "segm")
-EVALUATORS = ("fast", "lvis_api")
+EVALUATORS = ENUMS["TEST.LVIS_EVALUATOR"]
 
 
 class LoadedLVIS(LVIS):

@@ -17,7 +17,7 @@ The two protocols (``TEST.EVAL_PROTOCOL``, :class:`EvalProtocol`):
 - ``fixed``: Fixed AP (Dave et al., "Evaluating Large-Vocabulary Object Detectors: The Devil
   is in the Details", 2021): the ``dets_per_class`` (10,000) best detections of each class over
   the whole split, no per-image cap. Inference must produce enough candidates: raise the
-  model's own per-image cap ``TEST.DETECTIONS_PER_IMAGE`` (see ``config.py``);
+  model's own per-image cap ``TEST.DETECTIONS_PER_IMAGE`` (docs/config_keys.md);
   :class:`ClassScoreThresholds` then drops, in ``process()``, every detection that can no
   longer reach its class's top ``dets_per_class`` before its mask is encoded.
 
@@ -39,7 +39,9 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-PROTOCOLS = ("standard", "fixed")
+from lvis_longtail.config_check import ENUMS
+
+PROTOCOLS = ENUMS["TEST.EVAL_PROTOCOL"]
 
 
 class LVISResultsError(ValueError):

@@ -11,6 +11,7 @@ from detectron2.structures import Instances
 from torch import nn
 from torch.nn import functional as F
 
+from lvis_longtail.config_check import ENUMS
 from lvis_longtail.modeling.cls_losses import (
     ClassificationLoss,
     ClassLogitCalibration,
@@ -44,7 +45,7 @@ class NormedLinear(nn.Linear):
 def build_classifier(
     name: str, in_features: int, num_logits: int, scale: float = 20.0
 ) -> nn.Linear:
-    """The classifier layer ``MODEL.ROI_BOX_HEAD.CLS_PREDICTOR``: "Linear" (detectron2's
+    """The classifier layer ``MODEL.ROI_BOX_HEAD.PREDICTOR_TYPE``: "Linear" (detectron2's
     init: W ~ N(0, 0.01), b = 0) or "NormedLinear" (cosine, scale ``NORMED_SCALE``)."""
     if name == "Linear":
         layer = nn.Linear(in_features, num_logits)
@@ -53,9 +54,8 @@ def build_classifier(
         return layer
     if name == "NormedLinear":
         return NormedLinear(in_features, num_logits, scale)
-    raise ValueError(
-        f"MODEL.ROI_BOX_HEAD.CLS_PREDICTOR '{name}' is not one of: Linear, NormedLinear"
-    )
+    valid = ENUMS["MODEL.ROI_BOX_HEAD.PREDICTOR_TYPE"]
+    raise ValueError(f"classifier type {name!r} is not one of {valid}")
 
 
 class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
@@ -120,7 +120,7 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
         head = cfg.MODEL.ROI_BOX_HEAD
         ret["cls_loss"] = build_cls_loss(cfg, ret["num_classes"])
         ret["calibration"] = build_cls_calibration(cfg, ret["cls_loss"])
-        ret["cls_predictor"] = head.CLS_PREDICTOR
+        ret["cls_predictor"] = head.PREDICTOR_TYPE
         ret["normed_scale"] = head.NORMED_SCALE
         ret["loss_weight"] = {**ret["loss_weight"], "loss_cls": head.CLS_LOSS_WEIGHT}
         ret["nms_type"] = cfg.MODEL.ROI_HEADS.NMS_TYPE

@@ -6,7 +6,7 @@ boxes by at least ``THRESH`` (``METRIC`` "iou", or "iof": intersection over the
 anchor's / proposal's own area) is *ignored*: label -1, never sampled, no loss.
 Anchors/proposals matched to a real GT (or already ignored by the matcher) are unchanged,
 and ignore boxes are never added as proposals. Keys: ``MODEL.RPN.IGNORE`` and
-``MODEL.ROI_HEADS.IGNORE`` (see :mod:`lvis_longtail.config`).
+``MODEL.ROI_HEADS.IGNORE`` (docs/config_keys.md).
 
 How the boxes reach the heads. detectron2's ``GeneralizedRCNN`` passes only the GT
 ``Instances`` to the RPN and the ROI heads, and ignore boxes cannot be a field of those
@@ -34,6 +34,8 @@ from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.structures import Boxes, pairwise_ioa, pairwise_iou
 from torch import nn
 
+from lvis_longtail.config_check import IGNORE_METRICS
+
 __all__ = [
     "IGNORE_METRICS",
     "IgnoreRegionsMixin",
@@ -42,8 +44,6 @@ __all__ = [
     "ignore_mask",
     "ignore_regions",
 ]
-
-IGNORE_METRICS = ("iou", "iof")
 
 
 def ignore_mask(boxes: Boxes, ignore: Boxes, metric: str, thresh: float) -> torch.Tensor:
@@ -171,6 +171,10 @@ class LongTailRCNN(GeneralizedRCNN):
     the mapped image's coordinates) to the RPN and ROI heads (module docstring), and scales
     the losses of a batch of extra images by their ``loss_weight``
     (:mod:`lvis_longtail.data.extra_images`)."""
+
+    # Read by lvis_longtail.config_check (which cannot import this class): this architecture
+    # applies a batch's ``loss_weight``, so DATASETS.EXTRA_TRAIN may be used with it.
+    supports_loss_weight = True
 
     def forward(self, batched_inputs):
         if not self.training:

@@ -19,6 +19,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 from torch.nn import functional as F
 
+from lvis_longtail.config_check import ENUMS
 from lvis_longtail.modeling.mask_losses import boundary_loss, dice_loss, weighted_bce_loss
 from lvis_longtail.modeling.mask_targets import MaskHeadOutputs, MaskTargets, build_mask_targets
 
@@ -145,7 +146,7 @@ class DiceBCEMaskHead(LongTailMaskRCNNConvUpsampleHead):
       supervised by BCE + dice against the 3x3 morphological gradient of the mask target
       (``loss_mask_boundary``). It shapes the shared features only: it is not used at test
       time, and with weight 0 it is not built (no parameters, no compute);
-    * ``PREDICTOR: "NormedConv"`` replaces the 1x1 predictor by :class:`NormedConv2d`
+    * ``PREDICTOR_TYPE: "NormedConv"`` replaces the 1x1 predictor by :class:`NormedConv2d`
       (scale ``NORMED_SCALE``).
 
     Heavier head (the report's "three more convolutions"): ``NUM_CONV: 7`` = detectron2's 4
@@ -156,6 +157,10 @@ class DiceBCEMaskHead(LongTailMaskRCNNConvUpsampleHead):
     training, ``pred_masks`` at inference), plus the mask-branch contract of its parent
     (:meth:`train_outputs`, :meth:`mask_losses`) and :meth:`forward_train`.
     """
+
+    # Read by lvis_longtail.config_check (which cannot import this class): this head honours
+    # ROI_MASK_HEAD.PREDICTOR_TYPE and BOUNDARY_LOSS_WEIGHT, so a config may set them.
+    supports_predictor_options = True
 
     @configurable
     def __init__(
@@ -192,7 +197,8 @@ class DiceBCEMaskHead(LongTailMaskRCNNConvUpsampleHead):
             # Re-assigning keeps the module's position in the nn.Sequential order.
             self.predictor = NormedConv2d(old.in_channels, old.out_channels, normed_scale)
         elif predictor != "Conv":
-            raise ValueError(f"Unknown MODEL.ROI_MASK_HEAD.PREDICTOR: {predictor!r}")
+            valid = ENUMS["MODEL.ROI_MASK_HEAD.PREDICTOR_TYPE"]
+            raise ValueError(f"mask predictor type {predictor!r} is not one of {valid}")
         self.boundary_predictor = None
         if boundary_weight > 0:
             self.boundary_predictor = Conv2d(self.predictor.in_channels, 1, kernel_size=1)
@@ -208,7 +214,7 @@ class DiceBCEMaskHead(LongTailMaskRCNNConvUpsampleHead):
             bce_weight=head.BCE_LOSS_WEIGHT,
             fg_weight_max=head.FG_WEIGHT_MAX,
             boundary_weight=head.BOUNDARY_LOSS_WEIGHT,
-            predictor=head.PREDICTOR,
+            predictor=head.PREDICTOR_TYPE,
             normed_scale=head.NORMED_SCALE,
         )
         return ret

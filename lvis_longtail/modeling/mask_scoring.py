@@ -145,7 +145,7 @@ class MaskIoUHead(nn.Module):
             "resolution": input_shape.height,
             "num_classes": cfg.MODEL.ROI_HEADS.NUM_CLASSES,
             "conv_dim": head.CONV_DIM,
-            "loss_weight": head.MASK_SCORING_LOSS_WEIGHT,
+            "loss_weight": cfg.MODEL.ROI_MASKIOU_HEAD.LOSS_WEIGHT,
         }
 
     def forward(self, features: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:

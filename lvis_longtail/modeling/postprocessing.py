@@ -31,6 +31,8 @@ import torch
 from detectron2.layers import batched_nms
 from detectron2.structures import Boxes, Instances
 
+from lvis_longtail.config_check import NMS_TYPES
+
 __all__ = [
     "NMS_TYPES",
     "SoftNMSParams",
@@ -39,8 +41,6 @@ __all__ = [
     "longtail_fast_rcnn_inference",
     "longtail_fast_rcnn_inference_single_image",
 ]
-
-NMS_TYPES = ("hard", "soft_linear", "soft_gaussian")
 
 
 @dataclass(frozen=True)

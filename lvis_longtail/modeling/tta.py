@@ -105,25 +105,14 @@ class LongTailTTA(nn.Module):
             model = model.module
         if not isinstance(model, GeneralizedRCNN):
             raise TypeError(f"TEST.AUG needs a GeneralizedRCNN, got {type(model).__name__}")
-        if cfg.MODEL.KEYPOINT_ON or cfg.MODEL.LOAD_PROPOSALS:
-            raise ValueError("TEST.AUG does not support MODEL.KEYPOINT_ON or LOAD_PROPOSALS")
         aug = cfg.TEST.AUG
         self.model = model
         self.scales: List[Tuple[int, int]] = [(int(s), int(m)) for s, m in aug.SCALES] or [
             (int(s), int(aug.MAX_SIZE)) for s in aug.MIN_SIZES
         ]
         self.mappers = [DatasetMapperTTA([s], m, aug.FLIP) for s, m in self.scales]
-        self.valid_ranges = None
-        if len(aug.VALID_RANGES):
-            if len(aug.VALID_RANGES) != len(self.scales):
-                raise ValueError(
-                    f"TEST.AUG.VALID_RANGES has {len(aug.VALID_RANGES)} ranges for "
-                    f"{len(self.scales)} scales (TEST.AUG.SCALES or MIN_SIZES): give one "
-                    "[lo, hi] per scale"
-                )
-            self.valid_ranges = [(float(lo), float(hi)) for lo, hi in aug.VALID_RANGES]
-        if aug.MASK_RULE == "select" and self.valid_ranges is None:
-            raise ValueError('TEST.AUG.MASK_RULE "select" needs TEST.AUG.VALID_RANGES')
+        # one range per scale, and MASK_RULE "select" with ranges: lvis_longtail.config_check
+        self.valid_ranges = [(float(lo), float(hi)) for lo, hi in aug.VALID_RANGES] or None
         self.class_factors = None
         if aug.RARE_SCORE_FACTOR != 1.0 or aug.COMMON_SCORE_FACTOR != 1.0:
             frequency = None

@@ -191,7 +191,7 @@ def _run(args) -> Optional[Dict]:
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    from lvis_longtail.config import setup_cfg
+    from lvis_longtail.engine import setup_cfg
     from lvis_longtail.engine.launch import configure_cpu_threads
 
     cfg = setup_cfg(args.config_file, args.opts)
@@ -230,7 +230,7 @@ def main(argv=None) -> Optional[Dict]:
     if args.num_gpus * args.num_machines == 1:
         return _run(args)
 
-    from lvis_longtail.config import setup_cfg
+    from lvis_longtail.engine import setup_cfg
     from lvis_longtail.engine.launch import launch
 
     device = setup_cfg(args.config_file, args.opts).MODEL.DEVICE

@@ -28,9 +28,9 @@ from detectron2.data.build import _train_loader_from_config
 from detectron2.data.common import DatasetFromList
 from detectron2.utils.visualizer import Visualizer
 
-from lvis_longtail.config import setup_cfg
 from lvis_longtail.data.loader import GroupedSampler, GroupMapDataset
 from lvis_longtail.data.mapper import LongTailDatasetMapper
+from lvis_longtail.engine import setup_cfg
 from lvis_longtail.utils.io import atomic_write
 
 

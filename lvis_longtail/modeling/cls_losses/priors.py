@@ -6,10 +6,8 @@ Counts always come from the training set's metadata (:func:`get_class_stats` ove
 
 import torch
 
+from lvis_longtail.config_check import COUNT_SOURCES  # the ``COUNT`` keys' values
 from lvis_longtail.data.class_stats import get_class_stats
-
-# Which per-class training count a prior is built from (the ``COUNT`` keys).
-COUNT_SOURCES = ("image", "instance")
 
 
 def training_class_counts(cfg, source: str = "image") -> torch.Tensor:

@@ -13,7 +13,7 @@ from lvis_longtail.modeling.roi_heads.standard import LongTailROIHeads
 class LongTailCascadeROIHeads(CascadeROIHeads, LongTailROIHeads):
     """What changes relative to detectron2's ``CascadeROIHeads``: each stage's box predictor
     is a :class:`LongTailFastRCNNOutputLayers` (with that stage's box2box weights, and its own
-    classification loss and loss state), so ``CLS_LOSS_NAME`` and ``CLS_PREDICTOR`` apply to
+    classification loss and loss state), so ``CLS_LOSS_NAME`` and ``PREDICTOR_TYPE`` apply to
     every stage; the mask branch, the poolers and ``forward_with_given_boxes`` are
     :class:`LongTailROIHeads`'s (the method resolution order ``CascadeROIHeads`` ->
     ``LongTailROIHeads`` -> ``StandardROIHeads`` takes the box branch from the cascade and

@@ -71,13 +71,7 @@ class LongTailHTCLiteROIHeads(LongTailCascadeROIHeads):
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        stages = len(cfg.MODEL.ROI_BOX_CASCADE_HEAD.IOUS)
-        stage = cfg.MODEL.ROI_HEADS.HTC_LITE.MASK_TRAIN_STAGE
-        if not -stages <= stage < stages:
-            raise ValueError(
-                f"MODEL.ROI_HEADS.HTC_LITE.MASK_TRAIN_STAGE {stage} is not a stage of the "
-                f"{stages}-stage cascade (MODEL.ROI_BOX_CASCADE_HEAD.IOUS)"
-            )
+        stage = cfg.MODEL.ROI_HEADS.HTC_LITE.MASK_TRAIN_STAGE  # a stage: config_check
         node = cfg.MODEL.ROI_CONTEXT_HEAD
         ret.update(mask_train_stage=stage, context_fuse_box=node.FUSE_BOX)
         ret["mask_max_positives"] = cfg.MODEL.ROI_HEADS.HTC_LITE.MASK_MAX_POSITIVES
