@@ -77,7 +77,11 @@ def test_all_instances_removed_is_retried(tmp_path):
     good = write_record(tmp_path, "good", (40, 40), [(1, rect(0, 0, 40, 40))])
     dataset = GroupMapDataset(recs + [good], mapper, seed=0)
     out = dataset[(0, 1, 2, 3)]
-    assert out is not None and len(out["instances"]) >= 0
+    (replacement,) = dataset._fallback  # the group that was mapped instead
+    assert replacement != (0, 1, 2, 3)
+    # a centre at (0, 0) keeps only tile 3: the output holds exactly its record's instances
+    tile3 = (recs + [good])[replacement[3]]
+    assert len(out["instances"]) == len(tile3["annotations"]) > 0
     assert dataset[(3, 4, 4, 4)] is not None  # tile 3 (the full image) stays
     assert (3, 4, 4, 4) in dataset._fallback
     out = dataset[(0, 1, 2, 3)]
