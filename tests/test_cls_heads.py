@@ -12,7 +12,11 @@ from detectron2.structures import Boxes, Instances
 
 import lvis_longtail.modeling  # noqa: F401  (registers the ROI heads)
 from lvis_longtail.modeling.cascade_roi_heads import LongTailCascadeROIHeads
-from lvis_longtail.modeling.fast_rcnn import LongTailFastRCNNOutputLayers, NormedLinear
+from lvis_longtail.modeling.fast_rcnn import (
+    LongTailFastRCNNOutputLayers,
+    NormedLinear,
+    build_classifier,
+)
 
 K = 8
 ALL_NAMES = [
@@ -94,6 +98,12 @@ def test_normed_linear_classifier(storage):
     classifier = model.roi_heads.box_predictor.cls_score
     assert isinstance(classifier, NormedLinear) and classifier.scale == 10.0
     check_train_and_infer(model, storage, ("loss_cls_objectness",))
+
+
+def test_unknown_classifier_type_from_python_is_rejected():
+    assert isinstance(build_classifier("NormedLinear", 16, K + 1), NormedLinear)
+    with pytest.raises(ValueError, match=r"classifier type 'Cosine' is not one of \('Linear', "):
+        build_classifier("Cosine", 16, K + 1)
 
 
 def test_sigmoid_prior_bias_and_class_agnostic_regression(storage):
