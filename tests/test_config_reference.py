@@ -2,9 +2,11 @@
 
 from conftest import REPO
 from detectron2.config import get_cfg
+from detectron2.modeling import ROI_HEADS_REGISTRY
 
 from lvis_longtail.config import add_longtail_config
 from lvis_longtail.config_check import all_keys
+from lvis_longtail.registries import CLS_LOSS_REGISTRY
 from lvis_longtail.tools import config_reference
 from lvis_longtail.tools.config_reference import COMMAND, documented_keys, keys_of, render
 
@@ -13,6 +15,17 @@ REFERENCE = REPO / "docs" / "config_keys.md"
 
 def test_committed_reference_is_current():
     assert REFERENCE.read_text() == render(), f"docs/config_keys.md is stale: run `{COMMAND}`"
+
+
+def test_names_registered_by_projects_or_tests_are_not_listed(monkeypatch):
+    before = render()
+
+    class Extra:  # as a detectron2 project's head (PointRend registers some when imported)
+        __module__ = "detectron2.projects.point_rend.roi_heads"
+
+    monkeypatch.setitem(ROI_HEADS_REGISTRY._obj_map, "ExtraROIHeads", Extra)
+    monkeypatch.setitem(CLS_LOSS_REGISTRY._obj_map, "ExtraLoss", Extra)
+    assert render() == before
 
 
 def test_every_key_of_the_package_is_documented_with_a_comment():

@@ -39,9 +39,9 @@ built. What each method computes, its reference and every deliberate difference:
 [methods.md](methods.md); network options (DCN, deformable RoI pooling, CARAFE, SyncBN,
 timm): [architecture.md](architecture.md).
 """
-# Registered names are listed when they come from these packages (a test or a user may
-# register more in a session; the reference does not depend on them).
-LISTED_MODULES = ("lvis_longtail.", "detectron2.")
+# Registered names are listed when they come from lvis_longtail or detectron2's core (a
+# detectron2 project, a test or a user may register more; the reference does not list them).
+LISTED_MODULES = ("lvis_longtail.", "detectron2.modeling.")
 
 
 class KeyDoc:
