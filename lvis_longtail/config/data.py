@@ -5,6 +5,13 @@ from detectron2.config import CfgNode as CN
 
 def add_data_config(cfg: CN) -> None:
     """Add the ``DATASETS``, ``DATALOADER`` and ``INPUT`` keys to ``cfg`` in place."""
+    _add_datasets(cfg)
+    _add_augmentation_list(cfg)
+    _add_single_image_steps(cfg)
+    _add_multi_image_steps(cfg)
+
+
+def _add_datasets(cfg: CN) -> None:
     # Extra LVIS-format datasets registered before training or evaluation, so that no Python
     # edit is needed: [[name, json_file, image_root], ...]. Image paths come from each
     # image's `file_name` (relative to image_root) or else from the last two components of
@@ -30,6 +37,8 @@ def add_data_config(cfg: CN) -> None:
     # gives no weight; 0.5 is this project's choice.
     cfg.DATASETS.EXTRA_TRAIN_LOSS_WEIGHT = 0.5
 
+
+def _add_augmentation_list(cfg: CN) -> None:
     # Training augmentation steps, in order: names in LONGTAIL_AUGMENTATION_REGISTRY
     # (data/augmentations, docs/augmentation.md). The default is detectron2's own pipeline:
     # "ResizeShortestEdge" (INPUT.MIN_SIZE_TRAIN, MAX_SIZE_TRAIN, MIN_SIZE_TRAIN_SAMPLING) and
@@ -59,6 +68,8 @@ def add_data_config(cfg: CN) -> None:
     # Pixel value of the padding.
     cfg.INPUT.SCALE_JITTER.PAD_VALUE = 128.0
 
+
+def _add_single_image_steps(cfg: CN) -> None:
     # Rotation ("Rotation") about the image centre. Polygons are rotated and boxes
     # recomputed from them.
     cfg.INPUT.ROTATION = CN()
@@ -69,6 +80,23 @@ def add_data_config(cfg: CN) -> None:
     # Grow the canvas so that no pixel is cut off.
     cfg.INPUT.ROTATION.EXPAND = False
 
+    # InstaBoost-style instance jitter ("InstaBoost", Fang et al. 2019): instances are cut out,
+    # their hole inpainted, and pasted back moved, scaled and rotated; instances they cover
+    # lose those pixels.
+    cfg.INPUT.INSTABOOST = CN()
+    # Probability of jittering an image.
+    cfg.INPUT.INSTABOOST.PROB = 0.5
+    # At most this many instances are moved.
+    cfg.INPUT.INSTABOOST.MAX_INSTANCES = 3
+    # Largest shift, as a fraction of the instance's box size.
+    cfg.INPUT.INSTABOOST.SHIFT = 0.2
+    # Scale factor ~ U(SCALE).
+    cfg.INPUT.INSTABOOST.SCALE = (0.8, 1.2)
+    # Rotation ~ U(-ANGLE, ANGLE) degrees.
+    cfg.INPUT.INSTABOOST.ANGLE = 5.0
+
+
+def _add_multi_image_steps(cfg: CN) -> None:
     # Mosaic ("Mosaic", YOLOv4): the image and 3 more drawn from the training sampler, each
     # resized to fit TILE_SIZE and placed around a centre of a 2 TILE_SIZE canvas.
     cfg.INPUT.MOSAIC = CN()
@@ -97,18 +125,3 @@ def add_data_config(cfg: CN) -> None:
     # Candidate source images drawn from the sampler; the one holding the rarest class (fewest
     # training images) is pasted from. 1 = no bias.
     cfg.INPUT.COPY_PASTE.RARE_SOURCE_CANDIDATES = 1
-
-    # InstaBoost-style instance jitter ("InstaBoost", Fang et al. 2019): instances are cut out,
-    # their hole inpainted, and pasted back moved, scaled and rotated; instances they cover
-    # lose those pixels.
-    cfg.INPUT.INSTABOOST = CN()
-    # Probability of jittering an image.
-    cfg.INPUT.INSTABOOST.PROB = 0.5
-    # At most this many instances are moved.
-    cfg.INPUT.INSTABOOST.MAX_INSTANCES = 3
-    # Largest shift, as a fraction of the instance's box size.
-    cfg.INPUT.INSTABOOST.SHIFT = 0.2
-    # Scale factor ~ U(SCALE).
-    cfg.INPUT.INSTABOOST.SCALE = (0.8, 1.2)
-    # Rotation ~ U(-ANGLE, ANGLE) degrees.
-    cfg.INPUT.INSTABOOST.ANGLE = 5.0

@@ -11,7 +11,12 @@ def add_model_config(cfg: CN) -> None:
     # Softmax (start it from a trained model with MODEL.WEIGHTS). A prefix that matches no
     # parameter is an error.
     cfg.MODEL.FROZEN_MODULES = []
+    _add_backbone(cfg)
+    _add_rpn(cfg)
+    _add_roi_heads_node(cfg)
 
+
+def _add_backbone(cfg: CN) -> None:
     # FPN top-down 2x upsampling: "nearest" (detectron2's) or "carafe" (CARAFE, Wang et al.
     # 2019; layers/carafe.py). Honoured by the backbone builders build_longtail_resnet_fpn_backbone
     # and build_timm_fpn_backbone; detectron2's build_resnet_fpn_backbone always uses nearest.
@@ -51,6 +56,8 @@ def add_model_config(cfg: CN) -> None:
     # Offset groups of DCNv1.
     cfg.MODEL.TIMM.DEFORM_NUM_GROUPS = 1
 
+
+def _add_rpn(cfg: CN) -> None:
     # Ignore regions of the RPN (modeling/ignore_regions.py, docs/self_training.md): in
     # training, an anchor that would be background and overlaps one of its image's ignore
     # boxes (DATASETS.IGNORE_BOXES, crowd boxes) is ignored (label -1: not sampled, no loss).
@@ -62,8 +69,6 @@ def add_model_config(cfg: CN) -> None:
     # Overlap at or above which a background anchor is ignored. The 1st place LVIS 2020 entry
     # gives no value; 0.5 (the ROI heads' foreground IoU) is this project's choice.
     cfg.MODEL.RPN.IGNORE.THRESH = 0.5
-
-    _add_roi_heads_node(cfg)
 
 
 def _add_roi_heads_node(cfg: CN) -> None:

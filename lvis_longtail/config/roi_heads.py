@@ -7,8 +7,10 @@ from detectron2.config import CfgNode as CN
 def add_roi_heads_config(cfg: CN) -> None:
     """Add the keys of the box, mask, MaskIoU and context heads to ``cfg`` in place."""
     _add_box_head(cfg)
-    _add_box_losses(cfg)
+    _add_softmax_losses(cfg)
+    _add_sigmoid_losses(cfg)
     _add_mask_head(cfg)
+    _add_mask_pooler_and_upsampling(cfg)
     # Mask Scoring R-CNN's MaskIoU head (Huang et al. 2019; modeling/mask_scoring.py): it
     # predicts each mask's IoU with its GT ("loss_maskiou"); segm score = box score x
     # predicted IoU, as the instances' `mask_scores` (their `scores` are unchanged).
@@ -50,7 +52,7 @@ def _add_box_head(cfg: CN) -> None:
     cfg.MODEL.ROI_BOX_HEAD.DEFORM_POOL.GAMMA = 0.1
 
 
-def _add_box_losses(cfg: CN) -> None:
+def _add_softmax_losses(cfg: CN) -> None:
     # Seesaw Loss (Wang et al., CVPR 2021), CLS_LOSS_NAME "SeesawLoss". P = Q = 0 is plain
     # softmax cross-entropy.
     cfg.MODEL.ROI_BOX_HEAD.SEESAW = CN()
@@ -61,6 +63,32 @@ def _add_box_losses(cfg: CN) -> None:
     # Floor of sigma_i in the compensation ratio.
     cfg.MODEL.ROI_BOX_HEAD.SEESAW.EPS = 1e-2
 
+    # Balanced Group Softmax (Li et al., CVPR 2020), CLS_LOSS_NAME "GroupSoftmax".
+    cfg.MODEL.ROI_BOX_HEAD.GROUP_SOFTMAX = CN()
+    # Training instance-count edges of the class groups: [10, 100, 1000] gives [0, 10),
+    # [10, 100), [100, 1000), [1000, inf) plus the background group.
+    cfg.MODEL.ROI_BOX_HEAD.GROUP_SOFTMAX.BIN_EDGES = [10, 100, 1000]
+    # "Others" RoIs kept per positive RoI of a group (beta).
+    cfg.MODEL.ROI_BOX_HEAD.GROUP_SOFTMAX.OTHERS_SAMPLE_RATIO = 8.0
+
+    # Logit-adjusted softmax CE (Menon et al., ICLR 2021), CLS_LOSS_NAME "LogitAdjustedCE":
+    # softmax CE of z_c + TAU log(K pi_c) for the K classes (background unshifted); inference
+    # uses z. pi_c = n_c / sum n, n the training COUNT, each clamped to >= 1.
+    cfg.MODEL.ROI_BOX_HEAD.LOGIT_ADJUSTMENT = CN()
+    # Strength tau; 0 is plain softmax CE.
+    cfg.MODEL.ROI_BOX_HEAD.LOGIT_ADJUSTMENT.TAU = 1.0
+    # Training count n_c: "image" (images containing the class) or "instance" (its
+    # instances), from DATASETS.TRAIN's metadata.
+    cfg.MODEL.ROI_BOX_HEAD.LOGIT_ADJUSTMENT.COUNT = "image"
+
+    # Balanced Softmax (Ren et al., NeurIPS 2020), CLS_LOSS_NAME "BalancedSoftmax": the
+    # logit-adjusted loss with TAU = 1.
+    cfg.MODEL.ROI_BOX_HEAD.BALANCED_SOFTMAX = CN()
+    # Training count n_c: "image" or "instance", as LOGIT_ADJUSTMENT.COUNT.
+    cfg.MODEL.ROI_BOX_HEAD.BALANCED_SOFTMAX.COUNT = "image"
+
+
+def _add_sigmoid_losses(cfg: CN) -> None:
     # Equalization Loss (Tan et al., CVPR 2020), CLS_LOSS_NAME "EQL".
     cfg.MODEL.ROI_BOX_HEAD.EQL = CN()
     # Classes whose training image frequency f_j = image_count_j / num_images is below it have
@@ -86,14 +114,6 @@ def _add_box_losses(cfg: CN) -> None:
     # cost 11 bbox AP at 250 iterations (benchmarks/results/).
     cfg.MODEL.ROI_BOX_HEAD.EQLV2.PRIOR_PROB = 0.5
 
-    # Balanced Group Softmax (Li et al., CVPR 2020), CLS_LOSS_NAME "GroupSoftmax".
-    cfg.MODEL.ROI_BOX_HEAD.GROUP_SOFTMAX = CN()
-    # Training instance-count edges of the class groups: [10, 100, 1000] gives [0, 10),
-    # [10, 100), [100, 1000), [1000, inf) plus the background group.
-    cfg.MODEL.ROI_BOX_HEAD.GROUP_SOFTMAX.BIN_EDGES = [10, 100, 1000]
-    # "Others" RoIs kept per positive RoI of a group (beta).
-    cfg.MODEL.ROI_BOX_HEAD.GROUP_SOFTMAX.OTHERS_SAMPLE_RATIO = 8.0
-
     # Federated loss (Zhou et al., CenterNet2), CLS_LOSS_NAME "FederatedLoss": sigmoid CE on
     # the classes present in the batch plus sampled ones.
     cfg.MODEL.ROI_BOX_HEAD.FED_LOSS = CN()
@@ -109,22 +129,6 @@ def _add_box_losses(cfg: CN) -> None:
     cfg.MODEL.ROI_BOX_HEAD.SIGMOID_CE = CN()
     # Initial sigmoid probability.
     cfg.MODEL.ROI_BOX_HEAD.SIGMOID_CE.PRIOR_PROB = 0.01
-
-    # Logit-adjusted softmax CE (Menon et al., ICLR 2021), CLS_LOSS_NAME "LogitAdjustedCE":
-    # softmax CE of z_c + TAU log(K pi_c) for the K classes (background unshifted); inference
-    # uses z. pi_c = n_c / sum n, n the training COUNT, each clamped to >= 1.
-    cfg.MODEL.ROI_BOX_HEAD.LOGIT_ADJUSTMENT = CN()
-    # Strength tau; 0 is plain softmax CE.
-    cfg.MODEL.ROI_BOX_HEAD.LOGIT_ADJUSTMENT.TAU = 1.0
-    # Training count n_c: "image" (images containing the class) or "instance" (its
-    # instances), from DATASETS.TRAIN's metadata.
-    cfg.MODEL.ROI_BOX_HEAD.LOGIT_ADJUSTMENT.COUNT = "image"
-
-    # Balanced Softmax (Ren et al., NeurIPS 2020), CLS_LOSS_NAME "BalancedSoftmax": the
-    # logit-adjusted loss with TAU = 1.
-    cfg.MODEL.ROI_BOX_HEAD.BALANCED_SOFTMAX = CN()
-    # Training count n_c: "image" or "instance", as LOGIT_ADJUSTMENT.COUNT.
-    cfg.MODEL.ROI_BOX_HEAD.BALANCED_SOFTMAX.COUNT = "image"
 
     # Effective Class-Margin loss (Cho & Kraehenbuehl, ECCV 2022), CLS_LOSS_NAME "ECMLoss":
     # K+1 sigmoid logits with margins and weights from the training image counts.
@@ -163,6 +167,9 @@ def _add_mask_head(cfg: CN) -> None:
     # x M (LVIS, 300 detections: 1.1 GB of fp32 logits at once). The masks do not depend on
     # it. 0 = all RoIs at once. Every lvis_longtail ROI heads and mask option honours it.
     cfg.MODEL.ROI_MASK_HEAD.TEST_CHUNK_SIZE = 32
+
+
+def _add_mask_pooler_and_upsampling(cfg: CN) -> None:
     # detectron2's key, with the values of MODEL.ROI_BOX_HEAD.POOLER_TYPE. "DeformROIAlignV2"
     # does not go with LEVEL_ASSIGNMENT "area_ratio".
     cfg.MODEL.ROI_MASK_HEAD.POOLER_TYPE = "ROIAlignV2"
