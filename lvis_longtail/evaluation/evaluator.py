@@ -250,7 +250,7 @@ class LVISLongTailEvaluator(DatasetEvaluator):
                 split_frequency = MetadataCatalog.get(self._dataset_name).get("class_frequency")
             except (OSError, ValueError):
                 split_frequency = None
-        return resolve_frequencies(
+        dataset, source = resolve_frequencies(
             dataset,
             self._dataset_ids,
             train,
@@ -258,6 +258,9 @@ class LVISLongTailEvaluator(DatasetEvaluator):
             split_frequency,
             f"the evaluated split {self._dataset_name}",
         )
+        if train is None and self._train_datasets:  # say why the training split's were not
+            source = f"{source}; {train_source}"
+        return dataset, source
 
     def _evaluate_tasks(self, dataset, table, tasks, frequency_source):
         """AP of each task on the protocol's selection of the one table (the standard cap
