@@ -318,13 +318,14 @@ def _add_frequency_prior_config(cfg: CN) -> None:
 
 def _add_cpu_threads_config(cfg: CN) -> None:
     # Threads of each training/evaluation process on CPU (MODEL.DEVICE cpu), applied by
-    # lvis_longtail.engine.launch.configure_cpu_threads: torch intra-op threads and OpenCV's
-    # (DataLoader workers run torch with one thread and OpenCV with OPENCV_THREADS). 0 = auto:
-    # $LVIS_LONGTAIL_CPU_THREADS, else $OMP_NUM_THREADS, else the cores per process minus
-    # DATALOADER.NUM_WORKERS (at least 1): torch's default, one thread per core in every
-    # process, oversubscribes a small machine and slows it several-fold once anything else
-    # runs. Not used on GPU.
+    # lvis_longtail.engine.launch.configure_cpu_threads: torch intra-op threads (DataLoader
+    # workers run torch with one thread). 0 = auto: $LVIS_LONGTAIL_CPU_THREADS, else
+    # $OMP_NUM_THREADS, else the cores per process minus DATALOADER.NUM_WORKERS (at least 1):
+    # torch's default, one thread per core in every process, oversubscribes a small machine
+    # and slows it several-fold once anything else runs. Not used on GPU.
     cfg.MODEL.CPU_THREADS = 0
+    # OpenCV threads of each process and of each of its DataLoader workers, on every device
+    # (GPU runs too: GPUs x NUM_WORKERS workers with all-cores pools oversubscribe a node).
     cfg.MODEL.OPENCV_THREADS = 1
 
 

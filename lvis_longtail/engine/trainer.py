@@ -14,6 +14,7 @@ from lvis_longtail.data.categories import (
     dataset_class_names,
 )
 from lvis_longtail.data.loader import build_longtail_train_loader
+from lvis_longtail.engine.launch import OpenCVThreadsWorkerInit
 from lvis_longtail.engine.resume import DataStream
 from lvis_longtail.evaluation import LVISLongTailEvaluator
 
@@ -110,6 +111,16 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         return build_longtail_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """detectron2's, whose workers limit OpenCV to ``MODEL.OPENCV_THREADS`` threads (the
+        training loaders' workers do so through :func:`configure_cpu_threads`)."""
+        loader = super().build_test_loader(cfg, dataset_name)
+        loader.worker_init_fn = OpenCVThreadsWorkerInit(
+            cfg.MODEL.OPENCV_THREADS, loader.worker_init_fn
+        )
+        return loader
 
     @classmethod
     def build_model(cls, cfg):
