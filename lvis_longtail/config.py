@@ -274,6 +274,11 @@ def _add_test_config(cfg: CN) -> None:
     # Which code computes LVIS AP: "fast" (lvis_longtail.evaluation.fast_eval: lvis-api's
     # numbers, several times faster, less memory) or "lvis_api" (lvis-api 0.5.3 itself).
     _enum(cfg, "TEST.LVIS_EVALUATOR", "fast", ("fast", "lvis_api"))
+    # Minutes the other processes wait for the main one to export and score an evaluation,
+    # on a gloo group of their own (lvis_longtail/utils/dist.py): the process group's timeout
+    # (30 min) catches hangs in training, while scoring ~6M detections (Fixed AP, LVIS v1 val)
+    # may take longer.
+    cfg.TEST.EVAL_WAIT_MINUTES = 240
 
 
 def _add_frequency_prior_config(cfg: CN) -> None:

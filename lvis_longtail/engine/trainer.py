@@ -2,6 +2,7 @@
 
 import logging
 import os
+from datetime import timedelta
 
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
@@ -163,6 +164,7 @@ class Trainer(DefaultTrainer):
             evaluator=cfg.TEST.LVIS_EVALUATOR,
             class_image_count=train_image_counts(cfg),
             train_datasets=cfg.DATASETS.TRAIN,
+            wait_timeout=timedelta(minutes=cfg.TEST.EVAL_WAIT_MINUTES),
         )
 
 
