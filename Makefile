@@ -22,7 +22,7 @@ else
 $(error TORCH must be "pinned" (default) or "keep", not "$(TORCH)")
 endif
 
-.PHONY: setup test demo data lint clean
+.PHONY: setup test demo data lint clean gpu-wheels gpu-check
 
 setup: $(STAMP)
 
@@ -57,3 +57,13 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .cache output
+
+# The prepared GPU check (docs/gpu_check.md). gpu-wheels (here, with a package registry): the
+# cp312 wheels a GPU machine with its own torch lacks, into .whl/. gpu-check (there): installs
+# them into a temporary folder and runs the check, logs in $OUT; ARGS=--dry-run runs it on
+# the CPU of any machine with the local environment.
+gpu-wheels: setup
+	$(BIN)/python benchmarks/gpu_wheels.py --out .whl
+
+gpu-check:
+	bash benchmarks/gpu_check.sh $(ARGS)
