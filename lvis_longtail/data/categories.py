@@ -19,6 +19,7 @@ sorted by id, as the validated dataset holds them.
 
 import codecs
 import functools
+import itertools
 import json
 import logging
 import mmap
@@ -116,8 +117,11 @@ def _scan(json_file: str):
                 return None, "not UTF-8"
             size = len(mm)
             tail = max(0, size - WINDOW)
-            candidates = _find_all(mm, tail, size) + _find_all(mm, 0, min(WINDOW, tail))
-            for pos in candidates:
+            # the end first (LVIS's place for the key), then the start; lazily, so a file
+            # with the key at its end is read only there
+            for pos in itertools.chain(
+                _find_all(mm, tail, size), _find_all(mm, 0, min(WINDOW, tail))
+            ):
                 found = _value_at(mm, pos)
                 if found is None:
                     continue
@@ -130,13 +134,12 @@ def _scan(json_file: str):
             return None, "no top-level 'categories' key near the start or the end of the file"
 
 
-def _find_all(mm, start: int, stop: int) -> List[int]:
-    """Positions of the quoted key in ``mm[start:stop]``, last first."""
-    found, pos = [], mm.rfind(_KEY, start, stop)
+def _find_all(mm, start: int, stop: int):
+    """Positions of the quoted key in ``mm[start:stop]``, last first (a lazy iterator)."""
+    pos = mm.rfind(_KEY, start, stop)
     while pos >= 0:
-        found.append(pos)
+        yield pos
         pos = mm.rfind(_KEY, start, pos)
-    return found
 
 
 def _value_at(mm, pos: int):
