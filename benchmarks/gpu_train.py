@@ -21,6 +21,7 @@ from lvis_longtail.config import add_longtail_config, setup_cfg
 from lvis_longtail.data.builtin import register_synthetic
 from lvis_longtail.data.synthetic import generate
 from lvis_longtail.engine import Trainer
+from lvis_longtail.engine.launch import configure_cpu_threads
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "gpu_check"
@@ -105,6 +106,7 @@ def train_config(name, device, data, runs: Path, iters: int, amp: bool, count_sy
         cfg = setup_cfg(str(REPO / "configs" / "tiny" / name),
                         config_opts(name, device, data, output_dir, iters, amp))  # fmt: skip
         output_dir.mkdir(parents=True, exist_ok=True)  # as default_setup does
+        configure_cpu_threads(cfg)  # as train_net.py: OpenCV threads of the data workers
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer = CheckTrainer(cfg)
