@@ -274,6 +274,11 @@ def _add_test_config(cfg: CN) -> None:
     # Which code computes LVIS AP: "fast" (lvis_longtail.evaluation.fast_eval: lvis-api's
     # numbers, several times faster, less memory) or "lvis_api" (lvis-api 0.5.3 itself).
     _enum(cfg, "TEST.LVIS_EVALUATOR", "fast", ("fast", "lvis_api"))
+    # Minutes the other processes wait for the main one to export and score an evaluation,
+    # on a gloo group of their own (lvis_longtail/utils/dist.py): the process group's timeout
+    # (30 min) catches hangs in training, while scoring ~6M detections (Fixed AP, LVIS v1 val)
+    # may take longer.
+    cfg.TEST.EVAL_WAIT_MINUTES = 240
 
 
 def _add_frequency_prior_config(cfg: CN) -> None:
@@ -318,13 +323,14 @@ def _add_frequency_prior_config(cfg: CN) -> None:
 
 def _add_cpu_threads_config(cfg: CN) -> None:
     # Threads of each training/evaluation process on CPU (MODEL.DEVICE cpu), applied by
-    # lvis_longtail.engine.launch.configure_cpu_threads: torch intra-op threads and OpenCV's
-    # (DataLoader workers run torch with one thread and OpenCV with OPENCV_THREADS). 0 = auto:
-    # $LVIS_LONGTAIL_CPU_THREADS, else $OMP_NUM_THREADS, else the cores per process minus
-    # DATALOADER.NUM_WORKERS (at least 1): torch's default, one thread per core in every
-    # process, oversubscribes a small machine and slows it several-fold once anything else
-    # runs. Not used on GPU.
+    # lvis_longtail.engine.launch.configure_cpu_threads: torch intra-op threads (DataLoader
+    # workers run torch with one thread). 0 = auto: $LVIS_LONGTAIL_CPU_THREADS, else
+    # $OMP_NUM_THREADS, else the cores per process minus DATALOADER.NUM_WORKERS (at least 1):
+    # torch's default, one thread per core in every process, oversubscribes a small machine
+    # and slows it several-fold once anything else runs. Not used on GPU.
     cfg.MODEL.CPU_THREADS = 0
+    # OpenCV threads of each process and of each of its DataLoader workers, on every device
+    # (GPU runs too: GPUs x NUM_WORKERS workers with all-cores pools oversubscribe a node).
     cfg.MODEL.OPENCV_THREADS = 1
 
 
