@@ -7,15 +7,35 @@ STAMP  := $(VENV)/.lvis_longtail-installed
 DATA   ?= datasets/lt_synthetic
 DEMO_CONFIG ?= configs/tiny/mask_rcnn_R18_FPN_tiny_softmax.yaml
 
-.PHONY: setup test demo data lint clean
+# TORCH=pinned (default): the torch/torchvision of requirements.lock, CUDA 13 builds that need
+# an NVIDIA driver >= 580. TORCH=keep: the torch/torchvision already installed in .venv (e.g. a
+# CUDA 12 build for a 535/550/570 driver) stay; the rest of the lock is installed without
+# torch, torchvision, triton and the CUDA 13 packages, with the kept versions as pins (pip
+# stops instead of replacing them).
+TORCH ?= pinned
+TORCH_PACKAGES := torch|torchvision|triton|nvidia-[A-Za-z0-9_.-]+|cuda-[A-Za-z0-9_.-]+
+ifeq ($(TORCH),pinned)
+LOCK := requirements.lock
+else ifeq ($(TORCH),keep)
+LOCK := .cache/requirements.keep-torch.lock
+else
+$(error TORCH must be "pinned" (default) or "keep", not "$(TORCH)")
+endif
+
+.PHONY: setup test demo data lint clean gpu-wheels gpu-check
 
 setup: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml lvis_longtail/tools/install_detectron2.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q pip==25.3
-	$(BIN)/python -m pip install -q -r requirements.lock
-	$(BIN)/python lvis_longtail/tools/install_detectron2.py --cache .cache --constraint requirements.lock
+ifeq ($(TORCH),keep)
+	mkdir -p .cache
+	$(BIN)/python -c "import torch, torchvision; print(f'torch=={torch.__version__}\\ntorchvision=={torchvision.__version__}')" > .cache/torch-kept.txt || { echo "TORCH=keep: install torch and torchvision into $(VENV) first, e.g. $(BIN)/pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126"; exit 1; }
+	grep -vE '^($(TORCH_PACKAGES))==' requirements.lock | cat - .cache/torch-kept.txt > $(LOCK)
+endif
+	$(BIN)/python -m pip install -q -r $(LOCK)
+	$(BIN)/python lvis_longtail/tools/install_detectron2.py --cache .cache --constraint $(LOCK)
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -37,3 +57,13 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .cache output
+
+# The prepared GPU check (docs/gpu_check.md). gpu-wheels (here, with a package registry): the
+# cp312 wheels a GPU machine with its own torch lacks, into .whl/. gpu-check (there): installs
+# them into a temporary folder and runs the check, logs in $OUT; ARGS=--dry-run runs it on
+# the CPU of any machine with the local environment.
+gpu-wheels: setup
+	$(BIN)/python benchmarks/gpu_wheels.py --out .whl
+
+gpu-check:
+	bash benchmarks/gpu_check.sh $(ARGS)

@@ -93,13 +93,13 @@ def bench_two_pass(args, device):
 
     @torch.no_grad()
     def one_pass():
-        logits = head.layers(pooler(feats, [inst.pred_boxes]))
+        logits = head.predict_masks(pooler(feats, [inst.pred_boxes]), inst.pred_classes)
         mask_rcnn_inference(logits, [inst])
 
     @torch.no_grad()
     def two_pass():
         _, logits, changed = two_pass_mask_logits(
-            pooler, feats, [inst.pred_boxes], inst.pred_classes, head.layers
+            pooler, feats, [inst.pred_boxes], inst.pred_classes, head.predict_masks
         )
         mask_rcnn_inference(logits, [inst])
         changed_fraction.append(changed.float().mean().item())

@@ -5,7 +5,7 @@ import torch
 from conftest import make_batch, tiny_cfg
 from detectron2.modeling import build_model
 
-from lvis_longtail.layers.carafe import CARAFE
+from lvis_longtail.layers.carafe import CARAFE, pixel_shuffle
 from lvis_longtail.modeling.backbones import LongTailFPN
 
 
@@ -51,6 +51,25 @@ def test_uniform_kernels_are_a_box_filter_and_gradients_flow():
     torch.testing.assert_close(y, box.repeat_interleave(2, 2).repeat_interleave(2, 3))
     y.square().sum().backward()
     assert x.grad.abs().sum() > 0 and module.encoder.weight.grad.abs().sum() > 0
+
+
+def test_pixel_shuffle_is_torchs():
+    x = torch.randn(2, 3 * 9, 4, 5)
+    torch.testing.assert_close(pixel_shuffle(x, 3), torch.nn.functional.pixel_shuffle(x, 3))
+
+
+def test_empty_batch_gives_empty_output_and_zero_gradients_to_every_parameter():
+    """No foreground RoI: (0, C, H, W) -> (0, C, 2H, 2W); the backward (torch's own
+    pixel_shuffle returns a wrongly shaped gradient here) reaches every parameter."""
+    module = CARAFE(4, scale=2, compressed_channels=8, up_kernel=5)
+    x = torch.zeros((0, 4, 14, 14), requires_grad=True)
+    y = module(x)
+    assert y.shape == (0, 4, 28, 28)
+    (y.sum() * 0).backward()
+    assert x.grad.shape == x.shape
+    for name, p in module.named_parameters():
+        assert p.grad is not None and p.grad.shape == p.shape, name
+        assert torch.count_nonzero(p.grad) == 0, name
 
 
 def test_fpn_and_mask_head_upsample_with_carafe(storage):

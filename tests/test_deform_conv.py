@@ -121,6 +121,24 @@ def test_zero_offsets_and_unit_mask_are_a_plain_conv():
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_mixed_dtypes_under_autocast_compute_in_the_widest():
+    """Under autocast the offset and mask come from fp16 convolutions while the weight stays
+    fp32: computed in fp32 (as torchvision's CUDA autocast rule does), result in the input's
+    dtype, equal to the fp32 computation on the same fp16-rounded offset and mask."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 6, 6, generator=g)
+    offset = (torch.randn(1, 18, 6, 6, generator=g) * 0.5).half()
+    mask = torch.rand(1, 9, 6, 6, generator=g).half()
+    module = ModulatedDeformConv(4, 5, 3, padding=1)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = module(x, offset, mask)
+        y_half = module(x.half(), offset, mask)
+    ref = module(x, offset.float(), mask.float())
+    assert y.dtype == torch.float32 and y_half.dtype == torch.float16
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(y_half.float(), ref, rtol=2e-3, atol=2e-3)
+
+
 def test_resnet_with_dcn_trains_on_cpu(storage):
     """DEFORM_ON_PER_STAGE / DEFORM_MODULATED / DEFORM_NUM_GROUPS: a bottleneck ResNet with
     DCNv2 (2 deformable groups) builds and its offset convs receive gradients."""

@@ -132,6 +132,19 @@ def test_pooler_reads_every_map_in_one_pass_as_map_by_map_calls():
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
 
 
+def test_no_roi_keeps_every_parameter_in_the_graph():
+    """A mask pooler on a batch without foreground RoIs: an empty output whose backward gives
+    the offset branch zero gradients (DDP without find_unused_parameters needs one for
+    every parameter on every rank)."""
+    x = [torch.randn(1, 4, 16, 16, requires_grad=True), torch.randn(1, 4, 8, 8)]
+    pooler = DeformROIPooler(3, (1 / 4, 1 / 8), 0, in_channels=4, fc_dim=8)
+    out = pooler(x, [Boxes(torch.zeros((0, 4)))])
+    assert out.shape == (0, 4, 3, 3)
+    (out.sum() * 0).backward()
+    for name, p in pooler.named_parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) == 0, name
+
+
 def test_roi_heads_build_and_train_with_deform_pooling(storage):
     cfg = tiny_cfg(
         opts=[

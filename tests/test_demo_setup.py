@@ -2,11 +2,15 @@
 
 import json
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, TINY_BASE
+from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader
+from detectron2.data import build as d2_build
 
-from lvis_longtail.engine import setup_cfg
+from lvis_longtail.engine import Trainer, setup_cfg
 from lvis_longtail.engine.launch import configure_cpu_threads, cpu_threads
 from lvis_longtail.engine.summary import format_summary
 
@@ -35,18 +39,55 @@ def test_cpu_threads_overrides(no_thread_env, monkeypatch):
     assert cpu_threads(setup_cfg(str(TINY_BASE), ["CPU_THREADS", "5"])) == 5
 
 
-def test_configure_cpu_threads_sets_torch_and_opencv(no_thread_env):
-    import cv2
-
+@pytest.fixture
+def restore_threads():
     before, before_cv = torch.get_num_threads(), cv2.getNumThreads()
+    init = d2_build.worker_init_reset_seed
+    yield
+    torch.set_num_threads(before)
+    cv2.setNumThreads(before_cv)
+    d2_build.worker_init_reset_seed = init
+
+
+def test_configure_cpu_threads_sets_torch_and_opencv(no_thread_env, restore_threads):
+    configure_cpu_threads(setup_cfg(str(TINY_BASE), ["CPU_THREADS", "2"]))
+    assert torch.get_num_threads() == 2 and cv2.getNumThreads() == 1
+    cv2.setNumThreads(3)
+    gpu = ["MODEL.DEVICE", "cuda", "OPENCV_THREADS", "2"]
+    configure_cpu_threads(setup_cfg(str(TINY_BASE), gpu))  # no CUDA call
+    assert torch.get_num_threads() == 2  # torch's threads are left alone on GPU
+    assert cv2.getNumThreads() == 2  # OpenCV's are not
+
+
+def _opencv_threads_in_worker(record):
+    return dict(record, opencv_threads=cv2.getNumThreads())
+
+
+def test_data_workers_limit_opencv_also_on_gpu_runs(tmp_path, restore_threads, monkeypatch):
+    """Each worker of a training loader and of a test loader sets OPENCV_THREADS itself
+    (the parent's own setting, 3 here, is not what a worker keeps)."""
+    cfg = setup_cfg(str(TINY_BASE), ["MODEL.DEVICE", "cuda", "DATALOADER.NUM_WORKERS", "1"])
+    configure_cpu_threads(cfg)
+    cv2.setNumThreads(3)
+    records = [{"image_id": i, "file_name": str(tmp_path / "a.png")} for i in range(2)]
+    train = build_detection_train_loader(
+        records, mapper=_opencv_threads_in_worker, total_batch_size=2,
+        aspect_ratio_grouping=False, num_workers=1,
+    )  # fmt: skip
+    assert [r["opencv_threads"] for r in next(iter(train))] == [1, 1]
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    DatasetCatalog.register(
+        "lt_opencv_threads", lambda: [dict(r, height=8, width=8) for r in records]
+    )
+    mapper_call = DatasetMapper.__call__
+    monkeypatch.setattr(
+        DatasetMapper, "__call__", lambda self, r: _opencv_threads_in_worker(mapper_call(self, r))
+    )
     try:
-        configure_cpu_threads(setup_cfg(str(TINY_BASE), ["CPU_THREADS", "2"]))
-        assert torch.get_num_threads() == 2 and cv2.getNumThreads() == 1
-        configure_cpu_threads(setup_cfg(str(TINY_BASE), ["MODEL.DEVICE", "cuda"]))  # no-op
-        assert torch.get_num_threads() == 2
+        test = Trainer.build_test_loader(cfg, "lt_opencv_threads")
+        assert [batch[0]["opencv_threads"] for batch in test] == [1, 1]
     finally:
-        torch.set_num_threads(before)
-        cv2.setNumThreads(before_cv)
+        DatasetCatalog.remove("lt_opencv_threads")
 
 
 def test_tiny_configs_have_a_fixed_seed_and_the_demo_schedule():

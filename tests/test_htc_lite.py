@@ -233,13 +233,13 @@ def test_mask_positive_cap_draws_a_subset_of_each_images_foreground(storage, mon
 def test_mask_head_runs_once_at_inference_on_the_final_boxes():
     model = model_of(*HTC, "MODEL.ROI_MASK_HEAD.TEST_CHUNK_SIZE", 0)
     calls = []
-    layers = model.roi_heads.mask_head.layers
+    predict_masks = model.roi_heads.mask_head.predict_masks
 
-    def counted(x):
+    def counted(x, classes):
         calls.append(x.shape[0])
-        return layers(x)
+        return predict_masks(x, classes)
 
-    model.roi_heads.mask_head.layers = counted
+    model.roi_heads.mask_head.predict_masks = counted
     outputs = infer(model)
     assert calls == [sum(len(o) for o in outputs)]
 

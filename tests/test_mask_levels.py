@@ -124,7 +124,8 @@ def test_two_pass_repools_only_when_level_changes():
     fractions = [16, 4, 8, 12, 0]  # foreground pixels of 16 in the first pass
     calls = []
 
-    def predict(feats):
+    def predict(feats, classes):
+        assert classes.shape == (feats.shape[0],)
         calls.append(feats.shape[0])
         if len(calls) == 1:
             logits = torch.full((feats.shape[0], 1, 4, 4), -5.0)
@@ -148,6 +149,6 @@ def test_two_pass_repools_only_when_level_changes():
 def test_two_pass_no_boxes():
     feats, logits, changed = two_pass_mask_logits(
         _pooler(), _features(), [Boxes(torch.zeros(0, 4))], torch.zeros(0, dtype=torch.long),
-        lambda f: torch.zeros(f.shape[0], 1, 8, 8),
+        lambda f, c: torch.zeros(f.shape[0], 1, 8, 8),
     )  # fmt: skip
     assert feats.shape == (0, 2, 4, 4) and logits.shape == (0, 1, 8, 8) and changed.numel() == 0

@@ -12,6 +12,7 @@ import torch
 from conftest import REPO, TINY_BASE
 from detectron2.checkpoint import DetectionCheckpointer
 
+from lvis_longtail.data import register_lvis_format
 from lvis_longtail.data.builtin import register_synthetic
 from lvis_longtail.data.synthetic import generate
 from lvis_longtail.engine import Trainer, setup_cfg
@@ -122,6 +123,27 @@ def test_eval_only_loads_weights(synthetic_root, tmp_path):
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_final")
     results = Trainer.test(cfg, model)
     assert set(results) == {"lt_e2e_val", "lt_e2e_test_dev"} and results["lt_e2e_test_dev"] == {}
+
+
+def test_eval_only_with_only_the_evaluated_splits_json(synthetic_root, tmp_path):
+    """--eval-only when the training json is absent: the class count is checked against
+    the evaluated split, and APr/APc/APf use its json's 'frequency' fields, which the log and
+    the metrics file say."""
+    register_lvis_format("lt_e2e_no_train", str(tmp_path / "absent.json"), str(tmp_path))
+    cfg = e2e_cfg(tmp_path, 1, ["DATASETS.TRAIN", "('lt_e2e_no_train',)",
+                                "DATASETS.TEST", "('lt_e2e_val',)"])  # fmt: skip
+    model = Trainer.build_model(cfg)
+    results = Trainer.test(cfg, model)  # one dataset: detectron2 returns its results alone
+    assert {"AP", "APr", "APc", "APf"} <= set(results["bbox"])
+    saved = json.loads((tmp_path / "inference" / "lt_e2e_val" / "lvis_metrics.json").read_text())
+    assert saved["frequency_source"] == (
+        f"the json's 'frequency' fields ({NUM_CLASSES} categories); training split "
+        "['lt_e2e_no_train'] not available (FileNotFoundError)"
+    )
+    bad = e2e_cfg(tmp_path, 1, ["DATASETS.TRAIN", "('lt_e2e_no_train',)",
+                                "MODEL.ROI_HEADS.NUM_CLASSES", "1203"])  # fmt: skip
+    with pytest.raises(ValueError, match="NUM_CLASSES is 1203 but dataset 'lt_e2e_val' has 8"):
+        Trainer.build_model(bad)
 
 
 def test_num_classes_mismatch_is_explained(synthetic_root, tmp_path):

@@ -136,7 +136,7 @@ def test_rare_factor_changes_only_rare_scores():
     got = dict(zip(merged.pred_classes.tolist(), merged.scores.tolist()))
     assert got == pytest.approx({0: 0.3, 1: 0.8, 2: 0.5, 5: 0.6, 7: 0.2})
     cfg, model = _model(["TEST.AUG.RARE_SCORE_FACTOR", 1.5, "DATASETS.TRAIN", ()])
-    with pytest.raises(ValueError, match="class_frequency metadata of DATASETS.TRAIN"):
+    with pytest.raises(ValueError, match="frequency groups of DATASETS.TRAIN"):
         LongTailTTA(cfg, model)
     assert class_score_factors(["r", "c", "f"], 1.2, 1.1).tolist() == pytest.approx([1.2, 1.1, 1])
     with pytest.raises(ValueError, match="not one of r, c, f"):

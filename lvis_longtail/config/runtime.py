@@ -16,7 +16,8 @@ def add_runtime_config(cfg: CN) -> None:
     # thread per core in every process, oversubscribes a small machine and slows it
     # several-fold once anything else runs. Not used on GPU.
     cfg.CPU_THREADS = 0
-    # OpenCV threads of each CPU process and of its DataLoader workers.
+    # OpenCV threads of each process and of each of its DataLoader workers, on every device
+    # (GPU runs too: GPUs x NUM_WORKERS workers with all-cores pools oversubscribe a node).
     cfg.OPENCV_THREADS = 1
 
 
@@ -37,6 +38,11 @@ def _add_evaluation(cfg: CN) -> None:
     # Which code computes LVIS AP: "fast" (lvis_longtail.evaluation.fast_eval: lvis-api's
     # numbers, several times faster, less memory) or "lvis_api" (lvis-api 0.5.3 itself).
     cfg.TEST.LVIS_EVALUATOR = "fast"
+    # Minutes the other processes wait for the main one to export and score an evaluation,
+    # on a gloo group of their own (lvis_longtail/utils/dist.py): the process group's timeout
+    # (30 min) catches hangs in training, while scoring ~6M detections (Fixed AP, LVIS v1 val)
+    # may take longer.
+    cfg.TEST.EVAL_WAIT_MINUTES = 240
 
 
 def _add_calibration(cfg: CN) -> None:

@@ -16,6 +16,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from detectron2.data import MetadataCatalog
 
+from lvis_longtail.data.categories import category_fields, dataset_categories
+
 logger = logging.getLogger(__name__)
 
 STAT_FIELDS = (
@@ -74,7 +76,14 @@ def get_class_stats(dataset_names: Union[str, Sequence[str]]) -> ClassStats:
     frequency = None
     for name in dataset_names:
         meta = MetadataCatalog.get(name)
-        missing = [f for f in STAT_FIELDS if not hasattr(meta, f)]
+        try:  # lazily derived from the json
+            missing = [f for f in STAT_FIELDS if not hasattr(meta, f)]
+        except OSError as e:
+            raise FileNotFoundError(
+                f"dataset '{name}': its class statistics come from its json, which the "
+                "frequency-aware losses and calibrations need whenever the model is built "
+                f"(--eval-only included; their buffers are not checkpointed): {e}"
+            ) from e
         if missing:
             raise KeyError(
                 f"dataset '{name}' has no class statistics (missing metadata {missing}); register "
@@ -96,6 +105,20 @@ def get_class_stats(dataset_names: Union[str, Sequence[str]]) -> ClassStats:
     return ClassStats(image_count, instance_count, frequency, num_images)
 
 
+def _json_frequency(name: str) -> Optional[tuple]:
+    """The ``frequency`` fields of a dataset's json categories when all have one, else None
+    (also for a malformed json, which the full read then reports).
+
+    Raises:
+        FileNotFoundError: the json does not exist."""
+    try:
+        cats = dataset_categories(name)
+    except ValueError:
+        return None
+    groups = None if cats is None else category_fields(cats, "frequency")
+    return None if groups is None else tuple(groups)
+
+
 def training_frequency(dataset_names: Sequence[str]) -> Tuple[Optional[tuple], str]:
     """The training set's frequency groups per contiguous class id, and where they came from.
 
@@ -107,6 +130,14 @@ def training_frequency(dataset_names: Sequence[str]) -> Tuple[Optional[tuple], s
     names = [dataset_names] if isinstance(dataset_names, str) else list(dataset_names)
     if not names:
         return None, "no training split given (DATASETS.TRAIN is empty)"
+    if len(names) == 1 and "class_frequency" not in MetadataCatalog.get(names[0]).as_dict():
+        try:  # the categories alone, when they carry the groups
+            groups = _json_frequency(names[0])
+        except OSError as e:
+            logger.warning(f"No frequency groups from the training split {names}: {e}")
+            return None, f"training split {names} not available ({type(e).__name__})"
+        if groups is not None:
+            return groups, f"the training split {names[0]} (its json's 'frequency' fields)"
     try:
         stats = get_class_stats(names)
         from_json = all(MetadataCatalog.get(n).get("frequency_from_json", False) for n in names)

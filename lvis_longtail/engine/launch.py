@@ -9,11 +9,13 @@ detectron2's own ``launch`` is called unchanged.
 import logging
 import os
 from datetime import timedelta
+from typing import Callable, Optional
 
 import cv2
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from detectron2.data import build as d2_build
 from detectron2.engine import launch as d2_launch
 from detectron2.engine.launch import _find_free_port
 from detectron2.utils import comm
@@ -109,15 +111,49 @@ def cpu_threads(cfg, processes_per_machine: int = 1) -> int:
     return max(1, per_process - cfg.DATALOADER.NUM_WORKERS)
 
 
+class OpenCVThreadsWorkerInit:
+    """A DataLoader ``worker_init_fn``: limits OpenCV's thread pool in the worker to
+    ``threads``, then calls ``base`` (e.g. detectron2's seed reset). A picklable object, so
+    it also reaches workers started by ``spawn``, which inherit nothing from their parent."""
+
+    def __init__(self, threads: int, base: Optional[Callable[[int], None]] = None):
+        self.threads = int(threads)
+        self.base = base
+
+    def __call__(self, worker_id: int) -> None:
+        cv2.setNumThreads(self.threads)
+        if self.base is not None:
+            self.base(worker_id)
+
+
+def limit_worker_opencv_threads(threads: int) -> None:
+    """Limit OpenCV in the workers of every detectron2 training loader built from now on:
+    detectron2 gives them ``worker_init_fn=detectron2.data.build.worker_init_reset_seed``,
+    looked up when a loader is built, which becomes :class:`OpenCVThreadsWorkerInit` around
+    the original (idempotent). The test loaders' workers: ``Trainer.build_test_loader``."""
+    current = d2_build.worker_init_reset_seed
+    base = current.base if isinstance(current, OpenCVThreadsWorkerInit) else current
+    d2_build.worker_init_reset_seed = OpenCVThreadsWorkerInit(threads, base)
+
+
 def configure_cpu_threads(cfg, processes_per_machine: int = 1) -> None:
-    """Set torch's and OpenCV's thread counts of this process for CPU runs (no-op on GPU);
-    DataLoader workers inherit OpenCV's setting and torch sets one thread in each."""
+    """Thread counts of this process and of its data workers.
+
+    On every device OpenCV gets ``OPENCV_THREADS`` threads, in this process and in
+    each DataLoader worker (:func:`limit_worker_opencv_threads`): otherwise each of the
+    GPUs x ``DATALOADER.NUM_WORKERS`` workers of a node may start an all-cores pool. For CPU
+    runs torch's intra-op threads follow :func:`cpu_threads` (torch sets one thread in each
+    worker itself); on GPU torch's are left alone."""
+    opencv = int(cfg.OPENCV_THREADS)
+    cv2.setNumThreads(opencv)
+    limit_worker_opencv_threads(opencv)
+    log = logging.getLogger(__name__)
     if cfg.MODEL.DEVICE != "cpu":
+        log.info(f"OpenCV threads: {opencv} per process and data worker (OPENCV_THREADS)")
         return
     threads = cpu_threads(cfg, processes_per_machine)
     torch.set_num_threads(threads)
-    cv2.setNumThreads(int(cfg.OPENCV_THREADS))
-    logging.getLogger(__name__).info(
-        f"CPU threads: torch {threads}, OpenCV {cfg.OPENCV_THREADS} per process "
+    log.info(
+        f"CPU threads: torch {threads}, OpenCV {opencv} per process and data worker "
         "(CPU_THREADS, $LVIS_LONGTAIL_CPU_THREADS or $OMP_NUM_THREADS to change)"
     )

@@ -2,11 +2,19 @@
 
 import logging
 import os
+from datetime import timedelta
 
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
+from detectron2.utils import comm
 
+from lvis_longtail.data.categories import (
+    category_fields,
+    dataset_categories,
+    dataset_class_names,
+)
 from lvis_longtail.data.loader import build_longtail_train_loader
+from lvis_longtail.engine.launch import OpenCVThreadsWorkerInit
 from lvis_longtail.engine.resume import DataStream
 from lvis_longtail.evaluation import LVISLongTailEvaluator
 
@@ -17,13 +25,22 @@ LVIS_MAX_DETS_PER_IMAGE = 300
 
 
 def check_num_classes(cfg) -> None:
-    """``MODEL.ROI_HEADS.NUM_CLASSES`` must equal the training set's number of classes
-    (the classic mistake: LVIS v0.5 has 1230 classes, v1 has 1203)."""
-    for name in cfg.DATASETS.TRAIN:
-        classes = MetadataCatalog.get(name).get("thing_classes")
-        if classes is not None and len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+    """``MODEL.ROI_HEADS.NUM_CLASSES`` must equal the number of classes of every dataset in
+    ``DATASETS.TRAIN`` and ``DATASETS.TEST`` (the classic mistake: LVIS v0.5 has 1230
+    classes, v1 has 1203). Counted from the metadata or the json's ``categories`` alone
+    (:func:`~lvis_longtail.data.categories.dataset_class_names`: no image or annotation is
+    read); a dataset whose json is absent (the training split of an ``--eval-only`` run) is
+    skipped."""
+    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+        try:
+            classes = dataset_class_names(name)
+        except FileNotFoundError as e:
+            logger.info(f"NUM_CLASSES not checked against '{name}': {e}")
+            continue
+        if classes is not None and len(classes) != num_classes:
             raise ValueError(
-                f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES} but dataset "
+                f"MODEL.ROI_HEADS.NUM_CLASSES is {num_classes} but dataset "
                 f"'{name}' has {len(classes)} classes (LVIS v0.5: 1230, LVIS v1: 1203)"
             )
 
@@ -96,6 +113,14 @@ class Trainer(DefaultTrainer):
         return build_longtail_train_loader(cfg)
 
     @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """detectron2's, whose workers limit OpenCV to ``OPENCV_THREADS`` threads (the
+        training loaders' workers do so through :func:`configure_cpu_threads`)."""
+        loader = super().build_test_loader(cfg, dataset_name)
+        loader.worker_init_fn = OpenCVThreadsWorkerInit(cfg.OPENCV_THREADS, loader.worker_init_fn)
+        return loader
+
+    @classmethod
     def build_model(cls, cfg):
         check_num_classes(cfg)
         model = super().build_model(cfg)
@@ -136,23 +161,34 @@ class Trainer(DefaultTrainer):
             evaluator=cfg.TEST.LVIS_EVALUATOR,
             class_image_count=train_image_counts(cfg),
             train_datasets=cfg.DATASETS.TRAIN,
+            wait_timeout=timedelta(minutes=cfg.TEST.EVAL_WAIT_MINUTES),
         )
 
 
 def train_image_counts(cfg):
-    """``{dataset category id: training images}`` of ``DATASETS.TRAIN[0]``, or None if its
-    metadata has no ``class_image_count``."""
+    """``{dataset category id: training images}`` of ``DATASETS.TRAIN[0]`` for the per-class
+    diagnostics, or None. From its metadata when already derived, else its json's categories
+    (their ``image_count`` fields: no annotation is read). Only when the json lacks the fields
+    does the main process (the only one that evaluates) recount them from the annotations."""
     if not cfg.DATASETS.TRAIN:
         return None
-    meta = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
-    try:  # lazily derived from the training json, which an eval-only run may not have
-        counts = meta.get("class_image_count")
-    except (OSError, ValueError) as e:
+    name = cfg.DATASETS.TRAIN[0]
+    known = MetadataCatalog.get(name).as_dict()  # no lazy derivation
+    counts = known.get("class_image_count")
+    mapping = known.get("thing_dataset_id_to_contiguous_id")
+    try:
+        if counts is None:
+            cats = dataset_categories(name)
+            if cats is not None:
+                counts = category_fields(cats, "image_count")
+                mapping = {c["id"]: k for k, c in enumerate(cats)}
+        if counts is None and "json_file" in known and comm.is_main_process():
+            meta = MetadataCatalog.get(name)
+            counts, mapping = meta.class_image_count, meta.thing_dataset_id_to_contiguous_id
+    except (OSError, ValueError) as e:  # an eval-only run may not have the training json
         logger.warning(f"No training image counts for the per-class diagnostics: {e}")
         return None
     if counts is None:
         return None
-    mapping = meta.get("thing_dataset_id_to_contiguous_id") or {
-        k + 1: k for k in range(len(counts))
-    }
+    mapping = mapping or {k + 1: k for k in range(len(counts))}
     return {cat: int(counts[k]) for cat, k in mapping.items() if k < len(counts)}

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 import time
+from datetime import timedelta
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
@@ -52,6 +53,7 @@ from lvis_longtail.evaluation.shards import (
     read_shards,
 )
 from lvis_longtail.evaluation.table import ClassScoreThresholds, EvalProtocol
+from lvis_longtail.utils.dist import wait_for_main_process
 from lvis_longtail.utils.io import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -99,6 +101,7 @@ class LVISLongTailEvaluator(DatasetEvaluator):
         class_image_count: Optional[Union[Mapping[int, int], Sequence[int]]] = None,
         flush_every: int = 32,
         train_datasets: Sequence[str] = (),
+        wait_timeout: timedelta = timedelta(hours=4),
     ):
         """
         Args:
@@ -117,6 +120,8 @@ class LVISLongTailEvaluator(DatasetEvaluator):
             flush_every: images buffered in memory before they are written to the shard.
             train_datasets: the training datasets (``DATASETS.TRAIN``) whose frequency groups
                 APr/APc/APf use for categories without a json ``frequency``; empty: none known.
+            wait_timeout: how long the other processes wait for the main one to export and
+                score (``TEST.EVAL_WAIT_MINUTES``).
         """
         if not set(tasks) <= set(TASKS) or not tasks:
             raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tuple(tasks)}")
@@ -142,6 +147,7 @@ class LVISLongTailEvaluator(DatasetEvaluator):
         self._distributed = distributed
         self._evaluator = evaluator
         self._flush_every = flush_every
+        self._wait_timeout = wait_timeout
         self._cpu = torch.device("cpu")
         folder = os.path.join(output_dir, SHARD_DIR) if output_dir else None
         self._shards = ShardedDetections(folder, dataset_name, flush_every)
@@ -199,14 +205,20 @@ class LVISLongTailEvaluator(DatasetEvaluator):
         return instances
 
     def evaluate(self):
-        """Export (and, with annotations, evaluate) the predictions; see the class docstring."""
+        """Export (and, with annotations, evaluate) the predictions; see the class docstring.
+        The other processes wait until the main one has finished (``wait_timeout``, see
+        :func:`~lvis_longtail.utils.dist.wait_for_main_process`)."""
         paths = self._shards.gather(self._distributed)
-        if paths is None:
-            return {}
+        ok = False
         try:
-            return self._evaluate(paths)
+            results = {} if paths is None else self._evaluate(paths)
+            ok = True
+            return results
         finally:
-            self._shards.discard(paths)
+            if paths is not None:
+                self._shards.discard(paths)
+            if self._distributed:
+                wait_for_main_process(ok, self._wait_timeout)
 
     def _evaluate(self, paths):
         validated = load_validated(self._json_file)
@@ -250,7 +262,7 @@ class LVISLongTailEvaluator(DatasetEvaluator):
                 split_frequency = MetadataCatalog.get(self._dataset_name).get("class_frequency")
             except (OSError, ValueError):
                 split_frequency = None
-        return resolve_frequencies(
+        dataset, source = resolve_frequencies(
             dataset,
             self._dataset_ids,
             train,
@@ -258,6 +270,9 @@ class LVISLongTailEvaluator(DatasetEvaluator):
             split_frequency,
             f"the evaluated split {self._dataset_name}",
         )
+        if train is None and self._train_datasets:  # say why the training split's were not
+            source = f"{source}; {train_source}"
+        return dataset, source
 
     def _evaluate_tasks(self, dataset, table, tasks, frequency_source):
         """AP of each task on the protocol's selection of the one table (the standard cap

@@ -11,13 +11,28 @@ content:
   output pixel takes the weighted sum of its source's neighbourhood.
 
 Memory: the unfolded input is C k_up^2 H W values (25x the input for k_up 5).
+
+An empty batch (N = 0, a mask head without foreground RoIs) gives an empty output whose
+backward reaches every parameter (zero gradients), as DDP needs: the pixel shuffle is a
+reshape and permute (:func:`pixel_shuffle`), since torch's ``pixel_shuffle`` backward returns
+a wrongly shaped gradient for N = 0.
 """
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["CARAFE"]
+__all__ = ["CARAFE", "pixel_shuffle"]
+
+
+def pixel_shuffle(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """``F.pixel_shuffle`` as a reshape and permute, whose backward is also right for an
+    empty batch: (N, C s^2, H, W) -> (N, C, s H, s W), input channel ``c s^2 + i s + j``
+    going to output pixel ``(s h + i, s w + j)`` of channel c."""
+    n, cs2, h, w = x.shape
+    c = cs2 // (scale * scale)
+    x = x.reshape(n, c, scale, scale, h, w).permute(0, 1, 4, 2, 5, 3)
+    return x.reshape(n, c, h * scale, w * scale)
 
 
 class CARAFE(nn.Module):
@@ -59,7 +74,7 @@ class CARAFE(nn.Module):
     def kernels(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, k_up^2, scale H, scale W) reassembly kernels, each summing to
         1 over its k_up^2 weights (row-major over the neighbourhood)."""
-        k = F.pixel_shuffle(self.encoder(self.compressor(x)), self.scale)
+        k = pixel_shuffle(self.encoder(self.compressor(x)), self.scale)
         return k.softmax(dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

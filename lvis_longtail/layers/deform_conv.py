@@ -18,8 +18,13 @@ kernels), so no reordering is needed:
   convolution groups), each with its own offsets.
 
 Sampling is bilinear with zeros outside the input, as in the DCN papers.
+
+Mixed dtypes (under autocast the offset and mask convolutions give fp16 while the weight stays
+fp32) are computed in the widest of them and returned in the input's dtype, as torchvision's
+CUDA autocast rule does; its CPU kernel otherwise rejects them.
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -57,6 +62,22 @@ def _check_shapes(input, offset, mask, weight, groups: int, deformable_groups: i
         )
 
 
+def _deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask=None):
+    """torchvision's ``deform_conv2d`` on tensors cast to their widest dtype; the result in
+    ``input``'s dtype."""
+    tensors = [t for t in (input, offset, weight, bias, mask) if t is not None]
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+
+    def cast(t):
+        return None if t is None else t.to(dtype)
+
+    out = deform_conv2d(
+        cast(input), cast(offset), cast(weight), cast(bias), _pair(stride), _pair(padding),
+        _pair(dilation), mask=cast(mask),
+    )  # fmt: skip
+    return out.to(input.dtype)
+
+
 def deform_conv(
     input: torch.Tensor,
     offset: torch.Tensor,
@@ -83,9 +104,7 @@ def deform_conv(
     """
     del im2col_step
     _check_shapes(input, offset, None, weight, groups, deformable_groups)
-    return deform_conv2d(
-        input, offset, weight, None, _pair(stride), _pair(padding), _pair(dilation)
-    )
+    return _deform_conv2d(input, offset, weight, None, stride, padding, dilation)
 
 
 def modulated_deform_conv(
@@ -108,6 +127,4 @@ def modulated_deform_conv(
         others: as :func:`deform_conv`.
     """
     _check_shapes(input, offset, mask, weight, groups, deformable_groups)
-    return deform_conv2d(
-        input, offset, weight, bias, _pair(stride), _pair(padding), _pair(dilation), mask=mask
-    )
+    return _deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)

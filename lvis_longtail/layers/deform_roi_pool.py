@@ -181,8 +181,8 @@ def _deform_roi_align_levels(x, rois, levels, offsets, output_size, scales, samp
     ``levels`` (R,) the map of each RoI, ``scales`` the maps' scales. All maps' pixels are
     read from one copy, channels last: (N, sum of H_l W_l, C), flattened."""
     c = x[0].shape[1]
-    if rois.shape[0] == 0:
-        return x[0].new_zeros((0, c) + tuple(output_size))
+    if rois.shape[0] == 0:  # zeros that keep the offsets' branch in the graph (DDP)
+        return x[0].new_zeros((0, c) + tuple(output_size)) + offsets.sum() * 0
     flat = torch.cat([f.permute(0, 2, 3, 1).flatten(1, 2) for f in x], dim=1)
     firsts = [0]
     for f in x[:-1]:
@@ -250,15 +250,16 @@ class DeformROIPooler(ROIPooler):
         self, x: List[torch.Tensor], rois: torch.Tensor, levels: torch.Tensor
     ) -> torch.Tensor:
         """(M, C, kh, kw) features of (M, 5) pooler-format boxes ``rois`` at the given (M,)
-        level offsets (0 = ``min_level``): ROIAlignV2, offsets from it, the shifted pass."""
+        level offsets (0 = ``min_level``): ROIAlignV2, offsets from it, the shifted pass.
+        M = 0 gives (0, C, kh, kw) zeros whose backward reaches the offset branch."""
         assert len(x) == len(self.level_poolers), "one feature map per pooler level"
         pooled = x[0].new_zeros((rois.shape[0], x[0].shape[1]) + tuple(self.output_size))
         for level, level_pooler in enumerate(self.level_poolers):
             (inds,) = nonzero_tuple(levels == level)
             if inds.numel():
                 pooled.index_put_((inds,), level_pooler(x[level], rois[inds]))
-        if pooled.shape[0] == 0:
-            return pooled
+        # also for no RoI: the offset branch stays in the graph (zero gradients), so DDP
+        # without find_unused_parameters finds a gradient for every parameter
         offsets = self.gamma * self.offset_fc(pooled.flatten(1)).view(-1, 2, *self.output_size)
         return _deform_roi_align_levels(
             x, rois, levels, offsets, self.output_size, self.scales, self.sampling_ratio

@@ -205,7 +205,7 @@ def two_pass_mask_logits(
     x: List[torch.Tensor],
     box_lists: List[Boxes],
     classes: torch.Tensor,
-    predict: Callable[[torch.Tensor], torch.Tensor],
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     min_ratio: float = MIN_AREA_RATIO,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two-pass test-time area-ratio level assignment (inference: updates in place, so call it
@@ -220,7 +220,9 @@ def two_pass_mask_logits(
         x: feature maps.
         box_lists: N Boxes (predicted boxes), M in total.
         classes: (M,) predicted classes.
-        predict: (m, C, S, S) RoI features -> (m, K or 1, 2S, 2S) mask logits.
+        predict: (m, C, S, S) RoI features and their (m,) classes -> (m, K or 1, 2S, 2S)
+            mask logits (e.g. the mask head's ``predict_masks``: (m, 1, 2S, 2S) of the
+            given classes).
         min_ratio: floor of the estimated r.
 
     Returns:
@@ -240,7 +242,7 @@ def two_pass_pooled(
     pool: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     pooler_boxes: torch.Tensor,
     classes: torch.Tensor,
-    predict: Callable[[torch.Tensor], torch.Tensor],
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     min_ratio: float = MIN_AREA_RATIO,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`two_pass_mask_logits` on (M, 5) boxes in pooler format, pooling with
@@ -249,14 +251,14 @@ def two_pass_pooled(
     box_lists = [Boxes(pooler_boxes[:, 1:])]
     levels = pooler_levels(pooler, box_lists)
     features = pool(pooler_boxes, levels)
-    logits = predict(features)
+    logits = predict(features, classes)
     ratios = predicted_area_ratios(logits, classes, min_ratio)
     new_levels = pooler_levels(pooler, box_lists, ratios)
     changed = new_levels != levels
     if changed.any():
         inds = nonzero_tuple(changed)[0]
         new_features = pool(pooler_boxes[inds], new_levels[inds])
-        # In place: the (M, K, 2S, 2S) logits are large (K = 1203); inference only.
+        # In place (inference only): no second (M, ...) copy of features and logits.
         features.index_put_((inds,), new_features)
-        logits.index_put_((inds,), predict(new_features))
+        logits.index_put_((inds,), predict(new_features, classes[inds]))
     return features, logits, changed

@@ -2,7 +2,9 @@
 
 An ROI heads' ``_forward_mask`` is pool -> ``mask_head.train_outputs`` ->
 ``mask_head.mask_losses`` (+ the MaskIoU head's losses), with every target built once by
-:func:`build_mask_targets`. A mask head takes part by deriving from
+:func:`build_mask_targets`; at inference, ``mask_head.predict_masks``. Heads are given each
+RoI's class (GT in training, predicted at inference) and return only that class's mask
+logits, never the (R, K, M, M) of every class. A mask head takes part by deriving from
 :class:`~lvis_longtail.modeling.mask_head.LongTailMaskRCNNConvUpsampleHead` or by providing
 the same three methods (:class:`MaskHeadContract`).
 """
@@ -47,7 +49,8 @@ class MaskHeadOutputs:
     """What a mask head computes in training.
 
     Attributes:
-        logits: (R, K or 1, M, M) mask logits.
+        logits: (R, M, M) mask logits of each RoI's class (its GT class; the one channel of a
+            class-agnostic head).
         boundary_logits: (R, M, M) boundary logits, or None (no boundary branch).
     """
 
@@ -61,11 +64,12 @@ class MaskHeadContract(Protocol):
     def output_side(self, pooled_side: int) -> int:
         """M, the side of the mask logits for S x S pooled RoI features."""
 
-    def layers(self, x: torch.Tensor) -> torch.Tensor:
-        """(R, C, S, S) RoI features -> (R, K or 1, M, M) mask logits (inference)."""
+    def predict_masks(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """(R, C, S, S) RoI features, (R,) predicted classes -> (R, 1, M, M) mask logits of
+        each RoI's class (inference)."""
 
-    def train_outputs(self, x: torch.Tensor) -> MaskHeadOutputs:
-        """(R, C, S, S) RoI features -> the training outputs."""
+    def train_outputs(self, x: torch.Tensor, classes: torch.Tensor) -> MaskHeadOutputs:
+        """(R, C, S, S) RoI features, (R,) GT classes -> the training outputs."""
 
     def mask_losses(
         self, outputs: MaskHeadOutputs, targets: MaskTargets

@@ -35,6 +35,7 @@ from fvcore.transforms import HFlipTransform
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from lvis_longtail.data.class_stats import training_frequency
 from lvis_longtail.modeling.mask_levels import MIN_AREA_RATIO
 from lvis_longtail.modeling.postprocessing import SoftNMSParams, batched_soft_nms
 
@@ -115,13 +116,15 @@ class LongTailTTA(nn.Module):
         self.valid_ranges = [(float(lo), float(hi)) for lo, hi in aug.VALID_RANGES] or None
         self.class_factors = None
         if aug.RARE_SCORE_FACTOR != 1.0 or aug.COMMON_SCORE_FACTOR != 1.0:
-            frequency = None
-            if cfg.DATASETS.TRAIN:
-                frequency = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("class_frequency")
+            name = cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else None
+            # metadata already known, else the json's 'frequency' fields (no annotation read)
+            frequency = MetadataCatalog.get(name).as_dict().get("class_frequency") if name else None
+            if frequency is None:
+                frequency, source = training_frequency(tuple(cfg.DATASETS.TRAIN[:1]))
             if frequency is None:
                 raise ValueError(
-                    "TEST.AUG.RARE_SCORE_FACTOR / COMMON_SCORE_FACTOR need the class_frequency "
-                    f"metadata of DATASETS.TRAIN[0] ({tuple(cfg.DATASETS.TRAIN)})"
+                    "TEST.AUG.RARE_SCORE_FACTOR / COMMON_SCORE_FACTOR need the frequency groups "
+                    f"of DATASETS.TRAIN[0] ({tuple(cfg.DATASETS.TRAIN)}): {source}"
                 )
             self.class_factors = class_score_factors(
                 frequency, aug.RARE_SCORE_FACTOR, aug.COMMON_SCORE_FACTOR

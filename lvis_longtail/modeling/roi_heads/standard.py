@@ -16,7 +16,7 @@ from detectron2.structures import Boxes, Instances
 from lvis_longtail.modeling.architecture import adjust_roi_heads, plain_pooler_cfg
 from lvis_longtail.modeling.fast_rcnn import LongTailFastRCNNOutputLayers
 from lvis_longtail.modeling.ignore_regions import IgnoreRegionsMixin
-from lvis_longtail.modeling.mask_head import LongTailMaskRCNNConvUpsampleHead, select_class_masks
+from lvis_longtail.modeling.mask_head import LongTailMaskRCNNConvUpsampleHead
 from lvis_longtail.modeling.mask_levels import (
     AreaRatioROIPooler,
     pool_at_levels,
@@ -49,9 +49,10 @@ class LongTailROIHeads(IgnoreRegionsMixin, StandardROIHeads):
       or "two_pass" (estimate r from a first prediction, re-pool the RoIs whose level moves);
     * ``ROI_MASKIOU_HEAD.ENABLED``: a :class:`MaskIoUHead` adds ``loss_maskiou`` and sets
       ``mask_scores`` (box score x predicted mask IoU) at inference (``scores`` unchanged);
-    * mask inference runs in chunks of ``ROI_MASK_HEAD.TEST_CHUNK_SIZE`` RoIs, each keeping
-      only its predicted class's mask, so peak memory does not grow with detections x
-      classes; the masks equal one-shot inference.
+    * the mask head computes only each RoI's class's mask logits (GT class in training,
+      predicted class at inference), never (R, K, M, M); mask inference runs in chunks of
+      ``ROI_MASK_HEAD.TEST_CHUNK_SIZE`` RoIs, so its peak memory does not grow with the
+      number of detections; the masks equal one-shot inference.
 
     * ignore regions (:mod:`~lvis_longtail.modeling.ignore_regions`, ``ROI_HEADS.IGNORE``):
       with ignore boxes, background proposals covered by one are not sampled.
@@ -231,20 +232,19 @@ class LongTailROIHeads(IgnoreRegionsMixin, StandardROIHeads):
         pooler_boxes = _pooler_boxes(boxes, features[0])
         levels = pooler_levels(self.mask_pooler, boxes, targets.area_ratios)
         x = self._pool_mask(features, pooler_boxes, levels, context)
-        outputs = self.mask_head.train_outputs(x)
+        outputs = self.mask_head.train_outputs(x, targets.classes)
         losses = self.mask_head.mask_losses(outputs, targets)
         if self.mask_iou_head is not None:
-            selected = select_class_masks(outputs.logits, targets.classes)
             losses.update(
                 self.mask_iou_head.losses(
-                    x, selected, targets.masks, targets.classes, targets.area_fractions
+                    x, outputs.logits, targets.masks, targets.classes, targets.area_fractions
                 )
             )
         return losses
 
     def _mask_inference(self, features, instances: List[Instances], context=None):
         """Masks (and mask scores) of the predicted boxes, ``mask_test_chunk_size`` RoIs at a
-        time; each chunk keeps only the predicted class's (R, 1, M, M) logits."""
+        time; the head computes only the predicted class's (R, 1, M, M) logits."""
         boxes = [x.pred_boxes for x in instances]
         classes = cat([i.pred_classes for i in instances])
         pooler_boxes = _pooler_boxes(boxes, features[0])
@@ -272,17 +272,16 @@ class LongTailROIHeads(IgnoreRegionsMixin, StandardROIHeads):
 
         if self.mask_test_area_ratio == "two_pass":
             x, logits, _ = two_pass_pooled(
-                self.mask_pooler, pool, pooler_boxes, classes, self.mask_head.layers
+                self.mask_pooler, pool, pooler_boxes, classes, self.mask_head.predict_masks
             )
         else:
             levels = pooler_levels(self.mask_pooler, [Boxes(pooler_boxes[:, 1:])])
             x = pool(pooler_boxes, levels)
-            logits = self.mask_head.layers(x)
-        selected = select_class_masks(logits, classes)
+            logits = self.mask_head.predict_masks(x, classes)
         iou = None
         if self.mask_iou_head is not None:
-            iou = self.mask_iou_head.predict_iou(x, selected, classes)
-        return selected[:, None], iou
+            iou = self.mask_iou_head.predict_iou(x, logits[:, 0], classes)
+        return logits, iou
 
 
 def _pooler_boxes(boxes: List[Boxes], like: torch.Tensor) -> torch.Tensor:
