@@ -136,6 +136,7 @@ def add_longtail_config(cfg: CN) -> CN:
     _add_nms_config(cfg)
     _add_tta_config(cfg)
     _add_ignore_regions_config(cfg)
+    _add_fault_tolerance_config(cfg)
     return cfg
 
 
@@ -592,3 +593,11 @@ def _add_ignore_regions_config(cfg: CN) -> None:
     cfg.DATASETS.EXTRA_TRAIN = ()
     cfg.DATASETS.EXTRA_TRAIN_PER_EPOCH = -1
     cfg.DATASETS.EXTRA_TRAIN_LOSS_WEIGHT = 0.5
+
+
+def _add_fault_tolerance_config(cfg: CN) -> None:
+    # A training image that cannot be read (missing, truncated, undecodable) is skipped: a
+    # warning names its file and image id, another sample is drawn, and the number skipped
+    # is logged at the end of training and written as data/skipped_images to metrics.json.
+    # False: training stops with that error instead. Evaluation always stops with it.
+    cfg.DATALOADER.SKIP_UNREADABLE_IMAGES = True

@@ -7,7 +7,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
 
 from lvis_longtail.config import setup_cfg  # noqa: F401  (re-exported)
-from lvis_longtail.data.loader import build_longtail_train_loader
+from lvis_longtail.data.loader import build_longtail_test_loader, build_longtail_train_loader
 from lvis_longtail.engine.resume import DataStream
 from lvis_longtail.evaluation import LVISLongTailEvaluator
 
@@ -64,7 +64,8 @@ class Trainer(DefaultTrainer):
 
     - ``build_train_loader`` maps training images with ``LongTailDatasetMapper``
       (``INPUT.AUGMENTATIONS``; multi-image steps draw through the same sampler, so the
-      repeat-factor sampler still decides which images appear).
+      repeat-factor sampler still decides which images appear); ``build_test_loader`` reads
+      test images with the same reader.
 
     Checkpoints also hold what detectron2 0.6 leaves out, so ``--resume`` continues exactly
     (see :mod:`lvis_longtail.engine.resume`): the optimizer and AMP grad scaler
@@ -95,6 +96,10 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         return build_longtail_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_longtail_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_model(cls, cfg):
