@@ -14,13 +14,16 @@ error); a file without one, or one OpenCV cannot decode, is decoded by Pillow wi
 ``LOAD_TRUNCATED_IMAGES`` off, which raises for a truncated file.
 """
 
+import contextlib
 import io
 import logging
+import os
+import tempfile
+import weakref
+from typing import List
 
 import cv2
 import numpy as np
-import torch
-import torch.utils.data as torchdata
 from detectron2.data.detection_utils import convert_PIL_to_numpy
 from detectron2.utils.file_io import PathManager
 from PIL import Image, ImageFile, ImageOps
@@ -118,24 +121,57 @@ def read_image(file_name: str, image_format: str = "BGR", image_id=None) -> np.n
 
 
 class SkippedImages:
-    """How many unreadable training images were skipped, counted across DataLoader workers:
-    an int64 tensor with one slot per process (0: the loading process, 1 + i: worker i), in
-    shared memory when there are workers, so no lock is needed and the training process
-    reads the total.
+    """The training samples skipped for an unreadable image, recorded across DataLoader
+    workers: with workers, one line per skip appended to a small file (``O_APPEND`` writes of
+    a line are atomic), which the training process reads; only the file's path is pickled,
+    so the record survives however the loader ships the mapper to its workers (detectron2's
+    ``MapDataset`` cloudpickles it, which would copy a shared tensor). Without workers, a
+    list. The process that made the file removes it when this object is collected.
 
     Args:
         num_workers: ``DATALOADER.NUM_WORKERS``.
     """
 
     def __init__(self, num_workers: int = 0):
-        self.counts = torch.zeros(int(num_workers) + 1, dtype=torch.int64)
+        self.path = None
+        self._lines = []
+        self._read = self._count = 0
         if num_workers > 0:
-            self.counts.share_memory_()
+            folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            fd, self.path = tempfile.mkstemp(prefix="lvis_longtail_skipped_", dir=folder)
+            os.close(fd)
+            weakref.finalize(self, _remove_if_owner, self.path, os.getpid())
 
-    def add(self) -> None:
-        info = torchdata.get_worker_info()
-        slot = 0 if info is None else 1 + info.id
-        self.counts[min(slot, len(self.counts) - 1)] += 1
+    def add(self, message: str) -> None:
+        line = " ".join(message.split())  # one line per skip
+        if self.path is None:
+            self._lines.append(line)
+            return
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, (line + "\n").encode("utf-8"))
+        finally:
+            os.close(fd)
+
+    def messages(self) -> List[str]:
+        if self.path is None:
+            return list(self._lines)
+        with open(self.path, encoding="utf-8") as f:
+            return f.read().splitlines()
 
     def total(self) -> int:
-        return int(self.counts.sum())
+        """The number of skips so far (reads only what was appended since the last call)."""
+        if self.path is None:
+            return len(self._lines)
+        with open(self.path, "rb") as f:
+            f.seek(self._read)
+            new = f.read()
+        self._read += len(new)
+        self._count += new.count(b"\n")
+        return self._count
+
+
+def _remove_if_owner(path: str, owner: int) -> None:
+    if os.getpid() == owner:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)

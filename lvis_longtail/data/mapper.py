@@ -176,7 +176,7 @@ class LongTailDatasetMapper(DatasetMapper):
         except UnreadableImageError as e:
             if not self.skip_unreadable:
                 raise
-            self.skipped_images.add()
+            self.skipped_images.add(str(e))
             logger.warning(f"Skipped a training sample: {e}")
             return None
 
