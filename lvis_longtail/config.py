@@ -596,6 +596,12 @@ def _add_ignore_regions_config(cfg: CN) -> None:
 
 
 def _add_fault_tolerance_config(cfg: CN) -> None:
+    # Periodic checkpoints (model_XXXXXXX.pth, also those saved on a preemption signal) kept
+    # in OUTPUT_DIR: after each save, those older than the newest CHECKPOINT_KEEP are deleted.
+    # model_final.pth and the checkpoint last_checkpoint names are never deleted. 0 keeps all
+    # (detectron2's behaviour); keep at least 2 so that --resume can fall back to an older
+    # checkpoint if the newest cannot be read (docs/fault_tolerance.md).
+    cfg.SOLVER.CHECKPOINT_KEEP = 0
     # A training image that cannot be read (missing, truncated, undecodable) is skipped: a
     # warning names its file and image id, another sample is drawn, and the number skipped
     # is logged at the end of training and written as data/skipped_images to metrics.json.

@@ -188,17 +188,17 @@ def _images_and_categories(json_file, records, meta):
 
 
 def _run(args) -> Optional[Dict]:
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
     from lvis_longtail.config import setup_cfg
     from lvis_longtail.data.loader import build_longtail_test_loader
+    from lvis_longtail.engine.checkpoint import LongTailCheckpointer
     from lvis_longtail.engine.launch import configure_cpu_threads
 
     cfg = setup_cfg(args.config_file, args.opts)
     configure_cpu_threads(cfg, args.num_gpus)
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    LongTailCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
     model.eval()
     if cfg.TEST.AUG.ENABLED:
         from lvis_longtail.modeling.tta import LongTailTTA
