@@ -117,17 +117,21 @@ def uninterrupted(datasets, tmp_path_factory):
     return out / "model_final.pth"
 
 
-def remaining_processes(session: int):
-    """Processes of the process group ``session`` (a killed job's leftovers)."""
+def lingering_processes(group: int):
+    """Command lines of the live processes of process group ``group``, except
+    multiprocessing's resource tracker (a helper that exits on its own once its last user
+    has) and processes already exiting (their command line is empty)."""
     left = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             stat = open(f"/proc/{pid}/stat").read()
+            cmdline = open(f"/proc/{pid}/cmdline").read().replace("\0", " ").strip()
         except OSError:
             continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[2]) == session and fields[0] != "Z":  # process group, state
-            left.append(int(pid))
+        fields = stat.rsplit(")", 1)[1].split()  # state, parent, process group, ...
+        if int(fields[2]) == group and fields[0] != "Z" and cmdline:
+            if "multiprocessing.resource_tracker" not in cmdline:
+                left.append(f"{pid}: {cmdline[:300]}")
     return left
 
 
@@ -191,7 +195,7 @@ def test_two_ranks_agree_workers_exit_and_unreadable_images_are_counted(tmp_path
     proc = start(root, out, {"FAULT_SIGNAL": "1:SIGUSR1:1"}, num_gpus=2, **opts)
     code, log = finish(proc)
     assert code == PREEMPTED_EXIT_CODE, log[-3000:]
-    assert remaining_processes(proc.pid) == []  # ranks and their DataLoader workers
+    assert lingering_processes(proc.pid) == []  # ranks and their DataLoader workers
     rank0, rank1 = (out / "log.txt").read_text(), (out / "log.txt.rank1").read_text()
     assert "another rank's signal: saving model_0000002.pth" in rank0
     assert "SIGUSR1: saving model_0000002.pth" in rank1
