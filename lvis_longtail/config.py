@@ -136,6 +136,7 @@ def add_longtail_config(cfg: CN) -> CN:
     _add_nms_config(cfg)
     _add_tta_config(cfg)
     _add_ignore_regions_config(cfg)
+    _add_fault_tolerance_config(cfg)
     return cfg
 
 
@@ -598,3 +599,17 @@ def _add_ignore_regions_config(cfg: CN) -> None:
     cfg.DATASETS.EXTRA_TRAIN = ()
     cfg.DATASETS.EXTRA_TRAIN_PER_EPOCH = -1
     cfg.DATASETS.EXTRA_TRAIN_LOSS_WEIGHT = 0.5
+
+
+def _add_fault_tolerance_config(cfg: CN) -> None:
+    # Periodic checkpoints (model_XXXXXXX.pth, also those saved on a preemption signal) kept
+    # in OUTPUT_DIR: after each save, those older than the newest CHECKPOINT_KEEP are deleted.
+    # model_final.pth and the checkpoint last_checkpoint names are never deleted. 0 keeps all
+    # (detectron2's behaviour); keep at least 2 so that --resume can fall back to an older
+    # checkpoint if the newest cannot be read (docs/fault_tolerance.md).
+    cfg.SOLVER.CHECKPOINT_KEEP = 0
+    # A training image that cannot be read (missing, truncated, undecodable) is skipped: a
+    # warning names its file and image id, another sample is drawn, and the number skipped
+    # is logged at the end of training and written as data/skipped_images to metrics.json.
+    # False: training stops with that error instead. Evaluation always stops with it.
+    cfg.DATALOADER.SKIP_UNREADABLE_IMAGES = True

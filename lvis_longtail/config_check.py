@@ -199,6 +199,16 @@ def _extra_images_need_grouped_weighted_batches(cfg) -> Optional[str]:
     return None
 
 
+@rule
+def _checkpoint_keep_not_negative(cfg) -> Optional[str]:
+    if cfg.SOLVER.CHECKPOINT_KEEP < 0:
+        return (
+            f"SOLVER.CHECKPOINT_KEEP must be >= 0 (0 keeps every checkpoint), got "
+            f"{cfg.SOLVER.CHECKPOINT_KEEP}"
+        )
+    return None
+
+
 def check_config(cfg, *, check_files: bool = False, eval_only: bool = False) -> None:
     """Check ``cfg`` (see the module docstring); all problems are reported at once.
 
