@@ -10,6 +10,8 @@ Evaluating a split with annotations prints and saves LVIS AP, APr/APc/APf; a spl
 annotations (LVIS test-dev) is exported to OUTPUT_DIR/inference/<dataset>/
 lvis_instances_results.json for the evaluation server. The run ends with a short summary of
 both. On CPU, each process's thread counts follow CPU_THREADS (docs/config_keys.md).
+SIGTERM or SIGUSR1 during training saves a checkpoint and exits with status 75; --resume
+continues from it (docs/fault_tolerance.md).
 """
 
 # isort: off
@@ -18,12 +20,12 @@ import lvis_longtail  # noqa: F401  (first: compat layer, registries, datasets)
 # isort: on
 import time
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from lvis_longtail.engine import Trainer, launch, setup_cfg
+from lvis_longtail.engine.checkpoint import LongTailCheckpointer
 from lvis_longtail.engine.launch import configure_cpu_threads
 from lvis_longtail.engine.summary import format_summary
 
@@ -41,7 +43,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        LongTailCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)

@@ -6,8 +6,9 @@ with 1-4 rectangular instances each, median over ``--iters`` steps after ``--war
 three models' steps are interleaved, so drifting machine load affects them alike.
 Inference: one image at a time (``model.eval()``, no grad), median per image.
 Peak memory: CUDA ``max_memory_allocated`` of one training step and of one inference; on CPU
-the peak RSS above the process's baseline, each model in its own forked child. The last row
-is HTC-Lite's inference with ``ROI_MASK_HEAD.TEST_CHUNK_SIZE 0`` (all RoIs at once).
+the peak RSS above the process's baseline, each model in its own forked child (one torch
+thread there, whatever the thread count of the timings). The last row is HTC-Lite's
+inference with ``ROI_MASK_HEAD.TEST_CHUNK_SIZE 0`` (all RoIs at once).
 
 Bar: HTC-Lite <= 1.05x Cascade Mask R-CNN in training and inference (detectron2's cascade
 already runs one mask head; HTC-Lite adds the context head on P6 and the fusion).
@@ -35,6 +36,7 @@ import os
 import resource
 import statistics
 import time
+import traceback
 
 # isort: off
 import lvis_longtail  # noqa: F401  (first: compat layer for detectron2 0.6)
@@ -218,7 +220,9 @@ def measure_times(models, args, batches):
 
 def _peak_of(fn, device):
     """Peak memory (MiB) of ``fn()``: CUDA max allocated, or CPU peak RSS above the forked
-    child's starting RSS."""
+    child's starting RSS. The child runs torch with one thread: a forked child inherits the
+    parent's OpenMP thread pool without its threads, and its first parallel region would wait
+    for them forever (torch's DataLoader workers do the same)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -229,16 +233,25 @@ def _peak_of(fn, device):
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: its ru_maxrss starts at the parent's RSS at fork time
-        os.close(read)
-        base = _rss_mib()
-        fn()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        os.write(write, f"{peak - base:.1f}".encode())
-        os._exit(0)
+        status = 1
+        try:
+            os.close(read)
+            torch.set_num_threads(1)  # before any tensor op of the child
+            base = _rss_mib()
+            fn()
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            os.write(write, f"{peak - base:.1f}".encode())
+            status = 0
+        except Exception:
+            traceback.print_exc()
+        finally:  # never return into the parent's code
+            os._exit(status)
     os.close(write)
     value = os.read(read, 64).decode()
-    os.waitpid(pid, 0)
+    _, status = os.waitpid(pid, 0)
     os.close(read)
+    if status != 0:
+        raise RuntimeError(f"the memory measurement's child failed (wait status {status})")
     return float(value)
 
 
@@ -296,7 +309,7 @@ def main():
             make_batch(args.batch, size, args.num_classes, args.device, s) for s in (0, 1, 2, 7)
         ]
         source = f"random images {size[0]}x{size[1]}"
-    # memory first: forked children must not inherit a parent that has run OpenMP regions
+    # memory first, in forked children that start from the untouched models
     memory = measure_memory(models, args, batches[3])
     unchunked = build(
         args.preset, leaves["HTC-Lite"], args, ["MODEL.ROI_MASK_HEAD.TEST_CHUNK_SIZE", "0"]

@@ -1,27 +1,21 @@
 """The one validation pass over a config, run by ``setup_cfg`` before any model or data is built.
 
-It owns, each with a message that names the key and what would be valid:
+It owns, each with a message that names the key and what would be valid: :data:`ENUMS`
+(every key whose value is one of a fixed set, lvis_longtail's and the detectron2 keys it
+depends on, each set declared once: code that dispatches on such a value imports it from
+here); :data:`REGISTRY_KEYS` (every key naming registry entries, each name of
+``INPUT.AUGMENTATIONS`` included); :data:`RENAMED` (an old key in a file or option is rejected
+with "X was renamed to Y"); the cross-key rules of :data:`RULES`; and the datasets of
+``DATASETS.TRAIN``/``TEST``/``EXTRA_TRAIN`` (registered; with ``check_files``, as
+``train_net.py`` asks, their json files exist). Unknown keys get the closest known keys, and
+``--flags`` placed after ``KEY VALUE`` options are named. Extending it: add a key to
+:data:`ENUMS` or :data:`REGISTRY_KEYS`, or decorate a ``fn(cfg) -> Optional[str]`` with
+:func:`rule`.
 
-- :data:`ENUMS`: every key whose value is one of a fixed set, lvis_longtail's and the
-  detectron2 keys it depends on, each declared once (code that dispatches on such a value
-  imports its set from here);
-- :data:`REGISTRY_KEYS`: every key naming registry entries (``MODEL.ROI_HEADS.NAME``,
-  ``CLS_LOSS_NAME``, each name of ``INPUT.AUGMENTATIONS``, ...);
-- :data:`RENAMED`: keys that were renamed; an old name in a file or option is rejected with
-  "X was renamed to Y";
-- the cross-key rules of :data:`RULES` (e.g. cascade heads need class-agnostic box
-  regression);
-- ``DATASETS.TRAIN``/``TEST``/``EXTRA_TRAIN`` name registered datasets (with ``check_files``,
-  as ``train_net.py`` asks: whose json files exist; training sets only when training).
-
-Unknown keys (from yacs) get the closest known keys, and ``--flags`` placed after ``KEY VALUE``
-options are named. Extending it: add a key to :data:`ENUMS` or :data:`REGISTRY_KEYS`, or
-decorate a ``fn(cfg) -> Optional[str]`` with :func:`rule`.
-
-Layering: this module imports only :mod:`lvis_longtail.config` and
-:mod:`lvis_longtail.registries` of lvis_longtail, never ``data`` or ``modeling`` (which import
-it). Registries are read when a config is checked (``import lvis_longtail`` fills them). A rule
-that depends on what a registered class can do reads a class attribute the class declares
+Layering: of lvis_longtail, this module imports only :mod:`lvis_longtail.config` and
+:mod:`lvis_longtail.registries`, never ``data`` or ``modeling`` (which import it). Registries
+are read when a config is checked (``import lvis_longtail`` fills them); a rule that depends on
+what a registered class can do reads a class attribute the class declares
 (``supports_loss_weight``, ``supports_predictor_options``) instead of importing the class.
 """
 
@@ -140,14 +134,6 @@ def get_key(cfg, key: str):
     return node
 
 
-def _has(cfg, key: str) -> bool:
-    try:
-        get_key(cfg, key)
-    except KeyError:
-        return False
-    return True
-
-
 def all_keys(cfg, prefix: str = "") -> List[str]:
     """Every leaf key of ``cfg`` (a config or a nested dict), dotted."""
     out = []
@@ -203,8 +189,9 @@ def check_opts(opts: List[str]) -> None:
 
 
 def _check_enums(cfg, errors: List[str]) -> None:
+    known = set(all_keys(cfg))
     for key, choices in ENUMS.items():
-        if not _has(cfg, key):
+        if key not in known:
             continue
         value = get_key(cfg, key)
         if value not in choices:
@@ -220,8 +207,9 @@ def registered_names(key: str) -> List[str]:
 
 
 def _check_registries(cfg, errors: List[str]) -> None:
+    known = set(all_keys(cfg))
     for key in REGISTRY_KEYS:
-        if not _has(cfg, key):
+        if key not in known:
             continue
         value = get_key(cfg, key)
         names = registered_names(key)
@@ -373,6 +361,14 @@ def _tta_options_agree(cfg) -> Optional[str]:
         return 'TEST.AUG.MASK_RULE "select" needs TEST.AUG.VALID_RANGES'
     if aug.ENABLED and (cfg.MODEL.KEYPOINT_ON or cfg.MODEL.LOAD_PROPOSALS):
         return "TEST.AUG.ENABLED does not support MODEL.KEYPOINT_ON or MODEL.LOAD_PROPOSALS"
+    return None
+
+
+@rule
+def _checkpoint_keep_not_negative(cfg) -> Optional[str]:
+    keep = cfg.SOLVER.CHECKPOINT_KEEP
+    if keep < 0:
+        return f"SOLVER.CHECKPOINT_KEEP must be >= 0 (0 keeps every checkpoint), got {keep}"
     return None
 
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, TINY_BASE
-from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader
+from detectron2.data import DatasetCatalog, build_detection_train_loader
 from detectron2.data import build as d2_build
 
+from lvis_longtail.data.mapper import LongTailDatasetMapper
 from lvis_longtail.engine import Trainer, setup_cfg
 from lvis_longtail.engine.launch import configure_cpu_threads, cpu_threads
 from lvis_longtail.engine.summary import format_summary
@@ -79,9 +80,11 @@ def test_data_workers_limit_opencv_also_on_gpu_runs(tmp_path, restore_threads, m
     DatasetCatalog.register(
         "lt_opencv_threads", lambda: [dict(r, height=8, width=8) for r in records]
     )
-    mapper_call = DatasetMapper.__call__
+    mapper_call = LongTailDatasetMapper.__call__
     monkeypatch.setattr(
-        DatasetMapper, "__call__", lambda self, r: _opencv_threads_in_worker(mapper_call(self, r))
+        LongTailDatasetMapper,
+        "__call__",
+        lambda self, r: _opencv_threads_in_worker(mapper_call(self, r)),
     )
     try:
         test = Trainer.build_test_loader(cfg, "lt_opencv_threads")

@@ -6,6 +6,11 @@ from detectron2.config import CfgNode as CN
 def add_data_config(cfg: CN) -> None:
     """Add the ``DATASETS``, ``DATALOADER`` and ``INPUT`` keys to ``cfg`` in place."""
     _add_datasets(cfg)
+    # A training image that cannot be read (missing, truncated, undecodable) is skipped: a
+    # warning names its file and image id, another sample is drawn, and the number skipped
+    # is logged at the end of training and written as data/skipped_images to metrics.json.
+    # False: training stops with that error instead. Evaluation always stops with it.
+    cfg.DATALOADER.SKIP_UNREADABLE_IMAGES = True
     _add_augmentation_list(cfg)
     _add_single_image_steps(cfg)
     _add_multi_image_steps(cfg)

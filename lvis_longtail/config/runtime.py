@@ -6,6 +6,12 @@ from detectron2.config import CfgNode as CN
 
 def add_runtime_config(cfg: CN) -> None:
     """Add the ``SOLVER``, ``TEST`` and top-level keys to ``cfg`` in place."""
+    # Periodic checkpoints (model_XXXXXXX.pth, also those saved on a preemption signal) kept
+    # in OUTPUT_DIR: after each save, those older than the newest CHECKPOINT_KEEP are deleted.
+    # model_final.pth and the checkpoint last_checkpoint names are never deleted. 0 keeps all
+    # (detectron2's behaviour); keep at least 2 so that --resume can fall back to an older
+    # checkpoint if the newest cannot be read (docs/fault_tolerance.md).
+    cfg.SOLVER.CHECKPOINT_KEEP = 0
     _add_evaluation(cfg)
     _add_calibration(cfg)
     _add_tta(cfg)

@@ -10,7 +10,7 @@ import logging
 import random
 
 import torch.utils.data as torchdata
-from detectron2.data import build_detection_train_loader
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.data.build import _train_loader_from_config
 from detectron2.data.common import AspectRatioGroupedDataset, DatasetFromList
 
@@ -74,6 +74,9 @@ def build_longtail_train_loader(cfg, mapper=None):
     with them the sampler's indices are grouped (1 + ``mapper.num_extra_images`` per sample).
     ``DATASETS.EXTRA_TRAIN`` adds pseudo-labelled extra images: their own per-epoch
     sub-sample, batches of one source (:mod:`~lvis_longtail.data.extra_images`).
+
+    The loader carries the mapper's count of samples skipped for an unreadable image as
+    ``skipped_images`` (when the mapper has one).
     """
     mapper = mapper if mapper is not None else LongTailDatasetMapper(cfg, True)
     kwargs = _train_loader_from_config(cfg, mapper=mapper)
@@ -81,13 +84,16 @@ def build_longtail_train_loader(cfg, mapper=None):
         kwargs["dataset"], kwargs["sampler"] = extra_images_dataset(cfg, kwargs["dataset"])
     extra = getattr(mapper, "num_extra_images", 0)
     if extra == 0:
-        return _group_by_loss_weight(cfg, build_detection_train_loader(**kwargs))
-    dataset = kwargs.pop("dataset")
-    if isinstance(dataset, list):
-        dataset = DatasetFromList(dataset, copy=False)
-    kwargs["dataset"] = GroupMapDataset(dataset, kwargs.pop("mapper"), seed=cfg.SEED)
-    kwargs["sampler"] = GroupedSampler(kwargs["sampler"], 1 + extra)
-    return _group_by_loss_weight(cfg, build_detection_train_loader(mapper=None, **kwargs))
+        loader = _group_by_loss_weight(cfg, build_detection_train_loader(**kwargs))
+    else:
+        dataset = kwargs.pop("dataset")
+        if isinstance(dataset, list):
+            dataset = DatasetFromList(dataset, copy=False)
+        kwargs["dataset"] = GroupMapDataset(dataset, kwargs.pop("mapper"), seed=cfg.SEED)
+        kwargs["sampler"] = GroupedSampler(kwargs["sampler"], 1 + extra)
+        loader = _group_by_loss_weight(cfg, build_detection_train_loader(mapper=None, **kwargs))
+    loader.skipped_images = getattr(mapper, "skipped_images", None)
+    return loader
 
 
 def _group_by_loss_weight(cfg, loader):
@@ -96,3 +102,11 @@ def _group_by_loss_weight(cfg, loader):
         return loader
     weights = [1.0, float(cfg.DATASETS.EXTRA_TRAIN_LOSS_WEIGHT)]
     return LossWeightGroupedDataset(loader.dataset, loader.batch_size, weights)
+
+
+def build_longtail_test_loader(cfg, dataset_name: str):
+    """detectron2's test loader (``InferenceSampler``: a share of the images per rank) mapping
+    with ``LongTailDatasetMapper(cfg, False)``, so test images are read as training ones."""
+    return build_detection_test_loader(
+        cfg, dataset_name, mapper=LongTailDatasetMapper(cfg, is_train=False)
+    )

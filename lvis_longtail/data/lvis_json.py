@@ -170,7 +170,23 @@ def _categories(check: _Checker, cats: list) -> list:
                 check.fail(
                     "categories", i, cat, key, f"must be an integer >= 0, got {cat[key]!r:.20}"
                 )
+    _warn_duplicate_names(check.source, cats)
     return sorted(cats, key=lambda c: c["id"])
+
+
+def _warn_duplicate_names(source: str, cats: list) -> None:
+    """Warn about category names (case and surrounding spaces ignored) shared by several ids:
+    legal, but class names in logs, tables and visualisations cannot tell them apart."""
+    ids = {}
+    for cat in cats:
+        ids.setdefault(cat["name"].strip().casefold(), []).append(cat["id"])
+    shared = {name: sorted(i) for name, i in sorted(ids.items()) if len(i) > 1}
+    if shared:
+        listed = "; ".join(f"{name!r}: ids {i}" for name, i in list(shared.items())[:20])
+        logger.warning(
+            f"{source}: {len(shared)} category names are used by several categories "
+            f"(their classes are told apart by id only): {listed}"
+        )
 
 
 def _images(check: _Checker, images: list, cat_ids: set) -> dict:

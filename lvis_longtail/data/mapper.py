@@ -21,7 +21,6 @@ import copy
 import logging
 from typing import Dict, List, Optional, Sequence
 
-import cv2
 import numpy as np
 import torch
 from detectron2.config import configurable
@@ -45,22 +44,12 @@ from lvis_longtail.data.augmentations.sample import (
     normalize_annotation,
     transform_sample,
 )
+from lvis_longtail.data.image_io import SkippedImages, UnreadableImageError, read_image
 from lvis_longtail.data.image_labels import needs_image_labels, set_neg_classes
 
 logger = logging.getLogger(__name__)
 
 LVIS_LIST_KEYS = ("neg_category_ids", "not_exhaustive_category_ids")
-
-
-def read_image(file_name: str, image_format: str) -> np.ndarray:
-    """detectron2's ``read_image``, decoded by OpenCV for 8-bit ``BGR``/``RGB`` images: about
-    twice as fast as PIL, the same pixels (libjpeg-turbo both; EXIF orientation applied by
-    both; tested against detectron2). Anything else goes through detectron2's reader."""
-    if image_format in ("BGR", "RGB"):
-        image = cv2.imread(file_name, cv2.IMREAD_COLOR)
-        if image is not None and image.dtype == np.uint8:
-            return image if image_format == "BGR" else image[:, :, ::-1]
-    return utils.read_image(file_name, format=image_format)
 
 
 def class_id_map(dataset_name: str) -> Dict[int, int]:
@@ -81,7 +70,10 @@ class LongTailDatasetMapper(DatasetMapper):
 
     With the default steps its output equals detectron2's for the same random state. A
     training sample whose augmentation removed every instance maps to None, and the dataset
-    wrapper draws another sample. Test-time mapping is detectron2's.
+    wrapper draws another sample; so does one with an unreadable image (file and image id
+    in a warning, counted in ``skipped_images``), unless ``skip_unreadable`` is off. Test-time
+    mapping is detectron2's, with the image read by the same
+    :func:`~lvis_longtail.data.image_io.read_image` (an unreadable image is an error).
 
     Multi-image steps take their extra images from the records after the first one of
     :meth:`map_group`; ``num_extra_images`` says how many it needs.
@@ -95,6 +87,8 @@ class LongTailDatasetMapper(DatasetMapper):
         augmentations: List,
         class_id_map: Optional[Dict[int, int]] = None,
         neg_classes_on_instances: bool = False,
+        skip_unreadable: bool = True,
+        num_workers: int = 0,
         **kwargs,
     ):
         """
@@ -107,6 +101,9 @@ class LongTailDatasetMapper(DatasetMapper):
             neg_classes_on_instances: also put the image's verified negative classes on its
                 GT instances (:func:`~lvis_longtail.data.image_labels.set_neg_classes`), for
                 models that read them there (HTC-Lite's federated context loss).
+            skip_unreadable: training: map a sample with an unreadable image (any image of
+                a multi-image step) to None, so another is drawn; False: raise.
+            num_workers: the DataLoader workers that share ``skipped_images``.
         """
         steps = list(augmentations)
         plain = [s for s in steps if not isinstance(s, SampleStep)]
@@ -114,6 +111,8 @@ class LongTailDatasetMapper(DatasetMapper):
         self.steps = steps
         self.class_id_map = class_id_map
         self.neg_classes_on_instances = neg_classes_on_instances
+        self.skip_unreadable = skip_unreadable
+        self.skipped_images = SkippedImages(num_workers if is_train else 0)
         self.recompute_boxes = self.recompute_boxes or any(needs_box_recompute(s) for s in steps)
         self.segments = []  # ("augs", AugmentationList) or ("step", SampleStep)
         for s in steps:
@@ -137,20 +136,51 @@ class LongTailDatasetMapper(DatasetMapper):
             if cfg.DATASETS.TRAIN:
                 ret["class_id_map"] = class_id_map(cfg.DATASETS.TRAIN[0])
             ret["neg_classes_on_instances"] = needs_image_labels(cfg)
+            ret["skip_unreadable"] = cfg.DATALOADER.SKIP_UNREADABLE_IMAGES
+            ret["num_workers"] = cfg.DATALOADER.NUM_WORKERS
         return ret
 
     def __call__(self, dataset_dict):
         if not self.is_train:
-            return super().__call__(dataset_dict)
+            return self.map_test(dataset_dict)
         return self.map_group([dataset_dict])
+
+    def map_test(self, dataset_dict: dict) -> dict:
+        """detectron2's test-time ``DatasetMapper.__call__`` (no semantic segmentation), with
+        the image read by :func:`~lvis_longtail.data.image_io.read_image`."""
+        record = copy.deepcopy(dataset_dict)
+        image = read_image(record["file_name"], self.image_format, record.get("image_id"))
+        utils.check_image_size(record, image)
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        record["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if self.proposal_topk is not None:
+            utils.transform_proposals(
+                record, image.shape[:2], transforms, proposal_topk=self.proposal_topk
+            )
+        record.pop("annotations", None)
+        record.pop("sem_seg_file_name", None)
+        return record
 
     # ---------------------------------------------------------------- training path
     def map_group(self, records: Sequence[dict]) -> Optional[dict]:
         """Map ``records[0]``; multi-image steps take their extra images from the rest.
 
         Returns:
-            The mapped dict, or None when the augmentation removed every instance.
+            The mapped dict, or None when the augmentation removed every instance or (with
+            ``skip_unreadable``) an image cannot be read.
         """
+        try:
+            return self._map_group(records)
+        except UnreadableImageError as e:
+            if not self.skip_unreadable:
+                raise
+            self.skipped_images.add(str(e))
+            logger.warning(f"Skipped a training sample: {e}")
+            return None
+
+    def _map_group(self, records: Sequence[dict]) -> Optional[dict]:
         extras = list(records[1:])
         sample = self.load_sample(records[0])
         had_instances = bool(sample.annos)
@@ -200,7 +230,7 @@ class LongTailDatasetMapper(DatasetMapper):
 
     def load_sample(self, record: dict) -> Sample:
         """Read a dataset record's image and targets into a :class:`Sample`."""
-        image = read_image(record["file_name"], self.image_format)
+        image = read_image(record["file_name"], self.image_format, record.get("image_id"))
         utils.check_image_size(record, image)
         hw = image.shape[:2]
         annos = []

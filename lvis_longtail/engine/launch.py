@@ -1,9 +1,13 @@
-"""detectron2's ``launch()``, extended to CPU processes.
+"""detectron2's ``launch()``, extended to CPU processes and to preemption.
 
 detectron2 0.6's ``launch`` asserts CUDA in every worker and uses NCCL. With ``backend="gloo"``
 (what ``train_net.py`` picks for ``MODEL.DEVICE cpu``) the same multi-process, multi-machine
-semantics run on CPU, so the distributed code paths can be tested without a GPU. With a GPU,
-detectron2's own ``launch`` is called unchanged.
+semantics run on CPU, so the distributed code paths can be tested without a GPU. With NCCL the
+workers are detectron2's own (``_distributed_worker``). Both differ from ``mp.spawn`` in how
+the launcher waits (see :mod:`lvis_longtail.engine.faults`): SIGTERM and SIGUSR1 sent to the
+launcher are passed on to the workers, and when workers exit with ``PREEMPTED_EXIT_CODE``
+(checkpoint saved) the others get a grace period to finish on their own before being
+terminated, and the launcher exits with that code too.
 """
 
 import logging
@@ -16,11 +20,20 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.data import build as d2_build
-from detectron2.engine import launch as d2_launch
-from detectron2.engine.launch import _find_free_port
+from detectron2.engine.launch import _distributed_worker, _find_free_port
 from detectron2.utils import comm
 
+from lvis_longtail.engine.faults import (
+    PREEMPTED_EXIT_CODE,
+    TrainingPreempted,
+    forward_preemption_signals,
+)
+
 DEFAULT_TIMEOUT = timedelta(minutes=30)
+# Once a worker has exited with an error or PREEMPTED_EXIT_CODE, the others get this long to
+# exit on their own (a preempted rank's peers are finishing their after_train hooks) before
+# SIGTERM, and as long again before SIGKILL.
+EXIT_GRACE_S = 10.0
 
 
 def launch(
@@ -40,18 +53,11 @@ def launch(
         num_processes_per_machine: GPUs per machine (nccl) or CPU processes per machine (gloo).
         num_machines, machine_rank, dist_url, timeout: as in detectron2's ``launch``;
             ``dist_url="auto"`` picks a free local port (single machine only).
-        backend: "nccl" (detectron2's launch, one GPU per process) or "gloo" (CPU processes).
+        backend: "nccl" (detectron2's workers, one GPU per process) or "gloo" (CPU processes).
+
+    Raises:
+        TrainingPreempted: a worker exited with ``PREEMPTED_EXIT_CODE``.
     """
-    if backend != "gloo":
-        return d2_launch(
-            main_func,
-            num_processes_per_machine,
-            num_machines,
-            machine_rank,
-            dist_url,
-            args,
-            timeout,
-        )
     world_size = num_machines * num_processes_per_machine
     if world_size == 1:
         return main_func(*args)
@@ -59,8 +65,8 @@ def launch(
         if num_machines != 1:
             raise ValueError("dist_url='auto' is not supported in multi-machine jobs")
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
-    mp.start_processes(
-        _cpu_worker,
+    context = mp.start_processes(
+        _cpu_worker if backend == "gloo" else _distributed_worker,
         nprocs=num_processes_per_machine,
         args=(
             main_func,
@@ -73,7 +79,16 @@ def launch(
         ),
         daemon=False,
         start_method="spawn",
+        join=False,
     )
+    with forward_preemption_signals(context.processes):
+        try:
+            while not context.join(grace_period=EXIT_GRACE_S):
+                pass
+        except mp.ProcessExitedException as e:
+            if e.exit_code == PREEMPTED_EXIT_CODE:
+                raise TrainingPreempted() from None
+            raise
 
 
 def _cpu_worker(

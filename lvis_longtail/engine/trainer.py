@@ -13,7 +13,9 @@ from lvis_longtail.data.categories import (
     dataset_categories,
     dataset_class_names,
 )
-from lvis_longtail.data.loader import build_longtail_train_loader
+from lvis_longtail.data.loader import build_longtail_test_loader, build_longtail_train_loader
+from lvis_longtail.engine.checkpoint import LongTailCheckpointer
+from lvis_longtail.engine.faults import fault_tolerance_hooks, workers_ignore_preemption
 from lvis_longtail.engine.launch import OpenCVThreadsWorkerInit
 from lvis_longtail.engine.resume import DataStream
 from lvis_longtail.evaluation import LVISLongTailEvaluator
@@ -80,7 +82,13 @@ class Trainer(DefaultTrainer):
 
     - ``build_train_loader`` maps training images with ``LongTailDatasetMapper``
       (``INPUT.AUGMENTATIONS``; multi-image steps draw through the same sampler, so the
-      repeat-factor sampler still decides which images appear).
+      repeat-factor sampler still decides which images appear); ``build_test_loader`` reads
+      test images with the same reader.
+
+    - ``build_hooks``: checkpoints are written by
+      :class:`~lvis_longtail.engine.checkpoint.LongTailCheckpointer` (atomic, verified on
+      load, ``SOLVER.CHECKPOINT_KEEP``), and SIGTERM/SIGUSR1 save a checkpoint and stop
+      (:mod:`lvis_longtail.engine.faults`).
 
     Checkpoints also hold what detectron2 0.6 leaves out, so ``--resume`` continues exactly
     (see :mod:`lvis_longtail.engine.resume`): the optimizer and AMP grad scaler
@@ -108,15 +116,24 @@ class Trainer(DefaultTrainer):
         if self._data_stream is not None and "data_stream" in state_dict:
             self._data_stream.load_state_dict(state_dict["data_stream"])
 
+    def build_hooks(self):
+        self.checkpointer = LongTailCheckpointer.replacing(
+            self.checkpointer, keep=self.cfg.SOLVER.CHECKPOINT_KEEP
+        )
+        return fault_tolerance_hooks(
+            super().build_hooks(), self.checkpointer, self._trainer.data_loader
+        )
+
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_longtail_train_loader(cfg)
+        return workers_ignore_preemption(build_longtail_train_loader(cfg))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        """detectron2's, whose workers limit OpenCV to ``OPENCV_THREADS`` threads (the
-        training loaders' workers do so through :func:`configure_cpu_threads`)."""
-        loader = super().build_test_loader(cfg, dataset_name)
+        """:func:`build_longtail_test_loader` (the project's one image reader), whose workers
+        limit OpenCV to ``OPENCV_THREADS`` threads (the training loaders' workers do so
+        through :func:`configure_cpu_threads`)."""
+        loader = build_longtail_test_loader(cfg, dataset_name)
         loader.worker_init_fn = OpenCVThreadsWorkerInit(cfg.OPENCV_THREADS, loader.worker_init_fn)
         return loader
 

@@ -25,7 +25,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.layers import batched_nms
 from detectron2.modeling import GeneralizedRCNN
 from detectron2.modeling.postprocessing import detector_postprocess
@@ -36,6 +35,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lvis_longtail.data.class_stats import training_frequency
+from lvis_longtail.data.image_io import read_image
 from lvis_longtail.modeling.mask_levels import MIN_AREA_RATIO
 from lvis_longtail.modeling.postprocessing import SoftNMSParams, batched_soft_nms
 
@@ -307,7 +307,7 @@ class LongTailTTA(nn.Module):
     def _read(self, dataset_dict: dict) -> dict:
         ret = copy.copy(dataset_dict)
         if "image" not in ret:
-            image = read_image(ret.pop("file_name"), self.model.input_format)
+            image = read_image(ret.pop("file_name"), self.model.input_format, ret.get("image_id"))
             ret["image"] = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         if "height" not in ret and "width" not in ret:
             ret["height"], ret["width"] = ret["image"].shape[1:3]

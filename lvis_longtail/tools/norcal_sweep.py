@@ -28,13 +28,13 @@ import sys
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.evaluation.evaluator import inference_context
 from detectron2.modeling import GeneralizedRCNN
 from detectron2.utils.logger import setup_logger
 from tabulate import tabulate
 
 from lvis_longtail.engine import Trainer, setup_cfg
+from lvis_longtail.engine.checkpoint import LongTailCheckpointer
 from lvis_longtail.modeling.cls_losses import set_calibration_strength
 from lvis_longtail.utils.io import write_json_atomic
 
@@ -126,7 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("no --dataset and DATASETS.TEST is empty")
     output_dir = args.output or os.path.join(cfg.OUTPUT_DIR, "norcal_sweep", dataset)
     model = Trainer.build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    LongTailCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
     rows = run_sweep(cfg, model, dataset, args.gammas, output_dir)
     symbol = "gamma" if args.method == "norcal" else "tau"
     write_json_atomic(

@@ -33,7 +33,7 @@ from typing import Dict, Iterable, List, Mapping, Optional
 
 import numpy as np
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, BoxMode, Instances, pairwise_iou
 
 from lvis_longtail.evaluation.shards import ShardedDetections, first_entries, iter_chunks
@@ -188,23 +188,24 @@ def _images_and_categories(json_file, records, meta):
 
 
 def _run(args) -> Optional[Dict]:
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
+    from lvis_longtail.data.loader import build_longtail_test_loader
     from lvis_longtail.engine import setup_cfg
+    from lvis_longtail.engine.checkpoint import LongTailCheckpointer
     from lvis_longtail.engine.launch import configure_cpu_threads
 
     cfg = setup_cfg(args.config_file, args.opts)
     configure_cpu_threads(cfg, args.num_gpus)
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    LongTailCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
     model.eval()
     if cfg.TEST.AUG.ENABLED:
         from lvis_longtail.modeling.tta import LongTailTTA
 
         model = LongTailTTA(cfg, model)
     records = DatasetCatalog.get(args.dataset)
-    loader = build_detection_test_loader(cfg, args.dataset)  # InferenceSampler: a share per rank
+    loader = build_longtail_test_loader(cfg, args.dataset)  # InferenceSampler: a share per rank
     summary = write_pseudo_labels(
         model, loader, records, MetadataCatalog.get(args.dataset), args.output,
         args.score_thresh, args.gt_iou_thresh,

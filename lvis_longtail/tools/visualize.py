@@ -26,10 +26,10 @@ from typing import List, Optional
 import cv2
 from detectron2.data import MetadataCatalog
 from detectron2.data.catalog import Metadata
-from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
+from lvis_longtail.data.image_io import read_image
 from lvis_longtail.engine import setup_cfg
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def class_metadata(cfg) -> Metadata:
 def draw(predictor, metadata, path: str, threshold: float, max_dets: int, scale: float = 1.0):
     """RGB image (round(H * scale), round(W * scale), 3) with the detections of ``path``
     drawn, and their number."""
-    image = read_image(path, format="BGR")
+    image = read_image(path, "BGR")
     instances = predictor(image)["instances"].to("cpu")
     instances = instances[instances.scores >= threshold][:max_dets]
     visualizer = Visualizer(
