@@ -102,14 +102,16 @@ def test_golden_boundary_iou_and_the_matching_iou():
     b[1:6, 1:6] = 1
     dt, gt = MaskBoundaries.from_rles([rle(a)]), MaskBoundaries.from_rles([rle(b)])
     assert boundary_ious(dt, gt).tolist() == [[2 / 30]]
-    # the ring of B alone: its boundary is B's (IoU 1), its mask IoU with B is 16 / 25
-    ring = b.copy()
+    # matching IoUs against B: min(mask IoU, boundary IoU) where the mask IoU reaches 0.5
+    shifted = np.zeros((7, 7), np.uint8)  # B one pixel left: mask IoU 20 / 30, rings share 8
+    shifted[1:6, 0:5] = 1
+    ring = b.copy()  # B's ring: its boundary is B's (IoU 1), its mask IoU 16 / 25
     ring[2:5, 2:5] = 0
     cache = BoundaryCache(0.02, lambda keys: [rle(b) for _ in keys])
-    cells = [(np.array([0]), np.array([7])), (np.array([1]), np.array([7]))]
-    first, second = cell_ious(cells, [rle(a), rle(ring)], cache._rles, cache)
-    assert first.tolist() == [[2 / 30]]  # min(16 / 34, 2 / 30)
-    assert second.tolist() == [[16 / 25]]  # min(16 / 25, 1)
+    cells = [(np.array([0, 1, 2]), np.array([7]))]
+    (iou,) = cell_ious(cells, [rle(shifted), rle(ring), rle(a)], cache._rles, cache, 0.5)
+    assert iou.tolist() == [[8 / 24], [16 / 25], [16 / 34]]  # A: below 0.5 whatever its
+    # boundary IoU (2 / 30), so never matched: its mask IoU stands in
 
 
 def test_boundaries_equal_the_definition_on_adversarial_masks():

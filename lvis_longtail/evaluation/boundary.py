@@ -171,9 +171,15 @@ def cell_ious(
     dt_rles: Sequence[dict],
     gt_rles: Callable[[np.ndarray], List[dict]],
     cache: BoundaryCache,
+    min_iou: float = 0.5,
 ) -> List[np.ndarray]:
-    """min(mask IoU, boundary IoU) of each (image, category) cell, as lvis-api's challenge
-    branch matches.
+    """min(mask IoU, boundary IoU) of each (image, category) cell, the IoU lvis-api's challenge
+    branch matches by.
+
+    Boundaries are computed only where a match is possible: for the pairs whose mask IoU
+    reaches ``min_iou`` (the lowest IoU threshold). Elsewhere min(mask IoU, boundary IoU) is
+    below every threshold whatever the boundary IoU, so the pair's mask IoU stands in for it
+    and the matching, hence AP and AR, are the same.
 
     Args:
         cells: per cell, (positions in ``dt_rles`` of its detections in matching order, its
@@ -181,41 +187,52 @@ def cell_ious(
         dt_rles: the detections' compressed RLEs.
         gt_rles: ``gt_rles(keys)``: the ground truth's RLEs (for the mask IoU).
         cache: the ground truth's boundaries, keyed as ``cells``.
+        min_iou: the lowest IoU threshold.
 
     Returns:
         Per cell, the (D, G) float64 IoUs.
     """
-    out = []
-    for group in _groups(cells, dt_rles):
-        dt_pos = np.concatenate([cells[c][0] for c in group])
-        gt_keys = np.concatenate([cells[c][1] for c in group])
-        dt_b = MaskBoundaries.from_rles([dt_rles[i] for i in dt_pos.tolist()], cache.ratio)
-        gt_b = cache.get(gt_keys)
-        g_all = gt_rles(gt_keys)
+    out, needed, g0 = [], [], 0
+    gt_all = gt_rles(np.concatenate([g for _, g in cells])) if cells else []
+    for d_pos, g_keys in cells:
+        d = [dt_rles[i] for i in d_pos.tolist()]
+        g1 = g0 + len(g_keys)
+        iou = np.asarray(mask_utils.iou(d, gt_all[g0:g1], [0] * len(g_keys)), dtype=np.float64)
+        iou = iou.reshape(len(d_pos), len(g_keys))
+        candidate = iou >= min_iou
+        needed.append((np.flatnonzero(candidate.any(1)), np.flatnonzero(candidate.any(0))))
+        out.append(iou)
+        g0 = g1
+    cells = [(c, cells[c][0][rows], cells[c][1][cols]) for c, (rows, cols) in enumerate(needed)]
+    cells = [cell for cell in cells if len(cell[1])]
+    for group in _groups([d for _, d, _ in cells], dt_rles):
+        rows = [cells[i][1] for i in group]
+        dt_b = MaskBoundaries.from_rles([dt_rles[i] for i in np.concatenate(rows)], cache.ratio)
+        gt_b = cache.get(np.concatenate([cells[i][2] for i in group]))
         d0 = g0 = 0
-        for c in group:
-            d_pos, g_keys = cells[c]
+        for i in group:
+            c, d_pos, g_keys = cells[i]
             d1, g1 = d0 + len(d_pos), g0 + len(g_keys)
-            d = [dt_rles[i] for i in d_pos.tolist()]
-            masks = np.asarray(mask_utils.iou(d, g_all[g0:g1], [0] * len(g_keys)))
+            block = np.ix_(*needed[c])
             bounds = boundary_ious(dt_b.take(range(d0, d1)), gt_b.take(range(g0, g1)))
-            out.append(np.minimum(masks.reshape(bounds.shape), bounds))
+            out[c][block] = np.minimum(out[c][block], bounds)
             d0, g0 = d1, g1
     return out
 
 
-def _groups(cells, dt_rles) -> List[List[int]]:
+def _groups(cell_positions: Sequence[np.ndarray], dt_rles) -> List[List[int]]:
     """Consecutive cells whose detections' boxes total about ``PIXEL_BUDGET`` pixels."""
-    if not cells:
+    if not len(cell_positions):
         return []
+    positions = np.concatenate(cell_positions)
+    rles = [dt_rles[i] for i in positions.tolist()]
     boxes = np.concatenate(
-        [mask_utils.toBbox(list(dt_rles[i : i + 255])) for i in range(0, len(dt_rles), 255)]
+        [mask_utils.toBbox(rles[i : i + 255]) for i in range(0, len(rles), 255)]
     ).reshape(-1, 4)
-    pixels = boxes[:, 2] * boxes[:, 3]
-    per_cell = np.array([pixels[d].sum() for d, _ in cells])
-    total = np.cumsum(per_cell)
+    ends = np.cumsum([len(p) for p in cell_positions])
+    total = np.cumsum(boxes[:, 2] * boxes[:, 3])[ends - 1]
     groups, start = [], 0
-    while start < len(cells):
+    while start < len(cell_positions):
         base = total[start - 1] if start else 0
         stop = max(start + 1, int(np.searchsorted(total, base + PIXEL_BUDGET, side="right")))
         groups.append(list(range(start, stop)))

@@ -348,7 +348,9 @@ def _evaluate_category(gt, dets: _Prepared, g_rows, d_rows, iou_type, params, bo
         dets.not_exhaustive[d_rows].tolist(),
     ):
         dt_data.append(image, 0, {"id": r + 1, "score": score, "area": area, "lvis_mark": mark})
-    ious = _cell_ious(gt, dets, g_rows, d_rows, g_cut, d_cut, iou_type, boundary)
+    # a pair below the lowest threshold is never matched (lvis-api caps them at 1 - 1e-10)
+    min_iou = min(float(params.iou_thrs.min()), 1 - 1e-10)
+    ious = _cell_ious(gt, dets, g_rows, d_rows, (g_cut, d_cut), iou_type, (boundary, min_iou))
     counts = np.diff(np.concatenate([[0], d_cut]))
     img_list = images.astype(np.float64).tolist()
     cpp_params = SimpleNamespace(
@@ -365,11 +367,12 @@ def _evaluate_category(gt, dets: _Prepared, g_rows, d_rows, iou_type, params, bo
     return out["precision"][:, :, 0, :, 0], out["recall"][:, 0, :, 0]
 
 
-def _cell_ious(gt, dets: _Prepared, g_rows, d_rows, g_cut, d_cut, iou_type, boundary) -> list:
+def _cell_ious(gt, dets: _Prepared, g_rows, d_rows, cuts, iou_type, boundary) -> list:
     """The C++ code's IoU input: per image, [(D, G) IoUs] (or [[]] without both), detections
-    sorted by score as it sorts them (stable)."""
+    sorted by score as it sorts them (stable). ``boundary``: (the ground truth's
+    :class:`~.boundary.BoundaryCache`, the lowest IoU threshold) for "boundary"."""
     cells, g0, d0 = [], 0, 0
-    for g1, d1 in zip(g_cut, d_cut):
+    for g1, d1 in zip(*cuts):
         d = d_rows[d0:d1][np.argsort(-dets.score[d_rows[d0:d1]], kind="stable")]
         cells.append((d, g_rows[g0:g1]) if g1 > g0 and d1 > d0 else None)
         g0, d0 = g1, d1
@@ -379,7 +382,7 @@ def _cell_ious(gt, dets: _Prepared, g_rows, d_rows, g_cut, d_cut, iou_type, boun
         ends = np.cumsum([len(d) for d, _ in full])
         positions = np.split(np.arange(len(d_all)), ends[:-1])
         parts = [(p, g) for p, (_, g) in zip(positions, full)]
-        values = iter(cell_ious(parts, dets.table.masks.rles(d_all), gt.rles, boundary))
+        values = iter(cell_ious(parts, dets.table.masks.rles(d_all), gt.rles, *boundary))
     else:
         values = (_ious(gt, dets, g, d, iou_type) for d, g in full)
     return [[next(values).tolist()] if c is not None else [[]] for c in cells]
