@@ -15,9 +15,10 @@ background padding is exactly the full-image result; a mask's boundary region ha
 box. IoUs follow pycocotools' ``rleIou`` bit for bit: intersection and union are integer pixel
 counts, the IoU their float64 quotient, 0 when they do not intersect.
 
-Ground-truth boundaries are computed once per mask and ratio and kept, compressed
-(:class:`BoundaryCache`); detections' are computed per group of (image, category) cells
-(:func:`cell_ious`), about ``PIXEL_BUDGET`` box pixels at a time, and dropped.
+Boundaries are needed only where a pair's mask IoU reaches the lowest IoU threshold (below it
+the minimum can never match; :func:`cell_ious`). Ground-truth boundaries are computed once per
+mask and ratio and kept, compressed (:class:`BoundaryCache`); detections' are computed per
+group of (image, category) cells, about ``PIXEL_BUDGET`` box pixels at a time, and dropped.
 """
 
 import math
@@ -87,18 +88,32 @@ class MaskBoundaries:
 
 
 def boundary_ious(dt: MaskBoundaries, gt: MaskBoundaries) -> np.ndarray:
-    """(D, G) float64 boundary IoUs (pycocotools' rule: intersection / union of pixel
-    counts, 0 without intersection)."""
-    lo = np.maximum(dt.box[:, None, :2], gt.box[None, :, :2])  # (D, G, 2) x, y
-    hi = np.minimum(dt.box[:, None, 2:], gt.box[None, :, 2:])
-    inter = np.zeros((len(dt), len(gt)), dtype=np.int64)
-    for i, j in zip(*np.nonzero((hi >= lo).all(-1))):
-        (x0, y0), (x1, y1) = lo[i, j].tolist(), hi[i, j].tolist()
-        dx, dy, gx, gy = *dt.box[i, :2].tolist(), *gt.box[j, :2].tolist()
-        a = dt.crops[i][x0 - dx : x1 - dx + 1, y0 - dy : y1 - dy + 1]
-        b = gt.crops[j][x0 - gx : x1 - gx + 1, y0 - gy : y1 - gy + 1]
-        inter[i, j] = np.count_nonzero(a & b)
-    union = dt.area[:, None] + gt.area[None, :] - inter
+    """(D, G) float64 boundary IoUs of every pair (see :func:`pair_ious`)."""
+    i, j = np.meshgrid(np.arange(len(dt)), np.arange(len(gt)), indexing="ij")
+    return pair_ious(dt, i.ravel(), gt, j.ravel()).reshape(len(dt), len(gt))
+
+
+def pair_ious(dt: MaskBoundaries, dt_index, gt: MaskBoundaries, gt_index) -> np.ndarray:
+    """(P,) float64 boundary IoUs of the pairs (``dt_index[p]``, ``gt_index[p]``), by
+    pycocotools' rule: intersection over union of pixel counts, 0 without intersection."""
+    dt_index, gt_index = np.asarray(dt_index, np.int64), np.asarray(gt_index, np.int64)
+    d_box, g_box = dt.box[dt_index], gt.box[gt_index]
+    lo, hi = np.maximum(d_box[:, :2], g_box[:, :2]), np.minimum(d_box[:, 2:], g_box[:, 2:])
+    inter = np.zeros(len(dt_index), dtype=np.int64)
+    overlap = np.flatnonzero((hi >= lo).all(1))
+    # the overlap of the two boxes, in each crop's coordinates
+    d_lo, d_hi = (lo - d_box[:, :2])[overlap].tolist(), (hi - d_box[:, :2] + 1)[overlap].tolist()
+    g_lo, g_hi = (lo - g_box[:, :2])[overlap].tolist(), (hi - g_box[:, :2] + 1)[overlap].tolist()
+    d_crops = [dt.crops[i] for i in dt_index[overlap].tolist()]
+    g_crops = [gt.crops[i] for i in gt_index[overlap].tolist()]
+    count = np.count_nonzero
+    inter[overlap] = [
+        count(a[a0:a1, b0:b1] & g[c0:c1, e0:e1])
+        for a, g, (a0, b0), (a1, b1), (c0, e0), (c1, e1) in zip(
+            d_crops, g_crops, d_lo, d_hi, g_lo, g_hi
+        )
+    ]
+    union = dt.area[dt_index] + gt.area[gt_index] - inter
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(inter > 0, inter / union, 0.0)
 
@@ -192,32 +207,38 @@ def cell_ious(
     Returns:
         Per cell, the (D, G) float64 IoUs.
     """
-    out, needed, g0 = [], [], 0
+    out, todo, g0 = [], [], 0
     gt_all = gt_rles(np.concatenate([g for _, g in cells])) if cells else []
-    for d_pos, g_keys in cells:
+    for c, (d_pos, g_keys) in enumerate(cells):
         d = [dt_rles[i] for i in d_pos.tolist()]
         g1 = g0 + len(g_keys)
         iou = np.asarray(mask_utils.iou(d, gt_all[g0:g1], [0] * len(g_keys)), dtype=np.float64)
-        iou = iou.reshape(len(d_pos), len(g_keys))
-        candidate = iou >= min_iou
-        needed.append((np.flatnonzero(candidate.any(1)), np.flatnonzero(candidate.any(0))))
-        out.append(iou)
+        out.append(iou.reshape(len(d_pos), len(g_keys)))
         g0 = g1
-    cells = [(c, cells[c][0][rows], cells[c][1][cols]) for c, (rows, cols) in enumerate(needed)]
-    cells = [cell for cell in cells if len(cell[1])]
-    for group in _groups([d for _, d, _ in cells], dt_rles):
-        rows = [cells[i][1] for i in group]
-        dt_b = MaskBoundaries.from_rles([dt_rles[i] for i in np.concatenate(rows)], cache.ratio)
-        gt_b = cache.get(np.concatenate([cells[i][2] for i in group]))
-        d0 = g0 = 0
-        for i in group:
-            c, d_pos, g_keys = cells[i]
-            d1, g1 = d0 + len(d_pos), g0 + len(g_keys)
-            block = np.ix_(*needed[c])
-            bounds = boundary_ious(dt_b.take(range(d0, d1)), gt_b.take(range(g0, g1)))
-            out[c][block] = np.minimum(out[c][block], bounds)
-            d0, g0 = d1, g1
+        pairs = np.nonzero(out[c] >= min_iou)
+        if len(pairs[0]):  # the candidates' detections and ground truth, and where each is
+            rows, row_at = np.unique(pairs[0], return_inverse=True)
+            cols, col_at = np.unique(pairs[1], return_inverse=True)
+            todo.append((c, pairs, d_pos[rows], g_keys[cols], row_at, col_at))
+    for group in _groups([t[2] for t in todo], dt_rles):
+        parts = [todo[i] for i in group]
+        dt_pos = np.concatenate([p[2] for p in parts]).tolist()
+        dt_b = MaskBoundaries.from_rles([dt_rles[i] for i in dt_pos], cache.ratio)
+        gt_b = cache.get(np.concatenate([p[3] for p in parts]))
+        d_at, g_at = _offsets([p[4] for p in parts]), _offsets([p[5] for p in parts])
+        bounds = pair_ious(dt_b, d_at, gt_b, g_at)
+        ends = np.cumsum([len(p[1][0]) for p in parts])
+        for (c, pairs, *_), values in zip(parts, np.split(bounds, ends[:-1])):
+            out[c][pairs] = np.minimum(out[c][pairs], values)
     return out
+
+
+def _offsets(local: List[np.ndarray]) -> np.ndarray:
+    """Indices into the parts' concatenation: each part's ``local`` indices, shifted by the
+    number of items (``max + 1``) of the parts before it."""
+    sizes = [int(i.max()) + 1 for i in local]
+    shift = np.cumsum([0] + sizes[:-1])
+    return np.concatenate([i + s for i, s in zip(local, shift.tolist())])
 
 
 def _groups(cell_positions: Sequence[np.ndarray], dt_rles) -> List[List[int]]:
