@@ -600,7 +600,7 @@ def _add_ignore_regions_config(cfg: CN) -> None:
 def _add_lvis_tasks_config(cfg: CN) -> None:
     # LVIS tasks the evaluator computes, any of "bbox", "segm" and "boundary" (Boundary AP,
     # Cheng et al. 2021: detections matched by min(mask IoU, boundary IoU); fast evaluator only,
-    # docs/evaluation.md). Under every TEST.EVAL_PROTOCOL; "challenge2021" adds "boundary".
+    # docs/methods.md "Boundary AP"). Under every TEST.EVAL_PROTOCOL; "challenge2021" adds it.
     # Mask tasks are skipped for a model without masks. E.g. TEST.LVIS_TASKS
     # "('bbox', 'segm', 'boundary')" for Boundary AP under the standard protocol.
     cfg.TEST.LVIS_TASKS = ("bbox", "segm")

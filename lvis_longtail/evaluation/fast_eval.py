@@ -18,7 +18,9 @@ included) and feeds it differently:
   kept detections, so nothing scales with images x categories;
 - IoUs only for (image, category) pairs with both, with pycocotools' ``maskUtils.iou`` (the
   function lvis-api calls, hence the same bits); ground-truth polygons become RLEs only where
-  a detection needs them, detection masks are read only there.
+  a detection needs them, detection masks are read only there;
+- Boundary AP (``iou_type="boundary"``, lvis-api's ``lvis_challenge_2021`` branch): the same,
+  matched by min(mask IoU, boundary IoU) (:mod:`.boundary`).
 
 Tie-breaking is lvis-api's: within an image, equal scores keep the earlier detection; across
 images, the lower image id first. The one arithmetic difference is precision: the C++ code
