@@ -137,6 +137,7 @@ def add_longtail_config(cfg: CN) -> CN:
     _add_tta_config(cfg)
     _add_ignore_regions_config(cfg)
     _add_fault_tolerance_config(cfg)
+    _add_lvis_tasks_config(cfg)
     return cfg
 
 
@@ -268,7 +269,9 @@ def _add_test_config(cfg: CN) -> None:
     # 1000 (LVIS v1 val needs ~600 per image on average: 10,000 x 1203 / 19,809), and keep
     # MODEL.ROI_HEADS.SCORE_THRESH_TEST low (1e-4). The evaluator's per-class score thresholds
     # (the running 10,000th score of each class) drop the rest before masks are encoded.
-    _enum(cfg, "TEST.EVAL_PROTOCOL", "standard", ("standard", "fixed"))
+    # "challenge2021": the LVIS Challenge 2021 (lvis-api's lvis_challenge_2021 branch): "fixed"
+    # with Boundary AP evaluated too, whatever TEST.LVIS_TASKS says (see _add_lvis_tasks_config).
+    _enum(cfg, "TEST.EVAL_PROTOCOL", "standard", ("standard", "fixed", "challenge2021"))
     cfg.TEST.FIXED_AP = CN()
     # Detections kept per class over the split by the "fixed" protocol (10,000 for LVIS).
     cfg.TEST.FIXED_AP.DETS_PER_CLASS = 10000
@@ -613,3 +616,15 @@ def _add_fault_tolerance_config(cfg: CN) -> None:
     # is logged at the end of training and written as data/skipped_images to metrics.json.
     # False: training stops with that error instead. Evaluation always stops with it.
     cfg.DATALOADER.SKIP_UNREADABLE_IMAGES = True
+
+
+def _add_lvis_tasks_config(cfg: CN) -> None:
+    # LVIS tasks the evaluator computes, any of "bbox", "segm" and "boundary" (Boundary AP,
+    # Cheng et al. 2021: detections matched by min(mask IoU, boundary IoU); fast evaluator only,
+    # docs/methods.md "Boundary AP"). Under every TEST.EVAL_PROTOCOL; "challenge2021" adds it.
+    # Mask tasks are skipped for a model without masks. E.g. TEST.LVIS_TASKS
+    # "('bbox', 'segm', 'boundary')" for Boundary AP under the standard protocol.
+    cfg.TEST.LVIS_TASKS = ("bbox", "segm")
+    # Boundary AP's erosion radius over the image diagonal: d = round(ratio * diagonal) pixels,
+    # at least 1 (the challenge's 0.02).
+    cfg.TEST.BOUNDARY_DILATION_RATIO = 0.02

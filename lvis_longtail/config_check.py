@@ -209,6 +209,23 @@ def _checkpoint_keep_not_negative(cfg) -> Optional[str]:
     return None
 
 
+@rule
+def _lvis_tasks(cfg) -> Optional[str]:
+    from lvis_longtail.evaluation.lvis_evaluation import TASKS, check_task_evaluator
+
+    tasks = tuple(cfg.TEST.LVIS_TASKS)
+    if not tasks or not set(tasks) <= set(TASKS):
+        return f"TEST.LVIS_TASKS is {tasks}; it must be a non-empty subset of {TASKS}"
+    if not cfg.TEST.BOUNDARY_DILATION_RATIO > 0:
+        return f"TEST.BOUNDARY_DILATION_RATIO must be > 0, got {cfg.TEST.BOUNDARY_DILATION_RATIO}"
+    boundary = "boundary" in tasks or cfg.TEST.EVAL_PROTOCOL == "challenge2021"
+    try:
+        check_task_evaluator("boundary" if boundary else "bbox", cfg.TEST.LVIS_EVALUATOR)
+    except ValueError as e:
+        return f"TEST.LVIS_TASKS / TEST.EVAL_PROTOCOL: {e}"
+    return None
+
+
 def check_config(cfg, *, check_files: bool = False, eval_only: bool = False) -> None:
     """Check ``cfg`` (see the module docstring); all problems are reported at once.
 

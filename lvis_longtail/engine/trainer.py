@@ -160,15 +160,16 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """:class:`LVISLongTailEvaluator` with ``TEST.EVAL_PROTOCOL``, ``TEST.FIXED_AP`` and
-        ``TEST.LVIS_EVALUATOR``; per-class diagnostics get the training set's image counts."""
+        """:class:`LVISLongTailEvaluator` with ``TEST.EVAL_PROTOCOL``, ``TEST.FIXED_AP``,
+        ``TEST.LVIS_EVALUATOR``, ``TEST.LVIS_TASKS`` and ``TEST.BOUNDARY_DILATION_RATIO``;
+        per-class diagnostics get the training set's image counts."""
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         protocol = cfg.TEST.EVAL_PROTOCOL
         cap = cfg.TEST.DETECTIONS_PER_IMAGE
-        if protocol == "fixed" and 0 <= cap <= LVIS_MAX_DETS_PER_IMAGE:
+        if protocol != "standard" and 0 <= cap <= LVIS_MAX_DETS_PER_IMAGE:
             logger.warning(
-                f"TEST.EVAL_PROTOCOL 'fixed' with TEST.DETECTIONS_PER_IMAGE {cap}: the model "
+                f"TEST.EVAL_PROTOCOL {protocol!r} with TEST.DETECTIONS_PER_IMAGE {cap}: the model "
                 f"keeps at most {cap} detections per image, so Fixed AP is underestimated; set "
                 "TEST.DETECTIONS_PER_IMAGE to -1 or e.g. 1000 (see lvis_longtail/config.py)."
             )
@@ -182,6 +183,8 @@ class Trainer(DefaultTrainer):
             class_image_count=train_image_counts(cfg),
             train_datasets=cfg.DATASETS.TRAIN,
             wait_timeout=timedelta(minutes=cfg.TEST.EVAL_WAIT_MINUTES),
+            tasks=cfg.TEST.LVIS_TASKS,
+            dilation_ratio=cfg.TEST.BOUNDARY_DILATION_RATIO,
         )
 
 
