@@ -177,8 +177,9 @@ class LongTailHTCROIHeads(LongTailHTCLiteROIHeads):
         state = self._forward_state
         proposals = state["stage_proposals"][stage]
         if self.interleaved:
-            predictions = state["stage_predictions"][stage]
-            boxes = self.box_predictor[stage].predict_boxes(predictions, proposals)
+            with torch.no_grad():  # detached like every cascade proposal
+                predictions = state["stage_predictions"][stage]
+                boxes = self.box_predictor[stage].predict_boxes(predictions, proposals)
             refined = self._create_proposals_from_boxes(boxes, [p.image_size for p in proposals])
             cap = int(self.batch_size_per_image * self.positive_fraction)
             proposals = refined_positives(refined, targets, self.proposal_matchers[stage], cap)
