@@ -131,6 +131,7 @@ def add_longtail_config(cfg: CN) -> CN:
     _add_cpu_threads_config(cfg)
     _add_mask_inference_config(cfg)
     _add_htc_lite_config(cfg)
+    _add_htc_config(cfg)
     _add_architecture_config(cfg)
     _add_augmentation_config(cfg)
     _add_nms_config(cfg)
@@ -380,6 +381,32 @@ def _add_htc_lite_config(cfg: CN) -> None:
     # Add the context vector to the pooled RoI features of every box stage / of the mask head.
     head.FUSE_BOX = True
     head.FUSE_MASK = True
+
+
+def _add_htc_config(cfg: CN) -> None:
+    """HTC without the semantic branch (MODEL.ROI_HEADS.NAME "LongTailHTCROIHeads"), which
+    extends HTC-Lite's heads (HTC_LITE.MASK_MAX_POSITIVES and ROI_CONTEXT_HEAD still apply).
+    The defaults are mmdetection's HTC; with the four switches False it is exactly HTC-Lite."""
+    node = cfg.MODEL.ROI_HEADS.HTC = CN()
+    # One mask head per cascade stage, losses "<name>_stage<t>"; at inference every head
+    # predicts the final boxes' masks and their sigmoid probabilities are averaged. False:
+    # HTC-Lite's one mask head, trained on HTC_LITE.MASK_TRAIN_STAGE.
+    node.PER_STAGE_MASKS = True
+    # Interleaved execution (needs PER_STAGE_MASKS): mask head t trains on the boxes refined
+    # by box stage t, re-matched at stage t's IoU with the GT boxes added, at most
+    # BATCH_SIZE_PER_IMAGE x POSITIVE_FRACTION positives per image. False: on the positives
+    # of box stage t's own proposals.
+    node.INTERLEAVED = True
+    # Mask information flow (needs PER_STAGE_MASKS): mask head t adds a 1x1 conv (norm
+    # ROI_MASK_HEAD.NORM, ReLU) of head t-1's conv features to its pooled RoI features.
+    node.MASK_INFO_FLOW = True
+    # Weight of each stage's mask losses, one per stage (mmdetection's HTC stage_loss_weights;
+    # the box stages keep detectron2's cascade scaling).
+    node.MASK_STAGE_LOSS_WEIGHTS = [1.0, 0.5, 0.25]
+    # Box stages >= 1 sample their proposals as stage 0 does (refined boxes plus the GT boxes,
+    # BATCH_SIZE_PER_IMAGE RoIs, POSITIVE_FRACTION positives), as mmdetection's cascades.
+    # False: detectron2's cascade, every refined box of the previous stage.
+    node.SAMPLE_BOX_STAGES = True
 
 
 def _add_architecture_config(cfg: CN) -> None:
