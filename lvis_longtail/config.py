@@ -136,6 +136,7 @@ def add_longtail_config(cfg: CN) -> CN:
     _add_nms_config(cfg)
     _add_tta_config(cfg)
     _add_ignore_regions_config(cfg)
+    _add_fpg_config(cfg)
     return cfg
 
 
@@ -598,3 +599,36 @@ def _add_ignore_regions_config(cfg: CN) -> None:
     cfg.DATASETS.EXTRA_TRAIN = ()
     cfg.DATASETS.EXTRA_TRAIN_PER_EPOCH = -1
     cfg.DATASETS.EXTRA_TRAIN_LOSS_WEIGHT = 0.5
+
+
+def _add_fpg_config(cfg: CN) -> None:
+    """Feature Pyramid Grids (lvis_longtail/modeling/fpg.py; docs/architecture.md, "FPG"):
+    MODEL.BACKBONE.NAME "build_resnet_fpg_backbone" (detectron2's ResNet) or
+    "build_timm_fpg_backbone" (MODEL.TIMM). Defaults: mmdetection's configs/fpg (9@256, BN)."""
+    fpg = cfg.MODEL.FPG = CN()
+    # Bottom-up features, finest first (strides doubling); FPG adds one coarser level, the
+    # stride-2 subsampling of the coarsest lateral: res2..res5 give p2..p6.
+    fpg.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Bottom-up pathways after the lateral pathway 0 (9 in the paper and mmdetection).
+    fpg.NUM_PATHWAYS = 9
+    # Channels of the grid (laterals and nodes; mmdetection's inter_channels) and of the
+    # outputs p2..p6 that the heads read: 256/256, or 128/128 for the lighter variant.
+    fpg.CHANNELS = 256
+    fpg.OUT_CHANNELS = 256
+    # detectron2 norm after each transition's conv (the output convs have none): "BN" as in
+    # mmdetection's configs (8 images per GPU there), "SyncBN" for small per-GPU batches,
+    # "GN", or "" (no norm, convs with bias).
+    _enum(cfg, "MODEL.FPG.NORM", "BN", ("", "BN", "SyncBN", "naiveSyncBN", "GN"))
+    # The LVIS 2020 MMDet entry's "enhanced" FPG (unreleased; our reading, see docs): a DCNv2
+    # after every upsampling (the across-down transitions' 3x3 conv; zero-initialised offsets).
+    fpg.DEFORM_UPSAMPLE = False
+    # Same-pathway 2x downsampling: "conv" (3x3 stride-2 conv, the paper's) or "carafe"
+    # (content-aware reassembly, CARAFE++ style, then a 3x3 stride-1 conv; the entry's
+    # "content-aware downsampling", whose details were not published).
+    _enum(cfg, "MODEL.FPG.DOWNSAMPLE_TYPE", "conv", ("conv", "carafe"))
+    # Its parameters: channels of the 1x1 compressor, kernel of the stride-2 content encoder,
+    # reassembled neighbourhood (our defaults; k 3 keeps the unfolded input at 9x a level).
+    fpg.CARAFE = CN()
+    fpg.CARAFE.COMPRESSED_CHANNELS = 64
+    fpg.CARAFE.ENCODER_KERNEL = 3
+    fpg.CARAFE.DOWN_KERNEL = 3

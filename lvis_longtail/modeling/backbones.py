@@ -26,7 +26,7 @@ from lvis_longtail.layers.sync_bn import LongTailSyncBatchNorm
 from lvis_longtail.modeling.architecture import carafe_from_cfg
 
 __all__ = ["LongTailFPN", "TimmBackbone", "build_longtail_resnet_fpn_backbone",
-           "build_timm_fpn_backbone", "convert_batchnorm"]  # fmt: skip
+           "build_timm_bottom_up", "build_timm_fpn_backbone", "convert_batchnorm"]  # fmt: skip
 
 
 class TimmDeformConv2d(nn.Module):
@@ -209,12 +209,15 @@ def build_longtail_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     return _fpn(cfg, build_resnet_backbone(cfg, input_shape))
 
 
+def build_timm_bottom_up(cfg, input_shape: ShapeSpec) -> TimmBackbone:
+    """The :class:`TimmBackbone` of ``MODEL.TIMM`` (and ``MODEL.BACKBONE.FREEZE_AT``)."""
+    t = cfg.MODEL.TIMM
+    return TimmBackbone(t.NAME, input_shape.channels, t.PRETRAINED_FILE,
+                        cfg.MODEL.BACKBONE.FREEZE_AT, t.NORM, t.DROP_PATH_RATE,
+                        t.DEFORM_ON_PER_STAGE, t.DEFORM_MODULATED, t.DEFORM_NUM_GROUPS)  # fmt: skip
+
+
 @BACKBONE_REGISTRY.register()
 def build_timm_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     """A timm model (``MODEL.TIMM``) + FPN (``MODEL.FPN``, ``UPSAMPLE_TYPE`` included)."""
-    t = cfg.MODEL.TIMM
-    bottom_up = TimmBackbone(t.NAME, input_shape.channels, t.PRETRAINED_FILE,
-                             cfg.MODEL.BACKBONE.FREEZE_AT, t.NORM, t.DROP_PATH_RATE,
-                             t.DEFORM_ON_PER_STAGE, t.DEFORM_MODULATED,
-                             t.DEFORM_NUM_GROUPS)  # fmt: skip
-    return _fpn(cfg, bottom_up)
+    return _fpn(cfg, build_timm_bottom_up(cfg, input_shape))
