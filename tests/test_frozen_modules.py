@@ -77,6 +77,7 @@ def _start_checkpoint(path, config):
 # fine-tune leaf, the leaf it starts from, the checkpoint's tensors that must not move (None:
 # all of them)
 FINE_TUNES = [
+    ("mask_rcnn_R18_FPN_tiny_seesaw_dualhead.yaml", "mask_rcnn_R18_FPN_tiny_seesaw.yaml", None),
     ("mask_rcnn_R18_FPN_tiny_bags.yaml", "mask_rcnn_R18_FPN_tiny_softmax.yaml",
      ("backbone.", "proposal_generator.", "roi_heads.box_head.", "roi_heads.mask_head.",
       "roi_heads.box_predictor.bbox_pred.")),

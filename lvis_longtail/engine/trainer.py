@@ -20,6 +20,7 @@ from lvis_longtail.data.loader import build_longtail_train_loader
 from lvis_longtail.engine.launch import OpenCVThreadsWorkerInit
 from lvis_longtail.engine.resume import DataStream
 from lvis_longtail.evaluation import LVISLongTailEvaluator
+from lvis_longtail.modeling.dual_head import dual_head_branches
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,8 @@ class Trainer(DefaultTrainer):
     """detectron2's ``DefaultTrainer``; only the builders differ:
 
     - ``build_model`` checks the class count against the training set and freezes
-      ``MODEL.FROZEN_MODULES`` (the decoupled classifier fine-tune stage);
+      ``MODEL.FROZEN_MODULES`` (the decoupled classifier fine-tune stage) or, with
+      ``MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED``, everything but the new branches;
     - ``build_evaluator`` returns :class:`LVISLongTailEvaluator` (LVIS metrics with
       APr/APc/APf under ``TEST.EVAL_PROTOCOL``, per-class diagnostics, and the results file,
       which is all a test-dev split gets).
@@ -157,6 +159,9 @@ class Trainer(DefaultTrainer):
         check_num_classes(cfg)
         model = super().build_model(cfg)
         freeze_modules(model, cfg.MODEL.FROZEN_MODULES)
+        if cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED:  # the trained model, all but the new branches
+            trained = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
+            freeze_modules(model, trained, keep=dual_head_branches(model))
         return model
 
     @classmethod
