@@ -192,3 +192,13 @@ def test_tiny_fpg_config_trains(name):
             optimizer.step()
     moved = [n for n, p in model.backbone.named_parameters() if not torch.equal(p, before[n])]
     assert any(n.startswith("grid.") for n in moved) and any("outputs" in n for n in moved)
+
+
+def test_lvis_leaves_are_mmdetections_two_sizes():
+    for leaf, channels in [("mask_rcnn_R50_FPG_2x_seesaw.yaml", 256),
+                           ("mask_rcnn_R50_FPG128_2x_seesaw.yaml", 128)]:  # fmt: skip
+        cfg = setup_cfg(str(REPO / "configs" / "LVISv1" / leaf))
+        assert cfg.MODEL.BACKBONE.NAME == "build_resnet_fpg_backbone"
+        assert (cfg.MODEL.FPG.CHANNELS, cfg.MODEL.FPG.OUT_CHANNELS) == (channels, channels)
+        assert (cfg.MODEL.FPG.NUM_PATHWAYS, cfg.MODEL.FPG.NORM) == (9, "SyncBN")
+        assert cfg.MODEL.ROI_BOX_HEAD.CLS_LOSS_NAME == "SeesawLoss"
