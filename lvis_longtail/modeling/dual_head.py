@@ -145,10 +145,10 @@ class DualHeadOutputLayers(LongTailFastRCNNOutputLayers):
                              f"{FUSIONS}), NEW_WEIGHT {new_weight} (in [0, 1])")  # fmt: skip
         if fusion == "group" and new_columns is None:
             raise ValueError('MODEL.ROI_BOX_HEAD.DUAL_HEAD.FUSION "group" needs new_columns')
-        self.in_features = self.cls_score.in_features
+        self.trained_channels, self.dual_channels = self.cls_score.in_features, dual_channels
         self.dual_cls_loss = dual_cls_loss
         self.dual_cls_score = build_classifier(
-            type(self.cls_score).__name__, dual_channels or self.in_features,
+            type(self.cls_score).__name__, dual_channels or self.trained_channels,
             dual_cls_loss.num_logits, getattr(self.cls_score, "scale", 20.0),
         )  # fmt: skip
         dual_cls_loss.init_bias(self.dual_cls_score.bias)
@@ -172,8 +172,8 @@ class DualHeadOutputLayers(LongTailFastRCNNOutputLayers):
     def forward(self, x: torch.Tensor):
         """(R, D + D') features -> ((R, L + L') logits of both branches, deltas)."""
         x = x.flatten(1)
-        trained = x[:, : self.in_features]
-        new = x[:, self.in_features :] if x.shape[1] > self.in_features else trained
+        trained = x[:, : self.trained_channels]
+        new = x[:, self.trained_channels :] if self.dual_channels else trained
         scores = torch.cat([self.cls_score(trained), self.dual_cls_score(new)], dim=1)
         return scores, self.bbox_pred(trained)
 
