@@ -7,14 +7,15 @@ import zlib
 
 import pytest
 import torch
-from conftest import REPO, make_batch, register_unit_stats
+from conftest import REPO, make_batch, register_unit_stats, tiny_cfg
 from detectron2.layers import ModulatedDeformConv, ShapeSpec
-from detectron2.modeling import Backbone, build_model
+from detectron2.modeling import Backbone, build_backbone, build_model
 from detectron2.utils.events import EventStorage
 from torch.nn import functional as F
 
 from lvis_longtail.config import setup_cfg
 from lvis_longtail.layers.carafe import CARAFEDown
+from lvis_longtail.modeling.backbones import TimmBackbone
 from lvis_longtail.modeling.fpg import FPG, UpsampleConv
 from lvis_longtail.tools.convert_mmdet_fpg import convert_mmdet_fpg
 from lvis_longtail.tools.convert_mmdet_fpg import main as convert_main
@@ -202,3 +203,15 @@ def test_lvis_leaves_are_mmdetections_two_sizes():
         assert (cfg.MODEL.FPG.CHANNELS, cfg.MODEL.FPG.OUT_CHANNELS) == (channels, channels)
         assert (cfg.MODEL.FPG.NUM_PATHWAYS, cfg.MODEL.FPG.NORM) == (9, "SyncBN")
         assert cfg.MODEL.ROI_BOX_HEAD.CLS_LOSS_NAME == "SeesawLoss"
+
+
+def test_timm_builder_puts_the_grid_on_a_timm_model():
+    opts = ["MODEL.BACKBONE.NAME", "build_timm_fpg_backbone", "MODEL.TIMM.NAME", "resnet18",
+            "MODEL.FPG.CHANNELS", "16", "MODEL.FPG.OUT_CHANNELS", "8", "MODEL.FPG.NUM_PATHWAYS",
+            "4", "MODEL.FPG.NORM", "BN"]  # fmt: skip
+    backbone = build_backbone(tiny_cfg(8, opts=opts))
+    assert isinstance(backbone, FPG) and isinstance(backbone.bottom_up, TimmBackbone)
+    out = backbone(torch.randn(2, 3, 64, 128))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        f"p{i}": (2, 8, 64 // 2**i, 128 // 2**i) for i in range(2, 7)
+    }
