@@ -3,7 +3,8 @@
 C2..C5 for one image: FPN (256 channels, no norm, as the LVIS base config), FPG 9@256 and
 FPG 9@128 (BN, as mmdetection's configs/fpg), and with ``--enhanced`` FPG 9@128 with DCNv2
 after upsampling and content-aware downsampling. Also prints each neck's parameters and
-multiply-accumulates (fvcore's count of one forward). Runs on CPU, and on CUDA when available.
+multiply-accumulates (fvcore's count of one forward; it counts no deformable convolution or
+reassembly, so the enhanced grid's is a lower bound). Runs on CPU, and on CUDA when available.
 
     .venv/bin/python benchmarks/neck_speed.py                  # 512x512, 5 repeats
     .venv/bin/python benchmarks/neck_speed.py --size 800 1216 --repeats 3
