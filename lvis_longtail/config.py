@@ -139,6 +139,8 @@ def add_longtail_config(cfg: CN) -> CN:
     _add_ignore_regions_config(cfg)
     _add_fault_tolerance_config(cfg)
     _add_lvis_tasks_config(cfg)
+    _add_fpg_config(cfg)
+    _add_dual_head_config(cfg)
     return cfg
 
 
@@ -155,8 +157,9 @@ def _add_dataset_config(cfg: CN) -> None:
 def _add_model_config(cfg: CN) -> None:
     # Parameter-name prefixes whose parameters are not trained, e.g. ["backbone",
     # "proposal_generator"] for the decoupled classifier fine-tune stage of Balanced Group
-    # Softmax (start it from a trained model with MODEL.WEIGHTS). A prefix that matches no
-    # parameter is an error.
+    # Softmax (start it from a trained model with MODEL.WEIGHTS). Their BatchNorm/SyncBN and
+    # dropout layers stay in eval mode (statistics neither used from the batch nor updated).
+    # A prefix that matches no parameter is an error.
     cfg.MODEL.FROZEN_MODULES = []
 
 
@@ -655,3 +658,70 @@ def _add_lvis_tasks_config(cfg: CN) -> None:
     # Boundary AP's erosion radius over the image diagonal: d = round(ratio * diagonal) pixels,
     # at least 1 (the challenge's 0.02).
     cfg.TEST.BOUNDARY_DILATION_RATIO = 0.02
+
+
+def _add_fpg_config(cfg: CN) -> None:
+    """Feature Pyramid Grids (lvis_longtail/modeling/fpg.py; docs/architecture.md, "FPG"):
+    MODEL.BACKBONE.NAME "build_resnet_fpg_backbone" (detectron2's ResNet) or
+    "build_timm_fpg_backbone" (MODEL.TIMM). Defaults: mmdetection's configs/fpg (9@256, BN)."""
+    fpg = cfg.MODEL.FPG = CN()
+    # Bottom-up features, finest first (strides doubling); FPG adds one coarser level, the
+    # stride-2 subsampling of the coarsest lateral: res2..res5 give p2..p6.
+    fpg.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Bottom-up pathways after the lateral pathway 0 (9 in the paper and mmdetection).
+    fpg.NUM_PATHWAYS = 9
+    # Channels of the grid (laterals and nodes; mmdetection's inter_channels) and of the
+    # outputs p2..p6 that the heads read: 256/256, or 128/128 for the lighter variant.
+    fpg.CHANNELS = 256
+    fpg.OUT_CHANNELS = 256
+    # detectron2 norm after each transition's conv (the output convs have none): "BN" as in
+    # mmdetection's configs (8 images per GPU there), "SyncBN" for small per-GPU batches,
+    # "GN", or "" (no norm, convs with bias).
+    _enum(cfg, "MODEL.FPG.NORM", "BN", ("", "BN", "SyncBN", "naiveSyncBN", "GN"))
+    # The LVIS 2020 MMDet entry's "enhanced" FPG (unreleased; our reading, see docs): a DCNv2
+    # after every upsampling (the across-down transitions' 3x3 conv; zero-initialised offsets).
+    fpg.DEFORM_UPSAMPLE = False
+    # Same-pathway 2x downsampling: "conv" (3x3 stride-2 conv, the paper's) or "carafe"
+    # (content-aware reassembly, CARAFE++ style, then a 3x3 stride-1 conv; the entry's
+    # "content-aware downsampling", whose details were not published).
+    _enum(cfg, "MODEL.FPG.DOWNSAMPLE_TYPE", "conv", ("conv", "carafe"))
+    # Its parameters: channels of the 1x1 compressor, kernel of the stride-2 content encoder,
+    # reassembled neighbourhood (our defaults; k 3 keeps the unfolded input at 9x a level).
+    fpg.CARAFE = CN()
+    fpg.CARAFE.COMPRESSED_CHANNELS = 64
+    fpg.CARAFE.ENCODER_KERNEL = 3
+    fpg.CARAFE.DOWN_KERNEL = 3
+
+
+def _add_dual_head_config(cfg: CN) -> None:
+    """Dual head classification fine-tune (lvis_longtail/modeling/dual_head.py; docs/methods.md,
+    "Dual head classification"): start from a trained model (MODEL.WEIGHTS), freeze it, train a
+    new classification branch per box stage, fuse both branches' scores at inference."""
+    dual = cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD = CN()
+    # Add the new branches; the trainer then freezes everything else (parameters and
+    # BatchNorm statistics), so only the new branches train.
+    dual.ENABLED = False
+    # The new branch of each stage: "box_head" (a second FC tower of the box head's architecture
+    # on the pooled RoI features, plus a classifier; SimCal's) or "classifier" (a classifier on
+    # the trained box head's features). Its classifier layer is ROI_BOX_HEAD.CLS_PREDICTOR.
+    _enum(cfg, "MODEL.ROI_BOX_HEAD.DUAL_HEAD.BRANCH", "box_head", ("box_head", "classifier"))
+    # Loss of the new branch, a name in CLS_LOSS_REGISTRY (its parameters are those of the
+    # ROI_BOX_HEAD sub-nodes, e.g. SEESAW); the paper leaves it open, SimCal used softmax CE.
+    dual.CLS_LOSS_NAME = "SoftmaxCE"
+    REGISTRY_KEYS["MODEL.ROI_BOX_HEAD.DUAL_HEAD.CLS_LOSS_NAME"] = REGISTRY_KEYS[
+        "MODEL.ROI_BOX_HEAD.CLS_LOSS_NAME"
+    ]
+    # Initialisation of the new branch when MODEL.WEIGHTS holds none (the trained model's
+    # checkpoint): "copy" of the trained tower and, when the logit layouts agree, of the trained
+    # classifier; "random" (detectron2's initialisation, the loss's bias prior).
+    _enum(cfg, "MODEL.ROI_BOX_HEAD.DUAL_HEAD.INIT", "copy", ("copy", "random"))
+    # Fusion of the two branches' [K scores, background] probabilities at inference, per stage
+    # (a cascade then averages the stages): "mean" ((1 - w) trained + w new, the paper's
+    # average at w = 0.5), "geometric" (trained^(1 - w) new^w), "group" (the new branch's
+    # scores for the classes of NEW_BRANCH_GROUPS, the trained branch's for the others).
+    _enum(cfg, "MODEL.ROI_BOX_HEAD.DUAL_HEAD.FUSION", "mean", ("mean", "geometric", "group"))
+    # w, the new branch's weight in "mean" and "geometric" (0: the trained model alone).
+    dual.NEW_WEIGHT = 0.5
+    # Frequency groups ("r", "c", "f" of the training set, DATASETS.TRAIN) scored by the new
+    # branch under FUSION "group".
+    dual.NEW_BRANCH_GROUPS = ["r", "c"]
