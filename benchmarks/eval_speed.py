@@ -41,6 +41,7 @@ import lvis_longtail  # noqa: F401  (first: compat layer incl. lvis-api's np.flo
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -365,15 +366,16 @@ CHILDREN = {
 }
 
 
-def run_child(name, *args):
-    """Run ``--child name args`` in a fresh process.
+def run_child(name, *args, script=__file__):
+    """Run ``script --child name args`` in a fresh process (``script``: this file, or another
+    benchmark whose ``--child`` calls :func:`child_main` with its own children).
 
     Returns:
         (child's json: result, seconds, baseline_mib, growth_mib; peak RSS MiB of the whole
         child from ``os.wait4``, imports included)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, *map(str, args), out]
+    cmd = [sys.executable, os.path.abspath(script), "--child", name, *map(str, args), out]
     proc = subprocess.Popen(cmd)
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status):
@@ -392,9 +394,19 @@ def _status_kib(field):
     return 0
 
 
-def child_main(name, args):
-    """Imports first (the same for every child), then the timed run. ``growth_mib``: the
-    peak RSS during the run above the RSS after the imports (VmHWM reset via clear_refs)."""
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (e.g. a worker pool)."""
+    own, done = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + done.ru_utime + done.ru_stime
+
+
+def child_main(name, args, children=None):
+    """Imports first (the same for every child), then the timed run of ``children[name]``
+    (default: this file's). ``growth_mib``: the peak RSS during the run above the RSS after
+    the imports (VmHWM reset via clear_refs)."""
     import faster_coco_eval  # noqa: F401
     import lvis  # noqa: F401
 
@@ -407,15 +419,16 @@ def child_main(name, args):
             f.write("5")  # reset the peak (VmHWM) to the current RSS
     except OSError:
         pass
-    start = time.perf_counter()
-    result = CHILDREN[name](*args[:-1])
-    seconds = time.perf_counter() - start
+    start, cpu = time.perf_counter(), _cpu_seconds()
+    result = (children or CHILDREN)[name](*args[:-1])
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     growth = (_status_kib("VmHWM") - baseline) / 1024
     with open(out, "w") as f:
         json.dump(
             {
                 "result": result,
                 "seconds": seconds,
+                "cpu_seconds": cpu,
                 "baseline_mib": baseline / 1024,
                 "growth_mib": growth,
             },

@@ -26,7 +26,9 @@ class Method:
     ``rfs``: the row uses repeat-factor sampling (it gets ``--repeat-threshold``); False also
     selects detectron2's ``TrainingSampler`` unless ``opts`` sets a sampler. ``length``: a
     fine-tune's length as a fraction of the schedule. ``group``: "cls", "mask" or "test" (which
-    table of the page). ``diagnostic``: run only when named in ``--methods``.
+    table of the page). ``diagnostic``: run only when named in ``--methods``. ``fresh``:
+    prefixes of the shared initialisation that the row's model does not have (another neck
+    than the pre-trained FPN): those layers start from scratch, the rest loads as usual.
     """
 
     name: str
@@ -41,6 +43,7 @@ class Method:
     group: str = "cls"
     ref: Optional[str] = None
     diagnostic: bool = False
+    fresh: Tuple[str, ...] = ()
 
     def __post_init__(self):
         if len(self.opts) % 2:
@@ -113,6 +116,12 @@ METHODS: Tuple[Method, ...] = (
            ref="softmax_rfs"),
     Method("copypaste_lsj", "Copy-paste + LSJ + RFS, 4×", _tiny("copypaste_lsj"), schedule=4.0,
            ref="softmax_rfs_4x"),
+    # The MMDet entry's parts on the tiny Seesaw model.
+    Method("dualhead", "Dual head fine-tune of Seesaw + RFS (1x)", _tiny("seesaw_dualhead"),
+           base="seesaw", length=1.0),
+    Method("fpg128", "FPG, 9 pathways × 128 ch + Seesaw + RFS",
+           "tiny/mask_rcnn_R18_FPG128_tiny_seesaw.yaml", ref="seesaw", group="mask",
+           fresh=("backbone.fpn_",)),
     # diagnostics (only when named in --methods)
     Method("bags_long", "GroupSoftmax, fine-tune as long as the training", _tiny("bags"),
            base="softmax_rfs", length=1.0, diagnostic=True),
@@ -167,6 +176,13 @@ NOTES = {
     "the schedule.",
     "softmax_rfs_4x": "what 4x the schedule does to SoftmaxCE + RFS.",
     "copypaste_lsj": "copy-paste + LSJ against SoftmaxCE + RFS, both at 4x the schedule.",
+    "dualhead": "a second classification branch (copied FC tower, softmax CE) fine-tuned with "
+    "RFS for as long as the training on the frozen Seesaw model of the same seed, scores "
+    "averaged with the trained branch's; its base trained with RFS already (the entry's "
+    "trained without), so it shows what the extra branch adds, not the sampler switch.",
+    "fpg128": "FPG's grid (9 bottom-up pathways, 128 channels, outputs at the heads' 64) in "
+    "place of the FPN; the grid starts from scratch while the FPN row's neck starts from the "
+    "pre-training, so at this schedule the difference mixes the neck with its initialisation.",
 }
 
 

@@ -1,4 +1,4 @@
-"""Speed and memory of Mask R-CNN, Cascade Mask R-CNN and HTC-Lite (all with Seesaw Loss),
+"""Speed and memory of Mask R-CNN, Cascade Mask R-CNN, HTC-Lite and HTC (all with Seesaw Loss),
 same backbone and data, side by side in one run, printed as ratios to Cascade Mask R-CNN.
 
 Training: one step (forward, backward, SGD update) on a batch of ``--batch`` random images
@@ -10,8 +10,10 @@ the peak RSS above the process's baseline, each model in its own forked child (o
 thread there, whatever the thread count of the timings). The last row is HTC-Lite's
 inference with ``ROI_MASK_HEAD.TEST_CHUNK_SIZE 0`` (all RoIs at once).
 
-Bar: HTC-Lite <= 1.05x Cascade Mask R-CNN in training and inference (detectron2's cascade
-already runs one mask head; HTC-Lite adds the context head on P6 and the fusion).
+Bars: HTC-Lite <= 1.05x Cascade Mask R-CNN in training and inference (detectron2's cascade
+already runs one mask head; HTC-Lite adds the context head on P6 and the fusion); HTC (three
+mask heads, interleaved, with the mask information flow) <= 2.5x HTC-Lite in training and
+<= 2x in inference. The mask RoIs per step of HTC add up its three heads.
 
 Untrained models on random rectangles understate HTC-Lite's mask cost: its mask head trains on
 the last stage's positives, and only a trained cascade has many (refined boxes overlap their
@@ -60,6 +62,7 @@ PRESETS = {
             "Mask R-CNN": "mask_rcnn_R18_FPN_tiny_seesaw",
             "Cascade Mask R-CNN": "cascade_mask_rcnn_R18_FPN_tiny_seesaw",
             "HTC-Lite": "htc_lite_R18_FPN_tiny_seesaw",
+            "HTC": "htc_R18_FPN_tiny_seesaw",
         },
         (128, 160),
     ),
@@ -69,6 +72,7 @@ PRESETS = {
             "Mask R-CNN": "mask_rcnn_R50_FPN_2x_seesaw",
             "Cascade Mask R-CNN": "cascade_mask_rcnn_R50_FPN_1x_seesaw",
             "HTC-Lite": "htc_lite_R50_FPN_1x_seesaw",
+            "HTC": "htc_R50_FPN_1x_seesaw",
         },
         (800, 1088),
     ),
@@ -161,20 +165,26 @@ def train_step(model, optimizer, batch):
 
 @contextlib.contextmanager
 def count_mask_rois(model):
-    """Counts the RoIs the mask head of ``model`` trains on (its ``train_outputs`` calls)."""
+    """Counts the RoIs the mask heads of ``model`` train on (their ``train_outputs`` calls;
+    HTC's ``mask_head`` is a ModuleList of one head per stage)."""
     count = [0]
-    head = model.roi_heads.mask_head
-    train_outputs = head.train_outputs
+    heads = model.roi_heads.mask_head
+    heads = list(heads) if isinstance(heads, torch.nn.ModuleList) else [heads]
 
-    def counted(x, *a, **kw):
-        count[0] += int(x.shape[0])
-        return train_outputs(x, *a, **kw)
+    def counting(train_outputs):
+        def counted(x, *a, **kw):
+            count[0] += int(x.shape[0])
+            return train_outputs(x, *a, **kw)
 
-    head.train_outputs = counted
+        return counted
+
+    for head in heads:
+        head.train_outputs = counting(head.train_outputs)
     try:
         yield count
     finally:
-        del head.train_outputs  # the class's method again
+        for head in heads:
+            del head.train_outputs  # the class's method again
 
 
 def infer(model, image):
@@ -338,6 +348,13 @@ def main():
     print(f"| HTC-Lite, TEST_CHUNK_SIZE 0 | | | | | | | | {unchunked_peak:.0f} |")
     ok = train_t["HTC-Lite"] <= 1.05 * ref_t and infer_t["HTC-Lite"] <= 1.05 * ref_i
     print(f"bar HTC-Lite <= 1.05x Cascade in training and inference: {'met' if ok else 'NOT met'}")
+    train_x = train_t["HTC"] / train_t["HTC-Lite"]
+    infer_x = infer_t["HTC"] / infer_t["HTC-Lite"]
+    ok = train_x <= 2.5 and infer_x <= 2.0
+    print(
+        f"HTC / HTC-Lite: training {train_x:.3f}x, inference {infer_x:.3f}x; bar <= 2.5x in "
+        f"training and <= 2x in inference: {'met' if ok else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

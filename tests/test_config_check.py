@@ -244,7 +244,7 @@ def test_new_keys_are_checked_just_by_declaring_them(monkeypatch):
     msg = error_of(["MODEL.ROI_HEADS.NMS_THRESH_TEST", "0.6", "MODEL.ROI_KEYPOINT_HEAD.NAME", "K"])
     assert "MODEL.ROI_HEADS.NMS_THRESH_TEST is 0.6; valid values: [0.5, 0.7]" in msg
     assert "MODEL.ROI_KEYPOINT_HEAD.NAME is 'K', which is not registered" in msg
-    monkeypatch.setattr(config_check, "RULES", list(config_check.RULES))
+    monkeypatch.setattr(config_check.rules, "RULES", list(config_check.rules.RULES))
     config_check.rule(
         lambda cfg: "SOLVER.MAX_ITER must be even" if cfg.SOLVER.MAX_ITER % 2 else None
     )

@@ -8,12 +8,15 @@ def add_model_config(cfg: CN) -> None:
     """Add the ``MODEL``, backbone, FPN, RPN and ``MODEL.ROI_HEADS`` keys to ``cfg`` in place."""
     # Parameter-name prefixes whose parameters are not trained, e.g. ["backbone",
     # "proposal_generator"] for the decoupled classifier fine-tune stage of Balanced Group
-    # Softmax (start it from a trained model with MODEL.WEIGHTS). A prefix that matches no
-    # parameter is an error.
+    # Softmax (start it from a trained model with MODEL.WEIGHTS). Their BatchNorm/SyncBN and
+    # dropout layers stay in eval mode (statistics neither used from the batch nor updated).
+    # A prefix that matches no parameter is an error.
     cfg.MODEL.FROZEN_MODULES = []
     _add_backbone(cfg)
+    _add_fpg(cfg)
     _add_rpn(cfg)
     _add_roi_heads_node(cfg)
+    _add_htc(cfg)
 
 
 def _add_backbone(cfg: CN) -> None:
@@ -55,6 +58,42 @@ def _add_backbone(cfg: CN) -> None:
     cfg.MODEL.TIMM.DEFORM_MODULATED = True
     # Offset groups of DCNv1.
     cfg.MODEL.TIMM.DEFORM_NUM_GROUPS = 1
+
+
+def _add_fpg(cfg: CN) -> None:
+    # Feature Pyramid Grids (modeling/fpg.py; docs/architecture.md, "FPG"): MODEL.BACKBONE.NAME
+    # "build_resnet_fpg_backbone" (detectron2's ResNet) or "build_timm_fpg_backbone"
+    # (MODEL.TIMM). Defaults: mmdetection's configs/fpg (9@256, BN).
+    cfg.MODEL.FPG = CN()
+    # Bottom-up features, finest first (strides doubling); FPG adds one coarser level, the
+    # stride-2 subsampling of the coarsest lateral: res2..res5 give p2..p6.
+    cfg.MODEL.FPG.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Bottom-up pathways after the lateral pathway 0 (9 in the paper and mmdetection).
+    cfg.MODEL.FPG.NUM_PATHWAYS = 9
+    # Channels of the grid (laterals and nodes; mmdetection's inter_channels): 256, or 128
+    # for the lighter variant.
+    cfg.MODEL.FPG.CHANNELS = 256
+    # Channels of the outputs p2..p6 that the heads read.
+    cfg.MODEL.FPG.OUT_CHANNELS = 256
+    # detectron2 norm after each transition's conv (the output convs have none): "BN" as in
+    # mmdetection's configs (8 images per GPU there), "SyncBN" for small per-GPU batches,
+    # "GN", or "" (no norm, convs with bias).
+    cfg.MODEL.FPG.NORM = "BN"
+    # The LVIS 2020 MMDet entry's "enhanced" FPG (unreleased; our reading, see docs): a DCNv2
+    # after every upsampling (the across-down transitions' 3x3 conv; zero-initialised offsets).
+    cfg.MODEL.FPG.DEFORM_UPSAMPLE = False
+    # Same-pathway 2x downsampling: "conv" (3x3 stride-2 conv, the paper's) or "carafe"
+    # (content-aware reassembly, CARAFE++ style, then a 3x3 stride-1 conv; the entry's
+    # "content-aware downsampling", whose details were not published).
+    cfg.MODEL.FPG.DOWNSAMPLE_TYPE = "conv"
+    # Parameters of the "carafe" downsampling (our defaults).
+    cfg.MODEL.FPG.CARAFE = CN()
+    # Channels of the 1x1 compressor.
+    cfg.MODEL.FPG.CARAFE.COMPRESSED_CHANNELS = 64
+    # Kernel of the stride-2 content encoder.
+    cfg.MODEL.FPG.CARAFE.ENCODER_KERNEL = 3
+    # Reassembled neighbourhood (3 keeps the unfolded input at 9x a level).
+    cfg.MODEL.FPG.CARAFE.DOWN_KERNEL = 3
 
 
 def _add_rpn(cfg: CN) -> None:
@@ -111,3 +150,30 @@ def _add_roi_heads_node(cfg: CN) -> None:
     # its mask head on the first stage's positives). The cascade does not re-sample later
     # stages, so a trained model's last stage has ~2x the first stage's positives.
     cfg.MODEL.ROI_HEADS.HTC_LITE.MASK_MAX_POSITIVES = 0
+
+
+def _add_htc(cfg: CN) -> None:
+    # HTC without the semantic branch (MODEL.ROI_HEADS.NAME "LongTailHTCROIHeads",
+    # docs/htc.md), which extends HTC-Lite's heads (HTC_LITE.MASK_MAX_POSITIVES and
+    # MODEL.ROI_CONTEXT_HEAD still apply). The defaults are mmdetection's HTC; with the four
+    # switches False it is exactly HTC-Lite.
+    cfg.MODEL.ROI_HEADS.HTC = CN()
+    # One mask head per cascade stage, losses "<name>_stage<t>"; at inference every head
+    # predicts the final boxes' masks and their sigmoid probabilities are averaged. False:
+    # HTC-Lite's one mask head, trained on HTC_LITE.MASK_TRAIN_STAGE.
+    cfg.MODEL.ROI_HEADS.HTC.PER_STAGE_MASKS = True
+    # Interleaved execution (needs PER_STAGE_MASKS): mask head t trains on the boxes refined
+    # by box stage t, re-matched at stage t's IoU with the GT boxes added, at most
+    # BATCH_SIZE_PER_IMAGE x POSITIVE_FRACTION positives per image. False: on the positives
+    # of box stage t's own proposals.
+    cfg.MODEL.ROI_HEADS.HTC.INTERLEAVED = True
+    # Mask information flow (needs PER_STAGE_MASKS): mask head t adds a 1x1 conv (norm
+    # ROI_MASK_HEAD.NORM, ReLU) of head t-1's conv features to its pooled RoI features.
+    cfg.MODEL.ROI_HEADS.HTC.MASK_INFO_FLOW = True
+    # Weight of each stage's mask losses, one per stage (mmdetection's HTC stage_loss_weights;
+    # the box stages keep detectron2's cascade scaling).
+    cfg.MODEL.ROI_HEADS.HTC.MASK_STAGE_LOSS_WEIGHTS = [1.0, 0.5, 0.25]
+    # Box stages >= 1 sample their proposals as stage 0 does (refined boxes plus the GT boxes,
+    # BATCH_SIZE_PER_IMAGE RoIs, POSITIVE_FRACTION positives), as mmdetection's cascades.
+    # False: detectron2's cascade, every refined box of the previous stage.
+    cfg.MODEL.ROI_HEADS.HTC.SAMPLE_BOX_STAGES = True

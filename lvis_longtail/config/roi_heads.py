@@ -9,6 +9,7 @@ def add_roi_heads_config(cfg: CN) -> None:
     _add_box_head(cfg)
     _add_softmax_losses(cfg)
     _add_sigmoid_losses(cfg)
+    _add_dual_head(cfg)
     _add_mask_head(cfg)
     _add_mask_pooler_and_upsampling(cfg)
     # Mask Scoring R-CNN's MaskIoU head (Huang et al. 2019; modeling/mask_scoring.py): it
@@ -136,6 +137,39 @@ def _add_sigmoid_losses(cfg: CN) -> None:
     # Background count = FG_BG_RATIO x the summed class counts (the reference's empirical
     # ratio of Mask R-CNN).
     cfg.MODEL.ROI_BOX_HEAD.ECM.FG_BG_RATIO = 6.3313
+
+
+def _add_dual_head(cfg: CN) -> None:
+    # Dual head classification fine-tune (modeling/dual_head.py; docs/methods.md, "Dual head
+    # classification"): start from a trained model (MODEL.WEIGHTS), freeze it, train a new
+    # classification branch per box stage, fuse both branches' scores at inference.
+    cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD = CN()
+    # Add the new branches; the trainer then freezes everything else (parameters and
+    # BatchNorm statistics), so only the new branches train.
+    cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED = False
+    # The new branch of each stage: "box_head" (a second FC tower of the box head's
+    # architecture on the pooled RoI features, plus a classifier; SimCal's) or "classifier"
+    # (a classifier on the trained box head's features). Its classifier layer is
+    # MODEL.ROI_BOX_HEAD.PREDICTOR_TYPE.
+    cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.BRANCH = "box_head"
+    # Loss of the new branch, a name in CLS_LOSS_REGISTRY (its parameters are those of the
+    # ROI_BOX_HEAD sub-nodes, e.g. SEESAW); the paper leaves it open, SimCal used softmax CE.
+    cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.CLS_LOSS_NAME = "SoftmaxCE"
+    # Initialisation of the new branch when MODEL.WEIGHTS holds none (the trained model's
+    # checkpoint): "copy" of the trained tower and, when the logit layouts agree, of the
+    # trained classifier; "random" (detectron2's initialisation, the loss's bias prior).
+    cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.INIT = "copy"
+    # Fusion of the two branches' [K scores, background] probabilities at inference, per
+    # stage (a cascade then averages the stages): "mean" ((1 - w) trained + w new, the
+    # paper's average at w = 0.5), "geometric" (trained^(1 - w) new^w), "group" (the new
+    # branch's scores for the classes of NEW_BRANCH_GROUPS, the trained branch's for the
+    # others).
+    cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.FUSION = "mean"
+    # w, the new branch's weight in "mean" and "geometric" (0: the trained model alone).
+    cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.NEW_WEIGHT = 0.5
+    # Frequency groups ("r", "c", "f" of the training set, DATASETS.TRAIN) scored by the new
+    # branch under FUSION "group".
+    cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.NEW_BRANCH_GROUPS = ["r", "c"]
 
 
 def _add_mask_head(cfg: CN) -> None:

@@ -36,6 +36,8 @@ def _add_evaluation(cfg: CN) -> None:
     # 1000 (LVIS v1 val needs ~600 per image on average: 10,000 x 1203 / 19,809), and keep
     # MODEL.ROI_HEADS.SCORE_THRESH_TEST low (1e-4). The evaluator's per-class score thresholds
     # (the running 10,000th score of each class) drop the rest before masks are encoded.
+    # "challenge2021": the LVIS Challenge 2021 (lvis-api's lvis_challenge_2021 branch): "fixed"
+    # with Boundary AP evaluated too, whatever TEST.LVIS_TASKS says.
     cfg.TEST.EVAL_PROTOCOL = "standard"
     # Parameters of the "fixed" protocol.
     cfg.TEST.FIXED_AP = CN()
@@ -44,6 +46,15 @@ def _add_evaluation(cfg: CN) -> None:
     # Which code computes LVIS AP: "fast" (lvis_longtail.evaluation.fast_eval: lvis-api's
     # numbers, several times faster, less memory) or "lvis_api" (lvis-api 0.5.3 itself).
     cfg.TEST.LVIS_EVALUATOR = "fast"
+    # LVIS tasks the evaluator computes, any of "bbox", "segm" and "boundary" (Boundary AP,
+    # Cheng et al. 2021: detections matched by min(mask IoU, boundary IoU); fast evaluator
+    # only, docs/methods.md "Boundary AP"). Under every TEST.EVAL_PROTOCOL; "challenge2021"
+    # adds it. Mask tasks are skipped for a model without masks. E.g. TEST.LVIS_TASKS
+    # "('bbox', 'segm', 'boundary')" for Boundary AP under the standard protocol.
+    cfg.TEST.LVIS_TASKS = ("bbox", "segm")
+    # Boundary AP's erosion radius over the image diagonal: d = round(ratio * diagonal)
+    # pixels, at least 1 (the challenge's 0.02).
+    cfg.TEST.BOUNDARY_DILATION_RATIO = 0.02
     # Minutes the other processes wait for the main one to export and score an evaluation,
     # on a gloo group of their own (lvis_longtail/utils/dist.py): the process group's timeout
     # (30 min) catches hangs in training, while scoring ~6M detections (Fixed AP, LVIS v1 val)

@@ -4,6 +4,7 @@ import math
 import os
 from typing import Mapping
 
+from lvis_longtail.evaluation.lvis_evaluation import TASKS
 from lvis_longtail.evaluation.results import RESULTS_FILE
 
 COLUMNS = ("AP", "APr", "APc", "APf")
@@ -16,14 +17,15 @@ def _fmt(value) -> str:
 
 
 def format_summary(cfg, results: Mapping, seconds: float = None) -> str:
-    """A few lines: per evaluated split, bbox and segm AP/APr/APc/APf; per split, the results
-    file written under ``OUTPUT_DIR/inference/<split>/`` (if any).
+    """A few lines: per evaluated split, bbox, segm and (when evaluated) boundary
+    AP/APr/APc/APf; per split, the results file written under
+    ``OUTPUT_DIR/inference/<split>/`` (if any).
 
     Args:
         cfg: the run's config (``DATASETS.TEST``, ``OUTPUT_DIR``).
-        results: ``{dataset: {"bbox": {"AP": ...}, "segm": {...}}}`` as ``Trainer.test``
-            returns it (``{}`` for a split without annotations; with one test split,
-            detectron2 returns that split's dict itself).
+        results: ``{dataset: {"bbox": {"AP": ...}, "segm": {...}, "boundary": {...}}}`` as
+            ``Trainer.test`` returns it (``{}`` for a split without annotations; with one test
+            split, detectron2 returns that split's dict itself).
         seconds: wall time of the run, printed if given.
     """
     if len(cfg.DATASETS.TEST) == 1 and cfg.DATASETS.TEST[0] not in results:
@@ -31,7 +33,7 @@ def format_summary(cfg, results: Mapping, seconds: float = None) -> str:
     lines = ["", "=== Summary" + (f" ({seconds / 60:.1f} min)" if seconds else "") + " ==="]
     for name in cfg.DATASETS.TEST:
         metrics = results.get(name) or {}
-        for task in ("bbox", "segm"):
+        for task in TASKS:
             if task in metrics:
                 values = ", ".join(f"{c} {_fmt(metrics[task].get(c))}" for c in COLUMNS)
                 lines.append(f"{name} {task}: {values}")

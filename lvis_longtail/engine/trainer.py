@@ -1,5 +1,6 @@
 """The trainer: detectron2's ``DefaultTrainer`` with LVIS builders."""
 
+import functools
 import logging
 import os
 from datetime import timedelta
@@ -7,6 +8,7 @@ from datetime import timedelta
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
 from detectron2.utils import comm
+from torch import nn
 
 from lvis_longtail.data.categories import (
     category_fields,
@@ -19,6 +21,7 @@ from lvis_longtail.engine.faults import fault_tolerance_hooks, workers_ignore_pr
 from lvis_longtail.engine.launch import OpenCVThreadsWorkerInit
 from lvis_longtail.engine.resume import DataStream
 from lvis_longtail.evaluation import LVISLongTailEvaluator
+from lvis_longtail.modeling.dual_head import dual_head_branches
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +50,25 @@ def check_num_classes(cfg) -> None:
             )
 
 
-def freeze_modules(model, prefixes) -> None:
-    """Stop the gradient of every parameter whose name starts with one of ``prefixes``.
+# Layers whose forward depends on the train/eval mode through their own state: normalisation
+# statistics (BatchNorm, SyncBN and their subclasses) and dropout. Frozen ones stay in eval mode.
+_MODE_DEPENDENT_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+def _train_in_eval_mode(module: nn.Module, mode: bool = True) -> nn.Module:
+    """The ``train`` of a frozen layer: eval mode whatever ``mode`` asks."""
+    return nn.Module.train(module, False)
+
+
+def _under(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def freeze_modules(model, prefixes, keep=()) -> None:
+    """Freeze what ``prefixes`` (parameter-name prefixes) name, except what ``keep`` names:
+    their parameters get no gradient, and their BatchNorm/SyncBN and dropout layers stay in eval
+    mode across ``model.train()``, so running statistics do not move and batches are normalised
+    with them (a frozen module computes in training what it computed before).
 
     Raises:
         ValueError: a prefix matches no parameter (a typo would silently train everything).
@@ -62,20 +82,31 @@ def freeze_modules(model, prefixes) -> None:
                 f"MODEL.FROZEN_MODULES: '{prefix}' matches no parameter; "
                 f"top-level modules are {top}"
             )
-    frozen = 0
+    frozen = pinned = 0
     for name, param in model.named_parameters():
-        if any(name == p or name.startswith(p + ".") for p in prefixes):
+        if _under(name, prefixes) and not _under(name, keep):
             param.requires_grad_(False)
             frozen += param.numel()
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, _MODE_DEPENDENT_LAYERS)
+            and _under(name, prefixes)
+            and not _under(name, keep)
+        ):
+            module.train = functools.partial(_train_in_eval_mode, module)
+            module.eval()
+            pinned += 1
     if prefixes:
-        logger.info(f"Froze {frozen} parameters under {list(prefixes)}")
+        logger.info(f"Froze {frozen} parameters under {list(prefixes)} (except {list(keep)}); "
+                    f"{pinned} normalisation/dropout layers kept in eval mode")  # fmt: skip
 
 
 class Trainer(DefaultTrainer):
     """detectron2's ``DefaultTrainer``; only the builders differ:
 
     - ``build_model`` checks the class count against the training set and freezes
-      ``MODEL.FROZEN_MODULES`` (the decoupled classifier fine-tune stage);
+      ``MODEL.FROZEN_MODULES`` (the decoupled classifier fine-tune stage) or, with
+      ``MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED``, everything but the new branches;
     - ``build_evaluator`` returns :class:`LVISLongTailEvaluator` (LVIS metrics with
       APr/APc/APf under ``TEST.EVAL_PROTOCOL``, per-class diagnostics, and the results file,
       which is all a test-dev split gets).
@@ -142,6 +173,9 @@ class Trainer(DefaultTrainer):
         check_num_classes(cfg)
         model = super().build_model(cfg)
         freeze_modules(model, cfg.MODEL.FROZEN_MODULES)
+        if cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED:  # the trained model, all but the new branches
+            trained = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
+            freeze_modules(model, trained, keep=dual_head_branches(model))
         return model
 
     @classmethod
@@ -157,15 +191,16 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """:class:`LVISLongTailEvaluator` with ``TEST.EVAL_PROTOCOL``, ``TEST.FIXED_AP`` and
-        ``TEST.LVIS_EVALUATOR``; per-class diagnostics get the training set's image counts."""
+        """:class:`LVISLongTailEvaluator` with ``TEST.EVAL_PROTOCOL``, ``TEST.FIXED_AP``,
+        ``TEST.LVIS_EVALUATOR``, ``TEST.LVIS_TASKS`` and ``TEST.BOUNDARY_DILATION_RATIO``;
+        per-class diagnostics get the training set's image counts."""
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         protocol = cfg.TEST.EVAL_PROTOCOL
         cap = cfg.TEST.DETECTIONS_PER_IMAGE
-        if protocol == "fixed" and 0 <= cap <= LVIS_MAX_DETS_PER_IMAGE:
+        if protocol != "standard" and 0 <= cap <= LVIS_MAX_DETS_PER_IMAGE:
             logger.warning(
-                f"TEST.EVAL_PROTOCOL 'fixed' with TEST.DETECTIONS_PER_IMAGE {cap}: the model "
+                f"TEST.EVAL_PROTOCOL {protocol!r} with TEST.DETECTIONS_PER_IMAGE {cap}: the model "
                 f"keeps at most {cap} detections per image, so Fixed AP is underestimated; set "
                 "TEST.DETECTIONS_PER_IMAGE to -1 or e.g. 1000 (see docs/config_keys.md)."
             )
@@ -179,6 +214,8 @@ class Trainer(DefaultTrainer):
             class_image_count=train_image_counts(cfg),
             train_datasets=cfg.DATASETS.TRAIN,
             wait_timeout=timedelta(minutes=cfg.TEST.EVAL_WAIT_MINUTES),
+            tasks=cfg.TEST.LVIS_TASKS,
+            dilation_ratio=cfg.TEST.BOUNDARY_DILATION_RATIO,
         )
 
 

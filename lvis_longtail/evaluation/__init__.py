@@ -1,7 +1,8 @@
 """LVIS evaluation around one detection table: streamed per-rank shards (:mod:`.shards`), the
 table, its ranking rule and the protocols (:mod:`.table`), results records, checks and file
 (:mod:`.results`), lvis-api's numbers by a fast evaluator (:mod:`.fast_eval`) or lvis-api itself
-(:mod:`.lvis_evaluation`), per-class diagnostics (:mod:`.diagnostics`), and the detectron2
+(:mod:`.lvis_evaluation`), Boundary AP's boundary regions on mask crops (:mod:`.boundary`,
+:mod:`.mask_crops`), per-class diagnostics (:mod:`.diagnostics`), and the detectron2
 ``DatasetEvaluator`` (:mod:`.evaluator`)."""
 
 from lvis_longtail.evaluation.evaluator import LVISLongTailEvaluator

@@ -5,6 +5,8 @@
     category_id, name, frequency, train_image_count, gt_instances, gt_images,
     bbox_AP, bbox_AP50, bbox_detections, segm_AP, segm_AP50, segm_detections
 
+(and ``boundary_AP, boundary_AP50, boundary_detections`` when Boundary AP is evaluated).
+
 ``frequency`` is the split's (what APr/APc/APf use); ``train_image_count`` the training set's
 images per class (blank when unknown); ``gt_*`` count the evaluated split's annotations; APs
 are in percent over all areas, blank where the class has no ground truth; ``*_detections``
@@ -12,7 +14,8 @@ count the detections that took part (after the protocol's cap and the federated 
 
 ``lvis_per_class.png`` plots each class's AP against its training image count (log x; the
 split's own annotated image count when the training counts are unknown), coloured by
-frequency group, next to the APr/APc/APf bars of each task.
+frequency group (the first task of boundary, segm, bbox evaluated), next to the APr/APc/APf
+bars of each task.
 """
 
 import math
@@ -91,7 +94,7 @@ def plot(path: str, rows: List[dict], group_metrics: Mapping[str, Mapping[str, f
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    tasks = [t for t in ("segm", "bbox") if rows and f"{t}_AP" in rows[0]]
+    tasks = [t for t in ("boundary", "segm", "bbox") if rows and f"{t}_AP" in rows[0]]
     fig = Figure(figsize=(12, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax, bars = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)

@@ -7,8 +7,10 @@ Differs from detectron2's ``LVISEvaluator`` in:
   :class:`~.table.DetectionTable`, applies the protocol once, writes the results file from
   that selection (checked against the split, atomically; :mod:`.results`) and computes AP
   from the same selection;
-- two protocols (:mod:`.table`, ``TEST.EVAL_PROTOCOL``): ``standard`` (300 per image) and
-  ``fixed`` (Fixed AP: 10,000 per class, no per-image cap), for the metrics and the file;
+- three protocols (:mod:`.table`, ``TEST.EVAL_PROTOCOL``): ``standard`` (300 per image),
+  ``fixed`` (Fixed AP: 10,000 per class, no per-image cap) and ``challenge2021`` (Fixed AP
+  with Boundary AP), for the metrics and the file; Boundary AP (:mod:`.boundary`) also on
+  request (``tasks``, ``TEST.LVIS_TASKS``) under any protocol;
 - two evaluators with the same numbers (``TEST.LVIS_EVALUATOR``): ``fast`` (:mod:`.fast_eval`)
   and ``lvis_api`` (the official code);
 - ``Instances.mask_scores`` (Mask Scoring) ranks segm; test-dev (no annotations) is only
@@ -31,12 +33,15 @@ from detectron2.utils.logger import create_small_table
 from lvis_longtail.data.class_stats import training_frequency
 from lvis_longtail.data.lvis_json import load_validated
 from lvis_longtail.evaluation import diagnostics
+from lvis_longtail.evaluation.boundary import DILATION_RATIO
 from lvis_longtail.evaluation.fast_eval import LVISGroundTruth, evaluate_detections
 from lvis_longtail.evaluation.lvis_evaluation import (
+    DEFAULT_TASKS,
     EVALUATORS,
     METRICS_FILE,
     TASKS,
     _percent,
+    check_task_evaluator,
     resolve_frequencies,
     run_lvis_eval,
 )
@@ -59,23 +64,25 @@ from lvis_longtail.utils.io import write_json_atomic
 logger = logging.getLogger(__name__)
 
 SHARD_DIR = ".lvis_results_shards"
+MASK_TASKS = ("segm", "boundary")
 
 
 class LVISLongTailEvaluator(DatasetEvaluator):
-    """LVIS bbox/segm evaluation and results export for the LVIS server.
+    """LVIS bbox/segm/boundary evaluation and results export for the LVIS server.
 
     :meth:`process` turns each image's ``instances`` into table rows (dataset category ids,
     compressed-RLE masks) and appends them to this process's shard on disk; memory holds at
     most ``flush_every`` images. :meth:`evaluate` (main process) writes
     ``lvis_instances_results.json`` from all shards, validated against the split and
     atomically, to ``output_dir``. If the split has annotations it returns ``{"bbox": {...},
-    "segm": {...}}`` (lvis-api's metrics in percent) and saves them to ``lvis_metrics.json``
-    with the protocol, plus ``lvis_per_class.csv`` and ``lvis_per_class.png``; a test-dev json
+    "segm": {...}}`` (and ``"boundary"`` when evaluated; lvis-api's metrics in percent) and
+    saves them to ``lvis_metrics.json`` with the protocol (and ``boundary_dilation_ratio``),
+    plus ``lvis_per_class.csv`` and ``lvis_per_class.png``; a test-dev json
     (no ``annotations``) only gets the export and returns ``{}``.
 
     With ``Instances.mask_scores`` (Mask Scoring), bbox is ranked by ``scores`` and segm by
-    ``mask_scores``, and the file's ``score`` is the segm score (the LVIS server evaluates
-    segm). segm uses the mask area for APs/APm/APl, as detectron2 does.
+    ``mask_scores`` (boundary too), and the file's ``score`` is the segm score (the LVIS server
+    evaluates masks). segm and boundary use the mask area for APs/APm/APl, as detectron2 does.
 
     APr/APc/APf use the training set's frequency groups: the json's ``frequency`` fields,
     else those of ``train_datasets`` (their json's fields or a recount of their annotations);
@@ -93,7 +100,7 @@ class LVISLongTailEvaluator(DatasetEvaluator):
         output_dir: Optional[str] = None,
         *,
         max_dets_per_image: int = 300,
-        tasks: Sequence[str] = TASKS,
+        tasks: Sequence[str] = DEFAULT_TASKS,
         distributed: bool = True,
         protocol: str = "standard",
         dets_per_class: int = 10000,
@@ -102,6 +109,7 @@ class LVISLongTailEvaluator(DatasetEvaluator):
         flush_every: int = 32,
         train_datasets: Sequence[str] = (),
         wait_timeout: timedelta = timedelta(hours=4),
+        dilation_ratio: float = DILATION_RATIO,
     ):
         """
         Args:
@@ -110,11 +118,14 @@ class LVISLongTailEvaluator(DatasetEvaluator):
                 running); None writes nothing (shards go to a temporary folder).
             max_dets_per_image: standard protocol's per-image cap across classes (300); -1
                 keeps all.
-            tasks: a subset of ("bbox", "segm"); segm is skipped if predictions have no masks.
+            tasks: a subset of ("bbox", "segm", "boundary"), plus the protocol's required
+                ones (challenge2021: boundary); segm and boundary are skipped if predictions
+                have no masks.
             distributed: evaluate the shards of all ranks on the main one.
-            protocol: "standard" or "fixed" (Fixed AP, see :mod:`.table`).
+            protocol: "standard", "fixed" (Fixed AP) or "challenge2021" (see :mod:`.table`).
             dets_per_class: Fixed AP's detections per class over the split.
-            evaluator: "fast" or "lvis_api" (same numbers; lvis_api is the official code).
+            evaluator: "fast" or "lvis_api" (same numbers; lvis_api is the official code, with
+                no Boundary AP).
             class_image_count: training images per class, for the per-class diagnostics:
                 ``{dataset category id: count}`` or a sequence per contiguous class id.
             flush_every: images buffered in memory before they are written to the shard.
@@ -122,6 +133,7 @@ class LVISLongTailEvaluator(DatasetEvaluator):
                 APr/APc/APf use for categories without a json ``frequency``; empty: none known.
             wait_timeout: how long the other processes wait for the main one to export and
                 score (``TEST.EVAL_WAIT_MINUTES``).
+            dilation_ratio: Boundary AP's erosion radius over the image diagonal (0.02).
         """
         if not set(tasks) <= set(TASKS) or not tasks:
             raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tuple(tasks)}")
@@ -143,7 +155,11 @@ class LVISLongTailEvaluator(DatasetEvaluator):
         self._train_datasets = tuple(train_datasets)
         self._class_image_count = class_image_count
         self._output_dir = output_dir
+        tasks = set(tasks) | set(self._protocol.required_tasks)
         self._tasks = tuple(t for t in TASKS if t in tasks)
+        for task in self._tasks:
+            check_task_evaluator(task, evaluator)
+        self._dilation_ratio = dilation_ratio
         self._distributed = distributed
         self._evaluator = evaluator
         self._flush_every = flush_every
@@ -166,7 +182,7 @@ class LVISLongTailEvaluator(DatasetEvaluator):
     def reset(self):
         self._shards.discard()
         self._thresholds = {}
-        if self._protocol.name == "fixed":
+        if self._protocol.per_class:
             k = self._protocol.dets_per_class
             self._thresholds = {"score": ClassScoreThresholds(k), "mask_scores": None}
 
@@ -227,16 +243,16 @@ class LVISLongTailEvaluator(DatasetEvaluator):
         if num_images == 0:
             logger.warning(f"LVISLongTailEvaluator received no images of {self._dataset_name}.")
         tasks = self._tasks
-        if "segm" in tasks and table.masks is None and len(table):
-            logger.warning("Predictions have no pred_masks: segm is not evaluated.")
-            tasks = tuple(t for t in tasks if t != "segm")
+        if table.masks is None and len(table) and set(tasks) & set(MASK_TASKS):
+            logger.warning("Predictions have no pred_masks: segm and boundary are not evaluated.")
+            tasks = tuple(t for t in tasks if t not in MASK_TASKS)
         path = os.path.join(self._output_dir, RESULTS_FILE) if self._output_dir else None
         exported = self._protocol.apply(table, "file")  # the protocol, once
         summary = write_results_file(
             exported,
             path,
             split,
-            with_masks="segm" in tasks,
+            with_masks=bool(set(tasks) & set(MASK_TASKS)),
             source=path or f"{RESULTS_FILE} (not written: no output_dir)",
         )
         summary["num_processed_images"] = num_images
@@ -283,7 +299,8 @@ class LVISLongTailEvaluator(DatasetEvaluator):
             start = time.perf_counter()
             selected = protocol.select_table(table, task)
             if self._evaluator == "fast":
-                res = evaluate_detections(gt, selected, task, protocol.eval_max_dets)
+                ratio = self._dilation_ratio
+                res = evaluate_detections(gt, selected, task, protocol.eval_max_dets, ratio)
             else:
                 records = table_to_records(selected, with_masks=task == "segm")
                 res = run_lvis_eval(gt, records, task, protocol.eval_max_dets, evaluator="lvis_api")
@@ -296,6 +313,8 @@ class LVISLongTailEvaluator(DatasetEvaluator):
         if self._output_dir:
             saved = dict(results, protocol=dataclasses.asdict(protocol))
             saved["frequency_source"] = frequency_source
+            if "boundary" in results:
+                saved["boundary_dilation_ratio"] = self._dilation_ratio
             write_json_atomic(saved, os.path.join(self._output_dir, METRICS_FILE))
             diagnostics.save(self._output_dir, dataset, per_task, self._train_counts(dataset))
         return results

@@ -18,7 +18,9 @@ included) and feeds it differently:
   kept detections, so nothing scales with images x categories;
 - IoUs only for (image, category) pairs with both, with pycocotools' ``maskUtils.iou`` (the
   function lvis-api calls, hence the same bits); ground-truth polygons become RLEs only where
-  a detection needs them, detection masks are read only there.
+  a detection needs them, detection masks are read only there;
+- Boundary AP (``iou_type="boundary"``, lvis-api's ``lvis_challenge_2021`` branch): the same,
+  matched by min(mask IoU, boundary IoU) (:mod:`.boundary`).
 
 Tie-breaking is lvis-api's: within an image, equal scores keep the earlier detection; across
 images, the lower image id first. The one arithmetic difference is precision: the C++ code
@@ -37,12 +39,14 @@ import numpy as np
 from lvis.eval import Params
 from pycocotools import mask as mask_utils
 
+from lvis_longtail.evaluation.boundary import DILATION_RATIO, BoundaryCache, cell_ious
 from lvis_longtail.evaluation.table import DetectionTable, cap_per_image
 from lvis_longtail.utils.io import gc_paused
 
 logger = logging.getLogger(__name__)
 
 FREQUENCY_GROUPS = ("r", "c", "f")
+IOU_TYPES = ("bbox", "segm", "boundary")
 AREA_LABELS = ("all", "small", "medium", "large")
 
 
@@ -93,6 +97,7 @@ class LVISGroundTruth:
         self.neg_keys = self._image_category_keys(images, "neg_category_ids")
         self.not_exhaustive_keys = self._image_category_keys(images, "not_exhaustive_category_ids")
         self._rle_cache: Dict[int, dict] = {}
+        self._boundary_caches: Dict[float, BoundaryCache] = {}
 
     def image_index(self, image_ids: np.ndarray) -> np.ndarray:
         """Row of each id in ``img_ids``; -1 where the id is not an image of the split."""
@@ -121,7 +126,7 @@ class LVISGroundTruth:
         ``ann_to_rle`` does and cached."""
         out = []
         anns = self.dataset["annotations"]
-        for row in rows.tolist():
+        for row in np.asarray(rows).tolist():
             rle = self._rle_cache.get(row)
             if rle is None:
                 ann = anns[self.ann_index[row]]
@@ -136,6 +141,13 @@ class LVISGroundTruth:
                 self._rle_cache[row] = rle
             out.append(rle)
         return out
+
+    def boundary_cache(self, ratio: float) -> BoundaryCache:
+        """The ground truth's boundary regions at dilation ``ratio`` (:mod:`.boundary`),
+        computed once per annotation row and kept."""
+        if ratio not in self._boundary_caches:
+            self._boundary_caches[ratio] = BoundaryCache(ratio, self.rles)
+        return self._boundary_caches[ratio]
 
     def boxes(self, rows: np.ndarray) -> List[list]:
         anns = self.dataset["annotations"]
@@ -194,24 +206,32 @@ class LVISEvalResult:
 
 
 def evaluate_detections(
-    gt: LVISGroundTruth, dets: DetectionTable, iou_type: str, max_dets: int = 300
+    gt: LVISGroundTruth,
+    dets: DetectionTable,
+    iou_type: str,
+    max_dets: int = 300,
+    dilation_ratio: float = DILATION_RATIO,
 ) -> LVISEvalResult:
-    """lvis-api's ``LVISResults(gt, results, max_dets)`` + ``LVISEval(...).run()``, exactly.
+    """lvis-api's ``LVISResults(gt, results, max_dets)`` + ``LVISEval(...).run()``, exactly
+    (for "boundary", ``LVISEval`` of lvis-api's ``lvis_challenge_2021`` branch).
 
     Args:
         gt: the indexed split.
         dets: the detections, in the results' order (which breaks ties as in lvis-api).
             Ranked by :meth:`DetectionTable.task_score`. Images must be of the split.
-        iou_type: "bbox" or "segm" (segm area = mask pixel count).
+        iou_type: "bbox", "segm" or "boundary" (:mod:`.boundary`: matched by min(mask IoU,
+            boundary IoU)); segm and boundary area = mask pixel count.
         max_dets: per-image cap; -1 for none (Fixed AP).
+        dilation_ratio: boundary's erosion radius over the image diagonal.
     """
-    if iou_type not in ("bbox", "segm"):
-        raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    if iou_type not in IOU_TYPES:
+        raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
+    boundary = gt.boundary_cache(dilation_ratio) if iou_type == "boundary" else None
     with gc_paused():
-        return _evaluate(gt, dets, iou_type, max_dets)
+        return _evaluate(gt, dets, iou_type, max_dets, boundary)
 
 
-def _evaluate(gt, dets, iou_type, max_dets) -> "LVISEvalResult":
+def _evaluate(gt, dets, iou_type, max_dets, boundary) -> "LVISEvalResult":
     start = time.perf_counter()
     params = Params(iou_type)
     params.max_dets = max_dets
@@ -225,7 +245,7 @@ def _evaluate(gt, dets, iou_type, max_dets) -> "LVISEvalResult":
     for k in np.flatnonzero(gt_bounds[1:] > gt_bounds[:-1]).tolist():
         g = np.arange(gt_bounds[k], gt_bounds[k + 1])
         d = np.arange(dt_bounds[k], dt_bounds[k + 1])
-        p, r = _evaluate_category(gt, dets, g, d, iou_type, params)
+        p, r = _evaluate_category(gt, dets, g, d, iou_type, params, boundary)
         precision[:, :, k, :] = p
         recall[:, k, :] = r
     metrics = _summarize(precision, recall, gt, params)
@@ -255,8 +275,9 @@ def _prepare_detections(gt, dets: DetectionTable, iou_type, max_dets) -> _Prepar
         raise ValueError(f"detections of image {bad}, which is not an image of the split")
     if iou_type == "bbox" and dets.bbox is None and len(dets):
         raise ValueError("bbox evaluation needs a 'bbox' in every detection")
-    if iou_type == "segm" and dets.masks is None and dets.mask_area is None and len(dets):
-        raise ValueError("segm evaluation needs a 'segmentation' in every detection")
+    if iou_type != "bbox" and dets.masks is None and len(dets):
+        if iou_type == "boundary" or dets.mask_area is None:
+            raise ValueError(f"{iou_type} evaluation needs a 'segmentation' in every detection")
     score = dets.task_score(iou_type)
     rows = np.flatnonzero(cap_per_image(img, score, max_dets))  # LVISResults' cap first
     img, cat = img[rows], gt.category_index(dets.category_id[rows])
@@ -303,7 +324,7 @@ def _cpp():
     return cpp
 
 
-def _evaluate_category(gt, dets: _Prepared, g_rows, d_rows, iou_type, params):
+def _evaluate_category(gt, dets: _Prepared, g_rows, d_rows, iou_type, params, boundary):
     """One C++ evaluate + accumulate over the images where the category occurs.
 
     ``g_rows``/``d_rows``: contiguous ranges of ground-truth / detection rows, grouped by
@@ -329,13 +350,9 @@ def _evaluate_category(gt, dets: _Prepared, g_rows, d_rows, iou_type, params):
         dets.not_exhaustive[d_rows].tolist(),
     ):
         dt_data.append(image, 0, {"id": r + 1, "score": score, "area": area, "lvis_mark": mark})
-    ious, g0, d0 = [], 0, 0
-    for g1, d1 in zip(g_cut, d_cut):
-        if g1 > g0 and d1 > d0:
-            ious.append([_ious(gt, dets, g_rows[g0:g1], d_rows[d0:d1], iou_type)])
-        else:
-            ious.append([[]])
-        g0, d0 = g1, d1
+    # a pair below the lowest threshold is never matched (lvis-api caps them at 1 - 1e-10)
+    min_iou = min(float(params.iou_thrs.min()), 1 - 1e-10)
+    ious = _cell_ious(gt, dets, g_rows, d_rows, (g_cut, d_cut), iou_type, (boundary, min_iou))
     counts = np.diff(np.concatenate([[0], d_cut]))
     img_list = images.astype(np.float64).tolist()
     cpp_params = SimpleNamespace(
@@ -352,15 +369,35 @@ def _evaluate_category(gt, dets: _Prepared, g_rows, d_rows, iou_type, params):
     return out["precision"][:, :, 0, :, 0], out["recall"][:, 0, :, 0]
 
 
-def _ious(gt, dets: _Prepared, g_rows, d_rows, iou_type) -> list:
-    """(D, G) IoUs, detections sorted by score as the C++ code sorts them (stable)."""
-    d_rows = d_rows[np.argsort(-dets.score[d_rows], kind="stable")]
+def _cell_ious(gt, dets: _Prepared, g_rows, d_rows, cuts, iou_type, boundary) -> list:
+    """The C++ code's IoU input: per image, [(D, G) IoUs] (or [[]] without both), detections
+    sorted by score as it sorts them (stable). ``boundary``: (the ground truth's
+    :class:`~.boundary.BoundaryCache`, the lowest IoU threshold) for "boundary"."""
+    cells, g0, d0 = [], 0, 0
+    for g1, d1 in zip(*cuts):
+        d = d_rows[d0:d1][np.argsort(-dets.score[d_rows[d0:d1]], kind="stable")]
+        cells.append((d, g_rows[g0:g1]) if g1 > g0 and d1 > d0 else None)
+        g0, d0 = g1, d1
+    full = [c for c in cells if c is not None]
+    if iou_type == "boundary" and full:
+        d_all = np.concatenate([d for d, _ in full])
+        ends = np.cumsum([len(d) for d, _ in full])
+        positions = np.split(np.arange(len(d_all)), ends[:-1])
+        parts = [(p, g) for p, (_, g) in zip(positions, full)]
+        values = iter(cell_ious(parts, dets.table.masks.rles(d_all), gt.rles, *boundary))
+    else:
+        values = (_ious(gt, dets, g, d, iou_type) for d, g in full)
+    return [[next(values).tolist()] if c is not None else [[]] for c in cells]
+
+
+def _ious(gt, dets: _Prepared, g_rows, d_rows, iou_type) -> np.ndarray:
+    """(D, G) bbox or segm IoUs of detection rows (in matching order) and ground truth."""
     iscrowd = [0] * len(g_rows)
     if iou_type == "bbox":
         d = dets.table.bbox[d_rows].tolist()
-        return mask_utils.iou(d, gt.boxes(g_rows), iscrowd).tolist()
+        return mask_utils.iou(d, gt.boxes(g_rows), iscrowd)
     d = dets.table.masks.rles(d_rows)
-    return mask_utils.iou(d, gt.rles(g_rows), iscrowd).tolist()
+    return mask_utils.iou(d, gt.rles(g_rows), iscrowd)
 
 
 def _summarize(precision, recall, gt: LVISGroundTruth, params) -> "OrderedDict[str, float]":

@@ -4,6 +4,10 @@
   memory; takes records, a results file or a :class:`~.detections.DetectionTable`;
 - ``lvis_api``: lvis-api 0.5.3 itself (``LVISResults`` + ``LVISEval``), for cross-checks.
 
+Tasks: ``bbox``, ``segm`` and ``boundary`` (Boundary AP, :mod:`.boundary`: lvis-api 0.5.3 has
+none, so only the fast evaluator computes it, with the numbers of lvis-api's
+``lvis_challenge_2021`` branch).
+
 Both take the same protocol arguments: the per-image cap ``max_dets`` (LVIS standard 300) and,
 for Fixed AP, ``dets_per_class`` (10,000) with ``max_dets=-1``. Reported metrics are lvis-api's
 (AP, AP50, AP75, APs/m/l, APr/c/f, AR@300, ARs/m/l@300) times 100; lvis-api answers -1 where a
@@ -22,8 +26,9 @@ import lvis.results
 import numpy as np
 from lvis import LVIS, LVISEval, LVISResults
 
-from lvis_longtail.config_check import ENUMS
+from lvis_longtail.config_check import ENUMS, LVIS_TASKS, check_task_evaluator
 from lvis_longtail.data.lvis_json import ValidatedLVIS, load_validated, validate_lvis_dict
+from lvis_longtail.evaluation.boundary import DILATION_RATIO
 from lvis_longtail.evaluation.fast_eval import (
     LVISEvalResult,
     LVISGroundTruth,
@@ -38,7 +43,8 @@ logger = logging.getLogger(__name__)
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 METRICS_FILE = "lvis_metrics.json"
-TASKS = ("bbox", "segm")
+TASKS = LVIS_TASKS
+DEFAULT_TASKS = ("bbox", "segm")
 EVALUATORS = ENUMS["TEST.LVIS_EVALUATOR"]
 
 
@@ -116,6 +122,7 @@ def run_lvis_eval(
     *,
     dets_per_class: int = -1,
     evaluator: str = "fast",
+    dilation_ratio: float = DILATION_RATIO,
 ) -> LVISEvalResult:
     """Evaluate LVIS results for one task; see :func:`evaluate_lvis_results`.
 
@@ -126,7 +133,8 @@ def run_lvis_eval(
     if evaluator not in EVALUATORS:
         raise ValueError(f"unknown LVIS evaluator {evaluator!r}; expected one of {EVALUATORS}")
     if iou_type not in TASKS:
-        raise ValueError(f"unknown LVIS task {iou_type!r}; expected 'bbox' or 'segm'")
+        raise ValueError(f"unknown LVIS task {iou_type!r}; expected one of {TASKS}")
+    check_task_evaluator(iou_type, evaluator)
     gt = as_ground_truth(gt) if evaluator == "fast" else as_lvis_gt(gt)
     check_frequencies(gt.dataset["categories"])
     required = ("bbox",) if iou_type == "bbox" else ("segmentation",)
@@ -149,7 +157,7 @@ def run_lvis_eval(
         if records is not None:
             records = [records[i] for i in np.flatnonzero(keep).tolist()]
     if evaluator == "fast":
-        return evaluate_detections(gt, table, iou_type, max_dets)
+        return evaluate_detections(gt, table, iou_type, max_dets, dilation_ratio)
     return _run_lvis_api(gt, records, iou_type, max_dets)
 
 
@@ -191,8 +199,13 @@ def evaluate_lvis_results(
     *,
     dets_per_class: int = -1,
     evaluator: str = "fast",
+    dilation_ratio: float = DILATION_RATIO,
 ) -> dict:
     """Evaluate LVIS results for one task, with lvis-api's numbers.
+
+    The LVIS Challenge 2021's Boundary AP of a results file (e.g. the evaluator's
+    ``lvis_instances_results.json``): ``evaluate_lvis_results(gt, path, "boundary",
+    max_dets=-1, dets_per_class=10000)``.
 
     Args:
         gt: the split with annotations: its path (validated once, cached), a
@@ -204,17 +217,24 @@ def evaluate_lvis_results(
             :class:`~.detections.DetectionTable` (trusted: made by this package).
             Ranked by ``score``, for segm by ``segm_score`` where a record has one; segm uses
             the mask area for APs/APm/APl. Empty results give AP 0, no error.
-        iou_type: "bbox" or "segm".
+        iou_type: "bbox", "segm" or "boundary" (fast evaluator only).
         max_dets: per-image cap (LVIS standard 300; -1 = none, as Fixed AP).
         dets_per_class: > 0 keeps only that many best detections per class over the split
             first (Fixed AP: 10,000 with ``max_dets=-1``); equal scores keep the earlier one.
         evaluator: "fast" (:mod:`.fast_eval`) or "lvis_api" (lvis-api 0.5.3 itself).
+        dilation_ratio: Boundary AP's erosion radius over the image diagonal (0.02).
 
     Returns:
         lvis-api's metrics (:func:`~.fast_eval.metric_names`) in percent; -1 where undefined.
     """
     result = run_lvis_eval(
-        gt, results, iou_type, max_dets, dets_per_class=dets_per_class, evaluator=evaluator
+        gt,
+        results,
+        iou_type,
+        max_dets,
+        dets_per_class=dets_per_class,
+        evaluator=evaluator,
+        dilation_ratio=dilation_ratio,
     )
     return {m: _percent(v) for m, v in result.metrics.items()}
 
@@ -307,6 +327,7 @@ def resolve_frequencies(
 
 
 __all__ = [
+    "DEFAULT_TASKS",
     "EVALUATORS",
     "METRICS",
     "TASKS",

@@ -7,10 +7,10 @@ demand, so masks are only touched where an IoU or the results file needs them. T
 file (:mod:`.results`) and both evaluators work on that selection.
 
 Which score ranks a detection is decided in one place, :func:`ranking_score`: bbox by the box
-score; segm (and the results file, whose ``score`` is what the LVIS server ranks segm by) by
-the Mask Scoring score ``segm_score`` where there is one, else the box score.
+score; segm and boundary (and the results file, whose ``score`` is what the LVIS server ranks
+masks by) by the Mask Scoring score ``segm_score`` where there is one, else the box score.
 
-The two protocols (``TEST.EVAL_PROTOCOL``, :class:`EvalProtocol`):
+The protocols (``TEST.EVAL_PROTOCOL``, :class:`EvalProtocol`):
 
 - ``standard``: at most ``max_dets_per_image`` (300) detections per image across classes, the
   LVIS challenge rule (lvis-api's ``LVISResults(..., max_dets=300)``);
@@ -19,7 +19,9 @@ The two protocols (``TEST.EVAL_PROTOCOL``, :class:`EvalProtocol`):
   the whole split, no per-image cap. Inference must produce enough candidates: raise the
   model's own per-image cap ``TEST.DETECTIONS_PER_IMAGE`` (docs/config_keys.md);
   :class:`ClassScoreThresholds` then drops, in ``process()``, every detection that can no
-  longer reach its class's top ``dets_per_class`` before its mask is encoded.
+  longer reach its class's top ``dets_per_class`` before its mask is encoded;
+- ``challenge2021``: the LVIS Challenge 2021's (lvis-api's ``lvis_challenge_2021`` branch):
+  Fixed AP's selection, and Boundary AP (:mod:`.boundary`) evaluated with the other tasks.
 
 Their selection rules are vectorized here, with lvis-api's tie-breaking:
 
@@ -33,7 +35,7 @@ Their selection rules are vectorized here, with lvis-api's tie-breaking:
 
 import itertools
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -112,7 +114,8 @@ def ranking_score(task: str, score: np.ndarray, segm_score: Optional[np.ndarray]
     """THE rule for which score ranks a detection (columns; NaN in ``segm_score`` = none).
 
     Args:
-        task: "bbox", "segm", or "file" (the results file's ``score``, = segm's).
+        task: "bbox", "segm", "boundary" (= segm's) or "file" (the results file's
+            ``score``, = segm's).
         score: (N,) box scores.
         segm_score: (N,) Mask Scoring scores, or None.
     """
@@ -179,7 +182,8 @@ class DetectionTable:
 
     def areas(self, task: str) -> np.ndarray:
         """What lvis-api calls a detection's area: ``w * h`` for bbox, the mask's pixel
-        count for segm (results without ``bbox``, as this project evaluates segm)."""
+        count for segm and boundary (results without ``bbox``, as this project evaluates
+        masks)."""
         if task == "bbox":
             return self.bbox[:, 2] * self.bbox[:, 3]
         if self.mask_area is None and len(self) == 0:
@@ -266,9 +270,9 @@ class EvalProtocol:
     """Which detections are evaluated and exported.
 
     Attributes:
-        name: "standard" or "fixed".
-        max_dets_per_image: per-image cap across classes (standard); -1 for fixed.
-        dets_per_class: per-class cap over the split (fixed); -1 for standard.
+        name: "standard", "fixed" or "challenge2021".
+        max_dets_per_image: per-image cap across classes (standard); -1 for the others.
+        dets_per_class: per-class cap over the split (fixed, challenge2021); -1 for standard.
     """
 
     name: str = "standard"
@@ -281,10 +285,10 @@ class EvalProtocol:
             if not (max_dets_per_image > 0 or max_dets_per_image == -1):
                 raise ValueError(f"max_dets_per_image must be > 0 or -1, got {max_dets_per_image}")
             return cls("standard", max_dets_per_image, -1)
-        if name == "fixed":
+        if name in ("fixed", "challenge2021"):
             if dets_per_class <= 0:
                 raise ValueError(f"dets_per_class must be > 0, got {dets_per_class}")
-            return cls("fixed", -1, dets_per_class)
+            return cls(name, -1, dets_per_class)
         raise ValueError(f"unknown LVIS evaluation protocol {name!r}; expected one of {PROTOCOLS}")
 
     def select(self, table: DetectionTable, task: str) -> np.ndarray:
@@ -292,7 +296,7 @@ class EvalProtocol:
         "file"), ranked by its :func:`ranking_score`; the table must be in the tie-breaking
         order (image id, then the model's order: what :func:`~.shards.read_shards` gives)."""
         score = table.task_score(task)
-        if self.name == "fixed":
+        if self.per_class:
             return top_k_per_class(table.category_id, score, self.dets_per_class)
         return cap_per_image(table.image_id, score, self.max_dets_per_image)
 
@@ -307,6 +311,16 @@ class EvalProtocol:
         """The sub-table :meth:`select` keeps (the table itself, not a copy, if all rows)."""
         keep = self.select(table, task)
         return table if keep.all() else table.take(keep)
+
+    @property
+    def per_class(self) -> bool:
+        """Whether detections are selected per class over the split (Fixed AP's rule)."""
+        return self.dets_per_class > 0
+
+    @property
+    def required_tasks(self) -> Tuple[str, ...]:
+        """Tasks the protocol evaluates whatever else is asked: the challenge's boundary."""
+        return ("boundary",) if self.name == "challenge2021" else ()
 
     @property
     def eval_max_dets(self) -> int:

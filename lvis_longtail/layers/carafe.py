@@ -1,4 +1,5 @@
-"""CARAFE: Content-Aware ReAssembly of FEatures (Wang et al., ICCV 2019), in tensor code.
+"""CARAFE: Content-Aware ReAssembly of FEatures (Wang et al., ICCV 2019), in tensor code,
+and its content-aware downsampling counterpart (:class:`CARAFEDown`).
 
 Upsampling by ``scale`` where every output pixel l' is a weighted sum of the k_up x k_up
 neighbourhood of its source pixel l = floor(l' / scale), with weights predicted from the
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["CARAFE", "pixel_shuffle"]
+__all__ = ["CARAFE", "CARAFEDown", "pixel_shuffle"]
 
 
 def pixel_shuffle(x: torch.Tensor, scale: int) -> torch.Tensor:
@@ -92,3 +93,55 @@ def reassemble(x: torch.Tensor, kernels: torch.Tensor, scale: int) -> torch.Tens
     kernels = kernels.view(n, k2, h, scale, w, scale)
     out = torch.einsum("nckhw,nkhawb->nchawb", neighbours, kernels)
     return out.reshape(n, c, h * scale, w * scale)
+
+
+class CARAFEDown(nn.Module):
+    """Content-aware 2x downsampling in the manner of CARAFE++ (Wang et al., TPAMI 2021):
+    output pixel l' is a weighted sum of the ``down_kernel`` x ``down_kernel`` neighbourhood
+    of input pixel 2 l', with weights predicted from the content by a 1x1 compressor and a
+    ``encoder_kernel`` x ``encoder_kernel`` stride-2 encoder, normalised by a softmax.
+    Output channels = input channels; (N, C, H, W) -> (N, C, ceil(H / 2), ceil(W / 2)).
+
+    Args:
+        channels: C.
+        compressed_channels: C_m of the channel compressor.
+        encoder_kernel: k_enc of the content encoder (odd).
+        down_kernel: k_down, the reassembled neighbourhood (odd).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        compressed_channels: int = 64,
+        encoder_kernel: int = 3,
+        down_kernel: int = 3,
+    ):
+        super().__init__()
+        if down_kernel % 2 == 0 or encoder_kernel % 2 == 0:
+            raise ValueError(f"CARAFEDown kernels must be odd, got down {down_kernel}, "
+                             f"encoder {encoder_kernel}")  # fmt: skip
+        self.down_kernel = int(down_kernel)
+        self.compressor = nn.Conv2d(channels, compressed_channels, 1)
+        self.encoder = nn.Conv2d(
+            compressed_channels,
+            self.down_kernel**2,
+            encoder_kernel,
+            stride=2,
+            padding=encoder_kernel // 2,
+        )
+        nn.init.xavier_uniform_(self.compressor.weight)
+        nn.init.zeros_(self.compressor.bias)
+        nn.init.normal_(self.encoder.weight, std=1e-3)  # near-uniform kernels at start
+        nn.init.zeros_(self.encoder.bias)
+
+    def kernels(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, k_down^2, ceil(H / 2), ceil(W / 2)) kernels summing to 1."""
+        return self.encoder(self.compressor(x)).softmax(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = self.kernels(x)
+        n, c = x.shape[:2]
+        k2, h, w = kernels.shape[1:]
+        k = self.down_kernel
+        neighbours = F.unfold(x, k, padding=k // 2, stride=2).view(n, c, k2, h, w)
+        return torch.einsum("nckhw,nkhw->nchw", neighbours, kernels)

@@ -9,7 +9,9 @@ after, which swaps in what the config asks for:
   geometry and the node's ``DEFORM_POOL`` parameters;
 * ``MODEL.ROI_MASK_HEAD.UPSAMPLE_TYPE: "carafe"``: the mask head's 2x ``deconv`` becomes a
   :class:`~lvis_longtail.layers.carafe.CARAFE` (``ROI_MASK_HEAD.CARAFE``), followed by the
-  head's ReLU as before.
+  head's ReLU as before;
+* ``MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED``: every box stage gets the dual head's new branch
+  (:func:`~lvis_longtail.modeling.dual_head.attach_dual_head`).
 """
 
 from typing import Dict
@@ -18,6 +20,7 @@ from detectron2.modeling.poolers import ROIPooler
 
 from lvis_longtail.layers.carafe import CARAFE
 from lvis_longtail.layers.deform_roi_pool import DeformROIPooler
+from lvis_longtail.modeling.dual_head import attach_dual_head
 
 __all__ = ["DEFORM_POOLER_TYPE", "adjust_roi_heads", "carafe_from_cfg", "plain_pooler_cfg"]
 
@@ -84,4 +87,4 @@ def adjust_roi_heads(cfg, input_shape: Dict, ret: Dict) -> Dict:
                 "with equal input and output channels"
             )
         head.deconv = carafe_from_cfg(cfg.MODEL.ROI_MASK_HEAD, deconv.in_channels)
-    return ret
+    return attach_dual_head(cfg, input_shape, ret)

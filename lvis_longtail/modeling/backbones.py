@@ -20,25 +20,28 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from torch import nn
-from torchvision.ops import deform_conv2d
 
+from lvis_longtail.layers.deform_conv import deform_conv, modulated_deform_conv
 from lvis_longtail.layers.sync_bn import LongTailSyncBatchNorm
 from lvis_longtail.modeling.architecture import carafe_from_cfg
 
 __all__ = ["LongTailFPN", "TimmBackbone", "build_longtail_resnet_fpn_backbone",
-           "build_timm_fpn_backbone", "convert_batchnorm"]  # fmt: skip
+           "build_timm_bottom_up", "build_timm_fpn_backbone", "convert_batchnorm"]  # fmt: skip
 
 
 class TimmDeformConv2d(nn.Module):
     """A 3x3 ``nn.Conv2d`` turned into a deformable conv (DCNv2 if ``modulated``, else DCNv1)
-    with the same weight, bias, stride, padding, dilation and groups. Offsets (and masks,
-    through a sigmoid) come from a zero-initialised 3x3 conv over the same input, as in
-    detectron2's ``DeformBottleneckBlock``: DCNv1 starts as the conv, DCNv2 as half of it."""
+    with the same weight, bias, stride, padding, dilation and groups (a grouped conv, e.g.
+    ResNeSt's split-attention conv with radix x cardinality groups, stays grouped). Offsets
+    (and masks, through a sigmoid) come from a zero-initialised 3x3 conv over the same input,
+    as in detectron2's ``DeformBottleneckBlock``: DCNv1 starts as the conv, DCNv2 as half of
+    it. Computed by :mod:`lvis_longtail.layers.deform_conv` (groups checked against the
+    weight; mixed dtypes under autocast computed in the widest)."""
 
     def __init__(self, conv: nn.Conv2d, modulated: bool = True, deformable_groups: int = 1):
         super().__init__()
         self.stride, self.padding = conv.stride, conv.padding
-        self.dilation, self.modulated = conv.dilation, modulated
+        self.dilation, self.modulated, self.groups = conv.dilation, modulated, conv.groups
         self.weight, self.bias = conv.weight, conv.bias
         taps = conv.kernel_size[0] * conv.kernel_size[1] * deformable_groups
         self.conv_offset = nn.Conv2d(conv.in_channels, (3 if modulated else 2) * taps,
@@ -49,13 +52,19 @@ class TimmDeformConv2d(nn.Module):
         self.deformable_groups = deformable_groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C_in, H, W) -> (N, C_out, H_out, W_out), as the conv it replaces."""
         out = self.conv_offset(x)
-        args = (self.stride, self.padding, self.dilation)
+        args = (self.stride, self.padding, self.dilation, self.groups, self.deformable_groups)
         if self.modulated:
             o1, o2, mask = torch.chunk(out, 3, dim=1)
-            return deform_conv2d(x, torch.cat([o1, o2], 1), self.weight, self.bias, *args,
-                                 mask=mask.sigmoid())  # fmt: skip
-        return deform_conv2d(x, out, self.weight, self.bias, *args)
+            offset = torch.cat([o1, o2], 1)
+            return modulated_deform_conv(x, offset, mask.sigmoid(), self.weight, self.bias, *args)
+        out = deform_conv(x, out, self.weight, *args)
+        return out if self.bias is None else out + self.bias.to(out.dtype).view(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        shape = tuple(self.weight.shape)
+        return f"weight={shape}, stride={self.stride}, groups={self.groups}, dcnv2={self.modulated}"
 
 
 def convert_to_deform_conv(module: nn.Module, modulated: bool, deformable_groups: int) -> int:
@@ -209,12 +218,15 @@ def build_longtail_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     return _fpn(cfg, build_resnet_backbone(cfg, input_shape))
 
 
+def build_timm_bottom_up(cfg, input_shape: ShapeSpec) -> TimmBackbone:
+    """The :class:`TimmBackbone` of ``MODEL.TIMM`` (and ``MODEL.BACKBONE.FREEZE_AT``)."""
+    t = cfg.MODEL.TIMM
+    return TimmBackbone(t.NAME, input_shape.channels, t.PRETRAINED_FILE,
+                        cfg.MODEL.BACKBONE.FREEZE_AT, t.NORM, t.DROP_PATH_RATE,
+                        t.DEFORM_ON_PER_STAGE, t.DEFORM_MODULATED, t.DEFORM_NUM_GROUPS)  # fmt: skip
+
+
 @BACKBONE_REGISTRY.register()
 def build_timm_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     """A timm model (``MODEL.TIMM``) + FPN (``MODEL.FPN``, ``UPSAMPLE_TYPE`` included)."""
-    t = cfg.MODEL.TIMM
-    bottom_up = TimmBackbone(t.NAME, input_shape.channels, t.PRETRAINED_FILE,
-                             cfg.MODEL.BACKBONE.FREEZE_AT, t.NORM, t.DROP_PATH_RATE,
-                             t.DEFORM_ON_PER_STAGE, t.DEFORM_MODULATED,
-                             t.DEFORM_NUM_GROUPS)  # fmt: skip
-    return _fpn(cfg, bottom_up)
+    return _fpn(cfg, build_timm_bottom_up(cfg, input_shape))

@@ -174,11 +174,16 @@ class LongTailMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
         """M = 2S (one 2x deconv)."""
         return 2 * pooled_side
 
-    def mask_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(R, C, S, S) RoI features -> (R, D, 2S, 2S) features after convs and deconv."""
+    def conv_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, C, S, S) RoI features -> (R, D, S, S) after the 3x3 convs (what HTC's mask
+        information flow passes to the next stage's head)."""
         for conv in self.conv_norm_relus:
             x = conv(x)
-        return self.deconv_relu(self.deconv(x))
+        return x
+
+    def mask_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, C, S, S) RoI features -> (R, D, 2S, 2S) features after convs and deconv."""
+        return self.deconv_relu(self.deconv(self.conv_features(x)))
 
     def layers(self, x: torch.Tensor) -> torch.Tensor:
         """(R, C, S, S) RoI features -> (R, K or 1, 2S, 2S) mask logits of every class."""
@@ -187,7 +192,13 @@ class LongTailMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
     def predict_masks(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """(R, C, S, S) RoI features and (R,) classes -> (R, 1, 2S, 2S) logits of each RoI's
         class (what ``mask_rcnn_inference`` takes; no (R, K, 2S, 2S) tensor)."""
-        return class_mask_logits(self.predictor, self.mask_features(x), classes)[:, None]
+        return self.predict_masks_from_convs(self.conv_features(x), classes)
+
+    def predict_masks_from_convs(self, f: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """:meth:`predict_masks` from (R, D, S, S) :meth:`conv_features` (HTC's inference
+        needs both a head's conv features and its masks, without running its convs twice)."""
+        features = self.deconv_relu(self.deconv(f))
+        return class_mask_logits(self.predictor, features, classes)[:, None]
 
     def train_outputs(self, x: torch.Tensor, classes: torch.Tensor) -> MaskHeadOutputs:
         """(R, C, S, S) RoI features and (R,) GT classes -> logits (R, 2S, 2S) of each RoI's

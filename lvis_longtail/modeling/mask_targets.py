@@ -6,7 +6,7 @@ An ROI heads' ``_forward_mask`` is pool -> ``mask_head.train_outputs`` ->
 RoI's class (GT in training, predicted at inference) and return only that class's mask
 logits, never the (R, K, M, M) of every class. A mask head takes part by deriving from
 :class:`~lvis_longtail.modeling.mask_head.LongTailMaskRCNNConvUpsampleHead` or by providing
-the same three methods (:class:`MaskHeadContract`).
+the methods of :class:`MaskHeadContract` (the last two only for HTC's mask information flow).
 """
 
 from dataclasses import dataclass
@@ -75,6 +75,15 @@ class MaskHeadContract(Protocol):
         self, outputs: MaskHeadOutputs, targets: MaskTargets
     ) -> Dict[str, torch.Tensor]:
         """The head's loss dict (every term present, zero without positives)."""
+
+    # Needed only by HTC's mask information flow (LongTailHTCROIHeads):
+
+    def conv_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, C, S, S) RoI features -> (R, D, S, S) features of the head's convs, before
+        upsampling."""
+
+    def predict_masks_from_convs(self, f: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """``predict_masks`` from (R, D, S, S) ``conv_features``."""
 
 
 def build_mask_targets(

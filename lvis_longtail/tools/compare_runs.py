@@ -2,6 +2,10 @@
 
     python -m lvis_longtail.tools.compare_runs RUN_A RUN_B [--metric segm_AP] [--top 15]
 
+``--metric`` is any AP column of the csv: ``{bbox,segm,boundary}_AP`` or ``..._AP50``
+(``boundary_*`` where Boundary AP was evaluated); the default is segm_AP, else bbox_AP, else
+boundary_AP, whichever both runs have.
+
 A RUN is a per-class csv (``lvis_per_class.csv``, written by the evaluator next to
 ``lvis_metrics.json``) or a folder holding one, e.g. ``output/x/inference/lvis_v1_val`` or
 ``output/x`` if only one dataset was evaluated there. Classes are matched by category id;
@@ -80,11 +84,14 @@ def find_csv(run: str) -> str:
     raise ValueError(f"{run}: several {CSV_FILE} below; pass one of them:\n  {listing}")
 
 
+DEFAULT_METRICS = ("segm_AP", "bbox_AP", "boundary_AP")
+
+
 def default_metric(rows_a: List[dict], rows_b: List[dict]) -> str:
-    for metric in ("segm_AP", "bbox_AP"):
+    for metric in DEFAULT_METRICS:
         if rows_a and rows_b and metric in rows_a[0] and metric in rows_b[0]:
             return metric
-    raise ValueError("the runs share no 'segm_AP' or 'bbox_AP' column")
+    raise ValueError(f"the runs share none of the columns {list(DEFAULT_METRICS)}")
 
 
 def compare(rows_a: List[dict], rows_b: List[dict], metric: str, top: int = 15) -> Dict:
@@ -176,7 +183,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_a", metavar="RUN_A", help="per-class csv or a folder holding one")
     parser.add_argument("run_b", metavar="RUN_B", help="per-class csv or a folder holding one")
-    parser.add_argument("--metric", help="csv column to compare (default segm_AP, else bbox_AP)")
+    parser.add_argument(
+        "--metric",
+        help="csv column to compare, e.g. boundary_AP (default segm_AP, else bbox_AP, else "
+        "boundary_AP)",
+    )
     parser.add_argument("--top", type=int, default=15, help="classes listed per direction")
     args = parser.parse_args(argv)
     try:

@@ -103,20 +103,41 @@ class LongTailHTCLiteROIHeads(LongTailCascadeROIHeads):
             if self.training:
                 proposals = self.label_and_sample_proposals(proposals, targets)
                 losses.update(self._forward_box(features, proposals, targets))
-                stages = self._forward_state["stage_proposals"]
-                cap = self.mask_max_positives
-                if cap < 0:  # the first stage's positives of each image
-                    cap = [int(num_foreground(p, self.num_classes)) for p in stages[0]]
-                mask_proposals = cap_foreground(
-                    stages[self.mask_train_stage], self.num_classes, cap
-                )
-                losses.update(self._forward_mask(features, mask_proposals, mask_context))
+                losses.update(self._mask_train_losses(features, targets, mask_context))
                 losses.update(self._forward_keypoint(features, proposals))
                 return proposals, losses
             pred_instances = self._forward_box(features, proposals)
         finally:
             self._forward_state = None
         return self.forward_with_given_boxes(features, pred_instances, mask_context), {}
+
+    def _mask_train_losses(
+        self,
+        features: Dict[str, torch.Tensor],
+        targets: List[Instances],
+        context: Optional[torch.Tensor],
+    ) -> Dict[str, torch.Tensor]:
+        """The mask losses of a training step, once the box stages have run (their proposals
+        are in the forward state): the mask head on the positives of ``mask_train_stage``."""
+        del targets  # the stage's proposals carry their matched GT fields
+        stages = self._forward_state["stage_proposals"]
+        proposals = self._cap_positives(stages[self.mask_train_stage])
+        return self._forward_mask(features, proposals, context)
+
+    def _cap_positives(self, proposals: List[Instances]) -> List[Instances]:
+        """:func:`cap_foreground` of ``proposals`` by ``mask_max_positives`` (-1: each
+        image's positive count at the first box stage of this step)."""
+        cap = self.mask_max_positives
+        if cap < 0:
+            first = self._forward_state["stage_proposals"][0]
+            cap = [int(num_foreground(p, self.num_classes)) for p in first]
+        return cap_foreground(proposals, self.num_classes, cap)
+
+    def _stage_carries_gt_fields(self, stage: int) -> bool:
+        """Whether the proposals of box stage ``stage`` >= 1 get every ``gt_*`` field of their
+        matched GT (detectron2 gives them only ``gt_classes`` and ``gt_boxes``): the stage
+        whose positives train the mask head."""
+        return self.mask_on and stage == self.mask_train_stage
 
     def forward_with_given_boxes(
         self,
@@ -153,7 +174,7 @@ class LongTailHTCLiteROIHeads(LongTailCascadeROIHeads):
         """detectron2's matching; at the mask-training stage every other ``gt_*`` field of the
         matched GT (``gt_masks``) is copied onto the proposals too."""
         proposals = super()._match_and_label_boxes(proposals, stage, targets)
-        if not self.mask_on or stage != self.mask_train_stage:
+        if not self._stage_carries_gt_fields(stage):
             return proposals
         for props, gts in zip(proposals, targets):
             if len(gts) == 0 or len(props) == 0:

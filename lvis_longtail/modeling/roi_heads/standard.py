@@ -221,6 +221,21 @@ class LongTailROIHeads(IgnoreRegionsMixin, StandardROIHeads):
     def _mask_losses(self, features, instances: List[Instances], context=None):
         """Pool -> layers -> losses on the foreground proposals ``instances``."""
         side = self.mask_head.output_side(self.mask_pooler.output_size[0])
+        targets, x = self._mask_train_inputs(features, instances, side, context)
+        outputs = self.mask_head.train_outputs(x, targets.classes)
+        losses = self.mask_head.mask_losses(outputs, targets)
+        if self.mask_iou_head is not None:
+            losses.update(
+                self.mask_iou_head.losses(
+                    x, outputs.logits, targets.masks, targets.classes, targets.area_fractions
+                )
+            )
+        return losses
+
+    def _mask_train_inputs(self, features, instances: List[Instances], side: int, context):
+        """The :class:`MaskTargets` (side ``side``) of the foreground proposals ``instances``
+        and their (R, C, S, S) pooled RoI features (at the area-ratio levels when configured,
+        plus the context vector when given)."""
         targets = build_mask_targets(
             instances,
             side,
@@ -231,16 +246,7 @@ class LongTailROIHeads(IgnoreRegionsMixin, StandardROIHeads):
         boxes = [x.proposal_boxes for x in instances]
         pooler_boxes = _pooler_boxes(boxes, features[0])
         levels = pooler_levels(self.mask_pooler, boxes, targets.area_ratios)
-        x = self._pool_mask(features, pooler_boxes, levels, context)
-        outputs = self.mask_head.train_outputs(x, targets.classes)
-        losses = self.mask_head.mask_losses(outputs, targets)
-        if self.mask_iou_head is not None:
-            losses.update(
-                self.mask_iou_head.losses(
-                    x, outputs.logits, targets.masks, targets.classes, targets.area_fractions
-                )
-            )
-        return losses
+        return targets, self._pool_mask(features, pooler_boxes, levels, context)
 
     def _mask_inference(self, features, instances: List[Instances], context=None):
         """Masks (and mask scores) of the predicted boxes, ``mask_test_chunk_size`` RoIs at a
@@ -272,16 +278,21 @@ class LongTailROIHeads(IgnoreRegionsMixin, StandardROIHeads):
 
         if self.mask_test_area_ratio == "two_pass":
             x, logits, _ = two_pass_pooled(
-                self.mask_pooler, pool, pooler_boxes, classes, self.mask_head.predict_masks
+                self.mask_pooler, pool, pooler_boxes, classes, self._predict_mask_logits
             )
         else:
             levels = pooler_levels(self.mask_pooler, [Boxes(pooler_boxes[:, 1:])])
             x = pool(pooler_boxes, levels)
-            logits = self.mask_head.predict_masks(x, classes)
+            logits = self._predict_mask_logits(x, classes)
         iou = None
         if self.mask_iou_head is not None:
             iou = self.mask_iou_head.predict_iou(x, logits[:, 0], classes)
         return logits, iou
+
+    def _predict_mask_logits(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """(m, C, S, S) pooled RoI features and (m,) predicted classes -> (m, 1, M, M) mask
+        logits: the mask head's ``predict_masks`` (HTC averages several heads here)."""
+        return self.mask_head.predict_masks(x, classes)
 
 
 def _pooler_boxes(boxes: List[Boxes], like: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,162 @@
+"""The cross-key rules of the config check: each ``fn(cfg) -> message or None``, registered
+with :func:`rule`. A rule that depends on what a registered class can do reads a class
+attribute the class declares (``supports_loss_weight``, ``supports_predictor_options``)
+instead of importing the class, which lives in a higher layer."""
+
+from typing import Callable, List, Optional
+
+from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY, ROI_MASK_HEAD_REGISTRY
+from detectron2.modeling.roi_heads import CascadeROIHeads
+from detectron2.utils.registry import Registry
+
+from lvis_longtail.config_check.tables import LVIS_TASKS, SAMPLERS
+
+RULES: List[Callable] = []
+
+
+def rule(fn: Callable) -> Callable:
+    """Register ``fn(cfg) -> error message or None`` as a cross-key rule."""
+    RULES.append(fn)
+    return fn
+
+
+def _registered_class(registry: Registry, name: str):
+    """The object registered as ``name``, or None (an unknown name has its own error)."""
+    return registry.get(name) if name in registry else None
+
+
+def check_task_evaluator(task: str, evaluator: str) -> None:
+    """Raise ValueError for Boundary AP with lvis-api 0.5.3, which has no boundary IoU."""
+    if task == "boundary" and evaluator != "fast":
+        raise ValueError(
+            "Boundary AP is computed by the fast evaluator only: lvis-api 0.5.3 (the 'lvis' "
+            "package) has no boundary IoU (the fast evaluator gives the numbers of lvis-api's "
+            "lvis_challenge_2021 branch); use evaluator 'fast' (TEST.LVIS_EVALUATOR fast)"
+        )
+
+
+@rule
+def _cascade_needs_class_agnostic_boxes(cfg) -> Optional[str]:
+    heads = _registered_class(ROI_HEADS_REGISTRY, cfg.MODEL.ROI_HEADS.NAME)
+    is_cascade = heads is not None and issubclass(heads, CascadeROIHeads)
+    if is_cascade and not cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG:
+        return (
+            f"MODEL.ROI_HEADS.NAME {cfg.MODEL.ROI_HEADS.NAME!r} regresses class-agnostic boxes "
+            "at every stage: set MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG True"
+        )
+    return None
+
+
+@rule
+def _extra_images_need_grouped_weighted_batches(cfg) -> Optional[str]:
+    if not cfg.DATASETS.EXTRA_TRAIN:
+        return None
+    weight = cfg.DATASETS.EXTRA_TRAIN_LOSS_WEIGHT
+    if not (weight > 0):
+        return f"DATASETS.EXTRA_TRAIN_LOSS_WEIGHT must be > 0, got {weight}"
+    arch = _registered_class(META_ARCH_REGISTRY, cfg.MODEL.META_ARCHITECTURE)
+    if arch is None or not getattr(arch, "supports_loss_weight", False):
+        return (
+            "DATASETS.EXTRA_TRAIN needs MODEL.META_ARCHITECTURE 'LongTailRCNN' (it applies "
+            f"DATASETS.EXTRA_TRAIN_LOSS_WEIGHT), got {cfg.MODEL.META_ARCHITECTURE!r}"
+        )
+    if not cfg.DATALOADER.ASPECT_RATIO_GROUPING:
+        return (
+            "DATASETS.EXTRA_TRAIN needs DATALOADER.ASPECT_RATIO_GROUPING True (batches of one "
+            "source, so each gets its loss weight)"
+        )
+    samplers = SAMPLERS[:2]  # the two whose order the extra images' sampler follows
+    if cfg.DATALOADER.SAMPLER_TRAIN not in samplers:
+        return (
+            f"DATASETS.EXTRA_TRAIN works with DATALOADER.SAMPLER_TRAIN {' or '.join(samplers)}, "
+            f"not {cfg.DATALOADER.SAMPLER_TRAIN!r}"
+        )
+    return None
+
+
+@rule
+def _two_pass_needs_area_ratio_levels(cfg) -> Optional[str]:
+    head = cfg.MODEL.ROI_MASK_HEAD
+    if head.TEST_AREA_RATIO == "two_pass" and head.LEVEL_ASSIGNMENT != "area_ratio":
+        return (
+            'MODEL.ROI_MASK_HEAD.TEST_AREA_RATIO "two_pass" needs LEVEL_ASSIGNMENT "area_ratio" '
+            f"(got {head.LEVEL_ASSIGNMENT!r})"
+        )
+    return None
+
+
+@rule
+def _mask_predictor_options_need_their_head(cfg) -> Optional[str]:
+    head = cfg.MODEL.ROI_MASK_HEAD
+    options = [f"PREDICTOR_TYPE {head.PREDICTOR_TYPE!r}"] if head.PREDICTOR_TYPE != "Conv" else []
+    if head.BOUNDARY_LOSS_WEIGHT > 0:
+        options.append(f"BOUNDARY_LOSS_WEIGHT {head.BOUNDARY_LOSS_WEIGHT}")
+    cls = _registered_class(ROI_MASK_HEAD_REGISTRY, head.NAME)
+    if not options or cls is None or getattr(cls, "supports_predictor_options", False):
+        return None
+    return (
+        f"MODEL.ROI_MASK_HEAD.{' and '.join(options)}: only a mask head that reads them "
+        f"does (NAME 'DiceBCEMaskHead'), not NAME {head.NAME!r}"
+    )
+
+
+@rule
+def _deform_mask_pooler_not_with_area_ratio(cfg) -> Optional[str]:
+    head = cfg.MODEL.ROI_MASK_HEAD
+    if head.POOLER_TYPE == "DeformROIAlignV2" and head.LEVEL_ASSIGNMENT == "area_ratio":
+        return (
+            'MODEL.ROI_MASK_HEAD.POOLER_TYPE "DeformROIAlignV2" and LEVEL_ASSIGNMENT '
+            '"area_ratio" each replace the mask pooler; use one or the other'
+        )
+    return None
+
+
+@rule
+def _htc_lite_mask_stage_is_a_stage(cfg) -> Optional[str]:
+    stages = len(cfg.MODEL.ROI_BOX_CASCADE_HEAD.IOUS)
+    stage = cfg.MODEL.ROI_HEADS.HTC_LITE.MASK_TRAIN_STAGE
+    if -stages <= stage < stages:
+        return None
+    return (
+        f"MODEL.ROI_HEADS.HTC_LITE.MASK_TRAIN_STAGE {stage} is not a stage of the "
+        f"{stages}-stage cascade (MODEL.ROI_BOX_CASCADE_HEAD.IOUS)"
+    )
+
+
+@rule
+def _tta_options_agree(cfg) -> Optional[str]:
+    aug = cfg.TEST.AUG
+    scales = len(aug.SCALES) or len(aug.MIN_SIZES)
+    if len(aug.VALID_RANGES) and len(aug.VALID_RANGES) != scales:
+        return (
+            f"TEST.AUG.VALID_RANGES has {len(aug.VALID_RANGES)} ranges for {scales} scales "
+            "(TEST.AUG.SCALES or MIN_SIZES): give one [lo, hi] per scale"
+        )
+    if aug.MASK_RULE == "select" and not len(aug.VALID_RANGES):
+        return 'TEST.AUG.MASK_RULE "select" needs TEST.AUG.VALID_RANGES'
+    if aug.ENABLED and (cfg.MODEL.KEYPOINT_ON or cfg.MODEL.LOAD_PROPOSALS):
+        return "TEST.AUG.ENABLED does not support MODEL.KEYPOINT_ON or MODEL.LOAD_PROPOSALS"
+    return None
+
+
+@rule
+def _checkpoint_keep_not_negative(cfg) -> Optional[str]:
+    keep = cfg.SOLVER.CHECKPOINT_KEEP
+    if keep < 0:
+        return f"SOLVER.CHECKPOINT_KEEP must be >= 0 (0 keeps every checkpoint), got {keep}"
+    return None
+
+
+@rule
+def _lvis_tasks(cfg) -> Optional[str]:
+    tasks = tuple(cfg.TEST.LVIS_TASKS)
+    if not tasks or not set(tasks) <= set(LVIS_TASKS):
+        return f"TEST.LVIS_TASKS is {tasks}; it must be a non-empty subset of {LVIS_TASKS}"
+    if not cfg.TEST.BOUNDARY_DILATION_RATIO > 0:
+        return f"TEST.BOUNDARY_DILATION_RATIO must be > 0, got {cfg.TEST.BOUNDARY_DILATION_RATIO}"
+    boundary = "boundary" in tasks or cfg.TEST.EVAL_PROTOCOL == "challenge2021"
+    try:
+        check_task_evaluator("boundary" if boundary else "bbox", cfg.TEST.LVIS_EVALUATOR)
+    except ValueError as e:
+        return f"TEST.LVIS_TASKS / TEST.EVAL_PROTOCOL: {e}"
+    return None
