@@ -29,7 +29,7 @@ INTRO = f"""# Config keys
 
 The keys lvis_longtail adds to detectron2's config, node by node: default, valid values and
 what each does. Generated from the code (the comment above each key in
-`lvis_longtail/config/`, valid values from `lvis_longtail/config_check.py`) by
+`lvis_longtail/config/`, valid values from `lvis_longtail/config_check/`) by
 
     {COMMAND}
 
