@@ -1,10 +1,12 @@
 """Streaming store, both protocols end to end, and results files that must be rejected."""
 
 import copy
+import gc
 import json
 import logging
 import os
 import uuid
+import weakref
 
 import numpy as np
 import pytest
@@ -189,6 +191,29 @@ def test_detections_are_selected_before_masks_leave_the_device(tmp_path, monkeyp
     # fixed, k = 2: all of image a, then 0.85 and the tied 0.8 of image b; standard: 2 each
     assert encoded == ([4, 2] if protocol == "fixed" else [2, 2])
     assert evaluator.store.num_rows == sum(encoded)
+
+
+def test_the_split_read_for_the_metrics_is_freed_after_them(tmp_path, monkeypatch):
+    """Evaluation reads its split when it computes the metrics and holds nothing after."""
+    from lvis_longtail.data import lvis_json
+
+    dataset = random_split(2, num_images=4)
+    name = register(tmp_path, dataset)
+    parsed, validate = [], lvis_json.validate_lvis_dict
+
+    def spy(data, source):
+        validated = validate(data, source)
+        parsed.append(weakref.ref(validated))
+        return validated
+
+    monkeypatch.setattr(lvis_json, "validate_lvis_dict", spy)
+    evaluator = LVISLongTailEvaluator(name, None, distributed=False)
+    assert set(run(evaluator, model_outputs(dataset, random_results(dataset, 2)))) == {
+        "bbox",
+        "segm",
+    }
+    gc.collect()
+    assert len(parsed) == 1 and parsed[0]() is None and not lvis_json._CACHE
 
 
 def test_class_score_thresholds():

@@ -8,6 +8,7 @@ from detectron2.engine import DefaultTrainer
 
 from lvis_longtail.config import setup_cfg  # noqa: F401  (re-exported)
 from lvis_longtail.data.loader import build_longtail_train_loader
+from lvis_longtail.data.lvis_json import shared_reads
 from lvis_longtail.engine.resume import DataStream
 from lvis_longtail.evaluation import LVISLongTailEvaluator
 
@@ -73,7 +74,8 @@ class Trainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
-        super().__init__(cfg)
+        with shared_reads():  # the model's class statistics and the loader's dicts: one parse
+            super().__init__(cfg)
         self._data_stream = DataStream.attach(self._trainer)
 
     def state_dict(self):
