@@ -15,6 +15,7 @@ from detectron2.data.build import _train_loader_from_config
 from detectron2.data.common import AspectRatioGroupedDataset, DatasetFromList
 
 from lvis_longtail.data.extra_images import LossWeightGroupedDataset, extra_images_dataset
+from lvis_longtail.data.lvis_json import shared_reads
 from lvis_longtail.data.mapper import LongTailDatasetMapper
 
 logger = logging.getLogger(__name__)
@@ -75,8 +76,9 @@ def build_longtail_train_loader(cfg, mapper=None):
     ``DATASETS.EXTRA_TRAIN`` adds pseudo-labelled extra images: their own per-epoch
     sub-sample, batches of one source (:mod:`~lvis_longtail.data.extra_images`).
     """
-    mapper = mapper if mapper is not None else LongTailDatasetMapper(cfg, True)
-    kwargs = _train_loader_from_config(cfg, mapper=mapper)
+    with shared_reads():  # a mapper reading class statistics and the dicts: one parse
+        mapper = mapper if mapper is not None else LongTailDatasetMapper(cfg, True)
+        kwargs = _train_loader_from_config(cfg, mapper=mapper)
     if cfg.DATASETS.EXTRA_TRAIN:  # pseudo-labelled extra images (extra_images.py)
         kwargs["dataset"], kwargs["sampler"] = extra_images_dataset(cfg, kwargs["dataset"])
     extra = getattr(mapper, "num_extra_images", 0)
