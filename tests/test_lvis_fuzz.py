@@ -361,3 +361,22 @@ def test_evaluation_leaves_the_shared_validated_dataset_untouched(tmp_path):
             for task in ("bbox", "segm"):
                 evaluate_lvis_results(path, [dict(record)], task, evaluator=evaluator)
         assert load_validated(path) is shared and shared.dataset == before
+
+
+def test_shared_reads_hand_freed_memory_back_when_the_outermost_block_ends(tmp_path, monkeypatch):
+    from lvis_longtail.data import lvis_json
+
+    trims = []
+
+    class FakeLibc:
+        def malloc_trim(self, pad):
+            trims.append((pad, dict(lvis_json._CACHE)))
+
+    monkeypatch.setattr(lvis_json, "_LIBC", FakeLibc())
+    path = write(tmp_path, valid_json())
+    with shared_reads():
+        with shared_reads():
+            first = load_validated(path)
+        assert trims == [] and load_validated(path) is first  # still shared
+    assert trims == [(0, {})]  # once, after the cache let go of the parse
+    assert load_validated(path) is not first  # outside a block: parsed again, not kept

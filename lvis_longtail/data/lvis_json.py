@@ -39,6 +39,8 @@ and afterwards only detectron2's serialized training dicts and the small derived
 remain. Evaluation reads its split when it computes the metrics and lets it go after.
 """
 
+import ctypes
+import ctypes.util
 import logging
 import math
 import os
@@ -479,8 +481,32 @@ def shared_reads() -> Iterator[None]:
     finally:
         with _LOCK:
             _OPEN_BLOCKS[0] -= 1
-            if _OPEN_BLOCKS[0] == 0:
+            last = _OPEN_BLOCKS[0] == 0
+            if last:
                 _CACHE.clear()
+        if last:
+            release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand the heap pages of freed objects back to the OS (glibc's ``malloc_trim``; a no-op
+    elsewhere). Freeing a parsed json's millions of objects leaves most of its pages with the
+    allocator, counted in the process's RSS and shared by every data worker forked later
+    (which copies the pages it writes to): after LVIS v1 train's dicts are built, about half
+    of the RSS the parse leaves behind."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def load_validated(json_file: str) -> ValidatedLVIS:
