@@ -207,13 +207,14 @@ def part_b(path, image_root, args) -> list:
         result, peak = run_child(cmd + ["--threads", args.threads])
         if "error" in result:
             lines.append(f"| {name} | | | | | | | {peak:.0f} | failed: {result['error']} |")
-            continue
-        s = result["seconds"]
-        lines.append(
-            f"| {name} | {s['build']:.1f} | {s['inference']:.1f} | {s['process']:.2f} | "
-            f"{result['detections']} | {s['data']:.2f} | {s['train']:.1f} | {peak:.0f} "
-            f"| {'; '.join(result['notes'])} |"
-        )
+        else:
+            s = result["seconds"]
+            lines.append(
+                f"| {name} | {s['build']:.1f} | {s['inference']:.1f} | {s['process']:.2f} | "
+                f"{result['detections']} | {s['data']:.2f} | {s['train']:.1f} | {peak:.0f} "
+                f"| {'; '.join(result['notes'])} |"
+            )
+        print(lines[-1], flush=True)
     return lines
 
 
