@@ -598,7 +598,7 @@ def _add_ignore_regions_config(cfg: CN) -> None:
 def _add_image_check_config(cfg: CN) -> None:
     # How the image files of LVIS-format datasets are checked when their dicts are built, on
     # the first process of each machine only (an error there stops the job): "all" reads the
-    # header of every image and compares its size with the json's height and width (~13 s for
+    # header of every image and compares its size with the json's height and width (~10 s for
     # LVIS v1 train from the page cache, minutes from network storage); "sample" checks that
     # every file exists and reads 1000 headers spread over the dataset; "none" checks nothing.
     _enum(cfg, "DATASETS.IMAGE_CHECK", "all", ("all", "sample", "none"))

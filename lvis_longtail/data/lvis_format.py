@@ -13,7 +13,7 @@ field of anything malformed) and:
   files, and an error in the first one stops the whole job, so the others skip the check
   instead of reading every file again. ``"all"`` (default): every file exists and its
   header's size is the json's ``height`` x ``width`` (EXIF rotations allowed, as detectron2
-  applies them; ~13 s for LVIS v1 train from the page cache, far more from network storage);
+  applies them; ~10 s for LVIS v1 train from the page cache, far more from network storage);
   ``"sample"``: every file exists (one ``stat`` each) and the headers of
   :data:`SAMPLED_HEADERS` records spread evenly over the dataset match, which still catches a
   wrong image folder or a resized copy of the images; ``"none"``: no check;
