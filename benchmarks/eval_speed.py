@@ -49,11 +49,9 @@ import tempfile
 import time
 
 import numpy as np
+from lvis_generator import IMAGE_SIZES, NUM_CATEGORIES, category_weights, frequencies
 from pycocotools import mask as mask_utils
 
-NUM_CATEGORIES = 1203
-GROUP_SIZES = (("r", 337), ("c", 461), ("f", 405))
-IMAGE_SIZES = ((480, 640), (640, 480), (427, 640), (640, 427), (512, 512))
 DETS_PER_IMAGE = 300
 POOL_PER_SIZE = 3000
 
@@ -84,15 +82,12 @@ def _rle(polygon, height, width):
 
 
 def _categories(rng):
-    freq = [f for f, n in GROUP_SIZES for _ in range(n)]
+    freq = frequencies()
     cats = [
         {"id": k + 1, "name": f"cat_{k + 1}", "synset": f"cat_{k + 1}.n.01", "frequency": f}
         for k, f in enumerate(freq)
     ]
-    # frequent categories appear most; within a group, long-tailed
-    weight = np.array([{"r": 0.02, "c": 0.3, "f": 4.0}[f] for f in freq])
-    weight = weight * rng.uniform(0.2, 1.0, len(freq)) ** 2
-    return cats, weight / weight.sum()
+    return cats, category_weights(rng, freq)
 
 
 def _mask_pool(rng):

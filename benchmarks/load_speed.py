@@ -2,10 +2,8 @@
 """Loading an LVIS-v1-sized json: this project's validating loader against detectron2's.
 
 Generates an LVIS-format training json of LVIS v1's size (``--scale 1``: 100,170 images,
-1,270,141 annotations, 1,203 categories with LVIS's r/c/f fields; each annotation one polygon
-of 8-40 vertices with 2-decimal coordinates, its box, area and ``iscrowd``; images with
-``coco_url``, ``neg_category_ids`` and ``not_exhaustive_category_ids``), written as text
-directly (no json.dumps of a 1 GB object). Then, each in a fresh subprocess from the same file,
+1,270,141 annotations, 1,203 categories with LVIS's r/c/f fields;
+:func:`lvis_generator.write_lvis_json`). Then, each in a fresh subprocess from the same file,
 timed after the same imports, with the child's peak RSS from ``os.wait4``:
 
 - ``detectron2``: ``detectron2.data.datasets.lvis.load_lvis_json(json, root)`` (lvis-api's
@@ -36,76 +34,7 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
-NUM_IMAGES, NUM_ANNOTATIONS = 100_170, 1_270_141  # LVIS v1 train
-GROUP_SIZES = (("r", 337), ("c", 461), ("f", 405))
-IMAGE_SIZES = ((480, 640), (640, 480), (427, 640), (640, 427), (512, 512))
-
-
-def _polygon_text(rng, x, y, w, h):
-    n = int(rng.integers(8, 41))
-    a = np.sort(rng.uniform(0, 2 * np.pi, n))
-    r = rng.uniform(0.6, 1.0, n)
-    px = x + w / 2 + r * np.cos(a) * w / 2
-    py = y + h / 2 + r * np.sin(a) * h / 2
-    return "[[" + ",".join(f"{v:.2f}" for v in np.stack([px, py], 1).ravel()) + "]]"
-
-
-def generate(path: str, scale: float, seed: int = 0) -> tuple:
-    """Write the json; returns (#images, #annotations)."""
-    rng = np.random.default_rng(seed)
-    num_images = max(1, round(NUM_IMAGES * scale))
-    num_anns = max(1, round(NUM_ANNOTATIONS * scale))
-    freq = [f for f, n in GROUP_SIZES for _ in range(n)]
-    weight = np.array([{"r": 0.02, "c": 0.3, "f": 4.0}[f] for f in freq])
-    weight = weight * rng.uniform(0.2, 1.0, len(freq)) ** 2
-    weight /= weight.sum()
-    per_image = rng.multinomial(num_anns, np.full(num_images, 1 / num_images))
-    cats = rng.choice(len(freq), num_anns, p=weight) + 1
-    sizes = rng.integers(len(IMAGE_SIZES), size=num_images)
-    with open(path, "w") as f:
-        f.write('{"info":{"year":2020},"licenses":[],"categories":[')
-        f.write(
-            ",".join(
-                json.dumps(
-                    {
-                        "id": k + 1,
-                        "name": f"cat_{k + 1}",
-                        "synset": f"cat_{k + 1}.n.01",
-                        "frequency": g,
-                        "image_count": 1,
-                        "instance_count": 1,
-                    }  # fmt: skip
-                )
-                for k, g in enumerate(freq)
-            )
-        )
-        f.write('],"images":[')
-        for i in range(num_images):
-            h, w = IMAGE_SIZES[sizes[i]]
-            neg = (rng.integers(1, len(freq) + 1, int(rng.integers(0, 8)))).tolist()
-            f.write(
-                ("," if i else "") + f'{{"id":{i + 1},"height":{h},"width":{w},"license":1,'
-                f'"coco_url":"http://images.cocodataset.org/train2017/{i + 1:012d}.jpg",'
-                f'"neg_category_ids":{neg},"not_exhaustive_category_ids":[]}}'
-            )
-        f.write('],"annotations":[')
-        k = 0
-        for i in range(num_images):
-            h, w = IMAGE_SIZES[sizes[i]]
-            for _ in range(int(per_image[i])):
-                bw, bh = float(rng.uniform(4, w / 2)), float(rng.uniform(4, h / 2))
-                x, y = float(rng.uniform(0, w - bw)), float(rng.uniform(0, h - bh))
-                f.write(
-                    ("," if k else "")
-                    + f'{{"id":{k + 1},"image_id":{i + 1},"category_id":{int(cats[k])},'
-                    f'"bbox":[{x:.2f},{y:.2f},{bw:.2f},{bh:.2f}],"area":{0.7 * bw * bh:.2f},'
-                    f'"iscrowd":0,"segmentation":{_polygon_text(rng, x, y, bw, bh)}}}'
-                )
-                k += 1
-        f.write("]}")
-    return num_images, num_anns
+from lvis_generator import NUM_ANNOTATIONS, NUM_IMAGES, write_lvis_json
 
 
 def _child_detectron2(path):
@@ -166,7 +95,7 @@ def main(argv=None):
     path = os.path.join(workdir, f"lvis_like_{scale:g}.json")
     start = time.perf_counter()
     if not os.path.exists(path):
-        num_images, num_anns = generate(path, scale)
+        num_images, num_anns = write_lvis_json(path, scale)
     else:
         num_images, num_anns = round(NUM_IMAGES * scale), round(NUM_ANNOTATIONS * scale)
     print(

@@ -1,14 +1,18 @@
 """The training loader: sampler grouping, retries, determinism, the recipe YAMLs train, and
 the augmentation grid tool."""
 
+import gc
 import itertools
 import math
+import uuid
+import weakref
 
 import numpy as np
 import pytest
 import torch
 from augment_helpers import aug_cfg, rect, write_record
 from conftest import REPO
+from detectron2.data import MetadataCatalog
 from detectron2.data.samplers import RepeatFactorTrainingSampler
 from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
@@ -17,6 +21,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 from PIL import Image
 
+from lvis_longtail.data import lvis_json, register_lvis_format
 from lvis_longtail.data.augmentations.mosaic import MosaicStep
 from lvis_longtail.data.builtin import register_synthetic
 from lvis_longtail.data.loader import GroupedSampler, GroupMapDataset
@@ -188,3 +193,30 @@ def test_show_augmentations_writes_a_grid(synthetic, tmp_path):
     grid = np.asarray(Image.open(path))
     assert grid.shape == (2 * 100 + 4, 2 * 100 + 4, 3)
     assert grid.std() > 10  # images drawn, not a blank canvas
+
+
+def test_trainer_parses_the_training_json_once_and_keeps_none(synthetic, tmp_path, monkeypatch):
+    """The model's class statistics (Federated Loss) and the loader's dicts come from one
+    parse of the training json, and once the trainer is built nothing holds that parse: only
+    detectron2's serialized dicts and the derived metadata remain."""
+    meta = MetadataCatalog.get(synthetic)
+    name = f"lt_once_{uuid.uuid4().hex[:8]}"  # fresh: its metadata is not derived yet
+    register_lvis_format(name, meta.json_file, meta.image_root)
+    parsed, validate = [], lvis_json.validate_lvis_dict
+
+    def spy(data, source):
+        validated = validate(data, source)
+        parsed.append(weakref.ref(validated))
+        return validated
+
+    monkeypatch.setattr(lvis_json, "validate_lvis_dict", spy)
+    opts = ["DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()", "MODEL.WEIGHTS", ""]
+    opts += ["MODEL.ROI_HEADS.NUM_CLASSES", "8", "DATALOADER.NUM_WORKERS", "0"]
+    opts += ["SOLVER.IMS_PER_BATCH", "1", "OUTPUT_DIR", str(tmp_path)]
+    cfg = setup_cfg(str(REPO / "configs/tiny/mask_rcnn_R18_FPN_tiny_fedloss.yaml"), opts)
+    trainer = Trainer(cfg)
+    assert len(parsed) == 1  # class statistics for the loss, dicts for the loader: one parse
+    gc.collect()
+    assert parsed[0]() is None and not lvis_json._CACHE
+    assert MetadataCatalog.get(name).class_image_count and len(parsed) == 1  # kept, derived
+    assert len(next(iter(trainer._trainer.data_loader))) == 1  # the loader still works

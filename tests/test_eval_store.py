@@ -1,16 +1,19 @@
 """Streaming store, both protocols end to end, and results files that must be rejected."""
 
 import copy
+import gc
 import json
 import logging
 import os
 import uuid
+import weakref
 
 import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from lvis import LVISEval, LVISResults
 from lvis_random_split import model_outputs, random_results, random_split
+from pycocotools import mask as mask_utils
 
 import lvis_longtail  # noqa: F401  (applies the compat layer: lvis-api's np.float)
 from lvis_longtail.evaluation import (
@@ -153,6 +156,64 @@ def test_fixed_thresholds_drop_detections_before_they_are_stored(tmp_path):
     assert evaluator.store.num_rows == 4 + 2
     results = evaluator.evaluate()
     assert set(results) == {"bbox"}
+
+
+@pytest.mark.parametrize("protocol", ["fixed", "standard"])
+def test_detections_are_selected_before_masks_leave_the_device(tmp_path, monkeypatch, protocol):
+    """The thresholds (fixed) and the per-image cap (standard) select on the model's device:
+    the instances are never moved whole, and only the kept masks are encoded."""
+    from detectron2.structures import Instances
+
+    from lvis_longtail.evaluation import shards
+
+    dataset = random_split(1, num_images=3, num_categories=4)
+    name = register(tmp_path, dataset)
+    image_a, image_b = dataset["images"][1]["id"], dataset["images"][2]["id"]
+    box = {"bbox": [10.0, 10.0, 20.0, 20.0], "category_id": 1}
+    rle = mask_utils.frPyObjects(np.array([[10.0, 10, 20, 20]]), 160, 200)[0]  # the box's mask
+    box["segmentation"] = {"size": [160, 200], "counts": rle["counts"].decode()}
+    first = [dict(box, image_id=image_a, score=s) for s in (0.9, 0.8, 0.7, 0.6)]
+    second = [dict(box, image_id=image_b, score=s) for s in (0.85, 0.8, 0.75)]
+    pairs = model_outputs(dataset, first + second)[1:]
+    encoded, encode = [], shards.encode_masks
+    monkeypatch.setattr(shards, "encode_masks", lambda m: encoded.append(len(m)) or encode(m))
+
+    def moved_whole(self, *args, **kwargs):
+        raise AssertionError("Instances.to: every mask moved before the selection")
+
+    monkeypatch.setattr(Instances, "to", moved_whole)
+    evaluator = LVISLongTailEvaluator(
+        name, None, distributed=False, protocol=protocol, dets_per_class=2, max_dets_per_image=2
+    )
+    evaluator.reset()
+    for inputs, outputs in pairs:
+        evaluator.process([inputs], [outputs])
+    # fixed, k = 2: all of image a, then 0.85 and the tied 0.8 of image b; standard: 2 each
+    assert encoded == ([4, 2] if protocol == "fixed" else [2, 2])
+    assert evaluator.store.num_rows == sum(encoded)
+
+
+def test_the_split_read_for_the_metrics_is_freed_after_them(tmp_path, monkeypatch):
+    """Evaluation reads its split when it computes the metrics and holds nothing after."""
+    from lvis_longtail.data import lvis_json
+
+    dataset = random_split(2, num_images=4)
+    name = register(tmp_path, dataset)
+    parsed, validate = [], lvis_json.validate_lvis_dict
+
+    def spy(data, source):
+        validated = validate(data, source)
+        parsed.append(weakref.ref(validated))
+        return validated
+
+    monkeypatch.setattr(lvis_json, "validate_lvis_dict", spy)
+    evaluator = LVISLongTailEvaluator(name, None, distributed=False)
+    assert set(run(evaluator, model_outputs(dataset, random_results(dataset, 2)))) == {
+        "bbox",
+        "segm",
+    }
+    gc.collect()
+    assert len(parsed) == 1 and parsed[0]() is None and not lvis_json._CACHE
 
 
 def test_class_score_thresholds():

@@ -11,7 +11,14 @@ from conftest import TINY_BASE
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from lvis_longtail.config import ConfigError
-from lvis_longtail.data import LVISFormatError, load_lvis_format_json, register_lvis_format
+from lvis_longtail.data import (
+    LVISFormatError,
+    load_lvis_format_json,
+    lvis_format,
+    lvis_json,
+    register_lvis_format,
+    set_image_check,
+)
 from lvis_longtail.data.class_stats import frequency_group, get_class_stats
 from lvis_longtail.engine import setup_cfg
 
@@ -216,3 +223,71 @@ def test_register_from_config_and_unknown_names(tmp_path):
         setup_cfg(str(bad_yaml))
     with pytest.raises(KeyError, match="Dataset 'no_such_dataset' is not registered"):
         DatasetCatalog.get("no_such_dataset")
+
+
+@pytest.fixture
+def image_check():
+    """Set ``DATASETS.IMAGE_CHECK``'s mode for one test (restored to the default after)."""
+    yield set_image_check
+    set_image_check("all")
+
+
+def broken_images(tmp_path):
+    """The tiny json with image 5's file missing and image 2's header 40x48, not 32x32."""
+    path = write(tmp_path, tiny_json())
+    (tmp_path / "b/5.png").unlink()
+    cv2.imwrite(str(tmp_path / "a/2.png"), np.zeros((40, 48, 3), np.uint8))
+    return path
+
+
+def test_only_the_first_process_of_a_machine_checks_image_files(tmp_path, monkeypatch):
+    """The other processes of a machine neither look for nor read any image file."""
+    path = broken_images(tmp_path)
+    monkeypatch.setattr(lvis_format.comm, "get_local_rank", lambda: 1)
+    monkeypatch.setattr(lvis_format.os.path, "isfile", lambda p: p == path)
+    monkeypatch.setattr(lvis_format, "_header_size", None)  # a call would raise a TypeError
+    assert len(load_lvis_format_json(path, str(tmp_path))) == 3
+    monkeypatch.undo()
+    monkeypatch.setattr(lvis_format.comm, "get_local_rank", lambda: 0)
+    with pytest.raises(FileNotFoundError, match=r"1 of 3 image files are missing.*image id=5"):
+        load_lvis_format_json(path, str(tmp_path))
+
+
+def test_image_check_modes(tmp_path, monkeypatch, image_check):
+    path = broken_images(tmp_path)
+    read = []
+    header_size = lvis_format._header_size
+    monkeypatch.setattr(lvis_format, "_header_size", lambda p: read.append(p) or header_size(p))
+    image_check("none")
+    assert len(load_lvis_format_json(path, str(tmp_path))) == 3 and read == []
+    image_check("sample")  # every file must exist; SAMPLED_HEADERS headers are read
+    with pytest.raises(FileNotFoundError, match="1 of 3 image files are missing"):
+        load_lvis_format_json(path, str(tmp_path))
+    cv2.imwrite(str(tmp_path / "b/5.png"), np.zeros((32, 32, 3), np.uint8))
+    monkeypatch.setattr(lvis_format, "SAMPLED_HEADERS", 2)  # the first and the last record
+    assert len(load_lvis_format_json(path, str(tmp_path))) == 3
+    assert read == [str(tmp_path / "a/1.png"), str(tmp_path / "b/5.png")]
+    monkeypatch.setattr(lvis_format, "SAMPLED_HEADERS", 3)
+    with pytest.raises(LVISFormatError, match=r"image id=2: fields 'height'/'width' 32x32"):
+        load_lvis_format_json(path, str(tmp_path))
+    with pytest.raises(ValueError, match=r"DATASETS.IMAGE_CHECK must be one of"):
+        image_check("headers")
+
+
+def test_image_check_from_the_config(image_check):
+    setup_cfg(str(TINY_BASE), ["DATASETS.IMAGE_CHECK", "sample"])
+    assert lvis_format._IMAGE_CHECK == ["sample"]
+    with pytest.raises(ValueError, match="DATASETS.IMAGE_CHECK must be one of"):
+        setup_cfg(str(TINY_BASE), ["DATASETS.IMAGE_CHECK", "some"])
+
+
+def test_metadata_comes_from_the_read_that_built_the_dicts(tmp_path, monkeypatch):
+    """Dicts first, metadata later (e.g. the evaluator's training counts): one parse."""
+    parsed, validate = [], lvis_json.validate_lvis_dict
+    monkeypatch.setattr(
+        lvis_json, "validate_lvis_dict", lambda d, s: parsed.append(s) or validate(d, s)
+    )
+    register_lvis_format("lt_t_once", write(tmp_path, tiny_json()), str(tmp_path))
+    assert len(DatasetCatalog.get("lt_t_once")) == 3 and len(parsed) == 1
+    assert MetadataCatalog.get("lt_t_once").class_image_count == [3, 1, 0]
+    assert len(parsed) == 1 and not lvis_json._CACHE

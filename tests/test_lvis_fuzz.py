@@ -17,7 +17,7 @@ from detectron2.data import transforms as T
 from pycocotools import mask as mask_utils
 
 from lvis_longtail.data import LVISFormatError, load_lvis_format_json, set_mask_format
-from lvis_longtail.data.lvis_json import decode_rle_string, load_validated
+from lvis_longtail.data.lvis_json import decode_rle_string, load_validated, shared_reads
 
 NAN, INF = float("nan"), float("inf")
 
@@ -346,16 +346,37 @@ def test_uncompressed_rle_is_compressed_for_evaluation(tmp_path):
 
 
 def test_evaluation_leaves_the_shared_validated_dataset_untouched(tmp_path):
-    """Both evaluators read the cached validated dict that training dicts are made from."""
+    """Both evaluators read the shared validated dict that training dicts are made from."""
     from lvis_longtail.evaluation import evaluate_lvis_results
 
     path = write(tmp_path, valid_json())
-    before = copy.deepcopy(load_validated(path).dataset)
     rle = mask_utils.encode(np.asfortranarray(np.ones((40, 48), np.uint8)))
     segm = {"size": [40, 48], "counts": rle["counts"].decode("ascii")}
     record = {"image_id": 1, "category_id": 1, "score": 0.5, "bbox": [2, 2, 8, 8]}
     record["segmentation"] = segm
-    for evaluator in ("fast", "lvis_api"):
-        for task in ("bbox", "segm"):
-            evaluate_lvis_results(path, [dict(record)], task, evaluator=evaluator)
-    assert load_validated(path).dataset == before
+    with shared_reads():  # every reader below gets the same validated dict
+        shared = load_validated(path)
+        before = copy.deepcopy(shared.dataset)
+        for evaluator in ("fast", "lvis_api"):
+            for task in ("bbox", "segm"):
+                evaluate_lvis_results(path, [dict(record)], task, evaluator=evaluator)
+        assert load_validated(path) is shared and shared.dataset == before
+
+
+def test_shared_reads_hand_freed_memory_back_when_the_outermost_block_ends(tmp_path, monkeypatch):
+    from lvis_longtail.data import lvis_json
+
+    trims = []
+
+    class FakeLibc:
+        def malloc_trim(self, pad):
+            trims.append((pad, dict(lvis_json._CACHE)))
+
+    monkeypatch.setattr(lvis_json, "_LIBC", FakeLibc())
+    path = write(tmp_path, valid_json())
+    with shared_reads():
+        with shared_reads():
+            first = load_validated(path)
+        assert trims == [] and load_validated(path) is first  # still shared
+    assert trims == [(0, {})]  # once, after the cache let go of the parse
+    assert load_validated(path) is not first  # outside a block: parsed again, not kept

@@ -30,6 +30,7 @@ LVIS_TASKS = ("bbox", "segm", "boundary")
 # detectron2 keys are those lvis_longtail depends on (detectron2 0.6 checks some late, e.g.
 # the sampler when the loader is built, or only with a bare error).
 ENUMS: Dict[str, Tuple] = {
+    "DATASETS.IMAGE_CHECK": ("all", "sample", "none"),
     "DATALOADER.SAMPLER_TRAIN": SAMPLERS,  # detectron2's
     "INPUT.MASK_FORMAT": ("polygon", "bitmask"),  # detectron2's
     "INPUT.MIN_SIZE_TRAIN_SAMPLING": ("choice", "range"),  # detectron2's

@@ -8,9 +8,10 @@ from lvis_longtail.data.lvis_format import (
     LVISFormatError,
     load_lvis_format_json,
     register_lvis_format,
+    set_image_check,
     set_mask_format,
 )
-from lvis_longtail.data.lvis_json import ValidatedLVIS, load_validated
+from lvis_longtail.data.lvis_json import ValidatedLVIS, load_validated, shared_reads
 
 register_builtin()
 
@@ -24,5 +25,7 @@ __all__ = [
     "register_builtin",
     "register_from_config",
     "register_lvis_format",
+    "set_image_check",
     "set_mask_format",
+    "shared_reads",
 ]

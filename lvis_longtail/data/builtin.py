@@ -12,7 +12,7 @@
 
 import os
 
-from lvis_longtail.data.lvis_format import register_lvis_format, set_mask_format
+from lvis_longtail.data.lvis_format import register_lvis_format, set_image_check, set_mask_format
 
 SYNTHETIC_SPLITS = ("train", "val", "test_dev")
 
@@ -45,8 +45,10 @@ def register_builtin(root: str = None) -> None:
 
 def register_from_config(cfg) -> None:
     """Register each ``[name, json_file, image_root]`` of ``cfg.DATASETS.LVIS_FORMAT``; RLE
-    ground-truth masks of every LVIS-format dataset follow ``cfg.INPUT.MASK_FORMAT``."""
+    ground-truth masks of every LVIS-format dataset follow ``cfg.INPUT.MASK_FORMAT``, its
+    image files are checked as ``cfg.DATASETS.IMAGE_CHECK`` says."""
     set_mask_format(cfg.INPUT.MASK_FORMAT)
+    set_image_check(cfg.DATASETS.IMAGE_CHECK)
     for entry in cfg.DATASETS.LVIS_FORMAT:
         if not (isinstance(entry, (list, tuple)) and len(entry) == 3):
             raise ValueError(

@@ -15,6 +15,7 @@ from detectron2.data.build import _train_loader_from_config
 from detectron2.data.common import AspectRatioGroupedDataset, DatasetFromList
 
 from lvis_longtail.data.extra_images import LossWeightGroupedDataset, extra_images_dataset
+from lvis_longtail.data.lvis_json import shared_reads
 from lvis_longtail.data.mapper import LongTailDatasetMapper
 
 logger = logging.getLogger(__name__)
@@ -78,8 +79,9 @@ def build_longtail_train_loader(cfg, mapper=None):
     The loader carries the mapper's count of samples skipped for an unreadable image as
     ``skipped_images`` (when the mapper has one).
     """
-    mapper = mapper if mapper is not None else LongTailDatasetMapper(cfg, True)
-    kwargs = _train_loader_from_config(cfg, mapper=mapper)
+    with shared_reads():  # a mapper reading class statistics and the dicts: one parse
+        mapper = mapper if mapper is not None else LongTailDatasetMapper(cfg, True)
+        kwargs = _train_loader_from_config(cfg, mapper=mapper)
     if cfg.DATASETS.EXTRA_TRAIN:  # pseudo-labelled extra images (extra_images.py)
         kwargs["dataset"], kwargs["sampler"] = extra_images_dataset(cfg, kwargs["dataset"])
     extra = getattr(mapper, "num_extra_images", 0)

@@ -16,6 +16,7 @@ from lvis_longtail.data.categories import (
     dataset_class_names,
 )
 from lvis_longtail.data.loader import build_longtail_test_loader, build_longtail_train_loader
+from lvis_longtail.data.lvis_json import shared_reads
 from lvis_longtail.engine.checkpoint import LongTailCheckpointer
 from lvis_longtail.engine.faults import fault_tolerance_hooks, workers_ignore_preemption
 from lvis_longtail.engine.launch import OpenCVThreadsWorkerInit
@@ -128,7 +129,8 @@ class Trainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
-        super().__init__(cfg)
+        with shared_reads():  # the model's class statistics and the loader's dicts: one parse
+            super().__init__(cfg)
         self._data_stream = DataStream.attach(self._trainer)
 
     def state_dict(self):

@@ -189,36 +189,44 @@ class LVISLongTailEvaluator(DatasetEvaluator):
     def process(self, inputs, outputs):
         """Append each image's detections as rows to this process's shard. Standard: only
         those that can survive the per-image cap (:func:`~.shards.preselect`); fixed: the
-        per-class score thresholds first drop, in tensor code, what can no longer reach its
-        class's top ``dets_per_class`` (before masks are encoded)."""
+        per-class score thresholds first drop what can no longer reach its class's top
+        ``dets_per_class``. Both select on the model's device, so only the kept masks are
+        encoded, from their transitions on that device (:mod:`.mask_rle`), and only their
+        RLEs and the (N,) fields reach the host."""
         for inp, out in zip(inputs, outputs):
-            instances = out["instances"].to(self._cpu) if "instances" in out else None
-            if instances is not None:
-                if self._thresholds:
-                    instances = self._above_thresholds(instances)
-                else:
-                    instances = preselect(instances, self._protocol.max_dets_per_image)
-                self.store.add_instances(inp["image_id"], instances, self._dataset_ids)
-            else:
+            if "instances" not in out:
                 self.store.add(inp["image_id"], [])
+                continue
+            instances = out["instances"]
+            if self._thresholds:
+                instances = self._above_thresholds(instances)
+            else:
+                instances = preselect(instances, self._protocol.max_dets_per_image)
+            self.store.add_instances(inp["image_id"], instances, self._dataset_ids)
 
     def _above_thresholds(self, instances):
         """Instances that may still be in their class's top ``dets_per_class`` (by box score
-        or, with Mask Scoring, by mask score); the thresholds are updated with them."""
-        classes = instances.pred_classes
-        keep = self._thresholds["score"].keep(classes, instances.scores)
-        if instances.has("mask_scores"):
+        or, with Mask Scoring, by mask score); the thresholds are updated with them. The
+        thresholds live on the host: only the (N,) classes and scores are copied there, and
+        the detections are selected where they are."""
+        classes = instances.pred_classes.to(self._cpu)
+        scores = instances.scores.to(self._cpu)
+        mask_scores = instances.mask_scores.to(self._cpu) if instances.has("mask_scores") else None
+        keep = self._thresholds["score"].keep(classes, scores)
+        if mask_scores is not None:
             if self._thresholds["mask_scores"] is None:
                 self._thresholds["mask_scores"] = ClassScoreThresholds(
                     self._protocol.dets_per_class
                 )
-            keep |= self._thresholds["mask_scores"].keep(classes, instances.mask_scores)
-        instances = instances[keep]
-        self._thresholds["score"].update(instances.pred_classes, instances.scores)
+            keep |= self._thresholds["mask_scores"].keep(classes, mask_scores)
+        kept = torch.nonzero(keep)[:, 0]
+        self._thresholds["score"].update(classes[kept], scores[kept])
         if self._thresholds["mask_scores"] is not None:
-            segm = instances.mask_scores if instances.has("mask_scores") else instances.scores
-            self._thresholds["mask_scores"].update(instances.pred_classes, segm)
-        return instances
+            segm = mask_scores if mask_scores is not None else scores
+            self._thresholds["mask_scores"].update(classes[kept], segm[kept])
+        if len(kept) == len(instances):
+            return instances
+        return instances[kept.to(instances.pred_classes.device)]
 
     def evaluate(self):
         """Export (and, with annotations, evaluate) the predictions; see the class docstring.

@@ -75,20 +75,20 @@ def _images_and_categories(dataset: dict) -> dict:
 
 def as_lvis_gt(gt) -> LVIS:
     """An lvis-api ``LVIS`` from an ``LVIS`` (as is), a :class:`ValidatedLVIS`, an
-    :class:`LVISGroundTruth`, a json dict (validated first) or a path (validated once,
-    cached); built from the validated dict, so lvis-api never re-reads the file."""
+    :class:`LVISGroundTruth`, a json dict (validated first) or a path (validated); built
+    from the validated dict, so lvis-api never re-reads the file."""
     if isinstance(gt, LVIS):
         return gt
     dataset = validated_dataset(gt)
-    # LVISEval writes RLEs into the annotations it evaluates: shallow copies keep the shared,
-    # cached validated dataset (training dicts, metadata) untouched
+    # LVISEval writes RLEs into the annotations it evaluates: shallow copies keep a validated
+    # dataset that other readers may share (training dicts, metadata) untouched
     anns = [dict(a) for a in dataset.get("annotations", [])]
     return LoadedLVIS(dict(dataset, annotations=anns))
 
 
 def as_ground_truth(gt) -> LVISGroundTruth:
     """An :class:`LVISGroundTruth` from one, an lvis-api ``LVIS``, a :class:`ValidatedLVIS`,
-    a json dict (validated first) or a path (validated once, cached)."""
+    a json dict (validated first) or a path (validated)."""
     if isinstance(gt, LVISGroundTruth):
         return gt
     if isinstance(gt, LVIS):
@@ -208,7 +208,7 @@ def evaluate_lvis_results(
     max_dets=-1, dets_per_class=10000)``.
 
     Args:
-        gt: the split with annotations: its path (validated once, cached), a
+        gt: the split with annotations: its path (validated), a
             :class:`~lvis_longtail.data.lvis_json.ValidatedLVIS`, a json dict (validated), an
             lvis-api ``LVIS`` or an :class:`~.fast_eval.LVISGroundTruth` (reuse one across
             tasks and calls).
@@ -241,8 +241,9 @@ def evaluate_lvis_results(
 
 def load_split_json(json_file: str) -> dict:
     """The split's validated LVIS-format dict (``images``, ``categories``, maybe
-    ``annotations``): :func:`~lvis_longtail.data.lvis_json.load_validated`'s, cached, shared
-    with the training dicts and the metadata; callers must not modify it."""
+    ``annotations``): :func:`~lvis_longtail.data.lvis_json.load_validated`'s, which a
+    ``shared_reads`` block shares with the training dicts and the metadata; callers must not
+    modify it."""
     return load_validated(json_file).dataset
 
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
-from pycocotools import mask as mask_utils
 
+from lvis_longtail.evaluation.mask_rle import encode_masks
 from lvis_longtail.evaluation.table import (
     SEGM_SCORE,
     DetectionTable,
@@ -89,26 +89,33 @@ def _dataset_category_ids(classes: torch.Tensor, dataset_ids: Mapping[int, int],
 
 def instances_to_rows(instances, image_id: int, dataset_ids: Mapping[int, int], entry: int = 0,
                       blob_start: int = 0):  # fmt: skip
-    """(rows, counts blob) of one image's ``Instances`` (on CPU; ``pred_boxes`` XYXY,
-    ``scores``, ``pred_classes`` contiguous, optionally ``pred_masks`` (N, H, W) and
-    ``mask_scores``): the values detectron2's ``instances_to_coco_json`` gives (XYWH boxes,
-    compressed RLEs), with dataset category ids, without making a dict per detection."""
+    """(rows, counts blob) of one image's ``Instances`` (``pred_boxes`` XYXY, ``scores``,
+    ``pred_classes`` contiguous, optionally ``pred_masks`` (N, H, W) and ``mask_scores``), on
+    any device: the values detectron2's ``instances_to_coco_json`` gives (XYWH boxes,
+    compressed RLEs), with dataset category ids, without making a dict per detection. The
+    masks are encoded from their transitions on their device (:func:`~.mask_rle.encode_masks`);
+    only those and the (N,) fields reach the host."""
     n = len(instances)
     rows = np.zeros(n, dtype=RECORD_DTYPE)
     rows["counts_start"] = -1
     if n == 0:
         return rows, b""
+    cpu = torch.device("cpu")
     rows["image_id"] = image_id
-    rows["category_id"] = _dataset_category_ids(instances.pred_classes, dataset_ids, image_id)
+    classes = instances.pred_classes.to(cpu)
+    rows["category_id"] = _dataset_category_ids(classes, dataset_ids, image_id)
     rows["entry"] = entry
-    rows["score"] = instances.scores.tolist()  # float32 -> float, as instances_to_coco_json
-    rows["segm_score"] = instances.mask_scores.tolist() if instances.has("mask_scores") else np.nan
-    boxes = BoxMode.convert(instances.pred_boxes.tensor, BoxMode.XYXY_ABS, BoxMode.XYWH_ABS)
-    rows["bbox"] = boxes.tolist()
+    rows["score"] = instances.scores.to(cpu).tolist()  # float32 -> float, as detectron2's
+    if instances.has("mask_scores"):
+        rows["segm_score"] = instances.mask_scores.to(cpu).tolist()
+    else:
+        rows["segm_score"] = np.nan
+    boxes = instances.pred_boxes.tensor.to(cpu)
+    rows["bbox"] = BoxMode.convert(boxes, BoxMode.XYXY_ABS, BoxMode.XYWH_ABS).tolist()
     if not instances.has("pred_masks"):
         return rows, b""
     masks = instances.pred_masks
-    rles = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
+    rles = encode_masks(masks)
     counts = [r["counts"] for r in rles]
     lengths = np.array([len(c) for c in counts], dtype=np.int64)
     rows["counts_len"] = lengths
