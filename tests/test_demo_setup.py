@@ -12,7 +12,13 @@ from detectron2.data import build as d2_build
 
 from lvis_longtail.data.mapper import LongTailDatasetMapper
 from lvis_longtail.engine import Trainer, setup_cfg
-from lvis_longtail.engine.launch import configure_cpu_threads, cpu_threads
+from lvis_longtail.engine.faults import _WorkerInit as faults_worker_init
+from lvis_longtail.engine.launch import (
+    OpenCVThreadsWorkerInit,
+    configure_cpu_threads,
+    cpu_threads,
+    limit_worker_opencv_threads,
+)
 from lvis_longtail.engine.summary import format_summary
 
 
@@ -91,6 +97,23 @@ def test_data_workers_limit_opencv_also_on_gpu_runs(tmp_path, restore_threads, m
         assert [batch[0]["opencv_threads"] for batch in test] == [1, 1]
     finally:
         DatasetCatalog.remove("lt_opencv_threads")
+
+
+def test_worker_init_pickles_for_spawned_workers(restore_threads):
+    """Ranks started by launch() start their DataLoader workers by spawn, which pickles the
+    worker_init_fn. pickle finds a function by its qualified name, and detectron2's seed
+    reset's name then leads to the replacement: the original must travel another way."""
+    import pickle
+
+    original = d2_build.worker_init_reset_seed
+    limit_worker_opencv_threads(2)
+    limit_worker_opencv_threads(3)  # idempotent: wraps the original, not the wrapper
+    patched = d2_build.worker_init_reset_seed
+    assert isinstance(patched, OpenCVThreadsWorkerInit) and patched.base is original
+    copy = pickle.loads(pickle.dumps(patched))
+    assert copy.threads == 3 and copy.base is original
+    nested = pickle.loads(pickle.dumps(faults_worker_init(patched)))
+    assert nested.worker_init_fn.base is original
 
 
 def test_tiny_configs_have_a_fixed_seed_and_the_demo_schedule():

@@ -65,7 +65,8 @@ class TrainingPreempted(SystemExit):
 
 class PreemptionHook(HookBase):
     """On SIGTERM or SIGUSR1 (any rank): save a checkpoint after the current iteration, stop
-    the data-loader workers, raise :class:`TrainingPreempted` on every rank.
+    the data-loader workers, raise :class:`TrainingPreempted` on every rank. When training
+    ends for any reason, the training loader's workers are shut down.
 
     Register it after the LR scheduler and the periodic checkpointer (the checkpoint must hold
     the same state theirs would) and before evaluation (a pending stop does not wait for it).
@@ -93,6 +94,10 @@ class PreemptionHook(HookBase):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+        # the workers ignore SIGTERM, which is also how Python's exit ends daemonic children:
+        # left running, they would keep a trainer that outlives training (it evaluates) and
+        # then the interpreter's exit waiting on them
+        close_train_loader(self.trainer)
 
     def after_step(self):
         if self.trainer.iter + 1 >= self.trainer.max_iter:

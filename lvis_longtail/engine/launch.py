@@ -126,19 +126,36 @@ def cpu_threads(cfg, processes_per_machine: int = 1) -> int:
     return max(1, per_process - cfg.DATALOADER.NUM_WORKERS)
 
 
+# detectron2's seed reset for DataLoader workers, taken before limit_worker_opencv_threads
+# replaces the module attribute: pickle finds functions by their qualified name, which
+# then names the replacement, so the original travels to spawned workers as a marker.
+_D2_RESET_SEED = d2_build.worker_init_reset_seed
+_D2_RESET_SEED_MARK = "detectron2.data.build.worker_init_reset_seed"
+
+
 class OpenCVThreadsWorkerInit:
     """A DataLoader ``worker_init_fn``: limits OpenCV's thread pool in the worker to
     ``threads``, then calls ``base`` (e.g. detectron2's seed reset). A picklable object, so
-    it also reaches workers started by ``spawn``, which inherit nothing from their parent."""
+    it also reaches workers started by ``spawn`` (the workers of every rank that
+    :func:`launch` starts), which inherit nothing from their parent."""
 
     def __init__(self, threads: int, base: Optional[Callable[[int], None]] = None):
         self.threads = int(threads)
-        self.base = base
+        self.base = base.base if isinstance(base, OpenCVThreadsWorkerInit) else base
 
     def __call__(self, worker_id: int) -> None:
         cv2.setNumThreads(self.threads)
         if self.base is not None:
             self.base(worker_id)
+
+    def __getstate__(self):
+        base = _D2_RESET_SEED_MARK if self.base is _D2_RESET_SEED else self.base
+        return {"threads": self.threads, "base": base}
+
+    def __setstate__(self, state):
+        self.threads = state["threads"]
+        base = state["base"]
+        self.base = _D2_RESET_SEED if base == _D2_RESET_SEED_MARK else base
 
 
 def limit_worker_opencv_threads(threads: int) -> None:
@@ -146,9 +163,9 @@ def limit_worker_opencv_threads(threads: int) -> None:
     detectron2 gives them ``worker_init_fn=detectron2.data.build.worker_init_reset_seed``,
     looked up when a loader is built, which becomes :class:`OpenCVThreadsWorkerInit` around
     the original (idempotent). The test loaders' workers: ``Trainer.build_test_loader``."""
-    current = d2_build.worker_init_reset_seed
-    base = current.base if isinstance(current, OpenCVThreadsWorkerInit) else current
-    d2_build.worker_init_reset_seed = OpenCVThreadsWorkerInit(threads, base)
+    d2_build.worker_init_reset_seed = OpenCVThreadsWorkerInit(
+        threads, d2_build.worker_init_reset_seed
+    )
 
 
 def configure_cpu_threads(cfg, processes_per_machine: int = 1) -> None:
