@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from detectron2.config import get_cfg
 from detectron2.engine import hooks
-from detectron2.utils.events import CommonMetricPrinter, EventStorage, JSONWriter
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 from packaging.requirements import Requirement
 
 from lvis_longtail.config import add_longtail_config
@@ -77,24 +77,40 @@ def config_opts(name: str, device, data: dict, output_dir: Path, iters: int, amp
     return opts
 
 
-def count_syncs(trainer, steps: int, device) -> dict:
-    """Training steps with ``torch.cuda.set_sync_debug_mode("warn")``: synchronisations per
-    step and the source lines that cause most of them (CPU: the steps run, nothing counted)."""
-    on_cuda = device.type == "cuda"
-    with warnings.catch_warnings(record=True) as caught, EventStorage(trainer.iter):
-        warnings.simplefilter("always")
-        if on_cuda:
+class SyncCounter(hooks.HookBase):
+    """Counts host-device synchronisations in the last ``steps`` training steps (the first
+    step, with its one-time work, excluded) with ``torch.cuda.set_sync_debug_mode("warn")``;
+    ``result`` then holds the count per step and the source lines that cause most of them
+    (CPU: nothing counted). Counted inside training: the training loader's workers are shut
+    down when training ends."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.result = {"per_step": None, "sites": []}
+        self._caught = None
+        self._counted = 0
+
+    def before_step(self):
+        first = max(1, self.trainer.max_iter - self.steps)
+        if self.trainer.iter == first and torch.cuda.is_available() and self._caught is None:
+            self._catch = warnings.catch_warnings(record=True)
+            self._caught = self._catch.__enter__()
+            warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
-        try:
-            for _ in range(steps):
-                trainer._trainer.run_step()
-        finally:
-            if on_cuda:
-                torch.cuda.set_sync_debug_mode(0)
-    if not on_cuda:
-        return {"per_step": None, "sites": []}
-    sites = Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
-    return {"per_step": sum(sites.values()) / steps, "sites": sites.most_common(12)}
+
+    def after_step(self):
+        self._counted += self._caught is not None
+
+    def after_train(self):
+        if self._caught is None:
+            return
+        torch.cuda.set_sync_debug_mode(0)
+        self._catch.__exit__(None, None, None)
+        messages = [w for w in self._caught if "synchroniz" in str(w.message)]
+        sites = Counter(f"{w.filename}:{w.lineno}" for w in messages)
+        per_step = sum(sites.values()) / self._counted if self._counted else None
+        self.result = {"per_step": per_step, "sites": sites.most_common(12)}
+        self._caught = None
 
 
 def train_config(name, device, data, runs: Path, iters: int, amp: bool, count_syncs_too: bool):
@@ -110,12 +126,15 @@ def train_config(name, device, data, runs: Path, iters: int, amp: bool, count_sy
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer = CheckTrainer(cfg)
+        counter = SyncCounter(SYNC_STEPS)
+        if count_syncs_too and device.type == "cuda":
+            trainer.register_hooks([counter])
         trainer.resume_or_load(resume=False)
         trainer.train()
         row["seconds"] = round(time.perf_counter() - start, 1)
         row.update(_metrics(output_dir, getattr(trainer, "_last_eval_results", None) or {}))
         if count_syncs_too:
-            row["syncs"] = count_syncs(trainer, SYNC_STEPS, device)
+            row["syncs"] = counter.result
         if device.type == "cuda":
             row["peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
         row["ok"] = row["finite_losses"] and "bbox_AP" in row
