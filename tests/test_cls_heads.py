@@ -11,12 +11,12 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 import lvis_longtail.modeling  # noqa: F401  (registers the ROI heads)
-from lvis_longtail.modeling.cascade_roi_heads import LongTailCascadeROIHeads
 from lvis_longtail.modeling.fast_rcnn import (
     LongTailFastRCNNOutputLayers,
     NormedLinear,
     build_classifier,
 )
+from lvis_longtail.modeling.roi_heads import LongTailCascadeROIHeads
 
 K = 8
 ALL_NAMES = [

@@ -15,9 +15,7 @@ from lvis_longtail.evaluation.lvis_evaluation import (
 )
 from lvis_longtail.evaluation.results import (
     LVISResultsError,
-    instances_to_lvis_records,
     load_lvis_results,
-    records_for_export,
     records_for_task,
     validate_lvis_results,
     write_results_file,
@@ -54,13 +52,11 @@ __all__ = [
     "cap_per_image",
     "evaluate_detections",
     "evaluate_lvis_results",
-    "instances_to_lvis_records",
     "instances_to_rows",
     "load_lvis_results",
     "metric_names",
     "ranking_score",
     "read_shards",
-    "records_for_export",
     "records_for_task",
     "run_lvis_eval",
     "top_k_per_class",

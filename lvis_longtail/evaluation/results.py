@@ -22,7 +22,7 @@ from collections import Counter
 from itertools import chain
 from json.encoder import encode_basestring_ascii
 from operator import itemgetter, methodcaller
-from typing import List, Mapping, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -346,36 +346,6 @@ def check_per_image_cap(records: Sequence[dict], max_dets: int, source: str) -> 
 EXPORT_FIELDS = ("image_id", "category_id", "score", "bbox", "segmentation")
 
 
-def instances_to_lvis_records(
-    instances, image_id: int, dataset_ids: Mapping[int, int], max_dets: int = 300
-) -> List[dict]:
-    """LVIS records of one image's predictions (the values of detectron2's
-    ``instances_to_coco_json``, dataset category ids, ``segm_score`` from ``mask_scores``).
-
-    Only detections that can survive the per-image cap are converted
-    (:func:`~.shards.preselect`: the top ``max_dets`` by box score and by ``mask_scores``).
-    """
-    from lvis_longtail.evaluation.shards import instances_to_rows, preselect
-
-    rows, blob = instances_to_rows(preselect(instances, max_dets), image_id, dataset_ids)
-    records = []
-    for row in rows:
-        record = {
-            "image_id": int(row["image_id"]),
-            "category_id": int(row["category_id"]),
-            "bbox": row["bbox"].tolist(),
-            "score": float(row["score"]),
-        }
-        if row["counts_start"] >= 0:
-            start, end = int(row["counts_start"]), int(row["counts_start"] + row["counts_len"])
-            size = [int(row["height"]), int(row["width"])]
-            record["segmentation"] = {"size": size, "counts": blob[start:end].decode("ascii")}
-        if not np.isnan(row["segm_score"]):
-            record[SEGM_SCORE] = float(row["segm_score"])
-        records.append(record)
-    return records
-
-
 def _capped(records: Sequence[dict], task: str, max_dets: int) -> List[dict]:
     """The ``max_dets`` best records of each image by ``task``'s score, in their order (the
     table's :func:`~.table.cap_per_image`: ties keep the earlier record, as lvis-api)."""
@@ -384,17 +354,6 @@ def _capped(records: Sequence[dict], task: str, max_dets: int) -> List[dict]:
     image = np.fromiter((r["image_id"] for r in records), np.int64, len(records))
     score = np.fromiter((record_score(r, task) for r in records), np.float64, len(records))
     return [records[i] for i in np.flatnonzero(cap_per_image(image, score, max_dets)).tolist()]
-
-
-def records_for_export(records: Sequence[dict], max_dets: int) -> List[dict]:
-    """Records as the results file holds them: :data:`EXPORT_FIELDS` only, ``score`` = the
-    file's ranking score, at most ``max_dets`` per image by that score."""
-    out = []
-    for record in _capped(records, "file", max_dets):
-        exported = {k: record[k] for k in EXPORT_FIELDS if k in record}
-        exported["score"] = record_score(record, "file")
-        out.append(exported)
-    return out
 
 
 def records_for_task(records: Sequence[dict], task: str, max_dets: int) -> List[dict]:
