@@ -14,7 +14,6 @@ from numpy.lib.stride_tricks import sliding_window_view
 from pycocotools import mask as mask_utils
 
 import lvis_longtail  # noqa: F401  (applies the compat layer: lvis-api's np.float)
-from lvis_longtail.data.lvis_json import decode_rle_string
 from lvis_longtail.evaluation import LVISGroundTruth, evaluate_lvis_results, run_lvis_eval
 from lvis_longtail.evaluation import boundary as boundary_module
 from lvis_longtail.evaluation.boundary import (
@@ -24,7 +23,8 @@ from lvis_longtail.evaluation.boundary import (
     cell_ious,
     dilation_pixels,
 )
-from lvis_longtail.evaluation.mask_crops import Crops, decode_counts
+from lvis_longtail.evaluation.mask_crops import Crops
+from lvis_longtail.utils.rle import decode_counts, decode_rle_string
 
 FIXTURE = Path(__file__).parent / "fixtures" / "boundary_ap_reference.json"
 TOL = 1e-9  # AP points

@@ -54,6 +54,7 @@ from typing import Dict, Iterator, List, Optional
 from pycocotools import mask as mask_utils
 
 from lvis_longtail.utils.io import gc_paused, read_json
+from lvis_longtail.utils.rle import decode_rle_string
 
 logger = logging.getLogger(__name__)
 
@@ -275,32 +276,6 @@ def _polygons(check: _Checker, i: int, ann: dict, segm: list, h: int, w: int, sk
                 )
         valid.append(poly)
     return valid
-
-
-def decode_rle_string(counts: str) -> Optional[List[int]]:
-    """The run lengths of a compressed RLE string (pycocotools' format), or None if it is
-    malformed (a character outside '0'..'o', a truncated value or a negative run)."""
-    runs, i, n = [], 0, len(counts)
-    while i < n:
-        x, k, more = 0, 0, True
-        while more:
-            if i >= n:
-                return None
-            c = ord(counts[i]) - 48
-            if not 0 <= c < 64:
-                return None
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            i += 1
-            k += 1
-            if not more and c & 0x10:
-                x |= -1 << (5 * k)
-        if len(runs) > 2:
-            x += runs[-2]
-        if x < 0:
-            return None
-        runs.append(x)
-    return runs
 
 
 def _rle(check: _Checker, i: int, ann: dict, segm: dict, h: int, w: int) -> dict:

@@ -40,7 +40,7 @@ from lvis.eval import Params
 from pycocotools import mask as mask_utils
 
 from lvis_longtail.evaluation.boundary import DILATION_RATIO, BoundaryCache, cell_ious
-from lvis_longtail.evaluation.table import DetectionTable, cap_per_image
+from lvis_longtail.evaluation.table import DetectionTable, cap_per_image, index_in_sorted
 from lvis_longtail.utils.io import gc_paused
 
 logger = logging.getLogger(__name__)
@@ -101,11 +101,11 @@ class LVISGroundTruth:
 
     def image_index(self, image_ids: np.ndarray) -> np.ndarray:
         """Row of each id in ``img_ids``; -1 where the id is not an image of the split."""
-        return _lookup(self.img_ids, image_ids)
+        return index_in_sorted(self.img_ids, image_ids)
 
     def category_index(self, category_ids: np.ndarray) -> np.ndarray:
         """Row of each id in ``cat_ids``; -1 where the id is not a category of the split."""
-        return _lookup(self.cat_ids, category_ids)
+        return index_in_sorted(self.cat_ids, category_ids)
 
     def pair_key(self, img_index: np.ndarray, cat_index: np.ndarray) -> np.ndarray:
         return img_index.astype(np.int64) * self.num_cats + cat_index
@@ -163,14 +163,6 @@ def check_frequencies(categories: List[dict]) -> None:
             "'frequency' (APr/APc/APf need the training set's groups): add the fields, or "
             "evaluate with LVISLongTailEvaluator and the training split in DATASETS.TRAIN"
         )
-
-
-def _lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    ids = np.asarray(ids, dtype=np.int64)
-    if len(sorted_ids) == 0:
-        return np.full(len(ids), -1, dtype=np.int64)
-    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-    return np.where(sorted_ids[pos] == ids, pos, -1)
 
 
 @dataclass

@@ -32,6 +32,7 @@ from lvis_longtail.evaluation.table import (
     ListMasks,
     LVISResultsError,
     cap_per_image,
+    index_in_sorted,
     record_score,
 )
 from lvis_longtail.utils.io import atomic_write, gc_paused, read_json
@@ -172,14 +173,7 @@ class SplitIndex:
         self.category_ids = np.array(sorted(c["id"] for c in dataset["categories"]), np.int64)
 
     def image_index(self, image_ids: np.ndarray) -> np.ndarray:
-        return _index_in(self.image_ids, image_ids)
-
-
-def _index_in(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    if len(sorted_ids) == 0:
-        return np.full(len(ids), -1, dtype=np.int64)
-    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-    return np.where(sorted_ids[pos] == ids, pos, -1)
+        return index_in_sorted(self.image_ids, image_ids)
 
 
 def first_bad_row(split: SplitIndex, image_id, category_id, score, bbox, mask_size=None):
@@ -188,7 +182,7 @@ def first_bad_row(split: SplitIndex, image_id, category_id, score, bbox, mask_si
     Args: (N,) image and category ids, (N,) scores, (N, 4) boxes or None, (N, 2) mask
     ``[h, w]`` or None."""
     img = split.image_index(image_id)
-    bad = (img < 0) | (_index_in(split.category_ids, category_id) < 0) | ~np.isfinite(score)
+    bad = (img < 0) | (index_in_sorted(split.category_ids, category_id) < 0) | ~np.isfinite(score)
     if bbox is not None:
         bad |= ~np.isfinite(bbox).all(axis=1) | (bbox[:, 2] < 0) | (bbox[:, 3] < 0)
     if mask_size is not None:

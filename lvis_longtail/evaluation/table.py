@@ -227,6 +227,15 @@ class DetectionTable:
         )
 
 
+def index_in_sorted(sorted_ids: np.ndarray, ids) -> np.ndarray:
+    """(N,) int64 position of each of ``ids`` in the ascending ``sorted_ids``; -1 where absent."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(sorted_ids) == 0:
+        return np.full(len(ids), -1, dtype=np.int64)
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return np.where(sorted_ids[pos] == ids, pos, -1)
+
+
 def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
     """For each position of a sorted key array, the position where its group starts."""
     n = len(sorted_keys)
