@@ -4,9 +4,10 @@ An ROI heads' ``_forward_mask`` is pool -> ``mask_head.train_outputs`` ->
 ``mask_head.mask_losses`` (+ the MaskIoU head's losses), with every target built once by
 :func:`build_mask_targets`; at inference, ``mask_head.predict_masks``. Heads are given each
 RoI's class (GT in training, predicted at inference) and return only that class's mask
-logits, never the (R, K, M, M) of every class. A mask head takes part by deriving from
-:class:`~lvis_longtail.modeling.mask_head.LongTailMaskRCNNConvUpsampleHead` or by providing
-the methods of :class:`MaskHeadContract` (the last two only for HTC's mask information flow).
+logits, never the (R, K, M, M) of every class. A mask head takes part by providing the
+methods of :class:`MaskHeadContract` (the last two only for HTC's mask information flow;
+:func:`has_mask_contract` checks), e.g. by deriving from
+:class:`~lvis_longtail.modeling.mask_head.LongTailMaskRCNNConvUpsampleHead`.
 """
 
 from dataclasses import dataclass
@@ -19,7 +20,13 @@ from detectron2.structures import Instances
 from lvis_longtail.modeling.mask_levels import MIN_AREA_RATIO, gt_area_ratios, gt_mask_areas
 from lvis_longtail.modeling.mask_scoring import gt_area_fraction
 
-__all__ = ["MaskHeadContract", "MaskHeadOutputs", "MaskTargets", "build_mask_targets"]
+__all__ = [
+    "MaskHeadContract",
+    "MaskHeadOutputs",
+    "MaskTargets",
+    "build_mask_targets",
+    "has_mask_contract",
+]
 
 
 @dataclass
@@ -84,6 +91,17 @@ class MaskHeadContract(Protocol):
 
     def predict_masks_from_convs(self, f: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """``predict_masks`` from (R, D, S, S) ``conv_features``."""
+
+
+MASK_CONTRACT_METHODS = ("output_side", "predict_masks", "train_outputs", "mask_losses")
+MASK_FLOW_METHODS = ("conv_features", "predict_masks_from_convs")
+
+
+def has_mask_contract(head, *, mask_flow: bool = False) -> bool:
+    """Whether ``head`` provides the methods of :class:`MaskHeadContract` (with
+    ``mask_flow``, also those of HTC's mask information flow)."""
+    names = MASK_CONTRACT_METHODS + (MASK_FLOW_METHODS if mask_flow else ())
+    return all(callable(getattr(head, name, None)) for name in names)
 
 
 def build_mask_targets(
