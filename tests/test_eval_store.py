@@ -164,7 +164,7 @@ def test_detections_are_selected_before_masks_leave_the_device(tmp_path, monkeyp
     the instances are never moved whole, and only the kept masks are encoded."""
     from detectron2.structures import Instances
 
-    from lvis_longtail.evaluation import shards
+    from lvis_longtail.evaluation import rows
 
     dataset = random_split(1, num_images=3, num_categories=4)
     name = register(tmp_path, dataset)
@@ -175,8 +175,8 @@ def test_detections_are_selected_before_masks_leave_the_device(tmp_path, monkeyp
     first = [dict(box, image_id=image_a, score=s) for s in (0.9, 0.8, 0.7, 0.6)]
     second = [dict(box, image_id=image_b, score=s) for s in (0.85, 0.8, 0.75)]
     pairs = model_outputs(dataset, first + second)[1:]
-    encoded, encode = [], shards.encode_masks
-    monkeypatch.setattr(shards, "encode_masks", lambda m: encoded.append(len(m)) or encode(m))
+    encoded, encode = [], rows.encode_masks
+    monkeypatch.setattr(rows, "encode_masks", lambda m: encoded.append(len(m)) or encode(m))
 
     def moved_whole(self, *args, **kwargs):
         raise AssertionError("Instances.to: every mask moved before the selection")

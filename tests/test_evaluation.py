@@ -32,7 +32,7 @@ from lvis_longtail.evaluation import (
 )
 from lvis_longtail.evaluation.lvis_evaluation import resolve_frequencies
 from lvis_longtail.evaluation.results import SplitIndex, table_to_records
-from lvis_longtail.evaluation.shards import preselect
+from lvis_longtail.evaluation.rows import preselect
 
 H, W = 128, 160
 CAT_IDS = [3, 7, 9, 12]  # contiguous 0..3; not identity + 1
