@@ -140,7 +140,6 @@ def test_losses_are_weighted(storage):
     assert math.isfinite(a["loss_mask_boundary"].item())
 
 
-@ROI_MASK_HEAD_REGISTRY.register()
 class ContractByMethodsMaskHead(torch.nn.Module):
     """Not a LongTailMaskRCNNConvUpsampleHead: provides the contract's methods by delegating."""
 
@@ -159,14 +158,16 @@ class ContractByMethodsMaskHead(torch.nn.Module):
         return super().__getattr__(name)
 
 
-@ROI_MASK_HEAD_REGISTRY.register()
 class NoContractMaskHead(MaskRCNNConvUpsampleHead):
     """detectron2's head under another name: no mask-branch contract."""
 
 
-def test_mask_heads_plug_in_through_the_contract_methods(storage):
+def test_mask_heads_plug_in_through_the_contract_methods(storage, monkeypatch):
     from conftest import make_batch
     from detectron2.modeling import build_model
+
+    for head in (ContractByMethodsMaskHead, NoContractMaskHead):  # registered for this test only
+        monkeypatch.setitem(ROI_MASK_HEAD_REGISTRY._obj_map, head.__name__, head)
 
     assert has_mask_contract(_head()) and not has_mask_contract(MaskRCNNConvUpsampleHead(
         input_shape=SHAPE, num_classes=4, conv_dims=[8, 8]))  # fmt: skip
@@ -179,3 +180,30 @@ def test_mask_heads_plug_in_through_the_contract_methods(storage):
     cfg = tiny_cfg(4, opts=["MODEL.ROI_MASK_HEAD.NAME", "NoContractMaskHead"])
     with pytest.raises(ValueError, match="'NoContractMaskHead'.*mask-branch contract"):
         build_model(cfg)
+
+
+MASK_HEADS = sorted(name for name, _ in ROI_MASK_HEAD_REGISTRY)  # every registered mask head
+
+
+@pytest.mark.parametrize("name", MASK_HEADS)
+def test_every_registered_mask_head_trains_and_predicts(name, storage):
+    from conftest import make_batch
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(4, opts=["MODEL.ROI_MASK_HEAD.NAME", name, "MODEL.ROI_MASK_HEAD.CONV_DIM", 32])
+    model = build_model(cfg)
+    head = model.roi_heads.mask_head
+    assert has_mask_contract(head)  # detectron2's head is built as its contract twin
+    losses = model(make_batch(num_classes=4))
+    assert torch.isfinite(losses["loss_mask"]) and losses["loss_mask"] > 0
+    sum(losses.values()).backward()
+    grads = [p.grad for p in head.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.eval()
+    batch = make_batch(num_classes=4, seed=1)
+    with torch.no_grad():
+        outputs = model([{k: x[k] for k in ("image", "height", "width")} for x in batch])
+    for x, out in zip(batch, outputs):
+        inst = out["instances"]
+        assert inst.pred_masks.shape[1:] == (x["height"], x["width"])
