@@ -25,23 +25,12 @@ import time
 from contextlib import contextmanager
 from typing import Dict, Iterator
 
-from lvis_longtail.data.lvis_checks import (
+from lvis_longtail.data.lvis_checks import (  # noqa: F401  (validate_lvis_dict re-exported)
     LVISFormatError,
     ValidatedLVIS,
     validate_lvis_dict,
 )
 from lvis_longtail.utils.io import gc_paused, read_json
-
-__all__ = [
-    "LVISFormatError",
-    "ValidatedLVIS",
-    "clear_cache",
-    "load_validated",
-    "read_lvis_json",
-    "release_freed_memory",
-    "shared_reads",
-    "validate_lvis_dict",
-]
 
 logger = logging.getLogger(__name__)
 

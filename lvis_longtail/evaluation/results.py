@@ -14,17 +14,14 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from lvis_longtail.evaluation.record_checks import (
+from lvis_longtail.evaluation.record_checks import (  # noqa: F401  (re-exported)
     RESULTS_FILE,
     SplitIndex,
-    check_per_image_cap,
     first_bad_row,
     load_lvis_results,
     record_error,
     record_problem,
-    records_table,
     results_summary,
-    too_many_error,
     validate_lvis_results,
 )
 from lvis_longtail.evaluation.table import (
@@ -37,25 +34,6 @@ from lvis_longtail.evaluation.table import (
 from lvis_longtail.utils.io import atomic_write
 
 EXPORT_FIELDS = ("image_id", "category_id", "score", "bbox", "segmentation")
-
-__all__ = [
-    "EXPORT_FIELDS",
-    "LVISResultsError",
-    "RESULTS_FILE",
-    "SplitIndex",
-    "check_per_image_cap",
-    "first_bad_row",
-    "load_lvis_results",
-    "record_error",
-    "record_json",
-    "records_for_task",
-    "records_table",
-    "results_summary",
-    "table_to_records",
-    "too_many_error",
-    "validate_lvis_results",
-    "write_results_file",
-]
 
 
 def _capped(records: Sequence[dict], task: str, max_dets: int) -> List[dict]:

@@ -20,13 +20,7 @@ from detectron2.structures import Instances
 from lvis_longtail.modeling.mask_levels import MIN_AREA_RATIO, gt_area_ratios, gt_mask_areas
 from lvis_longtail.modeling.mask_scoring import gt_area_fraction
 
-__all__ = [
-    "MaskHeadContract",
-    "MaskHeadOutputs",
-    "MaskTargets",
-    "build_mask_targets",
-    "has_mask_contract",
-]
+__all__ = ["MaskHeadContract", "MaskHeadOutputs", "MaskTargets", "build_mask_targets"]
 
 
 @dataclass
@@ -94,14 +88,12 @@ class MaskHeadContract(Protocol):
 
 
 MASK_CONTRACT_METHODS = ("output_side", "predict_masks", "train_outputs", "mask_losses")
-MASK_FLOW_METHODS = ("conv_features", "predict_masks_from_convs")
 
 
-def has_mask_contract(head, *, mask_flow: bool = False) -> bool:
-    """Whether ``head`` provides the methods of :class:`MaskHeadContract` (with
-    ``mask_flow``, also those of HTC's mask information flow)."""
-    names = MASK_CONTRACT_METHODS + (MASK_FLOW_METHODS if mask_flow else ())
-    return all(callable(getattr(head, name, None)) for name in names)
+def has_mask_contract(head) -> bool:
+    """Whether ``head`` provides the methods of :class:`MaskHeadContract` that every ROI heads
+    call (HTC's mask information flow needs the last two as well)."""
+    return all(callable(getattr(head, name, None)) for name in MASK_CONTRACT_METHODS)
 
 
 def build_mask_targets(
