@@ -145,6 +145,7 @@ def test_lazy_config_overrides_use_hydra():
     assert cfg.SGD.lr == 0.5 and cfg.SGD.momentum == 0.8
 
 
+@pytest.mark.slow
 def test_dependency_import_warnings_are_silenced_precisely():
     """Importing the package and detectron2's model zoo prints no dependency warning; the same
     messages attributed to another module, or another FutureWarning, still show."""
