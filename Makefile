@@ -1,5 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Both create/update .venv
-# themselves (PyPI only, the exact versions of requirements.lock), then run.
+# themselves (PyPI only, the exact versions of requirements.lock), then run. `make test` (what
+# CI runs) runs the linter and every test; `make test-fast` all but the tests marked slow
+# (multi-process, end-to-end, long training), the inner loop while editing.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -22,7 +24,7 @@ else
 $(error TORCH must be "pinned" (default) or "keep", not "$(TORCH)")
 endif
 
-.PHONY: setup test demo data lint clean gpu-wheels gpu-check
+.PHONY: setup test test-fast demo data lint clean gpu-wheels gpu-check
 
 setup: $(STAMP)
 
@@ -39,8 +41,11 @@ endif
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: setup
+test: lint
 	$(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 $(DATA)/annotations/lt_synthetic_train.json: | setup
 	$(BIN)/python -m lvis_longtail.data.synthetic --out $(DATA)

@@ -78,6 +78,7 @@ def frozen_state(model):
     return {k: v.detach().clone() for k, v in items if k.startswith(FROZEN)}
 
 
+@pytest.mark.slow
 def test_stage2_fine_tunes_a_stage1_checkpoint(synthetic_root, tmp_path, monkeypatch):
     # stage 1: a model's initial weights, moved off any initial value so that every loaded
     # tensor can be told from stage 2's own initialisation

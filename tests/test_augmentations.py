@@ -158,31 +158,63 @@ def test_registry_doc_and_unknown_step():
         LongTailDatasetMapper(aug_cfg(["Mozaic"]), True)
 
 
-STEP_LISTS = {
-    "flip": (["RandomFlip"], []),
-    "resize": (["ResizeShortestEdge"], []),
-    "scale_jitter": (
-        ["ScaleJitter"],
-        ["INPUT.SCALE_JITTER.TARGET_SIZE", "(96, 96)", "INPUT.SCALE_JITTER.CROP_SIZE", "(64, 72)"],
-    ),
-    "rotation": (["Rotation"], ["INPUT.ROTATION.PROB", "1.0", "INPUT.ROTATION.ANGLE", "30.0"]),
-    "mosaic": (["Mosaic"], ["INPUT.MOSAIC.PROB", "1.0", "INPUT.MOSAIC.TILE_SIZE", "(60, 50)"]),
-    "all": (
-        ["Mosaic", "ScaleJitter", "Rotation", "RandomFlip"],
-        [
-            "INPUT.MOSAIC.PROB",
-            "1.0",
-            "INPUT.MOSAIC.TILE_SIZE",
-            "(60, 50)",
-            "INPUT.SCALE_JITTER.TARGET_SIZE",
-            "(120, 100)",
-            "INPUT.SCALE_JITTER.CROP_SIZE",
-            "(80, 80)",
-            "INPUT.ROTATION.PROB",
-            "1.0",
-        ],
-    ),
-}
+STEP_NAMES = sorted(name for name, _ in LONGTAIL_AUGMENTATION_REGISTRY)  # every registered step
+# options that make a step act on every sample (a step not named here runs with its defaults)
+STEP_OPTS = {
+    "ScaleJitter": ["INPUT.SCALE_JITTER.TARGET_SIZE", "(96, 96)",
+                    "INPUT.SCALE_JITTER.CROP_SIZE", "(64, 72)"],
+    "Rotation": ["INPUT.ROTATION.PROB", "1.0", "INPUT.ROTATION.ANGLE", "30.0"],
+    "Mosaic": ["INPUT.MOSAIC.PROB", "1.0", "INPUT.MOSAIC.TILE_SIZE", "(60, 50)"],
+    "CopyPaste": ["INPUT.COPY_PASTE.PROB", "1.0"],
+    "InstaBoost": ["INPUT.INSTABOOST.PROB", "1.0"],
+}  # fmt: skip
+# steps that move, paste or remove single objects: an ignore box (an image region) stays put
+PER_OBJECT = {"CopyPaste", "InstaBoost"}
+STEP_LISTS = {n: ([n], STEP_OPTS.get(n, [])) for n in STEP_NAMES if n not in PER_OBJECT}
+STEP_LISTS["all"] = (
+    ["Mosaic", "ScaleJitter", "Rotation", "RandomFlip"],
+    [
+        "INPUT.MOSAIC.PROB",
+        "1.0",
+        "INPUT.MOSAIC.TILE_SIZE",
+        "(60, 50)",
+        "INPUT.SCALE_JITTER.TARGET_SIZE",
+        "(120, 100)",
+        "INPUT.SCALE_JITTER.CROP_SIZE",
+        "(80, 80)",
+        "INPUT.ROTATION.PROB",
+        "1.0",
+    ],
+)
+
+
+def test_step_options_name_registered_steps():
+    assert set(STEP_OPTS) | PER_OBJECT <= set(STEP_NAMES)
+
+
+@pytest.mark.parametrize("name", STEP_NAMES)
+def test_every_registered_step_maps_to_valid_instances(records, name):
+    """Any step: boxes inside the image and around their polygons' part in the image, masks
+    and classes kept in step, the LVIS label fields and the ignore boxes passed on."""
+    mapper = LongTailDatasetMapper(aug_cfg([name], STEP_OPTS.get(name, [])), True)
+    for seed in range(4):
+        np.random.seed(seed)
+        out = mapper.map_group(records[seed:] + records[:seed])
+        inst = out["instances"]
+        h, w = out["image"].shape[1:]
+        assert inst.image_size == (h, w) and len(inst) > 0, (name, seed)
+        boxes = inst.gt_boxes.tensor
+        assert (boxes[:, :2] >= -1e-3).all() and (boxes[:, 2] <= w + 1e-3).all()
+        assert (boxes[:, 3] <= h + 1e-3).all() and (boxes[:, 2:] > boxes[:, :2]).all()
+        assert ((inst.gt_classes >= 0) & (inst.gt_classes < 8)).all()
+        assert isinstance(inst.gt_masks, PolygonMasks) and len(inst.gt_masks) == len(inst)
+        for box, polys in zip(boxes.tolist(), inst.gt_masks.polygons):
+            pts = np.concatenate([np.reshape(p, (-1, 2)) for p in polys])
+            pts = np.clip(pts, 0, [w, h])  # polygons may leave the image, boxes are clipped
+            assert (pts.min(0) >= np.array(box[:2]) - 0.5).all(), (name, seed)
+            assert (pts.max(0) <= np.array(box[2:]) + 0.5).all(), (name, seed)
+        assert out["ignore_boxes"].tensor.shape[1] == 4
+        assert {"neg_category_ids", "not_exhaustive_category_ids"} <= set(out)
 
 
 @pytest.mark.parametrize("name", sorted(STEP_LISTS))

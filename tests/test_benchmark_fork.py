@@ -28,6 +28,7 @@ print("peak", bench._peak_of(step, "cpu"))
 """
 
 
+@pytest.mark.slow
 def test_forked_memory_measurement_works_after_multithreaded_torch():
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
     script = str(REPO / "benchmarks" / "roi_heads_speed.py")

@@ -14,17 +14,17 @@ from numpy.lib.stride_tricks import sliding_window_view
 from pycocotools import mask as mask_utils
 
 import lvis_longtail  # noqa: F401  (applies the compat layer: lvis-api's np.float)
-from lvis_longtail.data.lvis_json import decode_rle_string
 from lvis_longtail.evaluation import LVISGroundTruth, evaluate_lvis_results, run_lvis_eval
 from lvis_longtail.evaluation import boundary as boundary_module
 from lvis_longtail.evaluation.boundary import (
     BoundaryCache,
     MaskBoundaries,
-    boundary_ious,
     cell_ious,
     dilation_pixels,
+    pair_ious,
 )
-from lvis_longtail.evaluation.mask_crops import Crops, decode_counts
+from lvis_longtail.evaluation.mask_crops import Crops
+from lvis_longtail.utils.rle import decode_counts, decode_rle_string
 
 FIXTURE = Path(__file__).parent / "fixtures" / "boundary_ap_reference.json"
 TOL = 1e-9  # AP points
@@ -101,7 +101,7 @@ def test_golden_boundary_iou_and_the_matching_iou():
     b = np.zeros((7, 7), np.uint8)
     b[1:6, 1:6] = 1
     dt, gt = MaskBoundaries.from_rles([rle(a)]), MaskBoundaries.from_rles([rle(b)])
-    assert boundary_ious(dt, gt).tolist() == [[2 / 30]]
+    assert pair_ious(dt, [0], gt, [0]).tolist() == [2 / 30]
     # matching IoUs against B: min(mask IoU, boundary IoU) where the mask IoU reaches 0.5
     shifted = np.zeros((7, 7), np.uint8)  # B one pixel left: mask IoU 20 / 30, rings share 8
     shifted[1:6, 0:5] = 1

@@ -3,6 +3,7 @@ must end with identical statistics, equal to one process that sees both batches 
 
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -57,6 +58,7 @@ def _worker(rank, port, batches, result_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_statistics_are_all_reduced_across_processes(tmp_path):
     batches = make_batches()
     result_path = str(tmp_path / "stats")

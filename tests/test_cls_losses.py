@@ -42,18 +42,7 @@ from lvis_longtail.modeling.cls_losses.sigmoid import one_hot_bce
 from lvis_longtail.modeling.fast_rcnn import NormedLinear
 
 LOG2, LOG3 = math.log(2.0), math.log(3.0)
-ALL_NAMES = [
-    "SoftmaxCE",
-    "SigmoidCE",
-    "SeesawLoss",
-    "EQL",
-    "EQLv2",
-    "GroupSoftmax",
-    "FederatedLoss",
-    "BalancedSoftmax",
-    "LogitAdjustedCE",
-    "ECMLoss",
-]
+ALL_NAMES = sorted(name for name, _ in CLS_LOSS_REGISTRY)  # a new loss is covered as registered
 
 
 def one_hot(gt, num_columns):
@@ -84,7 +73,9 @@ def build_all(num_classes=8):
 
 
 def test_registry_names_and_doc():
-    assert sorted(n for n, _ in CLS_LOSS_REGISTRY) == sorted(ALL_NAMES)
+    shipped = {"SoftmaxCE", "SigmoidCE", "SeesawLoss", "EQL", "EQLv2", "GroupSoftmax",
+               "FederatedLoss", "BalancedSoftmax", "LogitAdjustedCE", "ECMLoss"}  # fmt: skip
+    assert shipped <= set(ALL_NAMES)  # none dropped
     assert "obj(cfg, num_classes)" in CLS_LOSS_REGISTRY.__doc__
 
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 
 import lvis_longtail  # noqa: F401
 from lvis_longtail import compat
@@ -144,6 +145,7 @@ def test_lazy_config_overrides_use_hydra():
     assert cfg.SGD.lr == 0.5 and cfg.SGD.momentum == 0.8
 
 
+@pytest.mark.slow
 def test_dependency_import_warnings_are_silenced_precisely():
     """Importing the package and detectron2's model zoo prints no dependency warning; the same
     messages attributed to another module, or another FutureWarning, still show."""
@@ -165,3 +167,26 @@ def test_dependency_import_warnings_are_silenced_precisely():
     lines = [ln for ln in out.stderr.splitlines() if "Warning" in ln]
     assert len(lines) == 2, out.stderr  # only the two raised by the snippet itself
     assert lines[0].startswith("u.py:1: FutureWarning") and "<string>" in lines[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "command",
+    [["train_net.py"], ["-m", "lvis_longtail.tools.evaluate_results"],
+     ["-m", "lvis_longtail.tools.pseudo_label"]],
+    ids=["train_net", "evaluate_results", "pseudo_label"],
+)  # fmt: skip
+def test_a_commands_first_line_is_its_own(command):
+    """``--help`` of the training script and of the tools prints their usage first, and no
+    dependency warning at all."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, *command, "--help"], capture_output=True, text=True,
+                         env=env, cwd=REPO)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    assert out.stdout.startswith("usage: "), out.stdout[:200]

@@ -211,7 +211,7 @@ def test_cross_key_rules_name_the_keys(opts, message):
 
 
 def test_cross_key_rules_accept_the_consistent_settings():
-    setup_cfg(str(TINY_BASE), ["MODEL.ROI_MASK_HEAD.NAME", "DiceBCEMaskHead",
+    cfg = setup_cfg(str(TINY_BASE), ["MODEL.ROI_MASK_HEAD.NAME", "DiceBCEMaskHead",
                                "MODEL.ROI_MASK_HEAD.PREDICTOR_TYPE", "NormedConv",
                                "MODEL.ROI_MASK_HEAD.BOUNDARY_LOSS_WEIGHT", "1.0",
                                "MODEL.ROI_MASK_HEAD.LEVEL_ASSIGNMENT", "area_ratio",
@@ -220,6 +220,14 @@ def test_cross_key_rules_accept_the_consistent_settings():
                                "TEST.AUG.SCALES", "[[100, 200], [120, 240]]",
                                "TEST.AUG.VALID_RANGES", "[[0, 10], [5, -1]]",
                                "TEST.AUG.MASK_RULE", "select"])  # fmt: skip
+    head = cfg.MODEL.ROI_MASK_HEAD
+    assert (head.NAME, head.PREDICTOR_TYPE, head.BOUNDARY_LOSS_WEIGHT) == (
+        "DiceBCEMaskHead", "NormedConv", 1.0)  # fmt: skip
+    assert (head.LEVEL_ASSIGNMENT, head.TEST_AREA_RATIO) == ("area_ratio", "two_pass")
+    assert cfg.MODEL.ROI_HEADS.HTC_LITE.MASK_TRAIN_STAGE == -3
+    assert [list(s) for s in cfg.TEST.AUG.SCALES] == [[100, 200], [120, 240]]
+    assert [list(r) for r in cfg.TEST.AUG.VALID_RANGES] == [[0, 10], [5, -1]]
+    assert cfg.TEST.AUG.MASK_RULE == "select" and cfg.is_frozen()
 
 
 def test_rules_read_what_a_registered_class_declares(monkeypatch):

@@ -15,7 +15,13 @@ def test_configs_exist():
     assert len(names) >= 20
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
+def _config_param(path):
+    """Building a full-size LVIS model (R50 and up, 1203 classes) takes seconds: slow tier."""
+    marks = [pytest.mark.slow] if "LVISv1" in path.parts else []
+    return pytest.param(path, id=path.relative_to(REPO / "configs").as_posix(), marks=marks)
+
+
+@pytest.mark.parametrize("path", [_config_param(p) for p in CONFIGS])
 def test_config_loads_and_builds(path):
     cfg = setup_cfg(str(path))
     k = cfg.MODEL.ROI_HEADS.NUM_CLASSES

@@ -6,6 +6,7 @@ iteration") or leaves the other rank waiting in the all-reduce (the small proces
 timeout turns that into an error)."""
 
 import math
+import os
 from datetime import timedelta
 
 import numpy as np
@@ -114,7 +115,7 @@ def train_steps(name: str, rank: int) -> None:
         raise AssertionError(f"{name}: parameters differ across ranks after the DDP steps")
 
 
-def _worker(rank, port, names):
+def _worker(rank, port, names, done_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD_SIZE, timeout=timedelta(seconds=90))  # fmt: skip
     torch.set_num_threads(1)
@@ -124,6 +125,8 @@ def _worker(rank, port, names):
                 train_steps(name, rank)
             except Exception as e:
                 raise RuntimeError(f"{name} (rank {rank}): {type(e).__name__}: {e}") from e
+            with open(os.path.join(done_dir, f"rank{rank}.txt"), "a") as f:
+                f.write(name + "\n")
     finally:
         dist.destroy_process_group()
 
@@ -145,5 +148,8 @@ def test_architecture_configs_are_deduplicated_by_model():
 
 
 @pytest.mark.slow
-def test_every_architecture_trains_under_ddp_with_an_empty_rank():
-    mp.spawn(_worker, args=(free_port(), architecture_configs()), nprocs=WORLD_SIZE, join=True)
+def test_every_architecture_trains_under_ddp_with_an_empty_rank(tmp_path):
+    names = architecture_configs()
+    mp.spawn(_worker, args=(free_port(), names, str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    for rank in range(WORLD_SIZE):  # each rank trained every architecture, in order
+        assert (tmp_path / f"rank{rank}.txt").read_text().split() == names

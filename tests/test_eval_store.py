@@ -164,7 +164,7 @@ def test_detections_are_selected_before_masks_leave_the_device(tmp_path, monkeyp
     the instances are never moved whole, and only the kept masks are encoded."""
     from detectron2.structures import Instances
 
-    from lvis_longtail.evaluation import shards
+    from lvis_longtail.evaluation import rows
 
     dataset = random_split(1, num_images=3, num_categories=4)
     name = register(tmp_path, dataset)
@@ -175,8 +175,8 @@ def test_detections_are_selected_before_masks_leave_the_device(tmp_path, monkeyp
     first = [dict(box, image_id=image_a, score=s) for s in (0.9, 0.8, 0.7, 0.6)]
     second = [dict(box, image_id=image_b, score=s) for s in (0.85, 0.8, 0.75)]
     pairs = model_outputs(dataset, first + second)[1:]
-    encoded, encode = [], shards.encode_masks
-    monkeypatch.setattr(shards, "encode_masks", lambda m: encoded.append(len(m)) or encode(m))
+    encoded, encode = [], rows.encode_masks
+    monkeypatch.setattr(rows, "encode_masks", lambda m: encoded.append(len(m)) or encode(m))
 
     def moved_whole(self, *args, **kwargs):
         raise AssertionError("Instances.to: every mask moved before the selection")
@@ -341,27 +341,40 @@ def _random_instances(seed, n=7, size=(20, 24), num_classes=3, mask_scores=False
     return inst
 
 
-def test_rows_from_instances_are_detectron2s_coco_json_values():
+def _coco_json(inst, image_id, ids, mask_scores=False):
+    """detectron2's records of ``inst`` with dataset category ids (and ``segm_score``)."""
     from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 
-    from lvis_longtail.evaluation import instances_to_lvis_records, instances_to_rows
+    records = [
+        dict(r, category_id=ids[r["category_id"]]) for r in instances_to_coco_json(inst, image_id)
+    ]
+    if mask_scores:
+        for record, segm in zip(records, inst.mask_scores.tolist()):
+            record["segm_score"] = segm
+    return records
+
+
+def test_rows_from_instances_are_detectron2s_coco_json_values(tmp_path):
+    from lvis_longtail.evaluation import instances_to_rows
+    from lvis_longtail.evaluation.results import table_to_records
 
     inst = _random_instances(0, mask_scores=True)
     ids = {0: 11, 1: 12, 2: 13}
-    expected = instances_to_coco_json(inst, 5)
-    records = instances_to_lvis_records(inst, 5, ids, max_dets=-1)
-    for want, got, segm in zip(expected, records, inst.mask_scores.tolist()):
-        assert got == dict(want, category_id=ids[want["category_id"]], segm_score=segm)
+    expected = _coco_json(inst, 5, ids, mask_scores=True)
     rows, blob = instances_to_rows(inst, 5, ids)
     assert rows["bbox"].tolist() == [r["bbox"] for r in expected]
     assert rows["mask_area"].tolist() == inst.pred_masks.flatten(1).sum(1).tolist()
     assert len(blob) == rows["counts_len"].sum()
     assert instances_to_rows(inst[:0], 5, ids)[0].shape == (0,)
+    with DetectionShard(str(tmp_path / "one.shard")) as shard:
+        shard.add_instances(5, inst, ids)
+    table, _ = read_shards([str(tmp_path / "one.shard")])
+    assert table_to_records(table) == expected
 
 
 def test_sharded_detections_stream_and_read_back_once(tmp_path):
     """The reusable stream: Instances of many images -> a shard -> one table, masks by offset."""
-    from lvis_longtail.evaluation import ShardedDetections, instances_to_lvis_records
+    from lvis_longtail.evaluation import ShardedDetections
 
     ids = {0: 11, 1: 12, 2: 13}
     stream = ShardedDetections(str(tmp_path / "shards"), "pseudo", flush_every=2)
@@ -372,7 +385,8 @@ def test_sharded_detections_stream_and_read_back_once(tmp_path):
     assert paths == [str(tmp_path / "shards" / "pseudo.rank0.shard")]
     table, num_images = read_shards(paths)
     assert num_images == 3
-    expected = [r for i in (10, 20, 30) for r in instances_to_lvis_records(images[i], i, ids, -1)]
+    expected = [r for i in (10, 20, 30) for r in _coco_json(images[i], i, ids)]
+    assert len(expected) == 14
     assert table.image_id.tolist() == [r["image_id"] for r in expected]  # image order
     assert table.score.tolist() == [r["score"] for r in expected]
     assert table.masks.rles(np.arange(len(table))) == [r["segmentation"] for r in expected]

@@ -17,17 +17,22 @@ from lvis import LVIS, LVISEval, LVISResults
 
 import lvis_longtail  # noqa: F401  (applies the compat layer: lvis-api's np.float)
 from lvis_longtail.evaluation import (
+    DetectionShard,
+    EvalProtocol,
     LVISLongTailEvaluator,
     LVISResultsError,
     evaluate_lvis_results,
-    instances_to_lvis_records,
+    instances_to_rows,
     metric_names,
-    records_for_export,
+    read_shards,
     records_for_task,
     validate_lvis_results,
     write_json_atomic,
+    write_results_file,
 )
 from lvis_longtail.evaluation.lvis_evaluation import resolve_frequencies
+from lvis_longtail.evaluation.results import SplitIndex, table_to_records
+from lvis_longtail.evaluation.rows import preselect
 
 H, W = 128, 160
 CAT_IDS = [3, 7, 9, 12]  # contiguous 0..3; not identity + 1
@@ -110,6 +115,16 @@ def instances(dets, mask_scores=None):
     if mask_scores is not None:
         inst.mask_scores = torch.tensor(mask_scores, dtype=torch.float32)
     return inst
+
+
+def streamed_table(tmp_path, instances_by_image, max_dets=300):
+    """The table the evaluator reads back: each image's Instances preselected for the
+    per-image cap and streamed through a shard (contiguous class k -> CAT_IDS[k])."""
+    path = str(tmp_path / f"{uuid.uuid4().hex}.shard")
+    with DetectionShard(path) as shard:
+        for image_id, inst in instances_by_image.items():
+            shard.add_instances(image_id, preselect(inst, max_dets), dict(enumerate(CAT_IDS)))
+    return read_shards([path])[0]
 
 
 def perfect_dets():
@@ -249,24 +264,30 @@ def test_per_image_cap_keeps_top_scores_and_maps_category_ids(tmp_path):
 def test_unmapped_class_is_a_clear_error():
     inst = instances([(3, [0, 0, 10, 10], 0.5)])
     with pytest.raises(KeyError, match="predicted class 0 of image 5"):
-        instances_to_lvis_records(inst, 5, {1: 3})
+        instances_to_rows(inst, 5, {1: 3})
 
 
-def test_cap_with_mask_scores_keeps_each_tasks_top():
+def test_cap_with_mask_scores_keeps_each_tasks_top(tmp_path):
     dets = [(3, [k * 10, 0, 8, 8], s) for k, s in enumerate([0.9, 0.8, 0.7, 0.6])]
     inst = instances(dets, mask_scores=[0.1, 0.2, 0.95, 0.9])
-    records = instances_to_lvis_records(inst, 1, {0: 3}, max_dets=2)
-    assert len(records) == 4  # top-2 by box score {0, 1} and by mask score {2, 3}
-    assert len(instances_to_lvis_records(instances(dets), 1, {0: 3}, max_dets=2)) == 2
+    # top-2 by box score {0, 1} and by mask score {2, 3}; without mask scores only {0, 1}
+    assert len(preselect(inst, 2)) == 4
+    assert preselect(instances(dets), 2).scores.tolist() == pytest.approx([0.9, 0.8])
+    table = streamed_table(tmp_path, {101: inst}, max_dets=2)
+    records = table_to_records(table)
+    assert len(records) == 4
     box_top = records_for_task(records, "bbox", 2)
     assert [r["score"] for r in box_top] == pytest.approx([0.9, 0.8])
     assert box_top[0]["segmentation"] is records[0]["segmentation"]
     segm_top = records_for_task(records, "segm", 2)
     assert [r["score"] for r in segm_top] == pytest.approx([0.95, 0.9])
     assert "bbox" not in segm_top[0]
-    exported = records_for_export(records, 2)
+    selected = EvalProtocol.create("standard", max_dets_per_image=2).apply(table, "file")
+    path = tmp_path / "lvis_instances_results.json"
+    write_results_file(selected, str(path), SplitIndex(split_json(False)))
+    exported = read(path)
     assert [r["score"] for r in exported] == pytest.approx([0.95, 0.9])
-    assert set(exported[0]) == {"image_id", "category_id", "score", "bbox", "segmentation"}
+    assert list(exported[0]) == ["image_id", "category_id", "score", "bbox", "segmentation"]
 
 
 def test_mask_scores_rank_segm_but_not_bbox(tmp_path):
@@ -348,12 +369,10 @@ def test_unknown_image_id_from_the_evaluator_names_file_record_and_field(tmp_pat
         (lambda r: r["segmentation"].update(size=[64, 80]), "segmentation"),
     ],
 )
-def test_invalid_records_name_file_record_and_field(edit, field):
-    records = [
-        r
-        for i, dets in perfect_dets().items()
-        for r in instances_to_lvis_records(instances(dets), i, dict(enumerate(CAT_IDS)))
-    ]
+def test_invalid_records_name_file_record_and_field(tmp_path, edit, field):
+    images = {i: instances(dets) for i, dets in perfect_dets().items()}
+    records = table_to_records(streamed_table(tmp_path, images))
+    validate_lvis_results(records, split_json(), source="sub.json")  # valid before the edit
     edit(records[2])
     with pytest.raises(LVISResultsError, match=rf"^sub\.json: record 2, field '{field}': "):
         validate_lvis_results(records, split_json(), source="sub.json")

@@ -115,6 +115,7 @@ def test_config_rules_name_the_keys():
         setup_cfg(str(base), ["DATASETS.EXTRA_TRAIN", "('nope',)"] + lt[2:])
 
 
+@pytest.mark.slow
 def test_tiny_recipe_trains_on_pseudo_labelled_extra_images(tmp_path):
     from detectron2.data import DatasetCatalog
 

@@ -68,6 +68,7 @@ def stage_counts(model):
     return {k: v.clone() for k, v in model.state_dict().items() if k.endswith("cum_samples")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("leaf", list(LEAVES))
 def test_new_tiny_leaf_trains_two_iterations(leaf, synthetic_root, tmp_path):
     trainer = Trainer(cfg_of(leaf, tmp_path))
@@ -104,6 +105,7 @@ def test_mapper_carries_verified_negatives(synthetic_root, tmp_path):
     assert sorted(field[0].tolist()) == expected and (field == field[0]).all()
 
 
+@pytest.mark.slow
 def test_htc_lite_trains_with_two_gloo_processes(synthetic_root, tmp_path):
     opts = opts_of(**{"SOLVER.MAX_ITER": 2, "OUTPUT_DIR": str(tmp_path)})
     env = dict(os.environ, DETECTRON2_DATASETS=str(synthetic_root))

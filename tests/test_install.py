@@ -22,6 +22,7 @@ def test_sdist_with_wrong_hash_is_rejected_and_removed(tmp_path):
     assert not fake.exists()
 
 
+@pytest.mark.slow
 def test_builds_pure_python_wheel_named_detectron2(tmp_path):
     sdist = tmp_path / "fake.tar.gz"
     with tarfile.open(sdist, "w:gz") as tar:

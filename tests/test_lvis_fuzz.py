@@ -17,7 +17,8 @@ from detectron2.data import transforms as T
 from pycocotools import mask as mask_utils
 
 from lvis_longtail.data import LVISFormatError, load_lvis_format_json, set_mask_format
-from lvis_longtail.data.lvis_json import decode_rle_string, load_validated, shared_reads
+from lvis_longtail.data.lvis_json import load_validated, shared_reads
+from lvis_longtail.utils.rle import decode_rle_string
 
 NAN, INF = float("nan"), float("inf")
 
@@ -298,7 +299,16 @@ def test_rle_string_decoder_matches_pycocotools():
     rle = mask_utils.encode(mask)
     runs = decode_rle_string(rle["counts"].decode("ascii"))
     assert sum(runs) == 23 * 31 and sum(runs[1::2]) == int(mask.sum())
+    flat = mask.flatten(order="F").astype(np.int64)
+    changes = np.flatnonzero(np.diff(np.r_[0, flat, 1 - flat[-1]]))
+    assert runs == np.diff(np.r_[0, changes]).tolist()  # column-major runs, background first
+    assert decode_rle_string("") == []
     assert decode_rle_string("0`") is None  # continuation bit without a next character
+    assert decode_rle_string("0/") is None  # a character below '0'
+    assert decode_rle_string("0p") is None  # a character above 'o'
+    assert decode_rle_string("0\u00e9") is None  # not ASCII
+    assert decode_rle_string("0@") is None  # -16: a negative run
+    assert decode_rle_string("o" * 12 + "0") is None  # a value of 65 bits
 
 
 @pytest.mark.parametrize("compressed", [True, False])

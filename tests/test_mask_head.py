@@ -7,10 +7,19 @@ import pytest
 import torch
 from conftest import tiny_cfg
 from detectron2.layers import ShapeSpec
-from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead, build_mask_head
+from detectron2.modeling.roi_heads.mask_head import (
+    ROI_MASK_HEAD_REGISTRY,
+    MaskRCNNConvUpsampleHead,
+    build_mask_head,
+)
 from detectron2.structures import BitMasks, Boxes, Instances
 
-from lvis_longtail.modeling.mask_head import DiceBCEMaskHead, NormedConv2d
+from lvis_longtail.modeling.mask_head import (
+    DiceBCEMaskHead,
+    LongTailMaskRCNNConvUpsampleHead,
+    NormedConv2d,
+)
+from lvis_longtail.modeling.mask_targets import MASK_CONTRACT_METHODS, has_mask_contract
 
 SHAPE = ShapeSpec(channels=8, height=14, width=14)
 
@@ -129,3 +138,72 @@ def test_losses_are_weighted(storage):
     for key, factor in [("loss_mask", 3.0), ("loss_mask_dice", 2.0), ("loss_mask_boundary", 0.5)]:
         assert b[key].item() == pytest.approx(factor * a[key].item(), rel=1e-5)
     assert math.isfinite(a["loss_mask_boundary"].item())
+
+
+class ContractByMethodsMaskHead(torch.nn.Module):
+    """Not a LongTailMaskRCNNConvUpsampleHead: provides the contract's methods by delegating."""
+
+    def __init__(self, cfg, input_shape):
+        super().__init__()
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
+        self.inner = LongTailMaskRCNNConvUpsampleHead(cfg, input_shape)
+        self.calls = []
+
+    def __getattr__(self, name):
+        if name in MASK_CONTRACT_METHODS:
+            self.calls.append(name)
+            return getattr(self.inner, name)
+        return super().__getattr__(name)
+
+
+class NoContractMaskHead(MaskRCNNConvUpsampleHead):
+    """detectron2's head under another name: no mask-branch contract."""
+
+
+def test_mask_heads_plug_in_through_the_contract_methods(storage, monkeypatch):
+    from conftest import make_batch
+    from detectron2.modeling import build_model
+
+    for head in (ContractByMethodsMaskHead, NoContractMaskHead):  # registered for this test only
+        monkeypatch.setitem(ROI_MASK_HEAD_REGISTRY._obj_map, head.__name__, head)
+
+    assert has_mask_contract(_head()) and not has_mask_contract(MaskRCNNConvUpsampleHead(
+        input_shape=SHAPE, num_classes=4, conv_dims=[8, 8]))  # fmt: skip
+    cfg = tiny_cfg(4, opts=["MODEL.ROI_MASK_HEAD.NAME", "ContractByMethodsMaskHead"])
+    model = build_model(cfg)
+    assert isinstance(model.roi_heads.mask_head, ContractByMethodsMaskHead)
+    losses = model(make_batch(num_classes=4))
+    assert torch.isfinite(losses["loss_mask"])
+    assert {"output_side", "train_outputs", "mask_losses"} <= set(model.roi_heads.mask_head.calls)
+    cfg = tiny_cfg(4, opts=["MODEL.ROI_MASK_HEAD.NAME", "NoContractMaskHead"])
+    with pytest.raises(ValueError, match="'NoContractMaskHead'.*mask-branch contract"):
+        build_model(cfg)
+
+
+MASK_HEADS = sorted(name for name, _ in ROI_MASK_HEAD_REGISTRY)  # every registered mask head
+
+
+@pytest.mark.parametrize("name", MASK_HEADS)
+def test_every_registered_mask_head_trains_and_predicts(name, storage):
+    from conftest import make_batch
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(4, opts=["MODEL.ROI_MASK_HEAD.NAME", name, "MODEL.ROI_MASK_HEAD.CONV_DIM", 32])
+    model = build_model(cfg)
+    head = model.roi_heads.mask_head
+    assert has_mask_contract(head)  # detectron2's head is built as its contract twin
+    losses = model(make_batch(num_classes=4))
+    assert torch.isfinite(losses["loss_mask"]) and losses["loss_mask"] > 0
+    sum(losses.values()).backward()
+    grads = [p.grad for p in head.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.eval()
+    batch = make_batch(num_classes=4, seed=1)
+    with torch.no_grad():
+        outputs = model([{k: x[k] for k in ("image", "height", "width")} for x in batch])
+    for x, out in zip(batch, outputs):
+        inst = out["instances"]
+        assert inst.pred_masks.shape[1:] == (x["height"], x["width"])

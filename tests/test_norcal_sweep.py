@@ -65,6 +65,7 @@ def test_one_backbone_pass_equals_full_inference_per_gamma(sweep_split, tmp_path
     assert any(f.shape != s.shape or not torch.allclose(f, s) for f, s in zip(first, last))
 
 
+@pytest.mark.slow
 def test_sweep_table_and_gamma_zero_row_is_the_uncalibrated_evaluation(sweep_split, tmp_path):
     torch.manual_seed(0)
     model = Trainer.build_model(sweep_cfg(tmp_path / "plain", "none"))

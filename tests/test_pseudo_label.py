@@ -9,6 +9,7 @@ import json
 
 import cv2
 import numpy as np
+import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
@@ -157,6 +158,7 @@ def _pseudo_label_worker(rank, port, tmp_path, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_file_one_process_writes(tmp_path):
     """Each rank streams its images to its own shard; the main process writes one file equal
     to the single-process one (annotation ids numbered across ranks), and no shard is left."""

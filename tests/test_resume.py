@@ -102,6 +102,7 @@ def final_state(trainer):
     return trainer.model.state_dict(), momentum, (trainer.scheduler.last_epoch, lrs)
 
 
+@pytest.mark.slow  # end to end: trains, is interrupted, resumes
 @pytest.mark.parametrize(
     "loss, extra", [("SeesawLoss", False), ("EQLv2", False), ("SeesawLoss", True)]
 )

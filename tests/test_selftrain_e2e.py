@@ -5,6 +5,7 @@ iterations of LongTailRCNN + LongTailRPN with ignore regions."""
 import json
 import math
 
+import pytest
 from conftest import REPO
 
 from lvis_longtail.data.builtin import register_synthetic
@@ -12,6 +13,8 @@ from lvis_longtail.data.mapper import LongTailDatasetMapper
 from lvis_longtail.data.synthetic import generate
 from lvis_longtail.engine import Trainer, setup_cfg
 from lvis_longtail.tools.pseudo_label import main as pseudo_label
+
+pytestmark = pytest.mark.slow  # end to end: trains on a generated dataset
 
 CONFIG = REPO / "configs" / "tiny" / "mask_rcnn_R18_FPN_tiny_seesaw_selftrain.yaml"
 FAST = ["MODEL.ROI_HEADS.NUM_CLASSES", "8", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "32",

@@ -4,6 +4,7 @@ trains a DDP step across the two processes."""
 
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -63,6 +64,7 @@ def _worker(rank, port, result_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_statistics_are_synchronised_across_cpu_processes(tmp_path):
     path = str(tmp_path / "bn")
     mp.spawn(_worker, args=(free_port(), path), nprocs=WORLD_SIZE, join=True)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from lvis_longtail.data import synthetic
+from lvis_longtail.data import synthetic, synthetic_classes
 
 TINY = {"num_train": 20, "num_val": 8, "num_test": 4}
 IMAGE_KEYS = {
@@ -147,7 +147,10 @@ def test_deterministic(tiny, tmp_path):
 
 def test_pixels_match_masks(tiny):
     root, data = tiny
-    colors = {i + 1: synthetic.COLORS[c] for i, (_, c) in enumerate(synthetic.class_specs(24))}
+    colors = {
+        i + 1: synthetic_classes.COLORS[c]
+        for i, (_, c) in enumerate(synthetic_classes.class_specs(24))
+    }
     images = {img["id"]: img for img in data["train"]["images"]}
     for ann in data["train"]["annotations"]:
         img = images[ann["image_id"]]
@@ -203,15 +206,17 @@ def test_lvis_api_loads(tiny):
 
 
 def test_class_assignment_helpers():
-    q = synthetic.class_quotas(100, synthetic.class_weights(24, "train"), 1)
+    q = synthetic_classes.class_quotas(100, synthetic_classes.class_weights(24, "train"), 1)
     assert q.sum() == 100 and q.min() >= 1
     rng = np.random.default_rng(0)
-    labels, quotas = synthetic.assign_classes(rng, 10, synthetic.class_weights(24, "val"), 3)
+    labels, quotas = synthetic_classes.assign_classes(
+        rng, 10, synthetic_classes.class_weights(24, "val"), 3
+    )
     assert sum(map(len, labels)) == quotas.sum() and all(2 <= len(x) <= 6 for x in labels)
-    specs = synthetic.class_specs(84)
+    specs = synthetic_classes.class_specs(84)
     assert len(set(specs)) == 84
     with pytest.raises(ValueError):
-        synthetic.class_specs(85)
+        synthetic_classes.class_specs(85)
 
 
 def test_too_few_train_images(tmp_path):
@@ -246,10 +251,12 @@ def test_benchmark_options(tmp_path):
 
     assert min(rarest(thick)) >= 4  # 5 asked; an object that does not fit is dropped
     assert sum(rarest(thick)) > sum(rarest(base))
-    np.testing.assert_allclose(synthetic.class_weights(24, "train", 1.0), np.full(24, 1 / 24))
-    w = synthetic.class_weights(24, "train", 50.0)
+    np.testing.assert_allclose(
+        synthetic_classes.class_weights(24, "train", 1.0), np.full(24, 1 / 24)
+    )
+    w = synthetic_classes.class_weights(24, "train", 50.0)
     assert w.max() / w.min() == pytest.approx(50.0)
     with pytest.raises(ValueError, match="head_tail_ratio"):
-        synthetic.class_weights(24, "train", 0.5)
+        synthetic_classes.class_weights(24, "train", 0.5)
     with pytest.raises(ValueError, match="thickness_scale"):
         synthetic.generate(str(tmp_path / "c"), thickness_scale=0, progress=False, **small)

@@ -17,6 +17,8 @@ from lvis_longtail.data.builtin import register_synthetic
 from lvis_longtail.data.synthetic import generate
 from lvis_longtail.engine import Trainer, setup_cfg
 
+pytestmark = pytest.mark.slow  # end to end: trains on a generated dataset
+
 NUM_CLASSES = 8
 # Shrink the tiny model further: the point here is the pipeline, not the accuracy.
 FAST_OPTS = {

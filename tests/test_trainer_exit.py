@@ -5,6 +5,7 @@ after its summary. Training now shuts them down when it ends."""
 
 import multiprocessing
 
+import pytest
 from conftest import TINY_BASE
 
 from lvis_longtail.data.builtin import register_synthetic
@@ -12,6 +13,7 @@ from lvis_longtail.data.synthetic import generate
 from lvis_longtail.engine import Trainer, setup_cfg
 
 
+@pytest.mark.slow
 def test_training_loader_workers_are_gone_when_training_ends(tmp_path):
     generate(str(tmp_path / "syn"), seed=4, num_train=8, num_val=1, num_test=1,
              image_size=(64, 64), num_classes=8, progress=False)  # fmt: skip

@@ -29,7 +29,8 @@ from typing import List, Optional
 
 from detectron2.data import MetadataCatalog
 
-from lvis_longtail.data.lvis_json import LVISFormatError, _categories, _Checker, read_lvis_json
+from lvis_longtail.data.lvis_checks import LVISFormatError, _categories, _Checker
+from lvis_longtail.data.lvis_json import read_lvis_json
 
 logger = logging.getLogger(__name__)
 

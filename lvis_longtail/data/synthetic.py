@@ -3,7 +3,8 @@
 Every class is a (shape, color) pair, so appearance alone identifies it. Half of the shapes are
 thin or hollow (ring, frame, diagonal bar, L, thin plus, thin X), with mask area well below half
 of their box area. Train classes follow a log-linear long tail (LVIS-like frequent, common and
-rare groups); val and test-dev use the square root of those weights, renormalized.
+rare groups); val and test-dev use the square root of those weights, renormalized
+(:mod:`.synthetic_classes`; the images are drawn by :mod:`.synthetic_draw`).
 
 Objects never overlap (masks keep a 2 px margin), and every image is painted from the very
 masks pycocotools rasterizes from the written polygons, so pixels and annotations agree exactly.
@@ -28,7 +29,6 @@ Usage::
 
 import argparse
 import collections
-import itertools
 import json
 import os
 import time
@@ -38,236 +38,20 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from lvis_longtail.data.class_stats import frequency_group
+from lvis_longtail.data.synthetic_classes import (
+    SHAPES,
+    TRAIN_HEAD_TAIL_RATIO,
+    assign_classes,
+    class_specs,
+    class_weights,
+)
+from lvis_longtail.data.synthetic_draw import make_image, polygons_to_rle
 from lvis_longtail.utils.io import atomic_write
 
 SPLITS = ("train", "val", "test_dev")
 UNLABELED = "unlabeled"  # optional split of train-distributed images without annotations
-COLORS = {  # RGB, saturated and far from the low-saturation background
-    "red": (220, 30, 30),
-    "green": (30, 190, 50),
-    "blue": (40, 70, 235),
-    "yellow": (240, 220, 30),
-    "magenta": (215, 40, 205),
-    "cyan": (30, 205, 215),
-    "orange": (250, 140, 10),
-}
-# Head-to-tail ratio of the train class weights (log-linear in frequency rank).
-TRAIN_HEAD_TAIL_RATIO = 500.0
 NOT_EXHAUSTIVE_FRACTION = 0.05
 NUM_NEGATIVES = (3, 6)
-MARGIN_PX = 2
-_RANK_SEED = 1234  # fixed, so class frequencies do not change with ``seed``
-_SQUARE = np.array([(-1, -1), (1, -1), (1, 1), (-1, 1)], dtype=np.float64)
-_RHOMBUS = np.array([(0, -1), (0.6, 0), (0, 1), (-0.6, 0)])
-
-
-def _rot(points, degrees):
-    """Rotate (N, 2) points about the origin by ``degrees``."""
-    a = np.deg2rad(degrees)
-    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-    return np.asarray(points, dtype=np.float64) @ rot.T
-
-
-def _arc(radius, start, stop, n, rx=None):
-    """(n, 2) points on an elliptical arc from ``start`` to ``stop`` degrees."""
-    a = np.deg2rad(np.linspace(start, stop, n))
-    return np.stack([(rx or radius) * np.cos(a), radius * np.sin(a)], axis=1)
-
-
-def _arc_points(s):
-    return int(np.clip(s, 16, 48))
-
-
-def _cross(s, t, angle):
-    """A plus of two strokes (length ``s``, width ``t``) rotated by ``angle``: 12 vertices."""
-    arm = [(-t / 2, -s / 2), (t / 2, -s / 2), (t / 2, -t / 2)]
-    return [_rot(np.concatenate([_rot(arm, 90 * k) for k in range(4)]), angle)]
-
-
-def _ring(rng, s, t):
-    r_out, r_in, n = s / 2, s / 2 - t, _arc_points(s) // 2 + 1
-    halves = [(-5.0, 185.0), (175.0, 365.0)]  # overlapping halves: their union has no seam
-    return [np.concatenate([_arc(r_out, a, b, n), _arc(r_in, b, a, n)]) for a, b in halves]
-
-
-def _frame(rng, s, t):
-    a = 0.4 * s
-    strips = [(-a, -a, a, -a + t), (-a, a - t, a, a), (-a, -a, -a + t, a), (a - t, -a, a, a)]
-    angle = rng.uniform(-15, 15)
-    return [_rot([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], angle) for x0, y0, x1, y1 in strips]
-
-
-def _bar(rng, s, t):
-    pts = [(-s / 2, -t / 2), (s / 2, -t / 2), (s / 2, t / 2), (-s / 2, t / 2)]
-    return [_rot(pts, rng.choice([-1.0, 1.0]) * rng.uniform(20, 70))]  # never axis-aligned
-
-
-def _lshape(rng, s, t):
-    n = 0.8 * s
-    pts = np.array([(0, 0), (n, 0), (n, t), (t, t), (t, n), (0, n)]) - n / 2
-    return [_rot(pts, 90 * rng.integers(4) + rng.uniform(-15, 15))]
-
-
-def _star(rng, s, t):
-    radii = np.tile([s / 2, 0.45 * s / 2], 5)
-    a = np.deg2rad(np.arange(10) * 36.0 + rng.uniform(0, 72))
-    return [np.stack([radii * np.cos(a), radii * np.sin(a)], axis=1)]
-
-
-def _ellipse(rng, s, t):
-    return [_rot(_arc(s / 4, 0, 360, _arc_points(s), rx=s / 2)[:-1], rng.uniform(0, 180))]
-
-
-# name -> (builder(rng, size, thickness) -> list of (N, 2) polygons about the origin, thin?).
-# Filled and thin shapes alternate, so any K >= 2 gets both kinds.
-SHAPES = {
-    "square": (lambda r, s, t: [_rot(_SQUARE * 0.4 * s, r.uniform(-15, 15))], False),
-    "ring": (_ring, True),
-    "disk": (lambda r, s, t: [_arc(s / 2, 0, 360, _arc_points(s))[:-1]], False),
-    "frame": (_frame, True),
-    "triangle": (lambda r, s, t: [_rot(_arc(s / 2, 0, 240, 3), r.uniform(0, 120))], False),
-    "bar": (_bar, True),
-    "diamond": (lambda r, s, t: [_rot(_RHOMBUS * s / 2, r.uniform(-15, 15))], False),
-    "lshape": (_lshape, True),
-    "star": (_star, False),
-    "thin_plus": (lambda r, s, t: _cross(s, t, r.uniform(-10, 10)), True),
-    "ellipse": (_ellipse, False),
-    "thin_x": (lambda r, s, t: _cross(s, t, 45 + r.uniform(-10, 10)), True),
-}
-_SHAPE_NAMES = tuple(SHAPES)
-_COLOR_NAMES = tuple(COLORS)
-
-
-def class_specs(num_classes):
-    """The (shape, color) of each class: class ``i`` (0-based) gets shape ``i % 12``.
-
-    Returns:
-        list of (shape_name, color_name), length ``num_classes``, all pairs distinct.
-    """
-    ns, nc = len(_SHAPE_NAMES), len(_COLOR_NAMES)
-    if not 1 <= num_classes <= ns * nc:
-        raise ValueError(f"num_classes must be in [1, {ns * nc}], got {num_classes}")
-    return [
-        (_SHAPE_NAMES[i % ns], _COLOR_NAMES[(i // ns + 3 * (i % ns)) % nc])
-        for i in range(num_classes)
-    ]
-
-
-def class_weights(num_classes, split, head_tail_ratio=TRAIN_HEAD_TAIL_RATIO):
-    """Sampling weights of the classes, (K,), summing to 1.
-
-    Train: log-linear in a frequency rank (head / tail = ``head_tail_ratio``; 1 = uniform). The
-    rank order is fixed (independent of the seed) and alternates filled and thin classes, each
-    kind shuffled, so every frequency group holds both kinds in equal measure.
-    Val and test-dev: the square root of the train weights, renormalized.
-    """
-    if head_tail_ratio < 1:
-        raise ValueError(f"head_tail_ratio must be >= 1, got {head_tail_ratio}")
-    rng = np.random.default_rng(_RANK_SEED)
-    thin = np.array([SHAPES[shape][1] for shape, _ in class_specs(num_classes)])
-    kinds = [rng.permutation(np.flatnonzero(thin == t)).tolist() for t in (False, True)]
-    order = [c for pair in itertools.zip_longest(*kinds) for c in pair if c is not None]
-    ranks = np.argsort(order)
-    beta = np.log(head_tail_ratio) / max(num_classes - 1, 1)
-    w = np.exp(-beta * ranks)
-    w = w if split == "train" else np.sqrt(w)
-    return w / w.sum()
-
-
-def class_quotas(total, weights, min_per_class):
-    """Instance count per class: ``min_per_class`` each, the rest by largest remainder."""
-    quotas = np.full(len(weights), min_per_class, dtype=np.int64)
-    raw = (total - quotas.sum()) * np.asarray(weights)
-    quotas += np.floor(raw).astype(np.int64)
-    left = total - quotas.sum()
-    quotas[np.argsort(-(raw - np.floor(raw)), kind="stable")[:left]] += 1
-    return quotas
-
-
-def assign_classes(rng, num_images, weights, min_per_class):
-    """Draw 2-6 objects per image and deal out classes following ``weights``.
-
-    Args:
-        rng: a ``np.random.Generator``.
-        num_images: number of images.
-        weights: (K,) class weights summing to 1.
-        min_per_class: instances every class gets, lowered to ``total // K`` if there are
-            fewer than ``K * min_per_class`` objects in all.
-
-    Returns:
-        list (one per image) of 0-based class ids, rarest class (lowest quota) first, and the
-        per-class quotas, (K,).
-    """
-    counts = rng.integers(2, 7, size=num_images)
-    total, k = int(counts.sum()), len(weights)
-    quotas = class_quotas(total, weights, min(min_per_class, total // k))
-    labels = np.repeat(np.arange(k), quotas)
-    rng.shuffle(labels)
-    chunks = np.split(labels, np.cumsum(counts)[:-1])
-    return [sorted(c.tolist(), key=lambda c_: (quotas[c_], c_)) for c in chunks], quotas
-
-
-def polygons_to_rle(polygons, height, width):
-    """Merged RLE of flat polygons ``[[x1, y1, x2, y2, ...], ...]`` (pycocotools)."""
-    return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-
-
-def _place(rng, shape, size, size_min, occupied, thickness_scale=1.0):
-    """Sample a pose for one object whose mask avoids ``occupied``; None if it does not fit.
-
-    Thin shapes get walls ``thickness_scale * max(2.5, 0.09 * size)`` px wide."""
-    h, w = occupied.shape
-    for attempt in range(40):
-        if attempt and attempt % 8 == 0:
-            size = max(size_min, 0.85 * size)
-        polys = SHAPES[shape][0](rng, size, max(2.5, 0.09 * size) * thickness_scale)
-        pts = np.concatenate(polys)
-        lo, hi = pts.min(0), pts.max(0)
-        room = np.array([w, h]) - 2.0 - (hi - lo)
-        if (room <= 1.0).any():
-            size = max(size_min, 0.85 * size)
-            continue
-        shift = 1.0 - lo + rng.uniform(0, room)
-        flat = [np.round(p + shift, 2).ravel().tolist() for p in polys]
-        mask = mask_utils.decode(polygons_to_rle(flat, h, w)).astype(bool)
-        if mask.sum() >= 8 and not (mask & occupied).any():
-            return flat, mask
-    return None
-
-
-def _background(rng, h, w):
-    """Smooth low-contrast, low-saturation background with gray distractor specks, (H, W, 3)."""
-    base = rng.uniform(80, 150) + rng.uniform(-10, 10, size=3)
-    blobs = cv2.resize(rng.normal(0, 14, (5, 5, 3)), (w, h), interpolation=cv2.INTER_CUBIC)
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    grad = (rng.uniform(-25, 25) * xx + rng.uniform(-25, 25) * yy)[..., None]
-    img = base + blobs + grad + rng.normal(0, 3, (h, w, 3))
-    for _ in range(rng.integers(0, 9)):
-        center = (int(rng.integers(w)), int(rng.integers(h)))
-        gray = float(np.clip(base.mean() + rng.uniform(-40, 40), 0, 255))
-        cv2.circle(img, center, int(rng.integers(1, 3)), (gray, gray, gray), -1)
-    return img
-
-
-def _make_image(rng, h, w, labels, specs, size_range, thin_min, thickness_scale=1.0):
-    """Place and paint ``labels``; returns the RGB image and [(label, polygons, mask), ...]."""
-    img = _background(rng, h, w)
-    occupied = np.zeros((h, w), dtype=bool)
-    kernel = np.ones((2 * MARGIN_PX + 1, 2 * MARGIN_PX + 1), np.uint8)
-    objects = []
-    for label in labels:
-        shape, color = specs[label]
-        lo = max(size_range[0], thin_min) if SHAPES[shape][1] else size_range[0]
-        size = float(np.exp(rng.uniform(np.log(lo), np.log(max(lo, size_range[1])))))
-        placed = _place(rng, shape, size, lo, occupied, thickness_scale)
-        if placed is None:
-            continue
-        flat, mask = placed
-        occupied |= cv2.dilate(mask.astype(np.uint8), kernel).astype(bool)
-        paint = np.array(COLORS[color]) * rng.uniform(0.92, 1.0)
-        img[mask] = paint + rng.normal(0, 4, (int(mask.sum()), 3))
-        objects.append((label, flat, mask))
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8), objects
 
 
 def _annotation(ann_id, image_id, label, flat, height, width):
@@ -371,7 +155,7 @@ def _generate_split(cfg, split, first_image_id, first_ann_id):
     images, anns = [], []
     for i in _progress(range(n), f"{split} images", cfg["progress"]):
         img_rng = np.random.default_rng([cfg["seed"], si, i])
-        img, objects = _make_image(
+        img, objects = make_image(
             img_rng, h, w, labels[i], cfg["specs"], *cfg["sizes"], cfg["thickness_scale"]
         )
         record = _image_record(first_image_id + i, split, h, w)

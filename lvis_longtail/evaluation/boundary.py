@@ -86,12 +86,6 @@ class MaskBoundaries:
         )
 
 
-def boundary_ious(dt: MaskBoundaries, gt: MaskBoundaries) -> np.ndarray:
-    """(D, G) float64 boundary IoUs of every pair (see :func:`pair_ious`)."""
-    i, j = np.meshgrid(np.arange(len(dt)), np.arange(len(gt)), indexing="ij")
-    return pair_ious(dt, i.ravel(), gt, j.ravel()).reshape(len(dt), len(gt))
-
-
 def pair_ious(dt: MaskBoundaries, dt_index, gt: MaskBoundaries, gt_index) -> np.ndarray:
     """(P,) float64 boundary IoUs of the pairs (``dt_index[p]``, ``gt_index[p]``), by
     pycocotools' rule: intersection over union of pixel counts, 0 without intersection."""

@@ -34,7 +34,9 @@ from lvis_longtail.data.class_stats import training_frequency
 from lvis_longtail.data.lvis_json import load_validated
 from lvis_longtail.evaluation import diagnostics
 from lvis_longtail.evaluation.boundary import DILATION_RATIO
-from lvis_longtail.evaluation.fast_eval import LVISGroundTruth, evaluate_detections
+from lvis_longtail.evaluation.class_thresholds import ClassScoreThresholds
+from lvis_longtail.evaluation.fast_eval import evaluate_detections
+from lvis_longtail.evaluation.ground_truth import LVISGroundTruth
 from lvis_longtail.evaluation.lvis_evaluation import (
     DEFAULT_TASKS,
     EVALUATORS,
@@ -51,13 +53,9 @@ from lvis_longtail.evaluation.results import (
     table_to_records,
     write_results_file,
 )
-from lvis_longtail.evaluation.shards import (
-    DetectionShard,
-    ShardedDetections,
-    preselect,
-    read_shards,
-)
-from lvis_longtail.evaluation.table import ClassScoreThresholds, EvalProtocol
+from lvis_longtail.evaluation.rows import preselect
+from lvis_longtail.evaluation.shards import DetectionShard, ShardedDetections, read_shards
+from lvis_longtail.evaluation.table import EvalProtocol
 from lvis_longtail.utils.dist import wait_for_main_process
 from lvis_longtail.utils.io import write_json_atomic
 
@@ -188,7 +186,7 @@ class LVISLongTailEvaluator(DatasetEvaluator):
 
     def process(self, inputs, outputs):
         """Append each image's detections as rows to this process's shard. Standard: only
-        those that can survive the per-image cap (:func:`~.shards.preselect`); fixed: the
+        those that can survive the per-image cap (:func:`~.rows.preselect`); fixed: the
         per-class score thresholds first drop what can no longer reach its class's top
         ``dets_per_class``. Both select on the model's device, so only the kept masks are
         encoded, from their transitions on that device (:mod:`.mask_rle`), and only their

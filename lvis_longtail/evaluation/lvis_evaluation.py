@@ -1,7 +1,7 @@
 """Evaluate LVIS results in one call, with lvis-api's numbers, by either evaluator.
 
 - ``fast`` (:mod:`.fast_eval`): lvis-api's rules and numbers, several times faster, in less
-  memory; takes records, a results file or a :class:`~.detections.DetectionTable`;
+  memory; takes records, a results file or a :class:`~.table.DetectionTable`;
 - ``lvis_api``: lvis-api 0.5.3 itself (``LVISResults`` + ``LVISEval``), for cross-checks.
 
 Tasks: ``bbox``, ``segm`` and ``boundary`` (Boundary AP, :mod:`.boundary`: lvis-api 0.5.3 has
@@ -29,14 +29,10 @@ from lvis import LVIS, LVISEval, LVISResults
 from lvis_longtail.config_check import ENUMS, LVIS_TASKS, check_task_evaluator
 from lvis_longtail.data.lvis_json import ValidatedLVIS, load_validated, validate_lvis_dict
 from lvis_longtail.evaluation.boundary import DILATION_RATIO
-from lvis_longtail.evaluation.fast_eval import (
-    LVISEvalResult,
-    LVISGroundTruth,
-    check_frequencies,
-    evaluate_detections,
-    metric_names,
-)
-from lvis_longtail.evaluation.results import load_lvis_results, records_for_task, records_table
+from lvis_longtail.evaluation.fast_eval import LVISEvalResult, evaluate_detections, metric_names
+from lvis_longtail.evaluation.ground_truth import LVISGroundTruth, check_frequencies
+from lvis_longtail.evaluation.record_checks import load_lvis_results, records_table
+from lvis_longtail.evaluation.results import records_for_task
 from lvis_longtail.evaluation.table import DetectionTable, top_k_per_class
 
 logger = logging.getLogger(__name__)
@@ -210,11 +206,11 @@ def evaluate_lvis_results(
     Args:
         gt: the split with annotations: its path (validated), a
             :class:`~lvis_longtail.data.lvis_json.ValidatedLVIS`, a json dict (validated), an
-            lvis-api ``LVIS`` or an :class:`~.fast_eval.LVISGroundTruth` (reuse one across
+            lvis-api ``LVIS`` or an :class:`~.ground_truth.LVISGroundTruth` (reuse one across
             tasks and calls).
         results: LVIS records or a results json path (both checked against the split first,
             :func:`~.validation.load_lvis_results`' messages) or a
-            :class:`~.detections.DetectionTable` (trusted: made by this package).
+            :class:`~.table.DetectionTable` (trusted: made by this package).
             Ranked by ``score``, for segm by ``segm_score`` where a record has one; segm uses
             the mask area for APs/APm/APl. Empty results give AP 0, no error.
         iou_type: "bbox", "segm" or "boundary" (fast evaluator only).

@@ -3,8 +3,9 @@
 pycocotools decodes a mask to the whole image (h x w bytes, and slowly), which is most of the
 cost of anything that needs a mask's pixels. :class:`Crops` decodes many compressed RLEs at
 once with numpy, writing only each mask's bounding box: the RLE strings are parsed in one pass
-(:func:`decode_counts`, pycocotools' ``rleFrString`` vectorized), each foreground run becomes
-one interval of its crop, and all crops are filled by one ``np.repeat``.
+(:func:`~lvis_longtail.utils.rle.decode_counts`, pycocotools' ``rleFrString`` vectorized),
+each foreground run becomes one interval of its crop, and all crops are filled by one
+``np.repeat``.
 
 A crop is stored transposed, ``(box width, box height)`` C-ordered, which is the RLE's
 column-major order: a run that crosses a column makes its box span every row, so each run is one
@@ -14,7 +15,8 @@ contiguous interval of the crop.
 from typing import NamedTuple, Sequence
 
 import numpy as np
-from pycocotools import mask as mask_utils
+
+from lvis_longtail.utils.rle import decode_counts, segment_cumsum
 
 
 class Boxes(NamedTuple):
@@ -34,62 +36,6 @@ class Boxes(NamedTuple):
         return np.maximum(self.y1 - self.y0 + 1, 0)
 
 
-def _counts_bytes(rle: dict) -> bytes:
-    counts = rle["counts"]
-    if isinstance(counts, str):
-        return counts.encode("ascii")
-    if isinstance(counts, bytes):
-        return counts
-    return mask_utils.frPyObjects(rle, *rle["size"])["counts"]  # uncompressed counts
-
-
-def _segment_cumsum(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Cumulative sums of ``values`` restarting at each index of ``starts`` (sorted, 0 first)."""
-    total = np.cumsum(values)
-    before = np.zeros(len(starts), dtype=total.dtype)
-    before[1:] = total[starts[1:] - 1]
-    sizes = np.diff(np.append(starts, len(values)))
-    return total - np.repeat(before, sizes)
-
-
-def decode_counts(rles: Sequence[dict]):
-    """Run lengths of compressed RLEs, all at once (pycocotools' ``rleFrString``, vectorized).
-
-    Returns:
-        (counts, bounds): (M,) int64 run lengths of all masks, background first; mask i's are
-        ``counts[bounds[i]:bounds[i + 1]]``.
-    """
-    strings = [_counts_bytes(r) for r in rles]
-    chars = np.frombuffer(b"".join(strings), np.uint8).astype(np.int64) - 48
-    char_bounds = np.zeros(len(strings) + 1, dtype=np.int64)
-    np.cumsum([len(s) for s in strings], out=char_bounds[1:])
-    # a number is 5 bits per character, least significant first; 0x20 = more characters follow,
-    # 0x10 of the last character = negative
-    ends = np.flatnonzero((chars & 0x20) == 0)
-    firsts = np.zeros(len(ends), dtype=np.int64)
-    firsts[1:] = ends[:-1] + 1
-    lengths = ends - firsts + 1
-    shift = 5 * (np.arange(len(chars)) - np.repeat(firsts, lengths))
-    values = (
-        np.add.reduceat((chars & 0x1F) << shift, firsts) if len(ends) else np.zeros(0, np.int64)
-    )
-    negative = (chars[ends] & 0x10) != 0
-    values[negative] -= np.left_shift(1, 5 * lengths[negative])
-    bounds = np.searchsorted(firsts, char_bounds)
-    # from the fourth number on, each is stored as the difference to the one two before it
-    per_mask = np.diff(bounds)
-    index = np.arange(len(values)) - np.repeat(bounds[:-1], per_mask)
-    chain = np.repeat(np.arange(len(strings)) * 3, per_mask) + np.where(
-        index == 0, 0, np.where(index % 2 == 1, 1, 2)
-    )
-    order = np.argsort(chain, kind="stable")
-    sorted_chain = chain[order]
-    starts = np.flatnonzero(np.r_[True, sorted_chain[1:] != sorted_chain[:-1]])
-    counts = np.empty_like(values)
-    counts[order] = _segment_cumsum(values[order], starts) if len(values) else values
-    return counts, bounds
-
-
 class _Runs(NamedTuple):
     mask: np.ndarray  # (R,) mask index of each foreground run
     start: np.ndarray  # (R,) first pixel, column-major index
@@ -101,7 +47,7 @@ def _foreground_runs(counts, bounds, heights) -> _Runs:
     per_mask = np.diff(bounds)
     mask = np.repeat(np.arange(len(per_mask)), per_mask)
     if len(counts):
-        position = _segment_cumsum(counts, bounds[:-1][per_mask > 0])
+        position = segment_cumsum(counts, bounds[:-1][per_mask > 0])
     else:
         position = counts
     index = np.arange(len(counts)) - np.repeat(bounds[:-1], per_mask)

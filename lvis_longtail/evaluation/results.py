@@ -1,379 +1,39 @@
-"""LVIS results: records, their checks against the split, and the results file.
+"""LVIS results for lvis-api and for the results file.
 
-A *record* is one detection in the LVIS results format, in original image coordinates::
-
-    {"image_id": int, "category_id": int (the dataset's own id), "score": float,
-     "bbox": [x, y, w, h], "segmentation": {"size": [h, w], "counts": str}}
-
-Records of a Mask Scoring model carry ``"segm_score"`` too (see :func:`~.table.ranking_score`
-for which score ranks what). :func:`validate_lvis_results` checks record by record and names
-the first violation (file, record index, field). :func:`load_lvis_results` reads a results
-file (undecodable, truncated or corrupted JSON rejected with the file named) and checks its
-records with numpy first, falling back to the record-by-record check (for its message) only
-if something is wrong. :func:`write_results_file` writes the evaluator's selected table to
-``lvis_instances_results.json``, checked on the way with the same rules and messages, and
-atomically.
+:func:`write_results_file` writes the evaluator's selected table to
+``lvis_instances_results.json``, checked on the way with the rules and messages of
+:mod:`.record_checks` (re-exported here: :func:`validate_lvis_results`,
+:func:`load_lvis_results`, :class:`SplitIndex`, ...), and atomically.
+:func:`table_to_records` and :func:`records_for_task` make the records lvis-api evaluates.
 """
 
 import contextlib
-import math
 import os
-from collections import Counter
-from itertools import chain
 from json.encoder import encode_basestring_ascii
-from operator import itemgetter, methodcaller
-from typing import List, Mapping, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
 import numpy as np
 
+from lvis_longtail.evaluation.record_checks import (  # noqa: F401  (re-exported)
+    RESULTS_FILE,
+    SplitIndex,
+    first_bad_row,
+    load_lvis_results,
+    record_error,
+    record_problem,
+    results_summary,
+    validate_lvis_results,
+)
 from lvis_longtail.evaluation.table import (
     SEGM_SCORE,
     DetectionTable,
-    ListMasks,
     LVISResultsError,
     cap_per_image,
     record_score,
 )
-from lvis_longtail.utils.io import atomic_write, gc_paused, read_json
-
-RESULTS_FILE = "lvis_instances_results.json"
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _record_problem(record, images: dict, category_ids: set, required: Sequence[str]):
-    """``(field, problem)`` for the first thing wrong with ``record``, or None."""
-    if not isinstance(record, dict):
-        return None, f"is a {type(record).__name__}, not a JSON object"
-    for field in ("image_id", "category_id", "score", *required):
-        if field not in record:
-            return field, "is missing"
-    for field in ("image_id", "category_id"):
-        if not isinstance(record[field], int) or isinstance(record[field], bool):
-            return field, f"{record[field]!r} is not an integer id"
-    image = images.get(record["image_id"])
-    if image is None:
-        return "image_id", f"{record['image_id']!r} is not an image of the split"
-    if record["category_id"] not in category_ids:
-        return "category_id", f"{record['category_id']!r} is not a category id of the split"
-    if not _is_number(record["score"]):
-        return "score", f"{record['score']!r} is not a finite number"
-    bbox = record.get("bbox")
-    if bbox is not None and not (
-        isinstance(bbox, list)
-        and len(bbox) == 4
-        and all(map(_is_number, bbox))
-        and bbox[2] >= 0
-        and bbox[3] >= 0
-    ):
-        return "bbox", f"{bbox!r} is not [x, y, w, h] with finite numbers and w, h >= 0"
-    segm = record.get("segmentation")
-    if segm is not None:
-        size = [image.get("height"), image.get("width")]
-        if not isinstance(segm, dict) or not isinstance(segm.get("counts"), str):
-            return "segmentation", "is not a compressed RLE {'size': [h, w], 'counts': str}"
-        if segm.get("size") != size:
-            return "segmentation", f"size {segm.get('size')!r} is not the image's [h, w] {size}"
-    return None
-
-
-def validate_lvis_results(
-    results,
-    gt_dataset,
-    max_dets: int = 300,
-    *,
-    required: Sequence[str] = ("bbox", "segmentation"),
-    source: str = RESULTS_FILE,
-) -> dict:
-    """Check LVIS results against their split; raise on the first violation.
-
-    Checks: a list of objects; ``image_id``, ``category_id``, ``score`` and the ``required``
-    fields present; image and category ids of the split; finite scores; ``bbox`` = [x, y, w, h];
-    ``segmentation`` = compressed RLE of the image's size; at most ``max_dets`` per image
-    (unchecked if < 0).
-
-    Args:
-        results: list of records, or the path of a results json.
-        gt_dataset: the split's json dict (``images``, ``categories``; annotations not needed)
-            or an lvis-api ``LVIS``.
-        source: the file named in messages (the path itself when ``results`` is a path).
-
-    Returns:
-        A summary: ``num_detections``, ``num_images`` (with detections), ``num_split_images``,
-        ``num_categories`` (detected), ``max_per_image``, and ``line``, a one-line summary.
-
-    Raises:
-        LVISResultsError: names the file, the record index and the field.
-    """
-    if isinstance(results, (str, os.PathLike)):
-        source = os.fspath(results)
-        results = read_json(source, LVISResultsError, "results file")
-    name = os.path.basename(source)
-    if not isinstance(results, list):
-        raise LVISResultsError(f"{source}: is a {type(results).__name__}, not a list of records")
-    split = gt_dataset if isinstance(gt_dataset, SplitIndex) else SplitIndex(gt_dataset)
-    images, category_ids = split.images, set(split.category_ids.tolist())
-    per_image = Counter()
-    for i, record in enumerate(results):
-        problem = _record_problem(record, images, category_ids, required)
-        if problem is not None:
-            raise LVISResultsError(record_error(source, i, *problem))
-        per_image[record["image_id"]] += 1
-        if 0 <= max_dets < per_image[record["image_id"]]:
-            raise LVISResultsError(too_many_error(source, i, record["image_id"], max_dets))
-    return results_summary(name, len(results), per_image, len(images), results)
-
-
-def record_error(source: str, index: int, field: Optional[str], what: str) -> str:
-    where = f"record {index}" + (f", field '{field}'" if field else "")
-    return f"{source}: {where}: {what}"
-
-
-def too_many_error(source: str, index: int, image_id, max_dets: int) -> str:
-    return (
-        f"{source}: record {index}, field 'image_id': image {image_id} has more than "
-        f"max_dets={max_dets} detections"
-    )
-
-
-def results_summary(name, num_detections, per_image, num_split_images, results=(), cats=None):
-    """The summary :func:`validate_lvis_results` returns (``cats``: detected category ids)."""
-    if cats is None:
-        cats = {r["category_id"] for r in results}
-    summary = {
-        "num_detections": num_detections,
-        "num_images": len(per_image),
-        "num_split_images": num_split_images,
-        "num_categories": len(cats),
-        "max_per_image": max(per_image.values(), default=0),
-    }
-    summary["line"] = (
-        f"{name}: {summary['num_detections']:,} detections on {summary['num_images']:,}/"
-        f"{summary['num_split_images']:,} images, {summary['num_categories']:,} categories, "
-        f"max {summary['max_per_image']:,} per image"
-    )
-    return summary
-
-
-class SplitIndex:
-    """The images (id -> [h, w]) and category ids of a split, for checking results fast."""
-
-    def __init__(self, gt_dataset):
-        """``gt_dataset``: a json dict, or an object with one as ``.dataset`` (lvis-api's
-        ``LVIS``, :class:`~lvis_longtail.data.lvis_json.ValidatedLVIS`, ...)."""
-        dataset = getattr(gt_dataset, "dataset", gt_dataset)
-        self.images = {img["id"]: img for img in dataset["images"]}
-        ids = sorted(self.images)
-        self.image_ids = np.array(ids, dtype=np.int64)
-        self.heights = np.array([self.images[i].get("height", -1) for i in ids], dtype=np.int64)
-        self.widths = np.array([self.images[i].get("width", -1) for i in ids], dtype=np.int64)
-        self.category_ids = np.array(sorted(c["id"] for c in dataset["categories"]), np.int64)
-
-    def image_index(self, image_ids: np.ndarray) -> np.ndarray:
-        return _index_in(self.image_ids, image_ids)
-
-
-def _index_in(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    if len(sorted_ids) == 0:
-        return np.full(len(ids), -1, dtype=np.int64)
-    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-    return np.where(sorted_ids[pos] == ids, pos, -1)
-
-
-def first_bad_row(split: SplitIndex, image_id, category_id, score, bbox, mask_size=None):
-    """Index of the first row that breaks the results format (vectorized), or None.
-
-    Args: (N,) image and category ids, (N,) scores, (N, 4) boxes or None, (N, 2) mask
-    ``[h, w]`` or None."""
-    img = split.image_index(image_id)
-    bad = (img < 0) | (_index_in(split.category_ids, category_id) < 0) | ~np.isfinite(score)
-    if bbox is not None:
-        bad |= ~np.isfinite(bbox).all(axis=1) | (bbox[:, 2] < 0) | (bbox[:, 3] < 0)
-    if mask_size is not None:
-        ok = img >= 0
-        bad |= ok & (
-            (mask_size[:, 0] != split.heights[np.maximum(img, 0)])
-            | (mask_size[:, 1] != split.widths[np.maximum(img, 0)])
-        )
-    hits = np.flatnonzero(bad)
-    return int(hits[0]) if len(hits) else None
-
-
-def _types_are(values, allowed) -> bool:
-    return set(map(type, values)) <= allowed
-
-
-def _optional_column(records, key, required) -> Optional[list]:
-    """``key`` of every record, None if no record has it; raises KeyError if only some have
-    it (or none, when required)."""
-    values = list(map(methodcaller("get", key), records))
-    missing = values.count(None)
-    if missing == len(values) and key not in required:
-        return None
-    if missing:
-        raise KeyError(key)
-    return values
-
-
-def _checked_table(records, split: SplitIndex, required) -> Optional[DetectionTable]:
-    """The records as a table if every one is certainly valid (vectorized checks); None means:
-    check them one by one (:func:`validate_lvis_results`) for the message."""
-    if not isinstance(records, list) or not _types_are(records, {dict}):
-        return None
-    n = len(records)
-    try:
-        image_id, category_id, score = (
-            list(map(itemgetter(k), records)) for k in ("image_id", "category_id", "score")
-        )
-        for field in set(required) - {"bbox", "segmentation"}:
-            list(map(itemgetter(field), records))
-        boxes = _optional_column(records, "bbox", required)
-        segms = _optional_column(records, "segmentation", required)
-        if not (_types_are(image_id, {int}) and _types_are(category_id, {int})):
-            return None
-        if not _types_are(score, {int, float}):
-            return None
-        bbox = mask_size = None
-        if boxes is not None:
-            if not _types_are(boxes, {list}) or set(map(len, boxes)) != {4}:
-                return None
-            if not _types_are(chain.from_iterable(boxes), {int, float}):
-                return None
-            bbox = np.fromiter(chain.from_iterable(boxes), np.float64, 4 * n).reshape(n, 4)
-        if segms is not None:
-            if not _types_are(segms, {dict}):
-                return None
-            if not _types_are(map(itemgetter("counts"), segms), {str}):
-                return None
-            sizes = list(map(itemgetter("size"), segms))
-            if not _types_are(sizes, {list}) or set(map(len, sizes)) != {2}:
-                return None
-            if not _types_are(chain.from_iterable(sizes), {int}):
-                return None
-            mask_size = np.fromiter(chain.from_iterable(sizes), np.int64, 2 * n).reshape(n, 2)
-    except KeyError:
-        return None
-    table = DetectionTable(
-        image_id=np.fromiter(image_id, np.int64, n),
-        category_id=np.fromiter(category_id, np.int64, n),
-        score=np.fromiter(score, np.float64, n),
-        bbox=bbox,
-        masks=None if segms is None else ListMasks(segms),
-    )
-    if n and any(SEGM_SCORE in r for r in records):
-        segm = [record_score(r, "segm") for r in records]
-        if not _types_are(segm, {int, float}):
-            return None
-        table.segm_score = np.fromiter(segm, np.float64, n)
-        if not np.isfinite(table.segm_score).all():
-            return None
-    bad = first_bad_row(split, table.image_id, table.category_id, table.score, bbox, mask_size)
-    return table if bad is None else None
-
-
-def load_lvis_results(
-    path: str,
-    gt_dataset,
-    *,
-    max_dets: int = -1,
-    required: Sequence[str] = ("bbox",),
-    as_table: bool = False,
-) -> Union[list, DetectionTable]:
-    """Read and check an LVIS results json (e.g. ``lvis_instances_results.json``).
-
-    Args:
-        path: the results file.
-        gt_dataset: its split (json dict, lvis-api ``LVIS`` or
-            :class:`~lvis_longtail.evaluation.fast_eval.LVISGroundTruth`).
-        max_dets: reject images with more detections (-1: unchecked; the evaluators apply
-            the protocol's cap themselves).
-        required: fields every record must have besides ids and score.
-        as_table: return a :class:`~.detections.DetectionTable` (what the fast evaluator
-            takes; built during the checks, masks stay the records' dicts) instead of the list.
-
-    Returns:
-        The records (a list of dicts), or their table.
-
-    Raises:
-        LVISResultsError: the file is not valid JSON (undecodable, truncated or corrupted),
-            is not a list of records, or a record breaks the format (see
-            :func:`validate_lvis_results`); the message names the file and, for a record,
-            its index and field.
-        FileNotFoundError: no such file.
-    """
-    results = read_json(path, LVISResultsError, "results file")
-    table = records_table(results, gt_dataset, required=required, source=path, max_dets=max_dets)
-    return table if as_table else results
-
-
-def records_table(
-    results,
-    gt_dataset,
-    *,
-    required: Sequence[str] = ("bbox",),
-    source: str = "results records",
-    max_dets: int = -1,
-) -> DetectionTable:
-    """Check in-memory LVIS records against their split (vectorized; record by record only
-    for the message) and return them as a :class:`~.detections.DetectionTable`.
-
-    Raises:
-        LVISResultsError: names ``source``, the record index and the field.
-    """
-    split = gt_dataset if isinstance(gt_dataset, SplitIndex) else SplitIndex(gt_dataset)
-    with gc_paused():
-        table = _checked_table(results, split, required)
-    if table is None:
-        validate_lvis_results(results, split, max_dets, required=required, source=source)
-        return DetectionTable.from_records(results)
-    check_per_image_cap(results, max_dets, source)
-    return table
-
-
-def check_per_image_cap(records: Sequence[dict], max_dets: int, source: str) -> None:
-    """Raise LVISResultsError at the first record beyond ``max_dets`` in its image."""
-    if max_dets < 0:
-        return
-    per_image = Counter()
-    for i, record in enumerate(records):
-        per_image[record["image_id"]] += 1
-        if per_image[record["image_id"]] > max_dets:
-            raise LVISResultsError(too_many_error(source, i, record["image_id"], max_dets))
-
+from lvis_longtail.utils.io import atomic_write
 
 EXPORT_FIELDS = ("image_id", "category_id", "score", "bbox", "segmentation")
-
-
-def instances_to_lvis_records(
-    instances, image_id: int, dataset_ids: Mapping[int, int], max_dets: int = 300
-) -> List[dict]:
-    """LVIS records of one image's predictions (the values of detectron2's
-    ``instances_to_coco_json``, dataset category ids, ``segm_score`` from ``mask_scores``).
-
-    Only detections that can survive the per-image cap are converted
-    (:func:`~.shards.preselect`: the top ``max_dets`` by box score and by ``mask_scores``).
-    """
-    from lvis_longtail.evaluation.shards import instances_to_rows, preselect
-
-    rows, blob = instances_to_rows(preselect(instances, max_dets), image_id, dataset_ids)
-    records = []
-    for row in rows:
-        record = {
-            "image_id": int(row["image_id"]),
-            "category_id": int(row["category_id"]),
-            "bbox": row["bbox"].tolist(),
-            "score": float(row["score"]),
-        }
-        if row["counts_start"] >= 0:
-            start, end = int(row["counts_start"]), int(row["counts_start"] + row["counts_len"])
-            size = [int(row["height"]), int(row["width"])]
-            record["segmentation"] = {"size": size, "counts": blob[start:end].decode("ascii")}
-        if not np.isnan(row["segm_score"]):
-            record[SEGM_SCORE] = float(row["segm_score"])
-        records.append(record)
-    return records
 
 
 def _capped(records: Sequence[dict], task: str, max_dets: int) -> List[dict]:
@@ -384,17 +44,6 @@ def _capped(records: Sequence[dict], task: str, max_dets: int) -> List[dict]:
     image = np.fromiter((r["image_id"] for r in records), np.int64, len(records))
     score = np.fromiter((record_score(r, task) for r in records), np.float64, len(records))
     return [records[i] for i in np.flatnonzero(cap_per_image(image, score, max_dets)).tolist()]
-
-
-def records_for_export(records: Sequence[dict], max_dets: int) -> List[dict]:
-    """Records as the results file holds them: :data:`EXPORT_FIELDS` only, ``score`` = the
-    file's ranking score, at most ``max_dets`` per image by that score."""
-    out = []
-    for record in _capped(records, "file", max_dets):
-        exported = {k: record[k] for k in EXPORT_FIELDS if k in record}
-        exported["score"] = record_score(record, "file")
-        out.append(exported)
-    return out
 
 
 def records_for_task(records: Sequence[dict], task: str, max_dets: int) -> List[dict]:
@@ -493,7 +142,7 @@ def _raise_bad_row(table, row, score, split, source, with_masks):
         record["segmentation"] = segm
     required = ("bbox", "segmentation") if with_masks else ("bbox",)
     cats = set(split.category_ids.tolist())
-    problem = _record_problem(record, split.images, cats, required)
+    problem = record_problem(record, split.images, cats, required)
     raise LVISResultsError(record_error(source, row, *(problem or (None, "is invalid"))))
 
 

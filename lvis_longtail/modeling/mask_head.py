@@ -10,7 +10,7 @@ are formed (about 1 GB each at K = 1203, 256 RoIs, M = 28). The result is the sa
 the full computation, to float rounding, in values and gradients.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from detectron2.config import configurable
@@ -34,7 +34,6 @@ __all__ = [
     "LongTailMaskRCNNConvUpsampleHead",
     "NormedConv2d",
     "class_mask_logits",
-    "mask_rcnn_targets",
     "select_class_masks",
 ]
 
@@ -109,25 +108,6 @@ def class_mask_logits(
         weight = predictor.weight[classes].flatten(1)
         return _per_row_1x1(features, weight, predictor.bias[classes])
     return select_class_masks(predictor(features), classes)
-
-
-def mask_rcnn_targets(
-    instances: List[Instances], mask_side_len: int, device: torch.device
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Mask targets as in detectron2's ``mask_rcnn_loss``: each GT mask cropped to its
-    proposal box and resized to ``mask_side_len``.
-
-    Args:
-        instances: per-image foreground proposals with ``proposal_boxes``, ``gt_classes``
-            and ``gt_masks`` (BitMasks or PolygonMasks).
-        mask_side_len: M.
-        device: device of the returned tensors.
-
-    Returns:
-        (R, M, M) bool targets and (R,) int64 GT classes, R = total number of proposals.
-    """
-    targets = build_mask_targets(instances, mask_side_len, device)
-    return targets.masks, targets.classes
 
 
 def select_class_masks(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -254,7 +234,7 @@ class DiceBCEMaskHead(LongTailMaskRCNNConvUpsampleHead):
 
     Call protocol: ``forward(x, instances)`` as every detectron2 mask head (losses in
     training, ``pred_masks`` at inference), plus the mask-branch contract of its parent
-    (:meth:`train_outputs`, :meth:`mask_losses`) and :meth:`forward_train`.
+    (:meth:`train_outputs`, :meth:`mask_losses`).
     """
 
     # Read by lvis_longtail.config_check (which cannot import this class): this head honours
@@ -333,21 +313,6 @@ class DiceBCEMaskHead(LongTailMaskRCNNConvUpsampleHead):
     ) -> Dict[str, torch.Tensor]:
         """:meth:`losses` of the outputs on the targets."""
         return self.losses(outputs.logits, targets.masks, outputs.boundary_logits)
-
-    def forward_train(
-        self, x: torch.Tensor, gt_masks: torch.Tensor, gt_classes: torch.Tensor
-    ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
-        """
-        Args:
-            x: (R, C, S, S) RoI features of foreground proposals.
-            gt_masks: (R, 2S, 2S) mask targets (see :func:`mask_rcnn_targets`).
-            gt_classes: (R,) GT classes.
-
-        Returns:
-            The loss dict and the (R, 2S, 2S) mask logits of each RoI's GT class.
-        """
-        outputs = self.train_outputs(x, gt_classes)
-        return self.losses(outputs.logits, gt_masks, outputs.boundary_logits), outputs.logits
 
     def losses(
         self,

@@ -4,9 +4,10 @@ An ROI heads' ``_forward_mask`` is pool -> ``mask_head.train_outputs`` ->
 ``mask_head.mask_losses`` (+ the MaskIoU head's losses), with every target built once by
 :func:`build_mask_targets`; at inference, ``mask_head.predict_masks``. Heads are given each
 RoI's class (GT in training, predicted at inference) and return only that class's mask
-logits, never the (R, K, M, M) of every class. A mask head takes part by deriving from
-:class:`~lvis_longtail.modeling.mask_head.LongTailMaskRCNNConvUpsampleHead` or by providing
-the methods of :class:`MaskHeadContract` (the last two only for HTC's mask information flow).
+logits, never the (R, K, M, M) of every class. A mask head takes part by providing the
+methods of :class:`MaskHeadContract` (the last two only for HTC's mask information flow;
+:func:`has_mask_contract` checks), e.g. by deriving from
+:class:`~lvis_longtail.modeling.mask_head.LongTailMaskRCNNConvUpsampleHead`.
 """
 
 from dataclasses import dataclass
@@ -84,6 +85,15 @@ class MaskHeadContract(Protocol):
 
     def predict_masks_from_convs(self, f: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """``predict_masks`` from (R, D, S, S) ``conv_features``."""
+
+
+MASK_CONTRACT_METHODS = ("output_side", "predict_masks", "train_outputs", "mask_losses")
+
+
+def has_mask_contract(head) -> bool:
+    """Whether ``head`` provides the methods of :class:`MaskHeadContract` that every ROI heads
+    call (HTC's mask information flow needs the last two as well)."""
+    return all(callable(getattr(head, name, None)) for name in MASK_CONTRACT_METHODS)
 
 
 def build_mask_targets(

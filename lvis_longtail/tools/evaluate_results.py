@@ -18,7 +18,7 @@ import sys
 from typing import Dict, List, Optional, Sequence
 
 from lvis_longtail.data.lvis_json import load_validated
-from lvis_longtail.evaluation.fast_eval import LVISGroundTruth
+from lvis_longtail.evaluation.ground_truth import LVISGroundTruth
 from lvis_longtail.evaluation.lvis_evaluation import METRICS_FILE, TASKS, evaluate_lvis_results
 from lvis_longtail.evaluation.results import load_lvis_results
 from lvis_longtail.evaluation.table import PROTOCOLS, EvalProtocol

@@ -21,24 +21,23 @@ from lvis_longtail.data.augmentations.geometry import (
 )
 
 
+def _rings_of(segms):
+    """The rings of >= 3 points of every polygon list, as (K, 2) arrays, and the (K,) int64
+    index of the list each belongs to (ascending)."""
+    rings = [np.asarray(p, np.float64).reshape(-1, 2) for segm in segms for p in segm]
+    owner = np.repeat(np.arange(len(segms)), [len(segm) for segm in segms])
+    keep = [k for k, pts in enumerate(rings) if len(pts) >= 3]
+    return [rings[k] for k in keep], owner[keep]
+
+
 def polygon_geometries(segms) -> np.ndarray:
     """``polygons_to_geometry`` of every polygon list in ``segms`` (object array): per list,
     the union of its rings of >= 3 points, each made valid by ``buffer(0)`` if it is not."""
-    rings, owner, pos = [], [], []
-    for j, segm in enumerate(segms):
-        n = 0
-        for p in segm:
-            pts = np.asarray(p, np.float64).reshape(-1, 2)
-            if len(pts) >= 3:
-                rings.append(pts)
-                owner.append(j)
-                pos.append(n)
-                n += 1
+    rings, owner = _rings_of(segms)
     out = np.array([sg.Polygon() for _ in segms], dtype=object)
     if not rings:
         return out
-    owner = np.asarray(owner)
-    pos = np.asarray(pos)
+    pos = np.arange(len(owner)) - np.searchsorted(owner, owner)  # ring index within its list
     ids = np.repeat(np.arange(len(rings)), [len(p) for p in rings])
     polys = shapely.polygons(shapely.linearrings(np.concatenate(rings), indices=ids))
     invalid = ~shapely.is_valid(polys)
@@ -74,13 +73,7 @@ def _surely_positive_areas(segms) -> np.ndarray:
     """Per polygon list: True if the union of its rings (as :func:`polygon_geometries`
     builds it) has an area > 0 for sure: one ring is a valid polygon whose shoelace area is
     not degenerate (the union contains it). False means "not known". One batch for all."""
-    rings, owner = [], []
-    for j, segm in enumerate(segms):
-        for p in segm:
-            pts = np.asarray(p, np.float64).reshape(-1, 2)
-            if len(pts) >= 3:
-                rings.append(pts)
-                owner.append(j)
+    rings, owner = _rings_of(segms)
     out = np.zeros(len(segms), bool)
     if not rings:
         return out

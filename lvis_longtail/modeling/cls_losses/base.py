@@ -128,6 +128,14 @@ def sigmoid_predicted_classes(class_probs: torch.Tensor, threshold: float = 0.5)
     )
 
 
+def sigmoid_probs_with_background(logits: torch.Tensor) -> torch.Tensor:
+    """(R, K+1) sigmoid logits, the last one background's -> (R, K+1) fp32 scores: each
+    class's sigmoid times the probability of not being background, then background's."""
+    probs = torch.sigmoid(logits.float())
+    bg = probs[:, -1:]
+    return torch.cat([probs[:, :-1] * (1 - bg), bg], dim=1)
+
+
 def prior_logit(prior_prob: float) -> float:
     """Bias giving sigmoid probability ``prior_prob``: -log((1 - p) / p)."""
     return -math.log((1.0 - prior_prob) / prior_prob)

@@ -18,7 +18,7 @@ from typing import Dict, Tuple
 import torch
 from detectron2.config import configurable
 
-from .base import ClassificationLoss, empty_loss
+from .base import ClassificationLoss, empty_loss, sigmoid_probs_with_background
 from .priors import training_class_counts
 from .registry import CLS_LOSS_REGISTRY
 from .sigmoid import one_hot_bce
@@ -103,9 +103,7 @@ class ECMLoss(ClassificationLoss):
         return {"loss_cls": ecm_loss(logits, gt_classes, self.shift, self.weight)}
 
     def predict_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        probs = torch.sigmoid(logits.float())
-        bg = probs[:, -1:]
-        return torch.cat([probs[:, :-1] * (1 - bg), bg], dim=1)
+        return sigmoid_probs_with_background(logits)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fg_bg_ratio={self.fg_bg_ratio}"

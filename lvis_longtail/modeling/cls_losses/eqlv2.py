@@ -9,7 +9,13 @@ from typing import Dict, Tuple
 import torch
 from detectron2.config import configurable
 
-from .base import ClassificationLoss, all_reduce_sum, empty_loss, prior_logit
+from .base import (
+    ClassificationLoss,
+    all_reduce_sum,
+    empty_loss,
+    prior_logit,
+    sigmoid_probs_with_background,
+)
 from .registry import CLS_LOSS_REGISTRY
 from .sigmoid import one_hot_bce
 
@@ -149,9 +155,7 @@ class EQLv2(ClassificationLoss):
         return {"loss_cls": loss}
 
     def predict_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        probs = torch.sigmoid(logits.float())
-        bg = probs[:, -1:]
-        return torch.cat([probs[:, :-1] * (1 - bg), bg], dim=1)
+        return sigmoid_probs_with_background(logits)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, gamma={self.gamma}, mu={self.mu}, alpha={self.alpha}"

@@ -16,7 +16,7 @@ from detectron2.structures import Boxes, Instances
 from lvis_longtail.modeling.architecture import adjust_roi_heads, plain_pooler_cfg
 from lvis_longtail.modeling.fast_rcnn import LongTailFastRCNNOutputLayers
 from lvis_longtail.modeling.ignore_regions import IgnoreRegionsMixin
-from lvis_longtail.modeling.mask_head import LongTailMaskRCNNConvUpsampleHead
+from lvis_longtail.modeling.mask_head import LongTailMaskRCNNConvUpsampleHead  # noqa: F401
 from lvis_longtail.modeling.mask_levels import (
     AreaRatioROIPooler,
     pool_at_levels,
@@ -24,10 +24,11 @@ from lvis_longtail.modeling.mask_levels import (
     two_pass_pooled,
 )
 from lvis_longtail.modeling.mask_scoring import MaskIoUHead
-from lvis_longtail.modeling.mask_targets import build_mask_targets
+from lvis_longtail.modeling.mask_targets import build_mask_targets, has_mask_contract
 from lvis_longtail.modeling.roi_heads.context_head import fuse_context
 
-# detectron2 mask heads -> the same head with the mask-branch contract (same parameters).
+# detectron2 mask heads -> the same head with the mask-branch contract (same parameters;
+# importing mask_head registers them).
 CONTRACT_MASK_HEADS = {"MaskRCNNConvUpsampleHead": "LongTailMaskRCNNConvUpsampleHead"}
 
 
@@ -307,10 +308,10 @@ def _check_mask_options(head_cfg, mask_head, has_pooler: bool) -> None:
     are checked by lvis_longtail.config_check when the config is loaded)."""
     if head_cfg.TEST_CHUNK_SIZE < 0:
         raise ValueError(f"ROI_MASK_HEAD.TEST_CHUNK_SIZE must be >= 0: {head_cfg.TEST_CHUNK_SIZE}")
-    if not (has_pooler and isinstance(mask_head, LongTailMaskRCNNConvUpsampleHead)):
+    if not (has_pooler and has_mask_contract(mask_head)):
         raise ValueError(
             f"ROI_MASK_HEAD.NAME {head_cfg.NAME!r} with POOLER_TYPE {head_cfg.POOLER_TYPE!r}: "
             "lvis_longtail's ROI heads need a POOLER_TYPE and a mask head with the mask-branch "
-            "contract (MaskRCNNConvUpsampleHead, DiceBCEMaskHead or a subclass of "
-            "LongTailMaskRCNNConvUpsampleHead)"
+            "contract (MaskRCNNConvUpsampleHead, DiceBCEMaskHead or a head with the methods of "
+            "lvis_longtail.modeling.mask_targets.MaskHeadContract)"
         )
