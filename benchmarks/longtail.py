@@ -354,7 +354,6 @@ def parse_args(argv=None):
     p.add_argument("--pretrain-iters", type=int, help="shared pre-training (cpu: 1000; 0: none)")
     p.add_argument("--methods", nargs="+", help="rows or all (CPU: CPU_ROWS; GPU: all)")
     p.add_argument("--jobs", type=int, help="runs in parallel (cpu: 2)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per run (cpus // jobs)")
     p.add_argument("--repeat-threshold", type=float, default=0.13)
     p.add_argument("--output", help="runs folder (output/benchmarks/longtail_<mode>)")
     p.add_argument("--results", default=os.path.join(REPO, "benchmarks", "results"))
@@ -369,7 +368,7 @@ def parse_args(argv=None):
     args.seeds, args.iters = args.seeds or list(seeds), args.iters or iters
     args.jobs = args.jobs or jobs
     args.pretrain_iters = pre if args.pretrain_iters is None else args.pretrain_iters
-    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    args.threads = max(1, (os.cpu_count() or 1) // args.jobs)  # torch threads per run
     rows = lr.default_methods() if args.mode == "cuda" else lr.CPU_ROWS
     args.methods = list(lr.default_methods() if args.methods == ["all"] else args.methods or rows)
     out = os.path.join(REPO, "output", "benchmarks", f"longtail_{args.mode}")

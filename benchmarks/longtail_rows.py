@@ -116,9 +116,10 @@ METHODS: Tuple[Method, ...] = (
 # fmt: on
 
 
-def _notes(
-    path: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "longtail_rows.md"),
-):
+NOTES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "longtail_rows.md")
+
+
+def _notes(path: str = NOTES_FILE):
     """``longtail_rows.md``'s paragraph on how to read the rows, and each row's note."""
     with open(path, encoding="utf-8") as f:
         _, how, rows = f.read().split("\n## ")
@@ -144,9 +145,8 @@ def default_methods(methods: Sequence[Method] = METHODS) -> Tuple[str, ...]:
     return tuple(m.name for m in methods if not m.diagnostic)
 
 
-# The CPU and quick modes' default rows: what 3 seeds fit in the CPU mode's 60 minutes on 2
-# cores (results/longtail_calibration.md): the two references (SoftmaxCE without and with RFS)
-# and Seesaw.
+# The CPU and quick modes' rows: the two references (SoftmaxCE without and with RFS) and Seesaw,
+# what 3 seeds fit in the CPU mode's 60 minutes on 2 cores (results/longtail_calibration.md).
 CPU_ROWS: Tuple[str, ...] = ("softmax", "softmax_rfs", "seesaw")
 
 

@@ -1,17 +1,14 @@
-"""Paired statistics over seeds of per-class AP, and the markdown tables that show them (used by
-``longtail.py`` and ``self_training.py``).
-
-A run's result is its per-class AP ``{task: {category_id: AP in percent}}``, read from the
-evaluator's ``lvis_per_class.csv``. A group AP (``APr``, ``thin``, ...) is the mean per-class AP
-over the group's classes with a value, which is what lvis-api's APr/APc/APf are. Two rows are
-compared by their difference per seed: a 95 % Student-t interval over seeds, a seed x class
-bootstrap interval, and the seeds a ±1-point t interval would need at the observed spread.
-"""
+"""Paired statistics over seeds of per-class AP, and their markdown tables (``longtail.py``,
+``self_training.py``). A run's result is its per-class AP ``{task: {category_id: AP in %}}``
+(the evaluator's ``lvis_per_class.csv``); a group AP (``APr``, ``thin``, ...) is the mean over the
+group's classes with a value, as lvis-api's APr/APc/APf are. Two rows are compared by their
+difference per seed: 95 % t and seed x class bootstrap intervals, and the seeds a ±1-point t
+interval would need at the observed spread."""
 
 import functools
 import math
 import warnings
-from typing import Dict, Mapping, NamedTuple, Optional, Sequence
+from typing import Dict, Mapping, NamedTuple, Sequence
 
 import mpmath
 import numpy as np
@@ -61,24 +58,17 @@ def paired_t_ci(diffs: Sequence[float]) -> PairedCI:
 def seeds_needed(std: float, half_width: float, max_seeds: int = 100) -> int:
     """Smallest n >= 2 whose 95 % t interval ``t975(n-1) * std / sqrt(n)`` is within
     ``half_width``; ``max_seeds + 1`` when ``max_seeds`` are not enough (or std is nan)."""
-    if half_width <= 0:
-        raise ValueError(f"half_width must be > 0, got {half_width}")
     fits = (n for n in range(2, max_seeds + 1) if t975(n - 1) * std / math.sqrt(n) <= half_width)
     return next(fits, max_seeds + 1)
 
 
 def bootstrap_group_diff(method_ap, base_ap, num_samples: int = 2000, seed: int = 0):
-    """95 % percentile interval of a group-AP difference, resampling seeds and classes.
-
-    Each sample draws S seeds and C classes with replacement, the same draws for both rows (the
-    pairing is kept), and takes the mean of ``method_ap - base_ap`` over the drawn cells: it
-    adds the class-sampling noise of a small group (7 rare classes) to the seed noise.
-    ``method_ap``, ``base_ap``: per-class AP, (S seeds, C classes), NaN cells left out; the
-    interval is deterministic (``seed``). None with fewer than 2 seeds or 2 classes.
-    """
+    """95 % percentile interval of a group-AP difference of per-class AP arrays (S seeds, C
+    classes; NaN cells left out): each sample draws S seeds and C classes with replacement, the
+    same for both rows, and averages ``method_ap - base_ap`` over the drawn cells (the
+    class-sampling noise of a small group added to the seed noise). None below 2 seeds or 2
+    classes; deterministic (``seed``)."""
     diff = np.asarray(method_ap, dtype=np.float64) - np.asarray(base_ap, dtype=np.float64)
-    if diff.ndim != 2:
-        raise ValueError(f"per-class AP must be (seeds, classes), got shape {diff.shape}")
     s, c = diff.shape
     if s < 2 or c < 2 or np.isnan(diff).all():
         return None
@@ -151,12 +141,6 @@ def paired(method, reference, classes, key: str, bootstrap: int = 2000) -> dict:
     return {"ci": paired_t_ci(diffs), "boot": boot, "seeds": seeds}
 
 
-def fmt(value: Optional[float], signed: bool = False) -> str:
-    if value is None or math.isnan(value):
-        return "–"
-    return f"{value:+.1f}" if signed else f"{value:.1f}"
-
-
 def fmt_mean_std(values: Sequence[float]) -> str:
     v = np.asarray([x for x in values if not math.isnan(x)], dtype=np.float64)
     if v.size == 0:
@@ -169,7 +153,7 @@ def fmt_ci(result: dict) -> str:
     bootstrap interval."""
     ci = result["ci"]
     if ci.n < 2:
-        return fmt(ci.mean, signed=True)
+        return "–" if math.isnan(ci.mean) else f"{ci.mean:+.1f}"
     text = f"{ci.mean:+.1f} [{ci.low:+.1f}, {ci.high:+.1f}]" + ("*" if ci.excludes_zero else "")
     if result["boot"] is not None:
         text += " {{{:+.1f}, {:+.1f}}}".format(*result["boot"])

@@ -22,12 +22,9 @@ CLASSES = ps.class_info(CATEGORIES)
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 
 
-@pytest.mark.parametrize("df, q", [(1, 12.7062), (2, 4.3027), (9, 2.2622), (30, 2.0423)])
-def test_t975_matches_printed_tables(df, q):
-    assert ps.t975(df) == pytest.approx(q, abs=5e-5)
-
-
-def test_paired_t_ci_and_seeds_needed_by_hand():
+def test_t_quantile_interval_and_seeds_needed_by_hand():
+    printed = [12.7062, 4.3027, 2.2622, 2.0423]  # t_0.975 for df 1, 2, 9, 30 (printed tables)
+    assert [ps.t975(df) for df in (1, 2, 9, 30)] == pytest.approx(printed, abs=5e-5)
     ci = ps.paired_t_ci([1.0, 2.0, 3.0])  # mean 2, sd 1, half 4.302653 / sqrt(3) = 2.484138
     assert (ci.mean, ci.std, ci.n) == (2.0, 1.0, 3) and not ci.excludes_zero
     assert (ci.low, ci.high) == pytest.approx((2 - 2.484138, 2 + 2.484138), abs=1e-6)
@@ -38,8 +35,6 @@ def test_paired_t_ci_and_seeds_needed_by_hand():
     assert ps.seeds_needed(1.0, 1.0) == 7 and ps.seeds_needed(0.0, 1.0) == 2
     assert ps.seeds_needed(100.0, 1.0, max_seeds=50) == 51
     assert ps.seeds_needed(float("nan"), 1.0) == 101
-    with pytest.raises(ValueError, match="half_width"):
-        ps.seeds_needed(1.0, 0.0)
 
 
 def test_bootstrap_by_hand_and_deterministic():
@@ -53,9 +48,7 @@ def test_bootstrap_by_hand_and_deterministic():
     assert cells.min() < low < cells.mean() < high < cells.max()
     assert ps.bootstrap_group_diff(cells, 0 * cells) == (low, high)  # seeded: deterministic
     assert ps.bootstrap_group_diff(cells, 0 * cells, seed=1) != (low, high)
-    assert ps.bootstrap_group_diff(base[:1], base[:1]) is None
-    with pytest.raises(ValueError, match="seeds, classes"):
-        ps.bootstrap_group_diff(base[0], base[0])
+    assert ps.bootstrap_group_diff(base[:1], base[:1]) is None  # one seed: no interval
 
 
 def test_per_class_csv_metrics_and_errors(tmp_path):
@@ -128,45 +121,31 @@ def test_plan_commands(tmp_path):
         longtail.plan(_args(tmp_path, "--methods", "nope"))
 
 
-def _record(folder, run, init="w1", pc=None, s_per_iter=0.5):
-    return longtail.write_record(
-        str(folder), run, (0, 10.0, s_per_iter), init, pc or REF[0], CLASSES
-    )
+def _record(folder, run, pc=None, s_per_iter=0.5):
+    return longtail.write_record(str(folder), run, (0, 10.0, s_per_iter), pc or REF[0], CLASSES)
 
 
-def test_records_round_trip_and_reuse(tmp_path):
-    pre, runs = longtail.plan(_args(tmp_path, "--methods", "bags", "--seeds", "0"))
-    for run in runs:  # softmax, softmax_rfs, bags
-        _record(tmp_path, run)
-    _record(tmp_path, runs[0], pc={"bbox": {1: 5.0}}, s_per_iter=float("nan"))
-    records = longtail.read_records(str(tmp_path))
-    assert records["bags_seed0"]["per_class"] == REF[0]
-    softmax = records["softmax_seed0"]  # NaN numbers are written as null
-    assert softmax["s_per_iter"] is None and softmax["metrics"]["bbox/APr"] is None
-    keys = lambda init: [r.key for r in longtail.to_train(runs, records, init, False)]  # noqa: E731
-    assert keys(None) == [] and keys("w1") == []
-    records["softmax_seed0"]["overrides"] = ["SEED", "9"]
-    assert keys("w1") == ["softmax_seed0"]
-    # rows from another pre-trained checkpoint train again; bags (its base trains) too
-    assert keys("w2") == ["softmax_seed0", "softmax_rfs_seed0", "bags_seed0"]
-    del records["bags_seed0"]  # bags must train: its base's model is not here
-    assert keys(None) == ["softmax_seed0", "softmax_rfs_seed0", "bags_seed0"]
-    assert longtail.to_train(runs, {}, None, True) == runs
-
-
-def test_page_from_fixture_records(tmp_path):
-    args_list = ["--methods", "softmax_rfs"]
-    args = _args(tmp_path, *args_list)
-    for run in longtail.plan(args)[1]:  # softmax: REF, softmax_rfs: NEW, seeds 0-2
+def test_records_reuse_and_page(tmp_path):
+    args = _args(tmp_path, "--methods", "bags")
+    for run in longtail.plan(args)[1]:  # softmax: REF, softmax_rfs: NEW, bags; seeds 0-2
         _record(args.records, run, pc=(REF if run.name == "softmax" else NEW)[run.seed])
     longtail.write_json_atomic(CATEGORIES, os.path.join(args.records, "classes.json"))
-    _record(args.records, longtail.Run("softmax", 7, "x.yaml", [], ""))  # not planned
-    assert longtail.main(["--results", str(tmp_path), *args_list[:2], "--report-only"]) == 0
+    _record(args.records, longtail.Run("softmax", 7, "x.yaml", [], ""), s_per_iter=float("nan"))
+    records = longtail.read_records(args.records)
+    assert records["bags_seed2"]["per_class"] == NEW[2]  # category ids read back as int
+    assert records["softmax_seed7"]["s_per_iter"] is None  # NaN is written as null
+    assert longtail.main(["--results", str(tmp_path), "--methods", "bags", "--report-only"]) == 0
     text = (tmp_path / "longtail.md").read_text()
     assert "| SoftmaxCE + RFS | SoftmaxCE (no RFS) | +3.5 [+2.3, +4.7]* {" in text
     assert "| SoftmaxCE (no RFS) | 24.3 ± 1.0 | 16.0 ± 1.0 |" in text  # AP (40 + 10 + 20) / 3, ...
-    assert "starts from the checkpoint `w1`" in text
     assert "Records not shown (other overrides than this mode's): softmax_seed7." in text
+    runs = longtail.plan(_args(tmp_path, "--methods", "bags", "--seeds", "0"))[1]
+    keys = lambda: [r.key for r in longtail.to_train(runs, records, False)]  # noqa: E731
+    assert keys() == [] and longtail.to_train(runs, {}, True) == runs
+    records["softmax_seed0"]["overrides"] = ["SEED", "9"]
+    assert keys() == ["softmax_seed0"]
+    del records["bags_seed0"]  # bags must train, and its base too: its model is not here
+    assert keys() == ["softmax_seed0", "softmax_rfs_seed0", "bags_seed0"]
 
 
 @pytest.mark.parametrize("mode", ["", "_quick"])
@@ -200,7 +179,8 @@ def test_init_prefixes_name_layers_every_row_loads():
 
     kept = {k: v for k, v in shapes(longtail.PRETRAIN_CONFIG).items()
             if k.startswith(longtail.INIT_PREFIXES)}  # fmt: skip
-    assert all(any(k.startswith(p) for k in kept) for p in longtail.INIT_PREFIXES)
+    assert {p for p in longtail.INIT_PREFIXES for k in kept if k.startswith(p)} == set(
+        longtail.INIT_PREFIXES)  # fmt: skip
     assert not any("predictor" in k for k in kept)  # class-specific layers start fresh
     for config, fresh in sorted({(m.config, m.fresh) for m in METHODS if not m.base}):
         row = shapes(config)
