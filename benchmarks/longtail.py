@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Long-tail benchmark on the synthetic dataset: does each method really help rare classes?
 
-Every row of ``longtail_rows.py`` is trained per seed (a ``train_net.py`` subprocess) on the
-long-tailed split from a backbone + FPN pre-trained once on a class-balanced split, and evaluated
-on a 400-image val split; each run writes one record (config, overrides, seed, metrics,
-per-class AP, wall time) to ``results/longtail[_mode]/``, and the page is written from the
-records alone (a run with a record of the same config and overrides is not trained again)::
+Every row of ``longtail_rows.py`` is trained per seed (``train_net.py``) on a long-tailed split
+from a backbone + FPN pre-trained once on a balanced split, and evaluated on a 400-image val
+split; each run writes one record (config, overrides, seed, metrics, per-class AP, wall time) to
+``results/longtail[_mode]/`` (a run with such a record is not trained again), and the page is
+written from the records alone::
 
     python benchmarks/longtail.py                 # CPU: 3 rows x 3 seeds, 250 iterations
     python benchmarks/longtail.py --quick         # smoke run: the 3 rows, 1 seed, 60 iterations
@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -258,6 +259,16 @@ def prepare_data(args) -> list:
     return categories
 
 
+def page_prose(path: str = os.path.join(REPO, "benchmarks", "longtail_page.md")) -> tuple:
+    """``longtail_page.md``'s page template, its paragraph on how to read the rows, and
+    ``{row: note}``."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    how = re.search(r"## How to read the rows\n\n(.*?)\n\n", text, re.S).group(1)
+    notes = dict(re.findall(r"^- `(\w+)`: (.+)$", text, re.M))
+    return re.search(r"```markdown\n(.*?)\n```", text, re.S).group(1), how, notes
+
+
 def _mean(values) -> float:
     values = [v for v in values if v is not None and not math.isnan(v)]
     return sum(values) / len(values) if values else float("nan")
@@ -278,54 +289,34 @@ def write_page(args, records: dict, stale, categories) -> str:
                  if m.reference and (m.group == "mask") == mask]  # fmt: skip
         return ps.delta_table(pairs, per_class, classes, keys)
 
-    count = lambda key, value: sum(c.get(key) == value for c in categories)  # noqa: E731
     base = per_class.get(lr.BASELINE, {}).values()
     base_ap = _mean([ps.run_metrics(pc, classes)["bbox/AP"] for pc in base])
-    spi = _mean([r["s_per_iter"] for r in runs if table[r["row"]].kind == "train"])
     pre = records.get("pretrain_seed0")
-    longer = "".join(f"; {', '.join(m.name for m in shown if m.schedule == x)}: {x:g}× that"
-                     for x in sorted({m.schedule for m in shown} - {1.0}))  # fmt: skip
+    head, how_to_read, notes = page_prose()
     flag = {"quick": " --quick", "cuda": " --device cuda"}.get(args.mode, "")
-    lines = [
-        f"# Long-tail benchmark on the synthetic LVIS-format dataset ({args.mode} mode)", "",
-        f"`python benchmarks/longtail.py{flag}` trains every row and seed that has no record "
-        f"yet, writes one record per run to `longtail{sfx}/` (config, overrides, seed, metrics, "
-        "per-class AP, wall time) and this page from the records (`--report-only`: the page "
-        "alone).", "",
-        "Per-run wall time (training + evaluation): mean "
-        f"{_mean([r['wall_s'] for r in runs]):.0f} s over {len(runs)} runs; training {spi:.3f} "
-        "s/iter (median per run, mean over rows from the initialisation)"
-        + (f"; pre-training {pre['wall_s'] / 60:.1f} min." if pre else "."), "",
-        "- Data: `lvis_longtail.data.synthetic.generate` with "
-        + "; ".join(f"`{name}`: `{opts}`" for name, opts in DATASETS.items())
-        + f" — train 800 images (long tail, head/tail 500), val {DATASETS['lt_bench']['num_val']}"
-        f" images, {len(categories)} classes ({count('frequency', 'r')} rare, "
-        f"{count('frequency', 'c')} common, {count('frequency', 'f')} frequent; "
-        f"{count('thin', True)} thin/hollow, walls 1.5x the default).",
-        "- Initialisation: backbone + FPN and the mask head's convolutions and deconvolution of "
-        f"SoftmaxCE trained {args.pretrain_iters} iterations on the class-balanced pre-training "
-        "split (1600 images, another seed and class assignment), cached; the RPN, the box head "
-        f"and the class-specific mask predictor start fresh in every row."
-        if args.pretrain_iters else "- Initialisation: none (every row from scratch).",
-        f"- Schedule: {args.iters} iterations at batch 4 (warmup 10 %, LR steps at 70 % and 90 "
-        f"%), fine-tunes a third of that{longer}; `DATALOADER.REPEAT_THRESHOLD "
-        f"{args.repeat_threshold}` for RFS rows; `MODEL.DEVICE {args.device}`; seeds "
-        f"{', '.join(str(s) for s in sorted({r['seed'] for r in runs}))}.",
-        f"- Baseline level: SoftmaxCE (no RFS) bbox AP {base_ap:.1f} on val (target ≥ 30: "
-        f"{'met' if base_ap >= 30 else 'NOT met'}).",
-        "", "## Summary (mean ± std over seeds; AP in %)", "",
-        ps.summary_table([(m.name, m.label) for m in shown], per_class, classes, SUMMARY_KEYS),
-        "", "## Classification rows: paired differences to their reference", "",
-        deltas(False, CLS_KEYS), "", "## Mask rows: paired differences to their reference", "",
-        deltas(True, MASK_KEYS), "", lr.ROW_NOTES, "", "What each row shows, and cannot show:", "",
-        *(f"- *{m.label}*: {lr.NOTES[m.name]}" for m in shown if m.name in lr.NOTES),
-        "", "## Runs", "", f"{len(runs)} runs shown, from their records in `longtail{sfx}/`."
-        + (f" Records not shown (other overrides than this mode's): {', '.join(stale)}."
-           if stale else ""),
-    ]  # fmt: skip
-    notes = os.path.join(args.results, f"longtail{sfx}_notes.md")
-    if os.path.isfile(notes):
-        with open(notes) as f:
+    fields = dict(mode=args.mode, sfx=sfx, flag=flag, wall=_mean([r["wall_s"] for r in runs]),
+        runs=len(runs), iters=args.iters,
+        spi=_mean([r["s_per_iter"] for r in runs if not table[r["row"]].base]),
+        pre=f"; pre-training {pre['wall_s'] / 60:.1f} min." if pre else ".",
+        datasets="; ".join(f"`{name}`: `{opts}`" for name, opts in DATASETS.items()),
+        val=DATASETS["lt_bench"]["num_val"], classes=len(categories),
+        thin=sum(c.get("thin") is True for c in categories), threshold=args.repeat_threshold,
+        longer="".join(f"; {', '.join(m.name for m in shown if m.schedule == x)}: {x:g}× that"
+                       for x in sorted({m.schedule for m in shown} - {1.0})),
+        device=args.device, seeds=", ".join(str(s) for s in sorted({r["seed"] for r in runs})),
+        base_ap=base_ap, met="met" if base_ap >= 30 else "NOT met", pretrain=args.pretrain_iters,
+        **{k: sum(c.get("frequency") == k for c in categories) for k in "rcf"})  # fmt: skip
+    none = "- Initialisation: none (every row from scratch)."
+    head = head if args.pretrain_iters else re.sub("^- Initialisation: .*$", none, head, flags=re.M)
+    stale = ", ".join(stale)
+    stale = stale and f" Records not shown (other overrides than this mode's): {stale}."
+    summary = ps.summary_table([(m.name, m.label) for m in shown], per_class, classes, SUMMARY_KEYS)
+    notes = "\n".join(f"- *{m.label}*: {notes[m.name]}" for m in shown if m.name in notes)
+    tables = dict(summary=summary, cls=deltas(False, CLS_KEYS), mask=deltas(True, MASK_KEYS))
+    lines = [head.format(**fields, **tables, how_to_read=how_to_read, stale=stale, notes=notes)]
+    interpretation = os.path.join(args.results, f"longtail{sfx}_notes.md")
+    if os.path.isfile(interpretation):
+        with open(interpretation) as f:
             lines += ["", "## Interpretation", "", f.read()]
     path = os.path.join(args.results, f"longtail{sfx}.md")
     with atomic_write(path) as f:

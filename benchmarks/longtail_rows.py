@@ -1,19 +1,14 @@
 """The rows of the long-tail benchmark (``longtail.py``): one :class:`Method` per line of
-:data:`METHODS`, and a line of ``longtail_rows.md`` saying what its paired difference shows.
+:data:`METHODS` (and a line of ``longtail_page.md`` saying what its paired difference shows).
 
-A row trains its config (under ``configs/``, with ``KEY VALUE`` overrides) from the shared
-pre-trained initialisation, or ``schedule`` x the mode's iterations of it (the augmentation
-recipes only pay off after several epochs). With a ``base`` row it instead fine-tunes that row's
-model of the same seed (``length`` x the schedule), or with ``eval_only`` only evaluates it with
-its own overrides (test-time methods). ``rfs``: repeat-factor sampling (``--repeat-threshold``);
-False selects detectron2's ``TrainingSampler`` unless ``opts`` set a sampler. ``group``: the
-page's table ("cls", "mask" or "test"). ``diagnostic``: run only when named. ``fresh``: prefixes
-of the initialisation the row's model lacks (another neck), which start from scratch. A row is
-compared with its ``reference``: its base, else SoftmaxCE with the same sampler.
+A row trains its config (``configs/``, with ``KEY VALUE`` overrides) from the shared
+initialisation for ``schedule`` x the mode's iterations, or fine-tunes its ``base`` row's model
+of the same seed for ``length`` x them, or (``eval_only``) evaluates that model with its own
+overrides. ``rfs``: repeat-factor sampling, else detectron2's ``TrainingSampler`` unless ``opts``
+set one. ``group``: the page's table. ``diagnostic``: run only when named. ``fresh``: prefixes of
+the initialisation its model lacks. ``reference``: its base, else SoftmaxCE with its sampler.
 """
 
-import os
-import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -50,10 +45,6 @@ class Method:
     def reference(self) -> Optional[str]:
         default = self.base or ("softmax_rfs" if self.rfs else BASELINE)
         return self.ref or (None if default == self.name else default)
-
-    @property
-    def kind(self) -> str:
-        return "eval" if self.eval_only else ("finetune" if self.base else "train")
 
 
 def _tiny(leaf: str) -> str:
@@ -114,19 +105,6 @@ METHODS: Tuple[Method, ...] = (
            base="softmax_rfs", length=1.0, diagnostic=True),
 )
 # fmt: on
-
-
-NOTES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "longtail_rows.md")
-
-
-def _notes(path: str = NOTES_FILE):
-    """``longtail_rows.md``'s paragraph on how to read the rows, and each row's note."""
-    with open(path, encoding="utf-8") as f:
-        _, how, rows = f.read().split("\n## ")
-    return how.split("\n\n", 1)[1].strip(), dict(re.findall(r"^- `(\w+)`: (.+)$", rows, re.M))
-
-
-ROW_NOTES, NOTES = _notes()
 
 
 def methods_by_name(methods: Sequence[Method] = METHODS) -> dict:

@@ -16,15 +16,14 @@ import numpy as np
 from lvis_longtail.utils.per_class_csv import read_per_class_csv
 
 TASKS = ("bbox", "segm")
-GROUPS = ("r", "c", "f")
 SUBSETS = ("AP", "APr", "APc", "APf", "thin", "filled")
 PerClass = Dict[str, Dict[int, float]]  # {task: {category_id: AP in percent}} of one run
 
 
 @functools.cache
 def t975(df: int) -> float:
-    """The two-sided 95 % Student-t quantile: the t whose tail probability on both sides,
-    the regularised incomplete beta ``I_{df / (df + t^2)}(df / 2, 1 / 2)``, is 0.05."""
+    """The two-sided 95 % Student-t quantile: the t whose two tails, the regularised
+    incomplete beta ``I_{df / (df + t^2)}(df / 2, 1 / 2)``, hold 5 %."""
     tails = lambda t: mpmath.betainc(df / 2, 0.5, 0, df / (df + t * t), regularized=True)  # noqa: E731
     return float(mpmath.findroot(lambda t: tails(t) - 0.05, (1.9, 13), solver="anderson"))
 
