@@ -145,8 +145,7 @@ def command(run: Run, args, pre: Optional[Run]) -> List[str]:
     return cmd
 
 
-def matches(rec: Optional[dict], run: Run) -> bool:
-    """Whether a record holds ``run`` (the same config and overrides)."""
+def matches(rec: Optional[dict], run: Run) -> bool:  # a record of run's config and overrides
     return rec is not None and (rec["config"], rec["overrides"]) == (run.config, run.overrides)
 
 
@@ -221,8 +220,7 @@ def pretrain(pre: Run, args, records: dict) -> None:
 
 
 def execute(todo: List[Run], args, pre, records: dict, classes) -> None:
-    """Train ``todo``, ``args.jobs`` at a time: the rows from the initialisation, then the runs
-    that start from them (skipped when their base failed); record each finished run."""
+    """Train and record ``todo``, ``args.jobs`` at a time, the runs from a base after it."""
     failed = set()
 
     def one(run: Run) -> None:
@@ -260,8 +258,7 @@ def prepare_data(args) -> list:
 
 
 def page_prose(path: str = os.path.join(REPO, "benchmarks", "longtail_page.md")) -> tuple:
-    """``longtail_page.md``'s page template, its paragraph on how to read the rows, and
-    ``{row: note}``."""
+    """``longtail_page.md``'s page template, how to read the rows, and ``{row: note}``."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
     how = re.search(r"## How to read the rows\n\n(.*?)\n\n", text, re.S).group(1)
@@ -328,8 +325,8 @@ def report(args, records: dict) -> str:
     """Write the page from the records of this mode's plan for their row and seed."""
     names = [r["row"] for r in records.values() if r["row"] in lr.methods_by_name()]
     seeds = sorted(set(args.seeds) | {r["seed"] for r in records.values()})
-    pre, runs = plan(argparse.Namespace(**{**vars(args), "methods": args.methods + names,
-                                           "seeds": seeds}))  # fmt: skip
+    full = argparse.Namespace(**dict(vars(args), methods=args.methods + names, seeds=seeds))
+    pre, runs = plan(full)
     planned = {r.key: r for r in runs + ([pre] if pre else [])}
     shown = {k: r for k, r in records.items() if k in planned and matches(r, planned[k])}
     categories = read_json(os.path.join(args.records, "classes.json"), what="val categories")
@@ -381,8 +378,7 @@ def main(argv=None) -> int:
         if args.dry_run:
             for run, init_run in [(pre, None)] * needs_pre + [(r, pre) for r in todo]:
                 print(f"{run.key}: {shlex.join(command(run, args, init_run))}")
-            print(f"{len(todo)} of {len(runs)} runs to train (all if the pre-training trains: "
-                  f"other weights); records: {args.records}")  # fmt: skip
+            print(f"{len(todo)} of {len(runs)} runs to train; records: {args.records}")
             return 0
         if todo:
             categories = prepare_data(args)

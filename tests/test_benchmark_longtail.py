@@ -51,7 +51,7 @@ def test_bootstrap_by_hand_and_deterministic():
     assert ps.bootstrap_group_diff(base[:1], base[:1]) is None  # one seed: no interval
 
 
-def test_per_class_csv_metrics_and_errors(tmp_path):
+def test_per_class_csv_and_group_metrics(tmp_path):
     csv = tmp_path / "pc.csv"
     csv.write_text("category_id,name,frequency,bbox_AP,segm_AP\n1,a,f,40,30\n2,b,r,10,0\n"
                    "3,c,r,20,6\n4,d,c,,\n")  # fmt: skip
@@ -60,8 +60,6 @@ def test_per_class_csv_metrics_and_errors(tmp_path):
     m = ps.run_metrics(pc, CLASSES)
     assert m["bbox/AP"] == pytest.approx(70 / 3) and m["bbox/APr"] == 15.0
     assert math.isnan(m["bbox/APc"]) and (m["segm/thin"], m["segm/filled"]) == (0.0, 18.0)
-    csv.write_text("category_id,frequency,bbox_AP\n1,f,30\n2,r,high\n")
-    pytest.raises(ValueError, ps.read_per_class, str(csv)).match(r"pc.csv: line 3: bbox_AP 'high'")
 
 
 def _pc(ap1, ap2, ap3):
