@@ -40,7 +40,8 @@ import sys
 import tempfile
 import time
 
-from eval_speed import child_main, generate, max_diff, run_child
+from eval_speed import child, generate, max_diff
+from timing import run_child
 
 
 def _child_fast(gt_path, results_path, task):
@@ -107,7 +108,7 @@ CHILDREN = {"fast": _child_fast, "reference": _child_reference, "steps": _child_
 
 
 def _run(name, *args):
-    out, rss = run_child(name, *args, script=__file__)
+    out, rss = run_child(__file__, "--child", name, *args)
     print(
         f"  {name:9s} {args[-1] if name == 'fast' else 'reference':13s} {out['seconds']:7.1f} s "
         f"(CPU {out['cpu_seconds']:.1f} s)  peak RSS {rss:6.0f} MiB (+{out['growth_mib']:.0f} "
@@ -148,7 +149,7 @@ def main(argv=None):
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        return child_main(args.child[0], args.child[1:], CHILDREN)
+        return child(CHILDREN, args.child)
     workdir = args.workdir or tempfile.mkdtemp(prefix="lvis_boundary_speed_")
     rows = []
     gt, results = _generate(os.path.join(workdir, "full"), args.images, args.seed)
@@ -159,7 +160,7 @@ def main(argv=None):
     rows.append(_row("segm (fast)", args.images, *segm))
     rows.append(_row("boundary (fast)", args.images, *boundary, f"{ratio:.2f}x segm"))
     rows.append(_row("boundary, challenge2021 (fast)", args.images, *challenge))
-    out, _ = run_child("steps", gt, results, args.repeats, script=__file__)
+    out, _ = run_child(__file__, "--child", "steps", gt, results, args.repeats)
     steps = out["result"]
     for task, (wall, cpu) in steps.items():
         print(f"  step      {task:13s} {wall:7.1f} s (CPU {cpu:.1f} s), median of {args.repeats}")

@@ -41,53 +41,34 @@ import lvis_longtail  # noqa: F401  (first: compat layer incl. lvis-api's np.flo
 import argparse
 import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
+import lvis_generator as gen
 import numpy as np
-from lvis_generator import IMAGE_SIZES, NUM_CATEGORIES, category_weights, frequencies
+from lvis_generator import IMAGE_SIZES, NUM_CATEGORIES
 from pycocotools import mask as mask_utils
+from timing import child_main, run_child
 
 DETS_PER_IMAGE = 300
 POOL_PER_SIZE = 3000
 
 
-def _polygon(rng, x, y, w, h, n=10):
-    a = np.sort(rng.uniform(0, 2 * np.pi, n))
-    r = rng.uniform(0.65, 1.0, n)
-    px = np.clip(x + w / 2 + r * np.cos(a) * w / 2, x, x + w)
-    py = np.clip(y + h / 2 + r * np.sin(a) * h / 2, y, y + h)
-    return np.round(np.stack([px, py], 1).ravel(), 2).tolist()
+def _polygon(rng, x, y, w, h):
+    return gen.polygon(rng, x, y, w, h, n=10, r_min=0.65)
 
 
 def _box(rng, height, width):
-    side = float(np.exp(rng.uniform(np.log(8), np.log(300))))
-    w = float(np.clip(side * rng.uniform(0.6, 1.4), 4, width - 2))
-    h = float(np.clip(side * rng.uniform(0.6, 1.4), 4, height - 2))
-    return [
-        round(float(rng.uniform(0, width - w)), 2),
-        round(float(rng.uniform(0, height - h)), 2),
-        round(w, 2),
-        round(h, 2),
-    ]
-
-
-def _rle(polygon, height, width):
-    rle = mask_utils.merge(mask_utils.frPyObjects([polygon], height, width))
-    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+    return gen.random_box(rng, height, width, sides=(8, 300), spread=0.4, min_side=4)
 
 
 def _categories(rng):
-    freq = frequencies()
-    cats = [
-        {"id": k + 1, "name": f"cat_{k + 1}", "synset": f"cat_{k + 1}.n.01", "frequency": f}
-        for k, f in enumerate(freq)
-    ]
-    return cats, category_weights(rng, freq)
+    freq = gen.frequencies()
+    cats = [{"id": k + 1, "name": f"cat_{k + 1}", "synset": f"cat_{k + 1}.n.01", "frequency": f}
+            for k, f in enumerate(freq)]  # fmt: skip
+    return cats, gen.category_weights(rng, freq)
 
 
 def _mask_pool(rng):
@@ -95,7 +76,7 @@ def _mask_pool(rng):
     pool = {}
     for h, w in IMAGE_SIZES:
         boxes = [_box(rng, h, w) for _ in range(POOL_PER_SIZE)]
-        rles = [_rle(_polygon(rng, *b), h, w) for b in boxes]
+        rles = [gen.polygon_rle(_polygon(rng, *b), h, w) for b in boxes]
         pool[(h, w)] = (boxes, rles)
     return pool
 
@@ -112,32 +93,18 @@ def generate(num_images, seed, gt_path, results_path):
         positives = np.unique(rng.choice(NUM_CATEGORIES, 1 + rng.poisson(2.5), p=weight))
         negatives = np.setdiff1d(rng.choice(NUM_CATEGORIES, 1 + rng.poisson(6)), positives)
         not_exhaustive = [int(positives[0]) + 1] if rng.random() < 0.15 else []
-        images.append(
-            {
-                "id": image_id,
-                "height": h,
-                "width": w,
-                "coco_url": f"http://images.cocodataset.org/val2017/{image_id:012d}.jpg",
-                "neg_category_ids": (negatives + 1).tolist(),
-                "not_exhaustive_category_ids": not_exhaustive,
-            }
-        )
+        url = f"http://images.cocodataset.org/val2017/{image_id:012d}.jpg"
+        images.append(dict(id=image_id, height=h, width=w, coco_url=url,
+                           neg_category_ids=(negatives + 1).tolist(),
+                           not_exhaustive_category_ids=not_exhaustive))  # fmt: skip
         dets = []
         for k in positives.tolist():
             for _ in range(1 + min(rng.geometric(0.35) - 1, 12)):
                 box = _box(rng, h, w)
                 poly = _polygon(rng, *box)
-                rle = mask_utils.merge(mask_utils.frPyObjects([poly], h, w))
-                anns.append(
-                    {
-                        "id": len(anns) + 1,
-                        "image_id": image_id,
-                        "category_id": k + 1,
-                        "bbox": box,
-                        "area": float(mask_utils.area(rle)),
-                        "segmentation": [poly],
-                    }
-                )
+                area = float(mask_utils.area(mask_utils.frPyObjects([poly], h, w))[0])
+                anns.append(dict(id=len(anns) + 1, image_id=image_id, category_id=k + 1, bbox=box,
+                                 area=area, segmentation=[poly]))  # fmt: skip
                 for _ in range(int(rng.integers(0, 4))):  # found 0-3 times, maybe misclassified
                     cat = k + 1 if rng.random() < 0.8 else int(rng.choice(positives)) + 1
                     dets.append(_jittered(rng, box, poly, h, w, cat))
@@ -149,28 +116,13 @@ def generate(num_images, seed, gt_path, results_path):
         u = rng.random(DETS_PER_IMAGE)
         bg_cats = np.where(u < 0.2, rng.choice(positives, DETS_PER_IMAGE), bg_cats)
         if len(negatives):
-            bg_cats = np.where(
-                (u >= 0.2) & (u < 0.3), rng.choice(negatives, DETS_PER_IMAGE), bg_cats
-            )
+            neg = (u >= 0.2) & (u < 0.3)
+            bg_cats = np.where(neg, rng.choice(negatives, DETS_PER_IMAGE), bg_cats)
         for cat in bg_cats[: DETS_PER_IMAGE - len(dets)].tolist():
             dets.append(_pooled(rng, pool, h, w, cat + 1))
-        for cat, score, box, segm in dets[:DETS_PER_IMAGE]:
-            results.append(
-                {
-                    "image_id": image_id,
-                    "category_id": cat,
-                    "score": score,
-                    "bbox": box,
-                    "segmentation": segm,
-                }
-            )
-    dataset = {
-        "info": {},
-        "licenses": [],
-        "images": images,
-        "categories": cats,
-        "annotations": anns,
-    }
+        results += [dict(image_id=image_id, category_id=c, score=s, bbox=b, segmentation=m)
+                    for c, s, b, m in dets[:DETS_PER_IMAGE]]  # fmt: skip
+    dataset = dict(info={}, licenses=[], images=images, categories=cats, annotations=anns)
     for path, obj in ((gt_path, dataset), (results_path, results)):
         with open(path, "w") as f:
             json.dump(obj, f, separators=(",", ":"))
@@ -178,18 +130,14 @@ def generate(num_images, seed, gt_path, results_path):
 
 
 def _jittered(rng, box, poly, h, w, cat):
-    x, y, bw, bh = box
-    j = rng.normal(0, 0.1, 4) * [bw, bh, bw, bh]
-    nw, nh = max(bw + j[2], 2.0), max(bh + j[3], 2.0)
-    nx, ny = float(np.clip(x + j[0], 0, w - nw)), float(np.clip(y + j[1], 0, h - nh))
-    p = (np.asarray(poly).reshape(-1, 2) - [x, y]) * [nw / bw, nh / bh] + [nx, ny]
-    new_box = [round(nx, 2), round(ny, 2), round(nw, 2), round(nh, 2)]
+    new_box = gen.jittered(rng, box, h, w, 0.1)
+    score = round(float(rng.uniform(0.2, 1.0)), 4)
     return (
         cat,
-        round(float(rng.uniform(0.2, 1.0)), 4),
-        new_box,
-        _rle(np.round(p.ravel(), 2).tolist(), h, w),
-    )
+        score,
+        [round(v, 2) for v in new_box],
+        gen.polygon_rle(gen.moved(poly, box, new_box), h, w),
+    )  # noqa: E501
 
 
 def _pooled(rng, pool, h, w, cat, high=0.5):
@@ -253,30 +201,15 @@ def _image_records(rng, pool, image_id, h, w):
     picks = rng.integers(len(boxes), size=DETS_PER_IMAGE).tolist()
     cats = (rng.integers(NUM_CATEGORIES, size=DETS_PER_IMAGE) + 1).tolist()
     scores = rng.uniform(0, 1, DETS_PER_IMAGE).tolist()
-    return [
-        {
-            "image_id": image_id,
-            "category_id": c,
-            "score": s,
-            "bbox": boxes[j],
-            "segmentation": rles[j],
-        }
-        for j, c, s in zip(picks, cats, scores)
-    ]
+    return [dict(image_id=image_id, category_id=c, score=s, bbox=boxes[j], segmentation=rles[j])
+            for j, c, s in zip(picks, cats, scores)]  # fmt: skip
 
 
 def _child_export(mode, num_images, workdir):
     """Push ``num_images`` images of 300 records through the store (``streamed``) or a list
-    (``in_memory``: what the evaluator did before) and write the validated results file."""
-    from lvis_longtail.evaluation import (
-        DetectionShard,
-        EvalProtocol,
-        read_shards,
-        records_for_export,
-        validate_lvis_results,
-        write_json_atomic,
-        write_results_file,
-    )
+    (``in_memory``: the records and their exported copies held, as detectron2's evaluators do)
+    and write the validated results file."""
+    import lvis_longtail.evaluation as E
     from lvis_longtail.evaluation.results import SplitIndex
 
     rng = np.random.default_rng(0)
@@ -289,20 +222,20 @@ def _child_export(mode, num_images, workdir):
     out = os.path.join(workdir, f"export_{mode}_{num_images}.json")
     shard = os.path.join(workdir, f"export_{num_images}.shard")
     if mode == "streamed":
-        with DetectionShard(shard) as store:
+        with E.DetectionShard(shard) as store:
             for i, (h, w) in enumerate(sizes):
                 store.add(i + 1, _image_records(rng, pool, i + 1, h, w))
-        table, _ = read_shards([shard])
-        selected = EvalProtocol().apply(table, "file")
-        summary = write_results_file(selected, out, SplitIndex(split))
+        table, _ = E.read_shards([shard])
+        selected = E.EvalProtocol().apply(table, "file")
+        summary = E.write_results_file(selected, out, SplitIndex(split))
         os.remove(shard)
     else:
         records = []
         for i, (h, w) in enumerate(sizes):
             records.extend(_image_records(rng, pool, i + 1, h, w))
-        exported = records_for_export(records, 300)
-        summary = validate_lvis_results(exported, split, 300)
-        write_json_atomic(exported, out)
+        exported = [dict(r) for r in records]  # 300 per image already, the file's fields
+        summary = E.validate_lvis_results(exported, split, 300)
+        E.write_json_atomic(exported, out)
     os.remove(out)
     return {"num_detections": summary["num_detections"]}
 
@@ -320,11 +253,9 @@ def _child_pseudo_label(num_images, workdir):
     n, g = 100, torch.Generator().manual_seed(0)
     records = [{"image_id": i + 1, "height": 480, "width": 640, "file_name": f"{i + 1}.jpg"}
                for i in range(int(num_images))]  # fmt: skip
-    meta = Metadata(
-        thing_classes=[f"c{k}" for k in range(NUM_CATEGORIES)],
-        thing_dataset_id_to_contiguous_id={k + 1: k for k in range(NUM_CATEGORIES)},
-        class_frequency=["rcf"[k % 3] for k in range(NUM_CATEGORIES)],
-    )
+    meta = Metadata(thing_classes=[f"c{k}" for k in range(NUM_CATEGORIES)],
+                    thing_dataset_id_to_contiguous_id={k + 1: k for k in range(NUM_CATEGORIES)},
+                    class_frequency=["rcf"[k % 3] for k in range(NUM_CATEGORIES)])  # fmt: skip
 
     def make():
         inst = Instances((480, 640))
@@ -361,74 +292,15 @@ CHILDREN = {
 }
 
 
-def run_child(name, *args, script=__file__):
-    """Run ``script --child name args`` in a fresh process (``script``: this file, or another
-    benchmark whose ``--child`` calls :func:`child_main` with its own children).
-
-    Returns:
-        (child's json: result, seconds, baseline_mib, growth_mib; peak RSS MiB of the whole
-        child from ``os.wait4``, imports included)."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = f.name
-    cmd = [sys.executable, os.path.abspath(script), "--child", name, *map(str, args), out]
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise RuntimeError(f"child {name} {args} failed with status {status}")
-    with open(out) as f:
-        result = json.load(f)
-    os.remove(out)
-    return result, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
-
-
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _cpu_seconds() -> float:
-    """CPU seconds of this process and of its finished children (e.g. a worker pool)."""
-    own, done = (
-        resource.getrusage(resource.RUSAGE_SELF),
-        resource.getrusage(resource.RUSAGE_CHILDREN),
-    )
-    return own.ru_utime + own.ru_stime + done.ru_utime + done.ru_stime
-
-
-def child_main(name, args, children=None):
-    """Imports first (the same for every child), then the timed run of ``children[name]``
-    (default: this file's). ``growth_mib``: the peak RSS during the run above the RSS after
-    the imports (VmHWM reset via clear_refs)."""
+def child(children, argv):
+    """A ``--child NAME ARGS... OUT`` process (:func:`timing.run_child`): the evaluators'
+    imports first, the same in every child, then the timed call of ``children[NAME]``."""
     import faster_coco_eval  # noqa: F401
     import lvis  # noqa: F401
 
     import lvis_longtail.evaluation  # noqa: F401
 
-    out = args[-1]
-    baseline = _status_kib("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak (VmHWM) to the current RSS
-    except OSError:
-        pass
-    start, cpu = time.perf_counter(), _cpu_seconds()
-    result = (children or CHILDREN)[name](*args[:-1])
-    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
-    growth = (_status_kib("VmHWM") - baseline) / 1024
-    with open(out, "w") as f:
-        json.dump(
-            {
-                "result": result,
-                "seconds": seconds,
-                "cpu_seconds": cpu,
-                "baseline_mib": baseline / 1024,
-                "growth_mib": growth,
-            },
-            f,
-        )
+    child_main(children[argv[0]], argv[1:-1], argv[-1])
 
 
 def _percent(v):
@@ -441,12 +313,9 @@ def max_diff(a, b):
 
 
 def print_table(rows):
-    print()
-    print(
-        "| task | evaluator | time (s) | lvis-api time / its time | peak RSS (MiB) "
-        "| peak above post-import RSS (MiB) | max abs metric diff vs lvis-api (AP points) |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("\n| task | evaluator | time (s) | lvis-api time / its time | peak RSS (MiB) | peak "
+          "above post-import RSS (MiB) | max abs metric diff vs lvis-api (AP points) |\n"
+          "|---|---|---:|---:|---:|---:|---:|")  # fmt: skip
     for task, runs in rows:
         ref = runs.get("lvis_api")
         for name, (out, rss) in runs.items():
@@ -472,7 +341,7 @@ def main(argv=None):
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        return child_main(args.child[0], args.child[1:])
+        return child(CHILDREN, args.child)
     num_images = 500 if args.quick else args.images
     workdir = args.workdir or tempfile.mkdtemp(prefix="lvis_eval_speed_")
     os.makedirs(workdir, exist_ok=True)
@@ -491,7 +360,7 @@ def main(argv=None):
         for name in ("lvis_api", "fce", "fast"):
             if name in args.skip:
                 continue
-            out, rss = run_child(name, gt_path, results_path, task)
+            out, rss = run_child(__file__, "--child", name, gt_path, results_path, task)
             runs[name] = (out, rss)
             print(
                 f"  {task:4s} {name:8s} {out['seconds']:7.1f} s  peak RSS {rss:7.0f} MiB "
@@ -501,27 +370,21 @@ def main(argv=None):
         rows.append((task, runs))
     print_table(rows)
     export_images = args.export_images or ([250, 500, 1000] if args.quick else [1000, 2000, 4000])
-    print()
-    print(
-        "| export | images | detections | time (s) | peak RSS (MiB) "
-        "| peak above post-import (MiB) |"
-    )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\n| export | images | detections | time (s) | peak RSS (MiB) | peak above post-import "
+          "(MiB) |\n|---|---:|---:|---:|---:|---:|")  # fmt: skip
     for mode in ("in_memory", "streamed"):
         for n in export_images:
-            out, rss = run_child("export", mode, n, workdir)
+            out, rss = run_child(__file__, "--child", "export", mode, n, workdir)
             dets = out["result"]["num_detections"]
             print(
                 f"| {mode} | {n:,} | {dets:,} | {out['seconds']:.1f} | {rss:.0f} "
                 f"| {out['growth_mib']:.0f} |",
                 flush=True,
             )
-    print()
-    print("| pseudo_label | images | pseudo labels | time (s) | peak RSS (MiB) "
-          "| peak above post-import (MiB) |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\n| pseudo_label | images | pseudo labels | time (s) | peak RSS (MiB) | peak above "
+          "post-import (MiB) |\n|---|---:|---:|---:|---:|---:|")  # fmt: skip
     for n in args.pseudo_label_images or ([100, 200, 400] if args.quick else [500, 1000, 2000]):
-        out, rss = run_child("pseudo_label", n, workdir)
+        out, rss = run_child(__file__, "--child", "pseudo_label", n, workdir)
         print(
             f"| streamed | {n:,} | {out['result']['pseudo_labels']:,} | {out['seconds']:.1f} "
             f"| {rss:.0f} | {out['growth_mib']:.0f} |",

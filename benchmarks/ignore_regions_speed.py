@@ -23,8 +23,9 @@ import lvis_longtail  # noqa: F401  (first: compat layer for detectron2 0.6)
 # isort: on
 import torch
 from detectron2.modeling import build_model
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
+from synthetic_batch import make_batch
 
 from lvis_longtail.engine import setup_cfg
 
@@ -37,24 +38,6 @@ def random_boxes(g: torch.Generator, n: int, h: int, w: int) -> torch.Tensor:
     xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
     wh = 8 + torch.rand(n, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3])
     return torch.cat([xy, xy + wh], dim=1)
-
-
-def make_batch(batch: int, size: int, num_classes: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(batch):
-        n = int(torch.randint(1, 5, (1,), generator=g))
-        boxes = random_boxes(g, n, size, size)
-        masks = torch.zeros(n, size, size, dtype=torch.bool)
-        for i, (a, b, c, d) in enumerate(boxes.round().int().tolist()):
-            masks[i, b:d, a:c] = True
-        inst = Instances((size, size))
-        inst.gt_boxes = Boxes(boxes)
-        inst.gt_classes = torch.randint(0, num_classes, (n,), generator=g)
-        inst.gt_masks = BitMasks(masks)
-        image = torch.randint(0, 256, (3, size, size), generator=g).float()
-        out.append({"image": image, "instances": inst, "height": size, "width": size})
-    return out
 
 
 def main() -> None:
@@ -77,7 +60,8 @@ def main() -> None:
     model = build_model(cfg)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-    plain = make_batch(args.batch, args.size, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    num_classes, size = cfg.MODEL.ROI_HEADS.NUM_CLASSES, (args.size, args.size)
+    plain = make_batch(args.batch, num_classes, size, max_instances=4, boxes=random_boxes)
     g = torch.Generator().manual_seed(1)
     ignored = [
         {**x, "ignore_boxes": Boxes(random_boxes(g, args.ignore, args.size, args.size))}

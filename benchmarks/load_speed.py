@@ -26,15 +26,14 @@ import lvis_longtail  # noqa: F401  (first: compat layer)
 
 # isort: on
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 from lvis_generator import NUM_ANNOTATIONS, NUM_IMAGES, write_lvis_json
+from timing import child_main, run_child
 
 
 def _child_detectron2(path):
@@ -52,31 +51,12 @@ def _child_lvis_longtail(path):
 CHILDREN = {"detectron2": _child_detectron2, "lvis_longtail": _child_lvis_longtail}
 
 
-def child_main(name, path, out):
+def child(name, path, out):
     import detectron2.data.datasets.lvis  # noqa: F401  (the same imports for both)
 
     import lvis_longtail.data.lvis_format  # noqa: F401
 
-    start, cpu = time.perf_counter(), time.process_time()
-    n = CHILDREN[name](path)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    with open(out, "w") as f:
-        json.dump({"seconds": seconds, "cpu_seconds": cpu, "num_dicts": n}, f)
-
-
-def run_child(name, path):
-    """(wall seconds, CPU seconds, peak RSS MiB of the whole child, #dicts)."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = f.name
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, path, out]
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise RuntimeError(f"child {name} failed with status {status}")
-    with open(out) as f:
-        result = json.load(f)
-    os.remove(out)
-    return result["seconds"], result["cpu_seconds"], usage.ru_maxrss / 1024, result["num_dicts"]
+    child_main(CHILDREN[name], [path], out)
 
 
 def main(argv=None):
@@ -88,7 +68,7 @@ def main(argv=None):
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        return child_main(*args.child)
+        return child(*args.child)
     scale = 0.02 if args.quick else args.scale
     workdir = args.workdir or tempfile.mkdtemp(prefix="lvis_load_speed_")
     os.makedirs(workdir, exist_ok=True)
@@ -107,7 +87,8 @@ def main(argv=None):
     rows = {}
     for _ in range(args.repeat):
         for name in CHILDREN:
-            seconds, cpu, rss, n = run_child(name, path)
+            out, rss = run_child(__file__, "--child", name, path)
+            seconds, cpu, n = out["seconds"], out["cpu_seconds"], out["result"]
             assert n == num_images, (name, n)
             best = rows.get(name, (float("inf"), float("inf"), 0.0))
             rows[name] = (min(seconds, best[0]), min(cpu, best[1]), max(rss, best[2]))

@@ -1,13 +1,11 @@
 #!/usr/bin/env python
 """Long-tail benchmark on the synthetic dataset: does each method really help rare classes?
 
-Every row of ``benchmarks/longtail_rows.py`` (one line each; add yours there) is trained per
-seed in its own ``train_net.py`` subprocess on the long-tailed train split, from a backbone +
-FPN (and the mask head's class-agnostic layers) pre-trained once on a class-balanced synthetic
-split (cached by its config), and evaluated on a 400-image val split with >= 25 instances per
-class. Each finished run writes one record to ``benchmarks/results/longtail[_quick|_cuda]/``;
-the page next to it (``longtail_page.py``) gives paired differences to each row's reference,
-95 % t and bootstrap intervals and the seeds a ±1-point interval needs::
+Every row of ``longtail_rows.py`` is trained per seed (``train_net.py``) on a long-tailed split
+from a backbone + FPN pre-trained once on a balanced split, and evaluated on a 400-image val
+split; each run writes one record (config, overrides, seed, metrics, per-class AP, wall time) to
+``results/longtail[_mode]/`` (a run with such a record is not trained again), and the page is
+written from the records alone::
 
     python benchmarks/longtail.py                 # CPU: 3 rows x 3 seeds, 250 iterations
     python benchmarks/longtail.py --quick         # smoke run: the 3 rows, 1 seed, 60 iterations
@@ -15,17 +13,13 @@ the page next to it (``longtail_page.py``) gives paired differences to each row'
     python benchmarks/longtail.py --methods all   # CPU: every row (hours on 2 cores)
     python benchmarks/longtail.py --dry-run       # the commands it would run
     python benchmarks/longtail.py --report-only   # the page from the records
-
-The CPU and quick modes run ``CPU_ROWS`` unless ``--methods`` names rows. A run whose record has
-the planned config and overrides is not trained again (``--force``: it is); when rows train from
-a pre-trained checkpoint, the rows recorded from another one train again, so that paired rows
-start from the same weights. ``<results>/longtail[_mode]_notes.md`` is appended to the page.
 """
 
 import argparse
-import hashlib
 import json
+import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -34,27 +28,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import List, Optional
 
-import torch
-from detectron2.config import CfgNode
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # this checkout's lvis_longtail, before an installed one
 
-import longtail_page as page  # noqa: E402
-from longtail_rows import CPU_ROWS, Method, default_methods, methods_by_name, schedule_opts  # noqa: E402,E501
-from paired_stats import class_info, read_per_class, run_metrics  # noqa: E402
+import longtail_rows as lr  # noqa: E402
+import paired_stats as ps  # noqa: E402
 
-from lvis_longtail.data import synthetic  # noqa: E402
 from lvis_longtail.utils.io import atomic_write, read_json, write_json_atomic  # noqa: E402
 from lvis_longtail.utils.per_class_csv import CSV_FILE  # noqa: E402
 
 # mode -> (seeds, iterations, pre-training iterations, parallel runs); the CPU mode is sized for
 # <= 60 min on an idle 2-core machine (benchmarks/results/longtail_calibration.md)
-MODES = {
-    "quick": ((0,), 60, 150, 2),
-    "cpu": ((0, 1, 2), 250, 1000, 2),
-    "cuda": ((0, 1, 2, 3, 4), 1000, 2000, 3),
-}
+MODES = {"quick": ((0,), 60, 150, 2), "cpu": ((0, 1, 2), 250, 1000, 2),
+         "cuda": ((0, 1, 2, 3, 4), 1000, 2000, 3)}  # fmt: skip
 DATASETS = {  # generator options (lvis_longtail.data.synthetic.generate)
     "lt_bench": dict(seed=0, num_train=800, num_val=400, num_test=1, thickness_scale=1.5,
                      eval_min_per_class=25),
@@ -72,6 +58,10 @@ INIT_FILE = "init.pth"
 # mask head (thin walls need more than a row's schedule to be learnt from scratch); the RPN,
 # the box head and the class-specific mask predictor start fresh (another class assignment).
 INIT_PREFIXES = ("backbone.", "roi_heads.mask_head.mask_fcn", "roi_heads.mask_head.deconv")
+SUMMARY_KEYS = ("bbox/AP", "bbox/APr", "bbox/APc", "bbox/APf", "segm/AP", "segm/APr",
+                "segm/APc", "segm/APf", "segm/thin", "bbox/thin")  # fmt: skip
+CLS_KEYS = ("bbox/APr", "bbox/AP", "bbox/APc", "bbox/APf", "segm/APr")
+MASK_KEYS = ("segm/AP", "segm/APr", "segm/thin", "segm/APf", "bbox/AP")
 
 
 @dataclass
@@ -83,19 +73,23 @@ class Run:
     config: str
     overrides: List[str]
     out_dir: str
-    method: Optional[Method] = None  # None: the pre-training
+    method: Optional[lr.Method] = None  # None: the pre-training
     base: Optional["Run"] = None  # the run whose model it fine-tunes or evaluates
 
     @property
     def key(self) -> str:
         return f"{self.name}_seed{self.seed}"
 
+    @property
+    def final(self) -> str:
+        return os.path.join(self.out_dir, "model_final.pth")
 
-def row_overrides(m: Method, seed: int, args) -> List[str]:
+
+def row_overrides(m: lr.Method, seed: int, args) -> List[str]:
     opts = list(m.opts)
     if not m.eval_only:  # a fine-tune: m.length of the schedule; else m.schedule x it
         iters = args.iters if m.base else max(1, round(args.iters * m.schedule))
-        opts += schedule_opts(iters, bool(m.base), m.length)
+        opts += lr.schedule_opts(iters, bool(m.base), m.length)
     opts += ["DATASETS.TRAIN", "('lt_bench_train',)", "DATASETS.TEST", "('lt_bench_val',)"]
     opts += ["SEED", str(seed), "MODEL.DEVICE", args.device, "TEST.EVAL_PERIOD", "0"]
     if m.rfs:
@@ -108,7 +102,7 @@ def row_overrides(m: Method, seed: int, args) -> List[str]:
 def plan(args):
     """``(pre-training run or None, row runs)``: the rows of ``args.methods`` with their bases
     and references before them, seed by seed."""
-    table, names = methods_by_name(), []
+    table, names = lr.methods_by_name(), []
 
     def add(name: str) -> None:
         if name not in table:
@@ -122,15 +116,10 @@ def plan(args):
         add(name)
     pre = None
     if args.pretrain_iters:
-        opts = ["DATALOADER.SAMPLER_TRAIN", "TrainingSampler", *schedule_opts(args.pretrain_iters)]
-        opts += ["DATASETS.TRAIN", "('lt_bench_pretrain',)", "DATASETS.TEST", "()"]
-        opts += ["SEED", "0", "MODEL.DEVICE", args.device]
-        # cached by its config: the YAML chain (as train_net.py reads it), overrides and data
-        yaml = CfgNode.load_yaml_with_base(os.path.join(REPO, "configs", PRETRAIN_CONFIG))
-        key = json.dumps([yaml, opts, DATASETS, INIT_PREFIXES], sort_keys=True, default=str)
-        out_dir = os.path.join(
-            args.output, "pretrain_" + hashlib.sha1(key.encode()).hexdigest()[:12]
-        )
+        opts = ["DATALOADER.SAMPLER_TRAIN", "TrainingSampler"]
+        opts += [*lr.schedule_opts(args.pretrain_iters), "DATASETS.TRAIN", "('lt_bench_pretrain',)"]
+        opts += ["DATASETS.TEST", "()", "SEED", "0", "MODEL.DEVICE", args.device]
+        out_dir = os.path.join(args.output, f"pretrain_{args.pretrain_iters}")
         pre = Run("pretrain", 0, PRETRAIN_CONFIG, opts, out_dir)
     runs = {}
     for seed in args.seeds:
@@ -146,52 +135,29 @@ def command(run: Run, args, pre: Optional[Run]) -> List[str]:
     """The ``train_net.py`` command line of ``run``: its overrides and the paths."""
     cmd = [sys.executable, "train_net.py", "--config-file", os.path.join("configs", run.config)]
     cmd += ["--eval-only"] if run.method and run.method.eval_only else []
-    data = []
-    for name, (folder, ann) in SPLITS.items():
-        folder = os.path.join(args.datasets, folder)
-        data.append(
-            [name, os.path.join(folder, "annotations", ann), os.path.join(folder, "images")]
-        )
+    root = args.datasets
+    data = [[name, os.path.join(root, d, "annotations", ann), os.path.join(root, d, "images")]
+            for name, (d, ann) in SPLITS.items()]  # fmt: skip
     cmd += ["DATASETS.LVIS_FORMAT", repr(data), *run.overrides, "OUTPUT_DIR", run.out_dir]
     if run.method is not None:
         init = os.path.join(pre.out_dir, INIT_FILE) if pre else ""
-        cmd += ["MODEL.WEIGHTS", _final(run.base) if run.base else init]
+        cmd += ["MODEL.WEIGHTS", run.base.final if run.base else init]
     return cmd
 
 
-def _final(run: Run) -> str:
-    return os.path.join(run.out_dir, "model_final.pth")
-
-
-def matches(rec: Optional[dict], run: Run) -> bool:
-    """Whether a record holds ``run`` (the same config and overrides)."""
+def matches(rec: Optional[dict], run: Run) -> bool:  # a record of run's config and overrides
     return rec is not None and (rec["config"], rec["overrides"]) == (run.config, run.overrides)
 
 
-def to_train(runs: List[Run], records: dict, init: Optional[str], force: bool) -> List[Run]:
-    """The runs without a record (all with ``force``), the rows from the initialisation recorded
-    from another one than ``init`` (when known), the bases of these whose model is not here and
-    the runs that start from a base that trains."""
+def to_train(runs: List[Run], records: dict, force: bool) -> List[Run]:
+    """The runs without a record (all with ``force``), the bases of these whose model is not
+    here and the runs that start from a base that trains."""
     todo = {r.key for r in runs if force or not matches(records.get(r.key), r)}
-    todo |= {
-        r.key for r in runs if init and not r.base and records.get(r.key, {}).get("init") != init
-    }
     for r in reversed(runs):
-        if r.key in todo and r.base and not os.path.isfile(_final(r.base)):
+        if r.key in todo and r.base and not os.path.isfile(r.base.final):
             todo.add(r.base.key)
     todo |= {r.key for r in runs if r.base and r.base.key in todo}
     return [r for r in runs if r.key in todo]
-
-
-def weights_digest(path: str) -> str:
-    """Hash of a checkpoint's weights (names, dtypes, shapes and bytes): which pre-trained
-    weights a run starts from (the same command trains other weights on another CPU)."""
-    state, h = torch.load(path, map_location="cpu", weights_only=False), hashlib.sha1()
-    for name, t in sorted(state.get("model", state).items()):
-        t = torch.as_tensor(t).detach().cpu().contiguous()
-        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
 
 
 def train_run(run: Run, cmd: List[str], threads: int) -> tuple:
@@ -205,42 +171,56 @@ def train_run(run: Run, cmd: List[str], threads: int) -> tuple:
     with open(os.path.join(run.out_dir, "benchmark_stdout.log"), "w") as log:
         print(shlex.join(cmd), file=log, flush=True)
         rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    wall, times = time.time() - start, []
+    wall, events, times = time.time() - start, os.path.join(run.out_dir, "metrics.json"), []
     print(f"{'DONE' if rc == 0 else 'FAIL'} {run.key} rc={rc} {wall:.0f}s", flush=True)
-    if rc == 0 and os.path.isfile(os.path.join(run.out_dir, "metrics.json")):  # d2's event log
-        with open(os.path.join(run.out_dir, "metrics.json")) as f:
+    if rc == 0 and os.path.isfile(events):  # detectron2's event log
+        with open(events) as f:
             times = sorted(t for t in (json.loads(x).get("time") for x in f) if t is not None)
     return rc, wall, float(times[len(times) // 2]) if times else float("nan")
 
 
-def record(run: Run, timing: tuple, init: str, per_class: dict, classes) -> dict:
-    return {"row": run.name, "seed": run.seed, "config": run.config, "overrides": run.overrides,
-            "init": init, "wall_s": timing[1], "s_per_iter": timing[2],
-            "metrics": run_metrics(per_class, classes), "per_class": per_class}  # fmt: skip
+def write_record(folder: str, run: Run, timing: tuple, per_class: dict, classes) -> dict:
+    """Write one run's record, ``<row>_seed<k>.json`` (NaN numbers as null); returns it."""
+    null = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
+    metrics = {k: null(v) for k, v in ps.run_metrics(per_class, classes).items()}
+    rec = dict(row=run.name, seed=run.seed, config=run.config, overrides=run.overrides,
+               wall_s=timing[1], s_per_iter=null(timing[2]), metrics=metrics,
+               per_class=per_class)  # fmt: skip
+    os.makedirs(folder, exist_ok=True)
+    write_json_atomic(rec, os.path.join(folder, f"{run.key}.json"))
+    return rec
 
 
-def pretrain(pre: Run, args, records: dict, train: bool) -> Optional[str]:
-    """The digest of the pre-trained checkpoint: cached, else trained (with ``train``, on every
-    job's threads), cut to :data:`INIT_PREFIXES` and recorded; None when neither."""
-    path = os.path.join(pre.out_dir, INIT_FILE)
-    if train and not os.path.isfile(path):
-        timing = train_run(pre, command(pre, args, None), args.threads * args.jobs)
-        if timing[0]:
-            raise SystemExit(f"pre-training failed (rc {timing[0]}); see {pre.out_dir}")
-        state = torch.load(_final(pre), map_location="cpu", weights_only=False)["model"]
-        kept = {k: v for k, v in state.items() if k.startswith(INIT_PREFIXES)}
-        if not kept:
-            raise SystemExit(f"{_final(pre)}: no weights start with {INIT_PREFIXES}")
-        with atomic_write(path, "wb") as f:
-            torch.save({"model": kept}, f)
-        records[pre.key] = record(pre, timing, weights_digest(path), {}, {})
-        page.write_record(args.records, records[pre.key])
-    return weights_digest(path) if os.path.isfile(path) else None
+def read_records(folder: str) -> dict:
+    """``{"<row>_seed<k>": record}`` of a records folder (empty when absent), per-class AP with
+    integer category ids."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    out = {n[:-5]: read_json(os.path.join(folder, n)) for n in names
+           if n.endswith(".json") and n != "classes.json"}  # fmt: skip
+    for rec in out.values():
+        rec["per_class"] = {t: {int(c): v for c, v in pc.items()}
+                            for t, pc in rec["per_class"].items()}  # fmt: skip
+    return out
 
 
-def execute(todo: List[Run], args, pre, init: str, records: dict, classes) -> None:
-    """Train ``todo``, ``args.jobs`` at a time: the rows from the initialisation, then the runs
-    that start from them (skipped when their base failed); record each finished run."""
+def pretrain(pre: Run, args, records: dict) -> None:
+    """Train the pre-training on every job's threads and keep :data:`INIT_PREFIXES` of it."""
+    import torch
+
+    timing = train_run(pre, command(pre, args, None), args.threads * args.jobs)
+    if timing[0]:
+        raise SystemExit(f"pre-training failed (rc {timing[0]}); see {pre.out_dir}")
+    state = torch.load(pre.final, map_location="cpu", weights_only=False)["model"]
+    kept = {k: v for k, v in state.items() if k.startswith(INIT_PREFIXES)}
+    if not kept:
+        raise SystemExit(f"{pre.final}: no weights start with {INIT_PREFIXES}")
+    with atomic_write(os.path.join(pre.out_dir, INIT_FILE), "wb") as f:
+        torch.save({"model": kept}, f)
+    records[pre.key] = write_record(args.records, pre, timing, {}, {})
+
+
+def execute(todo: List[Run], args, pre, records: dict, classes) -> None:
+    """Train and record ``todo``, ``args.jobs`` at a time, the runs from a base after it."""
     failed = set()
 
     def one(run: Run) -> None:
@@ -249,10 +229,8 @@ def execute(todo: List[Run], args, pre, init: str, records: dict, classes) -> No
         timing = train_run(run, command(run, args, pre), args.threads)
         if timing[0]:
             return failed.add(run.key)
-        run_init = records[run.base.key]["init"] if run.base else init
-        csv = os.path.join(run.out_dir, "inference", "lt_bench_val", CSV_FILE)
-        records[run.key] = record(run, timing, run_init, read_per_class(csv), classes)
-        page.write_record(args.records, records[run.key])
+        pc = ps.read_per_class(os.path.join(run.out_dir, "inference", "lt_bench_val", CSV_FILE))
+        records[run.key] = write_record(args.records, run, timing, pc, classes)
 
     with ThreadPoolExecutor(args.jobs) as pool:
         for wave in ([r for r in todo if not r.base], [r for r in todo if r.base]):
@@ -262,15 +240,16 @@ def execute(todo: List[Run], args, pre, init: str, records: dict, classes) -> No
 def prepare_data(args) -> list:
     """Generate the datasets unless their manifests record the same options; write the val
     split's categories next to the records and return them."""
+    from lvis_longtail.data import synthetic
+
     for name, options in DATASETS.items():
         manifest = os.path.join(args.datasets, name, "benchmark_dataset.json")
         if not os.path.isfile(manifest) or read_json(manifest) != options:
             print(f"generating {args.datasets}/{name} with {options}", flush=True)
             synthetic.generate(os.path.join(args.datasets, name), progress=False, **options)
             write_json_atomic(options, manifest)
-    val = read_json(
-        os.path.join(args.datasets, "lt_bench", "annotations", SPLITS["lt_bench_val"][1])
-    )
+    folder, ann = SPLITS["lt_bench_val"]
+    val = read_json(os.path.join(args.datasets, folder, "annotations", ann))
     keep = ("id", "name", "frequency", "thin", "image_count")
     categories = [{k: c[k] for k in keep if k in c} for c in val["categories"]]
     os.makedirs(args.records, exist_ok=True)
@@ -278,18 +257,80 @@ def prepare_data(args) -> list:
     return categories
 
 
+def page_prose(path: str = os.path.join(REPO, "benchmarks", "longtail_page.md")) -> tuple:
+    """``longtail_page.md``'s page template, how to read the rows, and ``{row: note}``."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    how = re.search(r"## How to read the rows\n\n(.*?)\n\n", text, re.S).group(1)
+    notes = dict(re.findall(r"^- `(\w+)`: (.+)$", text, re.M))
+    return re.search(r"```markdown\n(.*?)\n```", text, re.S).group(1), how, notes
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def write_page(args, records: dict, stale, categories) -> str:
+    """Write ``<results>/longtail[_mode].md`` from ``records`` (those of the plan; the
+    pre-training's is ``pretrain_seed0``; ``stale``: the keys of the others)."""
+    classes, table, sfx = ps.class_info(categories), lr.methods_by_name(), args.suffix
+    runs = [r for r in records.values() if r["row"] in table]
+    per_class = {}
+    for rec in runs:
+        per_class.setdefault(rec["row"], {})[rec["seed"]] = rec["per_class"]
+    shown = [m for m in table.values() if m.name in per_class]
+
+    def deltas(mask, keys):
+        pairs = [(m.name, m.label, m.reference, table[m.reference].label) for m in shown
+                 if m.reference and (m.group == "mask") == mask]  # fmt: skip
+        return ps.delta_table(pairs, per_class, classes, keys)
+
+    base = per_class.get(lr.BASELINE, {}).values()
+    base_ap = _mean([ps.run_metrics(pc, classes)["bbox/AP"] for pc in base])
+    pre = records.get("pretrain_seed0")
+    head, how_to_read, notes = page_prose()
+    flag = {"quick": " --quick", "cuda": " --device cuda"}.get(args.mode, "")
+    fields = dict(mode=args.mode, sfx=sfx, flag=flag, wall=_mean([r["wall_s"] for r in runs]),
+        runs=len(runs), iters=args.iters,
+        spi=_mean([r["s_per_iter"] for r in runs if not table[r["row"]].base]),
+        pre=f"; pre-training {pre['wall_s'] / 60:.1f} min." if pre else ".",
+        datasets="; ".join(f"`{name}`: `{opts}`" for name, opts in DATASETS.items()),
+        val=DATASETS["lt_bench"]["num_val"], classes=len(categories),
+        thin=sum(c.get("thin") is True for c in categories), threshold=args.repeat_threshold,
+        longer="".join(f"; {', '.join(m.name for m in shown if m.schedule == x)}: {x:g}× that"
+                       for x in sorted({m.schedule for m in shown} - {1.0})),
+        device=args.device, seeds=", ".join(str(s) for s in sorted({r["seed"] for r in runs})),
+        base_ap=base_ap, met="met" if base_ap >= 30 else "NOT met", pretrain=args.pretrain_iters,
+        **{k: sum(c.get("frequency") == k for c in categories) for k in "rcf"})  # fmt: skip
+    none = "- Initialisation: none (every row from scratch)."
+    head = head if args.pretrain_iters else re.sub("^- Initialisation: .*$", none, head, flags=re.M)
+    stale = ", ".join(stale)
+    stale = stale and f" Records not shown (other overrides than this mode's): {stale}."
+    summary = ps.summary_table([(m.name, m.label) for m in shown], per_class, classes, SUMMARY_KEYS)
+    notes = "\n".join(f"- *{m.label}*: {notes[m.name]}" for m in shown if m.name in notes)
+    tables = dict(summary=summary, cls=deltas(False, CLS_KEYS), mask=deltas(True, MASK_KEYS))
+    lines = [head.format(**fields, **tables, how_to_read=how_to_read, stale=stale, notes=notes)]
+    interpretation = os.path.join(args.results, f"longtail{sfx}_notes.md")
+    if os.path.isfile(interpretation):
+        with open(interpretation) as f:
+            lines += ["", "## Interpretation", "", f.read()]
+    path = os.path.join(args.results, f"longtail{sfx}.md")
+    with atomic_write(path) as f:
+        f.write("\n".join(lines))
+    return path
+
+
 def report(args, records: dict) -> str:
     """Write the page from the records of this mode's plan for their row and seed."""
-    table = methods_by_name()
-    names = [r["row"] for r in records.values() if r["row"] in table]
+    names = [r["row"] for r in records.values() if r["row"] in lr.methods_by_name()]
     seeds = sorted(set(args.seeds) | {r["seed"] for r in records.values()})
-    full = argparse.Namespace(**{**vars(args), "methods": args.methods + names, "seeds": seeds})
+    full = argparse.Namespace(**dict(vars(args), methods=args.methods + names, seeds=seeds))
     pre, runs = plan(full)
     planned = {r.key: r for r in runs + ([pre] if pre else [])}
     shown = {k: r for k, r in records.items() if k in planned and matches(r, planned[k])}
     categories = read_json(os.path.join(args.records, "classes.json"), what="val categories")
-    stale = sorted(set(records) - set(shown))
-    return page.write_page(args, shown, stale, DATASETS, categories)
+    return write_page(args, shown, sorted(set(records) - set(shown)), categories)
 
 
 def parse_args(argv=None):
@@ -301,7 +342,6 @@ def parse_args(argv=None):
     p.add_argument("--pretrain-iters", type=int, help="shared pre-training (cpu: 1000; 0: none)")
     p.add_argument("--methods", nargs="+", help="rows or all (CPU: CPU_ROWS; GPU: all)")
     p.add_argument("--jobs", type=int, help="runs in parallel (cpu: 2)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per run (cpus // jobs)")
     p.add_argument("--repeat-threshold", type=float, default=0.13)
     p.add_argument("--output", help="runs folder (output/benchmarks/longtail_<mode>)")
     p.add_argument("--results", default=os.path.join(REPO, "benchmarks", "results"))
@@ -313,15 +353,12 @@ def parse_args(argv=None):
     args.mode = "quick" if args.quick else ("cuda" if args.device.startswith("cuda") else "cpu")
     args.suffix = "" if args.mode == "cpu" else f"_{args.mode}"
     seeds, iters, pre, jobs = MODES[args.mode]
-    args.seeds, args.iters, args.jobs = (
-        args.seeds or list(seeds),
-        args.iters or iters,
-        args.jobs or jobs,
-    )
+    args.seeds, args.iters = args.seeds or list(seeds), args.iters or iters
+    args.jobs = args.jobs or jobs
     args.pretrain_iters = pre if args.pretrain_iters is None else args.pretrain_iters
-    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    rows = default_methods() if args.mode == "cuda" else CPU_ROWS
-    args.methods = list(default_methods() if args.methods == ["all"] else args.methods or rows)
+    args.threads = max(1, (os.cpu_count() or 1) // args.jobs)  # torch threads per run
+    rows = lr.default_methods() if args.mode == "cuda" else lr.CPU_ROWS
+    args.methods = list(lr.default_methods() if args.methods == ["all"] else args.methods or rows)
     out = os.path.join(REPO, "output", "benchmarks", f"longtail_{args.mode}")
     args.output = os.path.abspath(args.output or out)
     data = os.getenv("DETECTRON2_DATASETS", os.path.join(REPO, "datasets"))
@@ -333,24 +370,22 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     pre, runs = plan(args)
-    records = page.read_records(args.records)
+    records = read_records(args.records)
     if not args.report_only:
-        init = pretrain(pre, args, records, train=False) if pre else "scratch"
-        todo = to_train(runs, records, init, args.force)
-        needs_pre = init is None and any(not r.base for r in todo)
+        init = os.path.join(pre.out_dir, INIT_FILE) if pre else None
+        todo = to_train(runs, records, args.force)
+        needs_pre = bool(init and not os.path.isfile(init) and any(not r.base for r in todo))
         if args.dry_run:
-            cmds = [(pre, None)] * needs_pre + [(r, pre) for r in todo]
-            for run, init_run in cmds:
+            for run, init_run in [(pre, None)] * needs_pre + [(r, pre) for r in todo]:
                 print(f"{run.key}: {shlex.join(command(run, args, init_run))}")
-            print(f"{len(todo)} of {len(runs)} runs to train (more if the pre-training gives "
-                  f"other weights than their records'); records: {args.records}")  # fmt: skip
+            print(f"{len(todo)} of {len(runs)} runs to train; records: {args.records}")
             return 0
         if todo:
             categories = prepare_data(args)
-            if needs_pre:
-                init = pretrain(pre, args, records, train=True)
-                todo = to_train(runs, records, init, args.force)
-            execute(todo, args, pre, init, records, class_info(categories))
+            if needs_pre:  # new weights (another CPU trains others): every planned run again
+                pretrain(pre, args, records)
+                todo = to_train(runs, records, force=True)
+            execute(todo, args, pre, records, ps.class_info(categories))
     print(f"wrote {report(args, records)}")
     missing = [r.key for r in runs if not matches(records.get(r.key), r)]
     print(f"missing runs: {missing}" if missing else "every planned run has its record")

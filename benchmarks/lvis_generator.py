@@ -1,6 +1,7 @@
 """LVIS-v1-shaped data for the benchmark scripts (run as ``python benchmarks/<script>.py``, so
-this folder is on ``sys.path``): category frequencies, a training json of any fraction of
-LVIS v1's size written as text, and a small pool of image files its records share.
+this folder is on ``sys.path``) and the tests (``tests/lvis_random_split.py``): category
+frequencies, random boxes, polygons and their RLEs, a training json of any fraction of LVIS v1's
+size written as text, and a small pool of image files its records share.
 
 :func:`write_lvis_json` writes 1,203 categories with LVIS's r/c/f split (337 / 461 / 405) and
 ``frequency``, ``image_count``, ``instance_count`` fields; images of LVIS's usual sizes with
@@ -31,6 +32,49 @@ def category_weights(rng, freq) -> np.ndarray:
     weight = np.array([{"r": 0.02, "c": 0.3, "f": 4.0}[f] for f in freq])
     weight = weight * rng.uniform(0.2, 1.0, len(freq)) ** 2
     return weight / weight.sum()
+
+
+def random_box(rng, height, width, sides=(6, 150), spread=0.3, min_side=3, side=None) -> list:
+    """``[x, y, w, h]`` (2 decimals) inside an image: a side drawn log-uniformly from ``sides``
+    (or ``side``), each of w and h that side times 1 ± ``spread``, at least ``min_side``."""
+    side = side if side is not None else float(np.exp(rng.uniform(*np.log(sides))))
+    w = float(np.clip(side * rng.uniform(1 - spread, 1 + spread), min_side, width - 2))
+    h = float(np.clip(side * rng.uniform(1 - spread, 1 + spread), min_side, height - 2))
+    x, y = float(rng.uniform(0, width - w)), float(rng.uniform(0, height - h))
+    return [round(x, 2), round(y, 2), round(w, 2), round(h, 2)]
+
+
+def polygon(rng, x, y, w, h, n: int = 8, r_min: float = 0.7) -> list:
+    """A random star-shaped polygon of ``n`` vertices inside the box, flat, 2 decimals."""
+    a = np.sort(rng.uniform(0, 2 * np.pi, n))
+    r = rng.uniform(r_min, 1.0, n)
+    px = np.clip(x + w / 2 + r * np.cos(a) * w / 2, x, x + w)
+    py = np.clip(y + h / 2 + r * np.sin(a) * h / 2, y, y + h)
+    return np.round(np.stack([px, py], 1).ravel(), 2).tolist()
+
+
+def polygon_rle(polygon, height: int, width: int) -> dict:
+    """The compressed RLE (counts as text) of one polygon."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.merge(mask_utils.frPyObjects([polygon], height, width))
+    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+
+
+def jittered(rng, box, height: int, width: int, sigma: float) -> tuple:
+    """``(x, y, w, h)`` of ``box`` moved and resized by normal noise of ``sigma`` x its size,
+    kept in the image, sides at least 2 (not rounded)."""
+    x, y, bw, bh = box
+    j = rng.normal(0, sigma, 4) * [bw, bh, bw, bh]
+    nw, nh = max(bw + j[2], 2.0), max(bh + j[3], 2.0)
+    return float(np.clip(x + j[0], 0, width - nw)), float(np.clip(y + j[1], 0, height - nh)), nw, nh
+
+
+def moved(polygon, box, new_box) -> list:
+    """``polygon`` (inside ``box``) mapped into ``new_box``, 2 decimals."""
+    p = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+    (x, y, w, h), (nx, ny, nw, nh) = box, new_box
+    return np.round(((p - [x, y]) * [nw / w, nh / h] + [nx, ny]).ravel(), 2).tolist()
 
 
 def _polygon_text(rng, x, y, w, h):

@@ -50,17 +50,16 @@ import lvis_longtail  # noqa: F401  (first: compat layer for detectron2 0.6)
 
 # isort: on
 import argparse
-import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import lvis_scale_children as children
+import timing
 from lvis_generator import NUM_ANNOTATIONS, NUM_IMAGES, write_image_pool, write_lvis_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,20 +88,8 @@ def machine() -> str:
 
 def run_child(args) -> tuple:
     """Run ``children.main(args)`` in a fresh process: (its json result, its peak RSS MiB)."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = f.name
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    cmd = [sys.executable, str(Path(children.__file__)), *map(str, args), "--out", out]
-    proc = subprocess.Popen(cmd, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    try:
-        with open(out) as f:
-            result = json.load(f) if os.path.getsize(out) else None
-    finally:
-        os.remove(out)
-    if result is None:
-        result = {"error": f"exit status {os.waitstatus_to_exitcode(status)}"}
-    return result, usage.ru_maxrss / 1024
+    return timing.run_child(children.__file__, *args, "--out", env=env, check=False)
 
 
 def verdict(ratio: float, bar: float, lower_is_better: bool = True) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timing import median_times, sync
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs" / "LVISv1" / "Base-MaskRCNN-R50-FPN.yaml"
@@ -166,11 +167,6 @@ def train_step(cfg, model, optimizer, loader) -> tuple:
     return data, total - data, loss
 
 
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def config_main(args) -> dict:
     from detectron2.config import get_cfg
 
@@ -241,7 +237,6 @@ def pasted_instances(n, h, w, seed, device):
 def eval_main(args) -> dict:
     from detectron2.data import MetadataCatalog
     from detectron2.evaluation.coco_evaluation import instances_to_coco_json
-    from timing import median_times
 
     from lvis_longtail.evaluation import LVISLongTailEvaluator
     from lvis_longtail.evaluation.mask_rle import encode_masks

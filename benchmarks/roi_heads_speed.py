@@ -48,8 +48,9 @@ import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
-from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
+from synthetic_batch import make_batch
+from timing import sync
 
 from lvis_longtail.engine import setup_cfg
 
@@ -80,26 +81,12 @@ PRESETS = {
 REFERENCE = "Cascade Mask R-CNN"
 
 
-def make_batch(n, size, num_classes, device, seed):
-    """``n`` random images of ``size`` with 1-4 rectangular GT instances each."""
-    g = torch.Generator().manual_seed(seed)
-    h, w = size
-    batch = []
-    for _ in range(n):
-        k = int(torch.randint(1, 5, (1,), generator=g))
-        xy = torch.rand(k, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
-        wh = 16 + torch.rand(k, 2, generator=g) * torch.tensor([w * 0.4 - 16, h * 0.4 - 16])
-        boxes = torch.cat([xy, xy + wh], dim=1)
-        masks = np.zeros((k, h, w), dtype=bool)
-        for i, (a, b, c, d) in enumerate(boxes.round().int().tolist()):
-            masks[i, b:d, a:c] = True
-        inst = Instances((h, w))
-        inst.gt_boxes = Boxes(boxes)
-        inst.gt_classes = torch.randint(0, num_classes, (k,), generator=g)
-        inst.gt_masks = BitMasks(torch.from_numpy(masks))
-        image = torch.randint(0, 256, (3, h, w), generator=g).float()
-        batch.append({"image": image.to(device), "instances": inst, "height": h, "width": w})
-    return batch
+def gt_boxes(g, k, h, w):
+    """The synthetic batches' GT boxes: corners in the image's first 60 %, sides from 16 pixels
+    to 40 % of the image."""
+    xy = torch.rand(k, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
+    wh = 16 + torch.rand(k, 2, generator=g) * torch.tensor([w * 0.4 - 16, h * 0.4 - 16])
+    return torch.cat([xy, xy + wh], dim=1)
 
 
 def data_batches(cfg, args, num):
@@ -146,11 +133,6 @@ def build(preset, leaf, args, extra=()):
         DetectionCheckpointer(model).load(args.weights)  # non-strict: the layers it has
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     return model, optimizer, cfg
-
-
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def train_step(model, optimizer, batch):
@@ -202,20 +184,20 @@ def measure_times(models, args, batches):
     with EventStorage(0):
         for it in range(args.warmup + args.iters):
             for name, (model, optimizer, _) in models.items():
-                _sync(args.device)
+                sync(args.device)
                 start = time.perf_counter()
                 n = train_step(model, optimizer, batches[it % len(batches)])
-                _sync(args.device)
+                sync(args.device)
                 elapsed = time.perf_counter() - start
                 if it >= args.warmup:
                     train_t[name].append(elapsed)
                     rois[name].append(n)
             for name, (model, _, _) in models.items():
                 image = images[it % len(images)]
-                _sync(args.device)
+                sync(args.device)
                 start = time.perf_counter()
                 out = infer(model, image)
-                _sync(args.device)
+                sync(args.device)
                 elapsed = time.perf_counter() - start
                 if it >= args.warmup:
                     infer_t[name].append(elapsed)
@@ -316,7 +298,8 @@ def main():
         source = f"images of {args.data[0]}"
     else:
         batches = [
-            make_batch(args.batch, size, args.num_classes, args.device, s) for s in (0, 1, 2, 7)
+            make_batch(args.batch, args.num_classes, size, s, 4, gt_boxes, args.device)
+            for s in (0, 1, 2, 7)
         ]
         source = f"random images {size[0]}x{size[1]}"
     # memory first, in forked children that start from the untouched models

@@ -1,4 +1,5 @@
-"""Shared helpers for the tests: a tiny config and synthetic training batches."""
+"""Shared helpers for the tests: a tiny config and synthetic training batches (``make_batch``,
+from ``benchmarks/synthetic_batch.py``, which the benchmark scripts share)."""
 
 # isort: off
 import lvis_longtail  # noqa: F401  (first: the compat layer must precede detectron2.data)
@@ -7,12 +8,10 @@ import lvis_longtail  # noqa: F401  (first: the compat layer must precede detect
 import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
-from detectron2.structures import BitMasks, Boxes, Instances
+from synthetic_batch import make_batch  # noqa: F401  (benchmarks/, on pytest's pythonpath)
 
 from lvis_longtail.config import add_longtail_config
 from lvis_longtail.data.class_stats import frequency_group
@@ -47,31 +46,6 @@ def tiny_cfg(num_classes: int = 8, config_file=TINY_BASE, opts=()):
     cfg.DATASETS.TRAIN = (register_unit_stats(num_classes),)
     cfg.merge_from_list(list(opts))
     return cfg
-
-
-def make_batch(num_images=2, num_classes=8, size=(96, 128), seed=0):
-    """Training inputs as detectron2's mapper produces them: random images, 1-3 boxes each
-    with rectangular masks and random classes."""
-    g = torch.Generator().manual_seed(seed)
-    h, w = size
-    batch = []
-    for _ in range(num_images):
-        n = int(torch.randint(1, 4, (1,), generator=g))
-        x0 = torch.randint(0, w // 2, (n,), generator=g).float()
-        y0 = torch.randint(0, h // 2, (n,), generator=g).float()
-        bw = torch.randint(12, w // 2, (n,), generator=g).float()
-        bh = torch.randint(12, h // 2, (n,), generator=g).float()
-        boxes = torch.stack([x0, y0, x0 + bw, y0 + bh], dim=1)
-        masks = np.zeros((n, h, w), dtype=bool)
-        for i, (a, b, c, d) in enumerate(boxes.round().int().tolist()):
-            masks[i, b:d, a:c] = True
-        inst = Instances((h, w))
-        inst.gt_boxes = Boxes(boxes)
-        inst.gt_classes = torch.randint(0, num_classes, (n,), generator=g)
-        inst.gt_masks = BitMasks(torch.from_numpy(masks))
-        image = torch.randint(0, 256, (3, h, w), generator=g).float()
-        batch.append({"image": image, "instances": inst, "height": h, "width": w})
-    return batch
 
 
 def free_port() -> int:

@@ -11,28 +11,10 @@ duplicates, false positives of every kind, tied scores and zero-area boxes.
 from typing import List
 
 import numpy as np
+from lvis_generator import jittered, moved, polygon, polygon_rle, random_box
 from pycocotools import mask as mask_utils
 
 FREQUENCIES = ("r", "c", "f")
-
-
-def _polygon(rng, x, y, w, h) -> List[float]:
-    """A random convex-ish polygon (8 vertices) inside the box, as a flat list."""
-    a = np.sort(rng.uniform(0, 2 * np.pi, 8))
-    r = rng.uniform(0.7, 1.0, 8)
-    cx, cy = x + w / 2, y + h / 2
-    px = np.clip(cx + r * np.cos(a) * w / 2, x, x + w)
-    py = np.clip(cy + r * np.sin(a) * h / 2, y, y + h)
-    return np.round(np.stack([px, py], 1).ravel(), 2).tolist()
-
-
-def _random_box(rng, height, width, scale=None):
-    side = scale if scale is not None else float(np.exp(rng.uniform(np.log(6), np.log(150))))
-    w = float(np.clip(side * rng.uniform(0.7, 1.3), 3, width - 2))
-    h = float(np.clip(side * rng.uniform(0.7, 1.3), 3, height - 2))
-    x = float(rng.uniform(0, width - w))
-    y = float(rng.uniform(0, height - h))
-    return [round(x, 2), round(y, 2), round(w, 2), round(h, 2)]
 
 
 def random_split(
@@ -75,8 +57,8 @@ def random_split(
         )
         for k in positives:
             for _ in range(int(rng.integers(1, 4))):
-                box = _random_box(rng, height, width)
-                poly = _polygon(rng, *box)
+                box = random_box(rng, height, width)
+                poly = polygon(rng, *box)
                 rle = mask_utils.merge(mask_utils.frPyObjects([poly], height, width))
                 anns.append(
                     {
@@ -92,19 +74,6 @@ def random_split(
         anns[1]["area"] = 0.0
         anns[2]["ignore"] = 1
     return {"info": {}, "licenses": [], "images": images, "categories": cats, "annotations": anns}
-
-
-def _rle(polygon, height, width):
-    rle = mask_utils.merge(mask_utils.frPyObjects([polygon], height, width))
-    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
-
-
-def _moved(polygon, box, new_box):
-    """``polygon`` (inside ``box``) mapped into ``new_box``."""
-    p = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
-    (x, y, w, h), (nx, ny, nw, nh) = box, new_box
-    p = (p - [x, y]) * [nw / w, nh / h] + [nx, ny]
-    return np.round(p.ravel(), 2).tolist()
 
 
 def random_results(
@@ -124,24 +93,15 @@ def random_results(
         h, w = image["height"], image["width"]
         dets = []
         for ann in by_image.get(image["id"], []):
-            x, y, bw, bh = ann["bbox"]
             for _ in range(int(rng.integers(0, 3))):
-                jitter = rng.normal(0, 0.08, 4) * [bw, bh, bw, bh]
-                nw, nh = max(bw + jitter[2], 2.0), max(bh + jitter[3], 2.0)
-                nx = float(np.clip(x + jitter[0], 0, w - nw))
-                ny = float(np.clip(y + jitter[1], 0, h - nh))
+                nx, ny, nw, nh = jittered(rng, ann["bbox"], h, w, 0.08)
                 new_box = [round(nx, 2), round(ny, 2), nw, nh]
-                dets.append(
-                    (
-                        ann["category_id"],
-                        new_box,
-                        _moved(ann["segmentation"][0], ann["bbox"], new_box),
-                    )
-                )
+                poly = moved(ann["segmentation"][0], ann["bbox"], new_box)
+                dets.append((ann["category_id"], new_box, poly))
         for _ in range(false_positives):
-            box = _random_box(rng, h, w)
-            dets.append((int(rng.choice(cat_ids)), box, _polygon(rng, *box)))
-        for cat, box, polygon in dets:
+            box = random_box(rng, h, w)
+            dets.append((int(rng.choice(cat_ids)), box, polygon(rng, *box)))
+        for cat, box, poly in dets:
             box = [round(float(v), 2) for v in box]
             if rng.random() < 0.03:
                 box[2] = 0.0
@@ -152,7 +112,7 @@ def random_results(
                 "bbox": box,
             }
             if masks:
-                record["segmentation"] = _rle(polygon, h, w)
+                record["segmentation"] = polygon_rle(poly, h, w)
             records.append(record)
     order = rng.permutation(len(records))  # results need not be grouped by image
     return [records[i] for i in order]

@@ -30,7 +30,8 @@ print("peak", bench._peak_of(step, "cpu"))
 
 @pytest.mark.slow
 def test_forked_memory_measurement_works_after_multithreaded_torch():
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
+    path = os.pathsep.join([str(REPO), str(REPO / "benchmarks")])  # as a script run has it
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=path)
     script = str(REPO / "benchmarks" / "roi_heads_speed.py")
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, script],

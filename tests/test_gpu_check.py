@@ -7,14 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gpu_train
+import gpu_wheels
 import pytest
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-import gpu_train  # noqa: E402
-import gpu_wheels  # noqa: E402
-
-from lvis_longtail.modeling.cls_losses import CLS_LOSS_REGISTRY  # noqa: E402
+from lvis_longtail.modeling.cls_losses import CLS_LOSS_REGISTRY
 
 
 def test_every_shipped_wheel_is_pinned_and_none_shadows_the_machines_packages():
