@@ -196,7 +196,7 @@ def _child_fast(gt_path, results_path, task):
 
 
 def _image_records(rng, pool, image_id, h, w):
-    """One image's 300 records, as ``instances_to_lvis_records`` makes them."""
+    """One image's 300 records, as the evaluator exports them."""
     boxes, rles = pool[(h, w)]
     picks = rng.integers(len(boxes), size=DETS_PER_IMAGE).tolist()
     cats = (rng.integers(NUM_CATEGORIES, size=DETS_PER_IMAGE) + 1).tolist()
