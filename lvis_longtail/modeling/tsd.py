@@ -84,11 +84,15 @@ class TSDOutputs:
         return self.scores, self.deltas
 
 
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or float64 when it is float64 (loss math never below fp32)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def translate_boxes(boxes: torch.Tensor, shifts: torch.Tensor, gamma: float) -> torch.Tensor:
     """(R, 4) boxes moved by ``gamma`` (dx w, dy h) for (R, 2) ``shifts`` (dx, dy), computed
     in fp32 (float64 for float64 input)."""
-    dtype = torch.float64 if boxes.dtype == torch.float64 else torch.float32
-    boxes, shifts = boxes.to(dtype), shifts.to(dtype)
+    boxes, shifts = _fp32(boxes), shifts.to(_fp32(boxes).dtype)
     move = gamma * shifts * (boxes[:, 2:] - boxes[:, :2])
     return boxes + torch.cat([move, move], dim=1)
 
@@ -110,8 +114,8 @@ def pc_cls_loss(
     relu(p_s + min(margin, 1 - p_s) - p_t), p_s / p_t the (R, K+1) sibling / TSD probability
     of each RoI's label in [0, K] (p_s detached). Zero, in the graph, for R = 0."""
     rows = torch.arange(labels.numel(), device=labels.device)
-    p_t = tsd_probs.float()[rows, labels]
-    p_s = sibling_probs.float()[rows, labels].detach()
+    p_t = _fp32(tsd_probs)[rows, labels]
+    p_s = _fp32(sibling_probs)[rows, labels].detach()
     loss = F.relu(p_s + torch.clamp(1.0 - p_s, max=margin) - p_t)
     return loss.sum() / max(labels.numel(), 1)
 
@@ -122,8 +126,8 @@ def pc_loc_loss(
     """The localisation progressive constraint on P positives: mean of
     relu(IoU_s + min(margin, 1 - IoU_s) - IoU_t), IoU of each (P, 4) decoded box with its GT
     (IoU_s detached). Zero, in the graph, for P = 0."""
-    iou_t = aligned_iou(tsd_boxes.float(), gt_boxes.float())
-    iou_s = aligned_iou(sibling_boxes.float(), gt_boxes.float()).detach()
+    iou_t = aligned_iou(_fp32(tsd_boxes), _fp32(gt_boxes))
+    iou_s = aligned_iou(_fp32(sibling_boxes), _fp32(gt_boxes)).detach()
     loss = F.relu(iou_s + torch.clamp(1.0 - iou_s, max=margin) - iou_t)
     return loss.sum() / max(gt_boxes.shape[0], 1)
 
@@ -146,7 +150,7 @@ def _class_deltas(deltas: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     if deltas.shape[1] == 4:
         return deltas
     rows = torch.arange(deltas.shape[0], device=deltas.device)
-    return deltas.view(deltas.shape[0], -1, 4)[rows, classes]
+    return deltas.view(deltas.shape[0], deltas.shape[1] // 4, 4)[rows, classes]
 
 
 def _tsd_name(name: str) -> str:
@@ -228,19 +232,8 @@ class TSDHead(nn.Module):
             boxes, pooler.min_level, pooler.max_level, pooler.canonical_box_size,
             pooler.canonical_level,
         )  # fmt: skip
-        hidden = F.relu(self.shared_fc(x.flatten(1)))
-        kh, kw = self.output_size
-        cls_shift = self.gamma * self.cls_offset(hidden).view(num, 2, kh, kw)
-        reg_shift = self.reg_offset(hidden)  # (R, 2) in units of gamma (w, h)
-        offsets = torch.cat(
-            [cls_shift, (self.gamma * reg_shift)[:, :, None, None].expand(num, 2, kh, kw)]
-        )
-        pooled = _deform_roi_align_levels(
-            features, torch.cat([rois, rois]), torch.cat([levels, levels]), offsets,
-            self.output_size, [lp.spatial_scale for lp in pooler.level_poolers],
-            pooler.level_poolers[0].sampling_ratio,
-        )  # fmt: skip
-        x_cls, x_reg = pooled.split(num)
+        cls_shift, reg_shift = self.offsets(x)
+        x_cls, x_reg = self.resample(features, rois, levels, pooler, cls_shift, reg_shift)
         scores = self.predictor.class_logits(self.cls_head(prepare(x_cls)))
         deltas = self.predictor.bbox_pred(self.reg_head(prepare(x_reg)).flatten(1))
         out = TSDOutputs(scores, deltas, translate_boxes(rois[:, 1:], reg_shift, self.gamma))
@@ -248,6 +241,29 @@ class TSDHead(nn.Module):
             head, predictor = sibling
             out.sibling = predictor(head(x))
         return out
+
+    def offsets(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(R, C, k, k) RoI features F -> the (R, 2, k, k) classification bin offsets (x then
+        y, fractions of the proposal's width and height, ``GAMMA`` applied) and the (R, 2)
+        regression offset (dx, dy) (in units of ``GAMMA`` (w, h))."""
+        hidden = F.relu(self.shared_fc(x.flatten(1)))
+        kh, kw = self.output_size
+        cls_shift = self.gamma * self.cls_offset(hidden).view(-1, 2, kh, kw)
+        return cls_shift, self.reg_offset(hidden)
+
+    def resample(self, features, rois, levels, pooler: ROIPooler, cls_shift, reg_shift):
+        """F_c and F_r, (R, C, k, k) each: RoIAlign of the (R, 5) pooler-format ``rois`` at
+        their (R,) ``levels`` with every classification bin shifted by its ``cls_shift``, and
+        with every bin shifted by ``GAMMA`` ``reg_shift`` (RoIAlign of P_r); one pass."""
+        num, (kh, kw) = rois.shape[0], self.output_size
+        reg_bins = (self.gamma * reg_shift)[:, :, None, None].expand(num, 2, kh, kw)
+        pooled = _deform_roi_align_levels(
+            features, torch.cat([rois, rois]), torch.cat([levels, levels]),
+            torch.cat([cls_shift, reg_bins.to(cls_shift.dtype)]), self.output_size,
+            [lp.spatial_scale for lp in pooler.level_poolers],
+            pooler.level_poolers[0].sampling_ratio,
+        )  # fmt: skip
+        return pooled[:num], pooled[num:]
 
     def losses(
         self,
