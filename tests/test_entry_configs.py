@@ -10,6 +10,7 @@ import torch
 import yaml
 from conftest import REPO, make_batch, register_unit_stats
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from lvis_longtail.data.builtin import register_synthetic
@@ -77,10 +78,12 @@ def test_tiny_twin_builds_every_part_of_the_entry(name):
     assert all(isinstance(t.predictor, DualHeadOutputLayers) == dual for t in tsd)
     assert all(isinstance(t.cls_head, DualBranchConvFCHead) == dual for t in tsd)
     assert cfg.TEST.AUG.ENABLED == name.endswith("_tta") and cfg.TEST.AUG.FLIP
-    if dual:  # only the new branches train
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        assert trainable and all(".dual_" in n for n in trainable)
-        assert all(".tsd_head." in n for n in trainable)
+    if dual:  # only the new branches train; attach_dual_head already freezes the box
+        # branch, sibling and TSD regression included (DDP without the Trainer's freezing)
+        bare = build_model(cfg).roi_heads
+        trainable = {n for n, p in bare.named_parameters() if p.requires_grad}
+        trainable = {n for n in trainable if n.startswith(("box_", "tsd_head."))}
+        assert trainable and all(".dual_" in n and n.startswith("tsd_head.") for n in trainable)
 
 
 def test_tiny_entry_step_on_a_batch():

@@ -238,8 +238,12 @@ def attach_dual_head(cfg, input_shape: Dict[str, ShapeSpec], ret: dict) -> dict:
     channels = input_shape[ret["box_in_features"][0]].channels
     pooled = ShapeSpec(channels=channels, height=res, width=res)
     tsd = ret.get("tsd_head")
-    if tsd is not None:
+    if tsd is not None:  # the sibling and the TSD regression feed no loss of the fine-tune
+        siblings = [*ret["box_heads"], *ret["box_predictors"]] if cascade else [
+            ret["box_head"], ret["box_predictor"]]  # fmt: skip
         for k, stage in enumerate(tsd if cascade else [tsd]):
+            for param in [*stage.parameters(), *(p for m in siblings for p in m.parameters())]:
+                param.requires_grad_(False)
             stage.cls_head, stage.predictor = _dual_stage(
                 cfg, pooled, k, stage.cls_head, stage.predictor
             )
