@@ -195,7 +195,8 @@ def _assert_tta_detections(cfg, model, at_least: int):
         out = LongTailTTA(cfg, model)([{"image": image, "height": 64, "width": 64}])[0]
     inst = out["instances"]
     assert len(inst) >= at_least and inst.pred_masks.shape == (len(inst), 64, 64)
-    assert inst.mask_scores.shape == inst.scores.shape
+    if len(inst):  # the merged detections carry the MaskIoU head's scores
+        assert inst.mask_scores.shape == inst.scores.shape
 
 
 @pytest.mark.slow
