@@ -16,6 +16,7 @@ from detectron2.utils.events import EventStorage
 from torchvision.ops import roi_align
 
 from lvis_longtail.config_check import ConfigError, check_config
+from lvis_longtail.modeling.cls_losses import CLS_LOSS_REGISTRY
 from lvis_longtail.modeling.tsd import (
     TSDHead,
     aligned_iou,
@@ -353,3 +354,22 @@ def test_config_rules(opts, message):
     cfg.MODEL.ROI_BOX_HEAD.TSD.ENABLED = False
     if "LongTailHTCROIHeads" in opts or "DeformROIAlignV2" in opts:
         check_config(cfg)  # fine without TSD
+
+
+@pytest.mark.parametrize("loss", sorted(CLS_LOSS_REGISTRY._obj_map))
+def test_every_classification_loss_works_on_the_tsd_classifier(loss):
+    """Training (the TSD terms, the constraint on each loss's probabilities) and inference
+    (scores from the TSD classifier through the loss's predict_probs) for every loss."""
+    torch.manual_seed(0)
+    model = build_model(tsd_cfg(extra=["MODEL.ROI_BOX_HEAD.CLS_LOSS_NAME", loss]))
+    assert model.roi_heads.tsd_head.predictor.cls_loss is not model.roi_heads.box_predictor.cls_loss
+    assert type(model.roi_heads.tsd_head.predictor.cls_loss).__name__ == loss
+    losses = _losses(model, make_batch())
+    assert {"loss_tsd_cls", "loss_tsd_pc_cls", "loss_tsd_pc_loc", "loss_cls"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        out = model([{"image": torch.rand(3, 64, 64) * 255, "height": 64, "width": 64}])
+    scores = out[0]["instances"].scores
+    assert len(scores) and bool(((scores >= 0) & (scores <= 1)).all())
