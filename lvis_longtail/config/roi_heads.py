@@ -10,6 +10,7 @@ def add_roi_heads_config(cfg: CN) -> None:
     _add_softmax_losses(cfg)
     _add_sigmoid_losses(cfg)
     _add_dual_head(cfg)
+    _add_tsd(cfg)
     _add_mask_head(cfg)
     _add_mask_pooler_and_upsampling(cfg)
     # Mask Scoring R-CNN's MaskIoU head (Huang et al. 2019; modeling/mask_scoring.py): it
@@ -170,6 +171,28 @@ def _add_dual_head(cfg: CN) -> None:
     # Frequency groups ("r", "c", "f" of the training set, DATASETS.TRAIN) scored by the new
     # branch under FUSION "group".
     cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.NEW_BRANCH_GROUPS = ["r", "c"]
+
+
+def _add_tsd(cfg: CN) -> None:
+    # TSD, task-aware spatial disentanglement (Song et al., CVPR 2020; modeling/tsd.py;
+    # docs/methods.md, "TSD"): per box stage, classification and regression from two
+    # re-samplings of the proposal; the ordinary box head trains alongside as the sibling.
+    cfg.MODEL.ROI_BOX_HEAD.TSD = CN()
+    # Build a TSD head in every box stage (LongTailROIHeads, the cascade, HTC-Lite).
+    cfg.MODEL.ROI_BOX_HEAD.TSD.ENABLED = False
+    # gamma: bin offsets and the proposal translation are gamma x predicted offset x the
+    # proposal's (width, height).
+    cfg.MODEL.ROI_BOX_HEAD.TSD.GAMMA = 0.1
+    # Width of the shared FC layer and of the two offset MLPs' hidden layers.
+    cfg.MODEL.ROI_BOX_HEAD.TSD.OFFSET_FC_DIM = 256
+    # Classification progressive constraint (loss_tsd_pc_cls, every sampled RoI).
+    cfg.MODEL.ROI_BOX_HEAD.TSD.PC_CLS = True
+    # Its margin: the TSD probability of the label should beat the sibling's by this much.
+    cfg.MODEL.ROI_BOX_HEAD.TSD.PC_CLS_MARGIN = 0.3
+    # Localisation progressive constraint (loss_tsd_pc_loc, positive RoIs).
+    cfg.MODEL.ROI_BOX_HEAD.TSD.PC_LOC = True
+    # Its margin: the TSD box's IoU with the GT should beat the sibling's by this much.
+    cfg.MODEL.ROI_BOX_HEAD.TSD.PC_LOC_MARGIN = 0.3
 
 
 def _add_mask_head(cfg: CN) -> None:

@@ -112,6 +112,33 @@ def _deform_mask_pooler_not_with_area_ratio(cfg) -> Optional[str]:
 
 
 @rule
+def _tsd_options(cfg) -> Optional[str]:
+    tsd, box = cfg.MODEL.ROI_BOX_HEAD.TSD, cfg.MODEL.ROI_BOX_HEAD
+    if not tsd.ENABLED:
+        return None
+    heads = _registered_class(ROI_HEADS_REGISTRY, cfg.MODEL.ROI_HEADS.NAME)
+    if heads is not None and not getattr(heads, "supports_tsd", False):
+        return (
+            f"MODEL.ROI_BOX_HEAD.TSD needs ROI heads that run TSD heads (LongTailROIHeads, "
+            f"LongTailCascadeROIHeads, LongTailHTCLiteROIHeads), not {cfg.MODEL.ROI_HEADS.NAME!r}"
+        )
+    if box.POOLER_TYPE != "ROIAlignV2":
+        return (
+            "MODEL.ROI_BOX_HEAD.TSD re-samples around the ROIAlignV2 box features: set "
+            f"MODEL.ROI_BOX_HEAD.POOLER_TYPE 'ROIAlignV2', not {box.POOLER_TYPE!r}"
+        )
+    if not tsd.GAMMA > 0 or tsd.OFFSET_FC_DIM < 1:
+        return (
+            f"MODEL.ROI_BOX_HEAD.TSD.GAMMA must be > 0 ({tsd.GAMMA}) and OFFSET_FC_DIM >= 1 "
+            f"({tsd.OFFSET_FC_DIM})"
+        )
+    for key in ("PC_CLS_MARGIN", "PC_LOC_MARGIN"):
+        if not 0.0 <= tsd[key] <= 1.0:
+            return f"MODEL.ROI_BOX_HEAD.TSD.{key} must be in [0, 1], got {tsd[key]}"
+    return None
+
+
+@rule
 def _htc_lite_mask_stage_is_a_stage(cfg) -> Optional[str]:
     stages = len(cfg.MODEL.ROI_BOX_CASCADE_HEAD.IOUS)
     stage = cfg.MODEL.ROI_HEADS.HTC_LITE.MASK_TRAIN_STAGE

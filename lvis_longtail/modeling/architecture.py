@@ -10,8 +10,10 @@ after, which swaps in what the config asks for:
 * ``MODEL.ROI_MASK_HEAD.UPSAMPLE_TYPE: "carafe"``: the mask head's 2x ``deconv`` becomes a
   :class:`~lvis_longtail.layers.carafe.CARAFE` (``ROI_MASK_HEAD.CARAFE``), followed by the
   head's ReLU as before;
+* ``MODEL.ROI_BOX_HEAD.TSD.ENABLED``: every box stage gets a TSD head
+  (:func:`~lvis_longtail.modeling.tsd.attach_tsd`);
 * ``MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED``: every box stage gets the dual head's new branch
-  (:func:`~lvis_longtail.modeling.dual_head.attach_dual_head`).
+  (:func:`~lvis_longtail.modeling.dual_head.attach_dual_head`; on the TSD classifier with TSD).
 """
 
 from typing import Dict
@@ -21,6 +23,7 @@ from detectron2.modeling.poolers import ROIPooler
 from lvis_longtail.layers.carafe import CARAFE
 from lvis_longtail.layers.deform_roi_pool import DeformROIPooler
 from lvis_longtail.modeling.dual_head import attach_dual_head
+from lvis_longtail.modeling.tsd import attach_tsd
 
 __all__ = ["DEFORM_POOLER_TYPE", "adjust_roi_heads", "carafe_from_cfg", "plain_pooler_cfg"]
 
@@ -87,4 +90,4 @@ def adjust_roi_heads(cfg, input_shape: Dict, ret: Dict) -> Dict:
                 "with equal input and output channels"
             )
         head.deconv = carafe_from_cfg(cfg.MODEL.ROI_MASK_HEAD, deconv.in_channels)
-    return attach_dual_head(cfg, input_shape, ret)
+    return attach_dual_head(cfg, input_shape, attach_tsd(cfg, input_shape, ret))

@@ -177,6 +177,10 @@ class DualHeadOutputLayers(LongTailFastRCNNOutputLayers):
         scores = torch.cat([self.cls_score(trained), self.dual_cls_score(new)], dim=1)
         return scores, self.bbox_pred(trained)
 
+    def class_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, D + D') features -> (R, L + L') logits of both branches."""
+        return self(x)[0]
+
     def split(self, scores: torch.Tensor):
         """(R, L + L') -> the trained branch's (R, L) and the new branch's (R, L') logits."""
         return scores[:, : self.cls_loss.num_logits], scores[:, self.cls_loss.num_logits :]
@@ -223,39 +227,61 @@ def group_columns(cfg, groups: Sequence[str], num_classes: int) -> torch.Tensor:
 def attach_dual_head(cfg, input_shape: Dict[str, ShapeSpec], ret: dict) -> dict:
     """With ``DUAL_HEAD.ENABLED``, replace the box head and predictor of every stage in the
     ROI heads' ``from_config`` dict ``ret`` (``box_head``/``box_predictor`` or the cascade's
-    lists) as the module docstring says; returns ``ret``."""
+    lists) as the module docstring says; returns ``ret``. With TSD (``ret["tsd_head"]``) the
+    branch is added to each stage's TSD classification tower and predictor instead, the
+    classifier used at inference (the sibling head is left as trained)."""
     p = cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD
     if not p.ENABLED:
         return ret
     cascade = "box_predictors" in ret
-    heads = ret["box_heads"] if cascade else [ret.get("box_head")]
-    predictors = ret["box_predictors"] if cascade else [ret.get("box_predictor")]
     res = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
     channels = input_shape[ret["box_in_features"][0]].channels
     pooled = ShapeSpec(channels=channels, height=res, width=res)
-    for k, (head, predictor) in enumerate(zip(heads, predictors)):
-        if type(predictor) is not LongTailFastRCNNOutputLayers or (
-            p.BRANCH == "box_head" and type(head) is not FastRCNNConvFCHead
-        ):
-            raise ValueError(
-                f"MODEL.ROI_BOX_HEAD.DUAL_HEAD needs lvis_longtail's box predictor and, with "
-                f'BRANCH "box_head", detectron2\'s FastRCNNConvFCHead (stage {k} has '
-                f"{type(head).__name__} and {type(predictor).__name__})"
+    tsd = ret.get("tsd_head")
+    if tsd is not None:  # the sibling and the TSD regression feed no loss of the fine-tune
+        siblings = [*ret["box_heads"], *ret["box_predictors"]] if cascade else [
+            ret["box_head"], ret["box_predictor"]]  # fmt: skip
+        for k, stage in enumerate(tsd if cascade else [tsd]):
+            for param in [*stage.parameters(), *(p for m in siblings for p in m.parameters())]:
+                param.requires_grad_(False)
+            stage.cls_head, stage.predictor = _dual_stage(
+                cfg, pooled, k, stage.cls_head, stage.predictor
             )
-        if p.BRANCH == "box_head":
-            heads[k] = head = DualBranchConvFCHead(cfg, pooled, copy_init=p.INIT == "copy")
-        for param in head.parameters():
-            param.requires_grad_(False)  # the trained tower; the new one is trainable below
-        dual = getattr(head, "dual_branch", None)
-        for param in dual.parameters() if dual is not None else ():
-            param.requires_grad_(True)
-        predictors[k] = DualHeadOutputLayers(
-            cfg, head.output_shape, dual_channels=getattr(head, "dual_channels", 0),
-            box2box_transform=predictor.box2box_transform,
-        )  # fmt: skip
+        return ret
+    heads = ret["box_heads"] if cascade else [ret.get("box_head")]
+    predictors = ret["box_predictors"] if cascade else [ret.get("box_predictor")]
+    for k, (head, predictor) in enumerate(zip(heads, predictors)):
+        heads[k], predictors[k] = _dual_stage(cfg, pooled, k, head, predictor)
     if not cascade:
         ret["box_head"], ret["box_predictor"] = heads[0], predictors[0]
     return ret
+
+
+def _dual_stage(cfg, pooled: ShapeSpec, k: int, head: nn.Module, predictor: nn.Module):
+    """Stage ``k``'s (box head, predictor) with the new branch: (head or a
+    :class:`DualBranchConvFCHead`, a :class:`DualHeadOutputLayers`)."""
+    p = cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD
+    if type(predictor) is not LongTailFastRCNNOutputLayers or (
+        p.BRANCH == "box_head" and type(head) is not FastRCNNConvFCHead
+    ):
+        raise ValueError(
+            f"MODEL.ROI_BOX_HEAD.DUAL_HEAD needs lvis_longtail's box predictor and, with "
+            f'BRANCH "box_head", detectron2\'s FastRCNNConvFCHead (stage {k} has '
+            f"{type(head).__name__} and {type(predictor).__name__})"
+        )
+    if p.BRANCH == "box_head":
+        head = DualBranchConvFCHead(cfg, pooled, copy_init=p.INIT == "copy")
+    for param in head.parameters():
+        param.requires_grad_(False)  # the trained tower; the new one is trainable below
+    dual = getattr(head, "dual_branch", None)
+    for param in dual.parameters() if dual is not None else ():
+        param.requires_grad_(True)
+    new_predictor = DualHeadOutputLayers(
+        cfg, head.output_shape, dual_channels=getattr(head, "dual_channels", 0),
+        box2box_transform=predictor.box2box_transform,
+    )  # fmt: skip
+    new_predictor.log_prefix = predictor.log_prefix
+    return head, new_predictor
 
 
 def dual_head_branches(model: nn.Module) -> List[str]:

@@ -74,9 +74,14 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
       ``TEST.CLS_CALIBRATION`` (NorCal, post-hoc logit adjustment) the logits are calibrated
       first (``self.calibration``).
 
-    Box regression (class-specific or agnostic) is unchanged. The loss module's buffers
-    (Seesaw's counts, EQLv2's gradient statistics) are part of this module's state_dict.
+    Box regression (class-specific or agnostic) is unchanged. :meth:`class_logits` is the
+    classification alone (TSD classifies and regresses from different features). The loss
+    module's buffers (Seesaw's counts, EQLv2's gradient statistics) are part of this module's
+    state_dict.
     """
+
+    # prefix of the accuracy scalars this predictor logs
+    log_prefix = "fast_rcnn"
 
     @configurable
     def __init__(
@@ -127,6 +132,10 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
         ret["soft_nms"] = SoftNMSParams.from_config(cfg.MODEL.ROI_HEADS.SOFT_NMS, "gaussian")
         return ret
 
+    def class_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, D) features -> (R, L) classification logits (``forward``'s first output)."""
+        return self.cls_score(x.flatten(1))
+
     def inference(self, predictions, proposals: List[Instances]):
         """detectron2's inference, with the NMS step of ``self.nms_type`` (see
         :func:`~lvis_longtail.modeling.postprocessing.longtail_fast_rcnn_inference`)."""
@@ -165,7 +174,7 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
         else:
             gt_classes = torch.empty(0, dtype=torch.long, device=scores.device)
             proposal_boxes = gt_boxes = torch.empty((0, 4), device=proposal_deltas.device)
-        self.cls_loss.log_accuracy(scores, gt_classes)
+        self.cls_loss.log_accuracy(scores, gt_classes, self.log_prefix)
 
         cls_weight = self.loss_weight.get("loss_cls", 1.0)
         losses = {

@@ -50,7 +50,11 @@ class LongTailHTCROIHeads(LongTailHTCLiteROIHeads):
     With Mask Scoring the MaskIoU head trains on the last head's masks and RoIs
     (``loss_maskiou``, not stage-weighted) and scores the averaged mask at inference. With all
     four switches off it computes exactly what :class:`LongTailHTCLiteROIHeads` computes.
+    TSD heads are not wired into its interleaved stages (``ROI_BOX_HEAD.TSD`` is rejected).
     """
+
+    # its box stages do not run TSD heads (lvis_longtail.config_check reads this)
+    supports_tsd = False
 
     @configurable
     def __init__(

@@ -169,6 +169,22 @@ class LongTailHTCLiteROIHeads(LongTailCascadeROIHeads):
         box_features = _ScaleGradient.apply(box_features, 1.0 / self.num_cascade_stages)
         return self.box_predictor[stage](self.box_head[stage](box_features))
 
+    def _stage_prepare(self, proposals: List[Instances]):
+        """A TSD stage's feature step: the cascade's, after adding the context vector as
+        :meth:`_run_stage` does; records the stage's proposals."""
+        scale = super()._stage_prepare(proposals)
+        state = self._forward_state
+        if state is None:
+            return scale
+        state["stage_proposals"].append(proposals)
+        context = state["box_context"]
+        if context is None:
+            return scale
+        batch_index = cat(
+            [torch.full((len(p),), i, device=context.device) for i, p in enumerate(proposals)]
+        ).long()
+        return lambda x: scale(fuse_context(x, batch_index, context))
+
     @torch.no_grad()
     def _match_and_label_boxes(self, proposals, stage, targets):
         """detectron2's matching; at the mask-training stage every other ``gt_*`` field of the

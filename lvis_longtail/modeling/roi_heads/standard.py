@@ -1,7 +1,7 @@
 """LongTailROIHeads: detectron2's StandardROIHeads with the long-tail box predictor and the
 contract-based mask branch (area-ratio levels, Mask Scoring, chunked mask inference)."""
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 from detectron2.config import configurable
@@ -12,6 +12,7 @@ from detectron2.modeling.roi_heads.mask_head import mask_rcnn_inference
 from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
 from detectron2.modeling.sampling import subsample_labels
 from detectron2.structures import Boxes, Instances
+from torch import nn
 
 from lvis_longtail.modeling.architecture import adjust_roi_heads, plain_pooler_cfg
 from lvis_longtail.modeling.fast_rcnn import LongTailFastRCNNOutputLayers
@@ -26,6 +27,7 @@ from lvis_longtail.modeling.mask_levels import (
 from lvis_longtail.modeling.mask_scoring import MaskIoUHead
 from lvis_longtail.modeling.mask_targets import build_mask_targets, has_mask_contract
 from lvis_longtail.modeling.roi_heads.context_head import fuse_context
+from lvis_longtail.modeling.tsd import TSDHead, with_proposal_boxes
 
 # detectron2 mask heads -> the same head with the mask-branch contract (same parameters;
 # importing mask_head registers them).
@@ -57,15 +59,22 @@ class LongTailROIHeads(IgnoreRegionsMixin, StandardROIHeads):
 
     * ignore regions (:mod:`~lvis_longtail.modeling.ignore_regions`, ``ROI_HEADS.IGNORE``):
       with ignore boxes, background proposals covered by one are not sampled.
+    * ``ROI_BOX_HEAD.TSD.ENABLED``: a :class:`~lvis_longtail.modeling.tsd.TSDHead`
+      (``tsd_head``) classifies and regresses; the ordinary box head and predictor are its
+      sibling, trained alongside and not run at inference.
 
     Subclasses may pass an image-level context vector (N, C) to :meth:`_forward_mask` and
     :meth:`forward_with_given_boxes`; it is added to every RoI's mask features.
     """
 
+    # the box branch can run TSD heads (lvis_longtail.config_check reads this)
+    supports_tsd = True
+
     @configurable
     def __init__(
         self,
         *,
+        tsd_head: Optional[Union[TSDHead, List[TSDHead]]] = None,
         mask_level_assignment: str = "box",
         mask_test_area_ratio: str = "one",
         mask_iou_head: Optional[MaskIoUHead] = None,
@@ -76,6 +85,7 @@ class LongTailROIHeads(IgnoreRegionsMixin, StandardROIHeads):
     ):
         """
         Args:
+            tsd_head: the TSD head (a list: one per cascade stage), or None.
             mask_level_assignment: "box" or "area_ratio".
             mask_test_area_ratio: "one" or "two_pass".
             mask_iou_head: MaskIoU head, or None for no mask scoring.
@@ -85,6 +95,9 @@ class LongTailROIHeads(IgnoreRegionsMixin, StandardROIHeads):
             kwargs: as ``StandardROIHeads``.
         """
         super().__init__(**kwargs)
+        if isinstance(tsd_head, (list, tuple)):
+            tsd_head = nn.ModuleList(tsd_head)
+        self.tsd_head = tsd_head
         self.mask_level_assignment = mask_level_assignment
         self.mask_test_area_ratio = mask_test_area_ratio
         self.mask_iou_head = mask_iou_head
@@ -157,6 +170,25 @@ class LongTailROIHeads(IgnoreRegionsMixin, StandardROIHeads):
         ret = super()._init_box_head(cfg, input_shape)
         ret["box_predictor"] = LongTailFastRCNNOutputLayers(cfg, ret["box_head"].output_shape)
         return ret
+
+    def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
+        """detectron2's box branch; with a TSD head, the TSD losses (and the sibling's) in
+        training, the TSD head's detections at inference."""
+        if self.tsd_head is None:
+            return super()._forward_box(features, proposals)
+        features = [features[f] for f in self.box_in_features]
+        tsd = self.tsd_head
+        sibling = (self.box_head, self.box_predictor)
+        out = tsd(
+            features,
+            proposals,
+            self.box_pooler,
+            sibling if self.training and tsd.trains_sibling else None,
+        )
+        if self.training:
+            return tsd.losses(out, proposals, self.box_predictor)
+        refined = with_proposal_boxes(proposals, out.boxes.detach())
+        return tsd.predictor.inference(out.predictions, refined)[0]
 
     @classmethod
     def _init_mask_head(cls, cfg, input_shape):
