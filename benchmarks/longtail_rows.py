@@ -100,6 +100,9 @@ METHODS: Tuple[Method, ...] = (
     Method("fpg128", "FPG, 9 pathways × 128 ch + Seesaw + RFS",
            "tiny/mask_rcnn_R18_FPG128_tiny_seesaw.yaml", ref="seesaw", group="mask",
            fresh=("backbone.fpn_",)),
+    Method("tsd", "TSD (no classification constraint) + Seesaw + RFS", _tiny("seesaw"),
+           ("MODEL.ROI_BOX_HEAD.TSD.ENABLED", "True", "MODEL.ROI_BOX_HEAD.TSD.PC_CLS", "False"),
+           ref="seesaw"),
     # diagnostics (only when named in --methods)
     Method("bags_long", "GroupSoftmax, fine-tune as long as the training", _tiny("bags"),
            base="softmax_rfs", length=1.0, diagnostic=True),
