@@ -1,0 +1,285 @@
+"""The stages of a recipe (:mod:`lvis_longtail.tools.recipe`) and how they run.
+
+A :class:`Stage` is one subprocess (``train_net.py``, ``pseudo_label``, the synthetic data
+generator) with its own folder. :func:`run_stages` runs the stages in order:
+
+* a stage whose folder holds ``recipe_done.json`` (the completeness marker, written
+  atomically after the stage's process exited 0, its outputs exist and its check passed)
+  and whose outputs still exist is skipped;
+* otherwise ``recipe_stage.json`` (what the stage consumes: config, weights, datasets, input
+  files, the command) is written first, then the command runs with its output appended to
+  ``log.txt``; a training stage whose folder already holds a checkpoint (``last_checkpoint``,
+  an interrupted earlier run) gets detectron2's ``--resume``;
+* a stage that exits non-zero, lacks an output or fails its check stops the pipeline:
+  :class:`StageFailed` names it (the exit status is kept, so 75, "preempted, resume me",
+  reaches the caller).
+
+Progress: before each stage, its number, name, estimate and the pipeline's remaining time;
+while it runs, at most every ``interval`` seconds, the iteration (or inference image) reached,
+the stage's elapsed time and both remaining times. Estimates are rescaled by the speed the
+finished stages showed against theirs.
+"""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+from lvis_longtail.utils.io import write_json_atomic
+
+__all__ = ["MARKER", "RECORD", "LOG", "Stage", "StageFailed", "run_stages", "run_subprocess"]
+
+MARKER = "recipe_done.json"
+RECORD = "recipe_stage.json"
+LOG = "log.txt"
+CHECKPOINT_POINTER = "last_checkpoint"  # detectron2's Checkpointer writes it in OUTPUT_DIR
+
+_ITER = re.compile(r"\biter: (\d+)\b")
+_INFERENCE = re.compile(r"Inference done (\d+)/(\d+)")
+
+
+class StageFailed(RuntimeError):
+    """A stage failed; ``stage`` is its name, ``returncode`` the exit status to report."""
+
+    def __init__(self, stage: str, message: str, returncode: int = 1):
+        super().__init__(f"stage '{stage}' failed: {message}")
+        self.stage = stage
+        self.returncode = returncode if returncode else 1
+
+
+@dataclass
+class Stage:
+    """One step of a pipeline.
+
+    Args:
+        name: short name (also the folder's suffix).
+        title: what the stage does, one line.
+        folder: its own output folder.
+        argv: the command up to its ``KEY VALUE`` options.
+        opts: the ``KEY VALUE`` config options (after ``--resume`` when resuming).
+        outputs: files that must exist when the stage is complete.
+        consumed: what it reads: ``config``, ``weights``, ``datasets``, ``inputs`` (paths).
+        resumable: detectron2 training (``--resume`` when a checkpoint is in ``folder``).
+        estimate_s: expected seconds (for the ETA).
+        total: iterations (training) or images (inference) for in-stage progress, or 0.
+        check: called after a successful run; raises ``ValueError`` when an output is wrong.
+        env: environment variables set for the command.
+        done_if_outputs: complete when the outputs exist, marker or not (shared inputs made
+            outside the recipe, e.g. the synthetic dataset).
+    """
+
+    name: str
+    title: str
+    folder: str
+    argv: List[str]
+    opts: List[str] = field(default_factory=list)
+    outputs: List[str] = field(default_factory=list)
+    consumed: Dict = field(default_factory=dict)
+    resumable: bool = False
+    estimate_s: float = 60.0
+    total: int = 0
+    check: Optional[Callable[[], None]] = None
+    env: Dict[str, str] = field(default_factory=dict)
+    done_if_outputs: bool = False
+
+    def missing_outputs(self) -> List[str]:
+        return [p for p in self.outputs if not os.path.exists(p)]
+
+    def is_complete(self) -> bool:
+        has_marker = os.path.isfile(os.path.join(self.folder, MARKER))
+        return (has_marker or self.done_if_outputs) and not self.missing_outputs()
+
+    def resumes(self) -> bool:
+        return self.resumable and os.path.isfile(os.path.join(self.folder, CHECKPOINT_POINTER))
+
+    def command(self) -> List[str]:
+        return list(self.argv) + (["--resume"] if self.resumes() else []) + list(self.opts)
+
+    def record(self) -> Dict:
+        return {"stage": self.name, "title": self.title, "folder": self.folder,
+                "command": shlex.join(self.command()), "env": self.env,
+                "outputs": self.outputs, **self.consumed}  # fmt: skip
+
+
+def run_subprocess(command: Sequence[str], env: Dict[str, str], log_path: str,
+                   on_line: Callable[[str], None]) -> int:  # fmt: skip
+    """Run ``command`` with ``env`` added to this process's environment, its stdout and
+    stderr appended to ``log_path`` and passed line by line to ``on_line``; its exit status.
+    Ctrl-C stops the child (it gets SIGINT from the terminal too) and re-raises."""
+    with open(log_path, "a", buffering=1) as log:
+        log.write(f"\n$ {shlex.join(command)}\n")
+        proc = subprocess.Popen(
+            list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **env}, bufsize=1, errors="replace",
+        )  # fmt: skip
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                on_line(line)
+            return proc.wait()
+        except BaseException:
+            proc.terminate()
+            proc.wait()
+            raise
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+class _Progress:
+    """Prints where the pipeline is and its ETA (module docstring)."""
+
+    def __init__(self, pipeline: str, stages: Sequence[Stage], out, clock, interval: float):
+        self.pipeline, self.stages, self.out, self.clock = pipeline, stages, out, clock
+        self.interval = interval
+        self.spent = self.estimated = 0.0  # seconds of finished runs, and their estimates
+
+    def speed(self) -> float:
+        """Actual over estimated seconds of the stages run so far (1 before any)."""
+        return self.spent / self.estimated if self.estimated > 0 else 1.0
+
+    def left_after(self, index: int) -> float:
+        todo = [s for s in self.stages[index + 1 :] if not s.is_complete()]
+        return sum(s.estimate_s for s in todo) * self.speed()
+
+    def start(self, index: int) -> None:
+        stage = self.stages[index]
+        self.index, self.begin, self.last = index, self.clock(), self.clock()
+        self.done = 0
+        est = stage.estimate_s * self.speed()
+        total = est + self.left_after(index)
+        self.out(f"[{self.pipeline} {index + 1}/{len(self.stages)}] {stage.name}: {stage.title}"
+                 f" (estimate {_minutes(est)}; pipeline ~{_minutes(total)} left)")  # fmt: skip
+        self.out(f"    folder {stage.folder}, log {os.path.join(stage.folder, LOG)}")
+
+    def line(self, text: str) -> None:
+        stage = self.stages[self.index]
+        m = _ITER.search(text)
+        if m:
+            self.done = int(m.group(1)) + 1  # detectron2 logs the 0-based iteration
+        m = _INFERENCE.search(text)
+        if m and not stage.resumable:
+            self.done, stage.total = int(m.group(1)), int(m.group(2))
+        now = self.clock()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        elapsed = now - self.begin
+        if stage.total and self.done:
+            frac = min(self.done / stage.total, 1.0)
+            stage_left = elapsed / frac - elapsed
+            where = f"{self.done}/{stage.total}"
+        else:
+            stage_left = max(stage.estimate_s * self.speed() - elapsed, 0.0)
+            where = "running"
+        left = stage_left + self.left_after(self.index)
+        self.out(f"[{self.pipeline} {self.index + 1}/{len(self.stages)}] {stage.name}: {where}, "
+                 f"{_minutes(elapsed)} elapsed, stage ~{_minutes(stage_left)} left, "
+                 f"pipeline ~{_minutes(left)} left")  # fmt: skip
+
+    def finish(self) -> float:
+        stage = self.stages[self.index]
+        elapsed = self.clock() - self.begin
+        self.spent += elapsed
+        self.estimated += stage.estimate_s
+        self.out(f"[{self.pipeline} {self.index + 1}/{len(self.stages)}] {stage.name}: done in "
+                 f"{_minutes(elapsed)} (estimate was {_minutes(stage.estimate_s)})")  # fmt: skip
+        return elapsed
+
+
+def _tail(path: str, lines: int = 25) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def run_stages(
+    pipeline: str,
+    stages: Sequence[Stage],
+    *,
+    dry_run: bool = False,
+    runner: Callable = run_subprocess,
+    out: Callable[[str], None] = print,
+    clock: Callable[[], float] = time.monotonic,
+    interval: float = 30.0,
+    verbose: bool = False,
+) -> Dict[str, float]:
+    """Run (or, with ``dry_run``, print) ``stages`` in order (module docstring).
+
+    Returns:
+        ``{stage name: seconds}`` of the stages that ran (0.0 for skipped ones).
+
+    Raises:
+        StageFailed: the first stage that failed, by name.
+    """
+    progress = _Progress(pipeline, stages, out, clock, interval)
+    times = {}
+    for i, stage in enumerate(stages):
+        head = f"[{pipeline} {i + 1}/{len(stages)}] {stage.name}"
+        if stage.is_complete():
+            out(f"{head}: complete, skipped ({stage.folder})")
+            _warn_if_changed(stage, out, head)
+            times[stage.name] = 0.0
+            continue
+        if dry_run:
+            state = "resume" if stage.resumes() else "run"
+            out(f"{head} ({state}): {stage.title}")
+            out(f"    {shlex.join(stage.command())}")
+            if stage.env:
+                out(f"    env: {' '.join(f'{k}={v}' for k, v in stage.env.items())}")
+            out(f"    writes: {', '.join(stage.outputs)}")
+            continue
+        os.makedirs(stage.folder, exist_ok=True)
+        if stage.resumes():
+            out(f"{head}: an interrupted run left a checkpoint; continuing it with --resume")
+        write_json_atomic(dict(stage.record(), started=time.time()),
+                          os.path.join(stage.folder, RECORD))  # fmt: skip
+        progress.start(i)
+        log = os.path.join(stage.folder, LOG)
+
+        def on_line(text, echo=verbose):
+            if echo:
+                sys.stdout.write(text)
+            progress.line(text)
+
+        rc = runner(stage.command(), stage.env, log, on_line)
+        if rc != 0:
+            out(_tail(log))
+            raise StageFailed(stage.name, f"exit status {rc}; log: {log}. Run the same command "
+                              "again to resume it.", rc)  # fmt: skip
+        missing = stage.missing_outputs()
+        if missing:
+            raise StageFailed(stage.name, f"finished without writing {', '.join(missing)}; "
+                              f"log: {log}")  # fmt: skip
+        if stage.check is not None:
+            try:
+                stage.check()
+            except ValueError as e:
+                raise StageFailed(stage.name, str(e)) from None
+        elapsed = progress.finish()
+        times[stage.name] = elapsed
+        write_json_atomic(dict(stage.record(), seconds=elapsed, finished=time.time()),
+                          os.path.join(stage.folder, MARKER))  # fmt: skip
+    return times
+
+
+def _warn_if_changed(stage: Stage, out, head: str) -> None:
+    """A skipped stage that recorded another command than the plan's: say so (its folder
+    must be removed to run it again with the new inputs)."""
+    try:
+        with open(os.path.join(stage.folder, MARKER)) as f:
+            recorded = json.load(f).get("command")
+    except (OSError, ValueError):
+        return
+    plain = shlex.join(list(stage.argv) + list(stage.opts))
+    if recorded is not None and recorded.replace(" --resume", "") != plain:
+        out(f"{head}: note: it was completed with another command than the plan's; delete "
+            f"{stage.folder} to run it again with the plan's inputs")  # fmt: skip
