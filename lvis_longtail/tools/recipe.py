@@ -88,7 +88,7 @@ SPEED = {True: {"mask": 1.2, "htc": 2.5, "infer": 0.08, "tta": 0.8, "start": 20.
 
 def _names(*names: str) -> str:
     """A tuple of dataset names as a config value (double quotes: readable on a shell line)."""
-    return "(" + ", ".join(json.dumps(n) for n in names) + ",)"
+    return "(" + ", ".join(json.dumps(n) for n in names) + ("," if len(names) == 1 else "") + ")"
 
 
 def _drop_solver(opts: Sequence[str]) -> List[str]:
@@ -99,9 +99,9 @@ def _drop_solver(opts: Sequence[str]) -> List[str]:
 
 def _config_iters(config: str, opts: Sequence[str]) -> int:
     """SOLVER.MAX_ITER of ``config`` (with its bases) after ``opts``."""
-    opts = list(opts)
-    if "SOLVER.MAX_ITER" in opts[::2]:
-        return int(opts[opts[::2].index("SOLVER.MAX_ITER") * 2 + 1])
+    given = [v for k, v in zip(opts[::2], opts[1::2]) if k == "SOLVER.MAX_ITER"]
+    if given:
+        return int(given[-1])  # yacs applies the options in order: the last one wins
     from detectron2.config import CfgNode
 
     solver = CfgNode.load_yaml_with_base(config, allow_unsafe=True).get("SOLVER") or {}

@@ -206,7 +206,7 @@ def run_stages(
     stages: Sequence[Stage],
     *,
     dry_run: bool = False,
-    runner: Callable = run_subprocess,
+    runner: Optional[Callable] = None,
     out: Callable[[str], None] = print,
     clock: Callable[[], float] = time.monotonic,
     interval: float = 30.0,
@@ -214,12 +214,17 @@ def run_stages(
 ) -> Dict[str, float]:
     """Run (or, with ``dry_run``, print) ``stages`` in order (module docstring).
 
+    Args:
+        runner: ``(command, env, log_path, on_line) -> exit status``; default
+            :func:`run_subprocess`.
+
     Returns:
         ``{stage name: seconds}`` of the stages that ran (0.0 for skipped ones).
 
     Raises:
         StageFailed: the first stage that failed, by name.
     """
+    runner = runner or run_subprocess
     progress = _Progress(pipeline, stages, out, clock, interval)
     times = {}
     for i, stage in enumerate(stages):
