@@ -51,18 +51,20 @@ CONFIGS: Dict[Tuple[str, bool], Dict[str, Tuple[str, Tuple[str, ...]]]] = {
     },
     ("lvis2020_1st", True): {
         "stage1": ("configs/tiny/mask_rcnn_R18_FPN_tiny_1st2020_stage1.yaml", _schedule(160)),
-        "selftrain": ("configs/tiny/mask_rcnn_R18_FPN_tiny_1st2020_stage1_selftrain.yaml",
-                      _schedule(160)),  # fmt: skip
+        "selftrain": (
+            "configs/tiny/mask_rcnn_R18_FPN_tiny_1st2020_stage1_selftrain.yaml",
+            _schedule(160),
+        ),
         "stage2": ("configs/tiny/mask_rcnn_R18_FPN_tiny_1st2020_stage2.yaml", _schedule(80, 10)),
         "tta": ("configs/tiny/mask_rcnn_R18_FPN_tiny_1st2020_tta.yaml", ()),
     },
-    # stand-ins until the entry's htc_lite_ResNeSt200_DCNv2_FPG_2x_mmdet2020_entry{,_dualhead,_tta}.yaml
+    # stand-ins until LVISv1/htc_lite_ResNeSt200_DCNv2_FPG_2x_mmdet2020_entry{,_dualhead,_tta}.yaml
     ("lvis2020_mmdet", False): {
         "model": ("configs/LVISv1/htc_lite_R50_FPN_1x_seesaw.yaml", ()),
         "dualhead": ("configs/LVISv1/htc_lite_R50_FPN_1x_seesaw_dualhead.yaml", ()),
         "tta": ("configs/LVISv1/htc_lite_R50_FPN_1x_seesaw_dualhead.yaml", _MMDET_TTA_LVIS),
     },
-    # stand-ins until the entry's configs/tiny/htc_lite_R18_FPG_tiny_mmdet2020_entry{,_dualhead,_tta}.yaml
+    # stand-ins until tiny/htc_lite_R18_FPG_tiny_mmdet2020_entry{,_dualhead,_tta}.yaml
     ("lvis2020_mmdet", True): {
         "model": ("configs/tiny/htc_lite_R18_FPN_tiny_seesaw.yaml", _schedule(200)),
         "dualhead": ("configs/tiny/htc_lite_R18_FPN_tiny_seesaw_dualhead.yaml", _schedule(100, 10)),
@@ -323,8 +325,9 @@ def summary_lines(stages: Sequence[Stage]) -> List[str]:
             if path.endswith("lvis_metrics.json") and os.path.isfile(path):
                 with open(path) as f:
                     m = json.load(f)
-                parts = [f"{t} AP {m[t]['AP']:.1f} (APr {m[t]['APr']:.1f}, APc {m[t]['APc']:.1f},"
-                         f" APf {m[t]['APf']:.1f})" for t in ("segm", "bbox") if t in m]  # fmt: skip
+                parts = [f"{t} AP {m[t]['AP']:.1f} (" + ", ".join(
+                    f"{c} {m[t][c]:.1f}" for c in ("APr", "APc", "APf")) + ")"
+                    for t in ("segm", "bbox") if t in m]  # fmt: skip
                 lines.append(f"  {stage.name}: val {'; '.join(parts)}")
             elif path.endswith("lvis_instances_results.json") and os.path.isfile(path):
                 lines.append(f"  test-dev results file (validated): {path}")
