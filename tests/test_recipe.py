@@ -69,6 +69,8 @@ def test_quick_plans_wire_each_stage_to_the_one_before(tmp_path):
                        "stage2", "tta_eval"]  # fmt: skip
     folders = [st.folder for st in stages]
     assert len(set(folders)) == 7 and all(f.startswith(out + os.sep) for f in folders)
+    assert os.path.basename(s["data"].folder) == "00_data"
+    assert os.path.basename(s["tta_eval"].folder) == "06_tta_eval"
     final = {n: os.path.join(s[n].folder, "model_final.pth") for n in s}
     for n in ("stage1", "stage1_selftrain", "stage2"):
         assert _opt(s[n], "OUTPUT_DIR") == s[n].folder and final[n] in s[n].outputs
@@ -112,6 +114,10 @@ def test_lvis_plan_uses_the_lvis_configs_gpus_and_extra_images(tmp_path):
                       "--extra-root", "x/img")  # fmt: skip
     s = _by_name(stages)
     assert "data" not in s
+    assert [os.path.basename(st.folder) for st in stages] == [
+        "01_stage1", "02_pseudo_train", "03_pseudo_extra", "04_stage1_selftrain", "05_stage2",
+        "06_tta_eval"]  # fmt: skip
+    assert s["stage1"].consumed["weights"] == "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
     for st in stages:
         assert st.argv[st.argv.index("--num-gpus") + 1] == "8"
         assert "/configs/LVISv1/" in st.argv[st.argv.index("--config-file") + 1]

@@ -84,8 +84,8 @@ EXTRA_PSEUDO = "recipe_extra_pseudo"  # the dataset name of the pseudo-labelled 
 
 # Seconds per training iteration / per test image on one device (2 CPU cores with --quick,
 # one GPU otherwise); the ETA rescales them by the speed the finished stages showed.
-SPEED = {True: {"mask": 1.2, "htc": 2.5, "infer": 0.08, "tta": 0.8, "start": 20.0},
-         False: {"mask": 2.4, "htc": 6.0, "infer": 0.4, "tta": 3.0, "start": 60.0}}  # fmt: skip
+SPEED = {True: {"mask": 0.9, "htc": 1.8, "infer": 0.25, "tta": 1.0, "start": 20.0},
+         False: {"mask": 2.4, "htc": 6.0, "infer": 0.15, "tta": 3.0, "start": 60.0}}  # fmt: skip
 
 
 def _names(*names: str) -> str:
@@ -99,15 +99,17 @@ def _drop_solver(opts: Sequence[str]) -> List[str]:
     return [x for k, v in pairs if not k.startswith("SOLVER.") for x in (k, v)]
 
 
-def _config_iters(config: str, opts: Sequence[str]) -> int:
-    """SOLVER.MAX_ITER of ``config`` (with its bases) after ``opts``."""
-    given = [v for k, v in zip(opts[::2], opts[1::2]) if k == "SOLVER.MAX_ITER"]
+def _config_value(config: str, opts: Sequence[str], key: str, default):
+    """``key`` (e.g. "SOLVER.MAX_ITER") of ``config`` with its bases, after ``opts``."""
+    given = [v for k, v in zip(opts[::2], opts[1::2]) if k == key]
     if given:
-        return int(given[-1])  # yacs applies the options in order: the last one wins
+        return type(default)(given[-1])  # yacs applies the options in order: the last wins
     from detectron2.config import CfgNode
 
-    solver = CfgNode.load_yaml_with_base(config, allow_unsafe=True).get("SOLVER") or {}
-    return int(solver.get("MAX_ITER", 40000))
+    node = CfgNode.load_yaml_with_base(config, allow_unsafe=True)
+    for part in key.split("."):
+        node = (node or {}).get(part)
+    return default if node is None else type(default)(node)
 
 
 class _Plan:
@@ -127,7 +129,9 @@ class _Plan:
         self.stages: List[Stage] = []
 
     def folder(self, name: str) -> str:
-        return os.path.join(self.out, f"{len(self.stages):02d}_{name}")
+        """``NN_name``: 00 for the data, then the stages' order from 01."""
+        n = 0 if name == "data" else 1 + sum(s.name != "data" for s in self.stages)
+        return os.path.join(self.out, f"{n:02d}_{name}")
 
     def config(self, role: str) -> Tuple[str, List[str]]:
         path, opts = self.configs[role]
@@ -173,14 +177,15 @@ class _Plan:
         if weights:
             opts += ["MODEL.WEIGHTS", weights]
         opts += self.iters_opts()
-        iters = _config_iters(config, opts)
+        iters = _config_value(config, opts, "SOLVER.MAX_ITER", 40000)  # detectron2's default
+        weights = _config_value(config, opts, "MODEL.WEIGHTS", "")
         estimate = self.speed["start"] + iters * self.speed[kind] / max(self.args.num_gpus, 1) \
             + self.data["sizes"][1] * self.speed["infer"]  # fmt: skip
         return self.add(Stage(
             name, title, folder,
             [sys.executable, str(REPO / "train_net.py"), "--config-file", config, *self.gpus()],
             opts, outputs=[os.path.join(folder, "model_final.pth"), self.metrics(folder)],
-            consumed={"config": config, "weights": weights or "(the config's MODEL.WEIGHTS)",
+            consumed={"config": config, "weights": weights,
                       "datasets": [self.data["train"], self.data["val"]], "inputs": list(inputs)},
             resumable=True, estimate_s=estimate, total=iters,
         ))  # fmt: skip
