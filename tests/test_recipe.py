@@ -95,7 +95,7 @@ def test_quick_plans_wire_each_stage_to_the_one_before(tmp_path):
     for st in stages:  # every stage sees the data root and the configs of this checkout
         assert st.env["DETECTRON2_DATASETS"] == str(tmp_path / "data")
     assert s["stage1"].argv[2:4] == ["--config-file", str(REPO / CONFIGS[("lvis2020_1st", True)]["stage1"][0])]  # fmt: skip  # noqa: E501
-    assert _opt(s["stage1"], "SOLVER.MAX_ITER") == "160" and s["stage1"].total == 160
+    assert "SOLVER.MAX_ITER" not in s["stage1"].opts and s["stage1"].total == 300  # the config's
 
     _, mmdet = _plan(tmp_path, "lvis2020_mmdet", "--quick", "--iters", "2")
     m = _by_name(mmdet)
@@ -287,3 +287,20 @@ def test_quick_pipeline_end_to_end_with_two_iterations(tmp_path, name, capsys):
     assert "test-dev results file (validated)" in out and "tta_eval: val segm AP" in out
     assert recipe.main(argv) == 0  # everything complete: skipped
     assert capsys.readouterr().out.count("complete, skipped") == len(stages)
+
+
+def test_progress_adds_up_the_inference_of_several_test_sets(tmp_path):
+    now = [0.0]
+    stage = Stage("eval", "two sets", str(tmp_path / "e"), ["true"], estimate_s=60.0, total=200)
+
+    def runner(command, env, log, on_line):
+        for t, text in ((30.0, "Inference done 150/150. Total"), (40.0, "Inference done 25/50.")):
+            now[0] = t
+            on_line(f"[d2] {text}\n")
+        return 0
+
+    lines = []
+    run_stages("p", [stage], runner=runner, out=lines.append, clock=lambda: now[0], interval=0)
+    assert "[p 1/1] eval: 150/200, 0.5 min elapsed, stage ~0.2 min left" in lines[2]
+    # 175 of 200 images in 40 s: 40 / 175 * 25 s more
+    assert f"[p 1/1] eval: 175/200, 0.7 min elapsed, stage ~{40 / 175 * 25 / 60:.1f} min left" in lines[3]  # fmt: skip  # noqa: E501

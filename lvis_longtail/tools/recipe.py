@@ -41,7 +41,8 @@ _MMDET_TTA_LVIS = ("TEST.AUG.ENABLED", "True", "TEST.AUG.FLIP", "True", "TEST.AU
 _MMDET_TTA_TINY = ("TEST.AUG.ENABLED", "True", "TEST.AUG.FLIP", "True",
                    "TEST.AUG.SCALES", "[[128, 192], [160, 240], [192, 320]]")  # fmt: skip
 
-# Each stage's config and extra KEY VALUE options, per (pipeline, quick).
+# Each stage's config and extra KEY VALUE options, per (pipeline, quick). The tiny configs
+# keep their own schedules (300 iterations; 100 for stage 2), the tiny dual-head 150.
 CONFIGS: Dict[Tuple[str, bool], Dict[str, Tuple[str, Tuple[str, ...]]]] = {
     ("lvis2020_1st", False): {
         "stage1": ("configs/LVISv1/mask_rcnn_R50_FPN_1st2020_stage1.yaml", ()),
@@ -50,12 +51,9 @@ CONFIGS: Dict[Tuple[str, bool], Dict[str, Tuple[str, Tuple[str, ...]]]] = {
         "tta": ("configs/LVISv1/mask_rcnn_R50_FPN_1st2020_tta.yaml", ()),
     },
     ("lvis2020_1st", True): {
-        "stage1": ("configs/tiny/mask_rcnn_R18_FPN_tiny_1st2020_stage1.yaml", _schedule(160)),
-        "selftrain": (
-            "configs/tiny/mask_rcnn_R18_FPN_tiny_1st2020_stage1_selftrain.yaml",
-            _schedule(160),
-        ),
-        "stage2": ("configs/tiny/mask_rcnn_R18_FPN_tiny_1st2020_stage2.yaml", _schedule(80, 10)),
+        "stage1": ("configs/tiny/mask_rcnn_R18_FPN_tiny_1st2020_stage1.yaml", ()),
+        "selftrain": ("configs/tiny/mask_rcnn_R18_FPN_tiny_1st2020_stage1_selftrain.yaml", ()),
+        "stage2": ("configs/tiny/mask_rcnn_R18_FPN_tiny_1st2020_stage2.yaml", ()),
         "tta": ("configs/tiny/mask_rcnn_R18_FPN_tiny_1st2020_tta.yaml", ()),
     },
     # stand-ins until LVISv1/htc_lite_ResNeSt200_DCNv2_FPG_2x_mmdet2020_entry{,_dualhead,_tta}.yaml
@@ -66,8 +64,8 @@ CONFIGS: Dict[Tuple[str, bool], Dict[str, Tuple[str, Tuple[str, ...]]]] = {
     },
     # stand-ins until tiny/htc_lite_R18_FPG_tiny_mmdet2020_entry{,_dualhead,_tta}.yaml
     ("lvis2020_mmdet", True): {
-        "model": ("configs/tiny/htc_lite_R18_FPN_tiny_seesaw.yaml", _schedule(200)),
-        "dualhead": ("configs/tiny/htc_lite_R18_FPN_tiny_seesaw_dualhead.yaml", _schedule(100, 10)),
+        "model": ("configs/tiny/htc_lite_R18_FPN_tiny_seesaw.yaml", ()),
+        "dualhead": ("configs/tiny/htc_lite_R18_FPN_tiny_seesaw_dualhead.yaml", _schedule(150, 10)),
         "tta": ("configs/tiny/htc_lite_R18_FPN_tiny_seesaw_dualhead.yaml", _MMDET_TTA_TINY),
     },
 }
@@ -246,7 +244,7 @@ class _Plan:
             consumed={"config": config, "weights": weights,
                       "datasets": [self.data["val"], self.data["test"]], "inputs": [weights]},
             estimate_s=self.speed["start"] + images * self.speed["tta"] / self.args.num_gpus,
-            check=check,
+            total=images, check=check,
         ))  # fmt: skip
 
 

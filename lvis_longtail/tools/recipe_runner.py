@@ -151,7 +151,7 @@ class _Progress:
     def start(self, index: int) -> None:
         stage = self.stages[index]
         self.index, self.begin, self.last = index, self.clock(), self.clock()
-        self.done = 0
+        self.done = self.offset = self.set_size = 0
         est = stage.estimate_s * self.speed()
         total = est + self.left_after(index)
         self.out(f"[{self.pipeline} {index + 1}/{len(self.stages)}] {stage.name}: {stage.title}"
@@ -164,8 +164,13 @@ class _Progress:
         if m:
             self.done = int(m.group(1)) + 1  # detectron2 logs the 0-based iteration
         m = _INFERENCE.search(text)
-        if m and not stage.resumable:
-            self.done, stage.total = int(m.group(1)), int(m.group(2))
+        if m and not stage.resumable:  # one count per test set: add up the sets seen
+            done, size = int(m.group(1)), int(m.group(2))
+            if self.set_size and size != self.set_size:
+                self.offset += self.set_size
+            self.set_size = size
+            self.done = self.offset + done
+            stage.total = max(stage.total, self.offset + size)
         now = self.clock()
         if now - self.last < self.interval:
             return
