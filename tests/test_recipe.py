@@ -95,7 +95,8 @@ def test_quick_plans_wire_each_stage_to_the_one_before(tmp_path):
     for st in stages:  # every stage sees the data root and the configs of this checkout
         assert st.env["DETECTRON2_DATASETS"] == str(tmp_path / "data")
     assert s["stage1"].argv[2:4] == ["--config-file", str(REPO / CONFIGS[("lvis2020_1st", True)]["stage1"][0])]  # fmt: skip  # noqa: E501
-    assert "SOLVER.MAX_ITER" not in s["stage1"].opts and s["stage1"].total == 300  # the config's
+    assert _opt(s["stage1"], "SOLVER.MAX_ITER") == "200" and s["stage1"].total == 200
+    assert "SOLVER.MAX_ITER" not in s["stage2"].opts and s["stage2"].total == 100  # the config's
 
     _, mmdet = _plan(tmp_path, "lvis2020_mmdet", "--quick", "--iters", "2")
     m = _by_name(mmdet)
@@ -282,7 +283,9 @@ def test_quick_pipeline_end_to_end_with_two_iterations(tmp_path, name, capsys):
     results = stages[-1].outputs[1]
     split = read_json(str(data / "lt_synthetic" / "annotations" / "lt_synthetic_test_dev.json"))
     records = load_lvis_results(results, split, max_dets=300, required=("bbox", "segmentation"))
-    assert records and {r["image_id"] for r in records} <= {i["id"] for i in split["images"]}
+    assert {r["image_id"] for r in records} <= {i["id"] for i in split["images"]}
+    if name == "lvis2020_1st":  # EQL's sigmoid scores start at its prior 0.001, above the test
+        assert records  # threshold 1e-4; Seesaw's may all be below it after 2 iterations
     out = capsys.readouterr().out
     assert "test-dev results file (validated)" in out and "tta_eval: val segm AP" in out
     assert recipe.main(argv) == 0  # everything complete: skipped
