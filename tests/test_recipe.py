@@ -307,3 +307,18 @@ def test_progress_adds_up_the_inference_of_several_test_sets(tmp_path):
     assert "[p 1/1] eval: 150/200, 0.5 min elapsed, stage ~0.2 min left" in lines[2]
     # 175 of 200 images in 40 s: 40 / 175 * 25 s more
     assert f"[p 1/1] eval: 175/200, 0.7 min elapsed, stage ~{40 / 175 * 25 / 60:.1f} min left" in lines[3]  # fmt: skip  # noqa: E501
+
+
+def test_summary_lines_give_each_stage_val_ap_and_the_results_file(tmp_path):
+    metrics = tmp_path / "a" / "lvis_metrics.json"
+    metrics.parent.mkdir()
+    task = {"AP": 12.34, "APr": 1.0, "APc": 2.06, "APf": 30.0}
+    metrics.write_text(json.dumps({"segm": task, "bbox": dict(task, AP=20.0)}))
+    results = tmp_path / "lvis_instances_results.json"
+    results.write_text("[]")
+    stage = Stage("s2", "t", str(tmp_path), ["true"], outputs=[str(metrics), str(results)])
+    assert recipe_runner.summary_lines([stage]) == [
+        "  s2: val segm AP 12.3 (APr 1.0, APc 2.1, APf 30.0); bbox AP 20.0 (APr 1.0, APc 2.1, "
+        "APf 30.0)",
+        f"  test-dev results file (validated): {results}",
+    ]

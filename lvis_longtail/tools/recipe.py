@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-from lvis_longtail.tools.recipe_runner import Stage, StageFailed, run_stages
+from lvis_longtail.tools.recipe_runner import Stage, StageFailed, run_stages, summary_lines
 from lvis_longtail.utils.io import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[2]
@@ -323,23 +323,6 @@ def check_synthetic(folder: str) -> None:
                           "was made with, or use another --data-root")  # fmt: skip
 
 
-def summary_lines(stages: Sequence[Stage]) -> List[str]:
-    """Each evaluated stage's val AP (segm, bbox) and the test-dev results file."""
-    lines = []
-    for stage in stages:
-        for path in stage.outputs:
-            if path.endswith("lvis_metrics.json") and os.path.isfile(path):
-                with open(path) as f:
-                    m = json.load(f)
-                parts = [f"{t} AP {m[t]['AP']:.1f} (" + ", ".join(
-                    f"{c} {m[t][c]:.1f}" for c in ("APr", "APc", "APf")) + ")"
-                    for t in ("segm", "bbox") if t in m]  # fmt: skip
-                lines.append(f"  {stage.name}: val {'; '.join(parts)}")
-            elif path.endswith("lvis_instances_results.json") and os.path.isfile(path):
-                lines.append(f"  test-dev results file (validated): {path}")
-    return lines
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -384,6 +367,10 @@ def main(argv=None) -> int:
     except StageFailed as e:
         print(f"recipe {args.name}: {e}", file=sys.stderr, flush=True)
         return e.returncode
+    except KeyboardInterrupt:
+        print(f"recipe {args.name}: interrupted; run the same command to resume",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return 130
     if not args.dry_run:
         total = sum(times.values())
         lines = summary_lines(stages)

@@ -32,7 +32,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from lvis_longtail.utils.io import write_json_atomic
 
-__all__ = ["MARKER", "RECORD", "LOG", "Stage", "StageFailed", "run_stages", "run_subprocess"]
+__all__ = ["MARKER", "RECORD", "LOG", "Stage", "StageFailed", "run_stages", "run_subprocess",
+           "summary_lines"]  # fmt: skip
 
 MARKER = "recipe_done.json"
 RECORD = "recipe_stage.json"
@@ -67,7 +68,8 @@ class Stage:
         resumable: detectron2 training (``--resume`` when a checkpoint is in ``folder``).
         estimate_s: expected seconds (for the ETA).
         total: iterations (training) or images (inference) for in-stage progress, or 0.
-        check: called after a successful run; raises ``ValueError`` when an output is wrong.
+        check: called after a successful run; raises ``ValueError`` (or ``OSError``) when an
+            output is wrong.
         env: environment variables set for the command.
         done_if_outputs: complete when the outputs exist, marker or not (shared inputs made
             outside the recipe, e.g. the synthetic dataset).
@@ -272,7 +274,7 @@ def run_stages(
         if stage.check is not None:
             try:
                 stage.check()
-            except ValueError as e:
+            except (ValueError, OSError) as e:
                 raise StageFailed(stage.name, str(e)) from None
         elapsed = progress.finish()
         times[stage.name] = elapsed
@@ -293,3 +295,20 @@ def _warn_if_changed(stage: Stage, out, head: str) -> None:
     if recorded is not None and recorded.replace(" --resume", "") != plain:
         out(f"{head}: note: it was completed with another command than the plan's; delete "
             f"{stage.folder} to run it again with the plan's inputs")  # fmt: skip
+
+
+def summary_lines(stages: Sequence[Stage]) -> List[str]:
+    """Each evaluated stage's val AP (segm, bbox) and the test-dev results file."""
+    lines = []
+    for stage in stages:
+        for path in stage.outputs:
+            if path.endswith("lvis_metrics.json") and os.path.isfile(path):
+                with open(path) as f:
+                    m = json.load(f)
+                parts = [f"{t} AP {m[t]['AP']:.1f} (" + ", ".join(
+                    f"{c} {m[t][c]:.1f}" for c in ("APr", "APc", "APf")) + ")"
+                    for t in ("segm", "bbox") if t in m]  # fmt: skip
+                lines.append(f"  {stage.name}: val {'; '.join(parts)}")
+            elif path.endswith("lvis_instances_results.json") and os.path.isfile(path):
+                lines.append(f"  test-dev results file (validated): {path}")
+    return lines
