@@ -322,3 +322,23 @@ def test_summary_lines_give_each_stage_val_ap_and_the_results_file(tmp_path):
         "APf 30.0)",
         f"  test-dev results file (validated): {results}",
     ]
+
+
+def test_sigterm_reaches_the_stage_which_exits_75(tmp_path):
+    """A scheduler's SIGTERM to the recipe reaches the running stage (train_net.py saves a
+    checkpoint and exits 75 on it); its status comes back and the handler is restored."""
+    import signal
+
+    code = ("import signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(30)\n")  # fmt: skip
+    before = signal.getsignal(signal.SIGTERM)
+
+    def on_line(text):
+        if text == "ready\n":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    command = [sys.executable, "-c", code]
+    rc = recipe_runner.run_subprocess(command, {}, str(tmp_path / "log.txt"), on_line)
+    assert rc == 75 and signal.getsignal(signal.SIGTERM) is before

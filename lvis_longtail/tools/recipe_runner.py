@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -112,13 +113,17 @@ def run_subprocess(command: Sequence[str], env: Dict[str, str], log_path: str,
                    on_line: Callable[[str], None]) -> int:  # fmt: skip
     """Run ``command`` with ``env`` added to this process's environment, its stdout and
     stderr appended to ``log_path`` and passed line by line to ``on_line``; its exit status.
-    Ctrl-C stops the child (it gets SIGINT from the terminal too) and re-raises."""
+
+    SIGTERM and SIGUSR1 sent to this process are passed on to the command (``train_net.py``
+    then saves a checkpoint and exits 75, which the caller reports); Ctrl-C stops it (it gets
+    SIGINT from the terminal too) and re-raises."""
     with open(log_path, "a", buffering=1) as log:
         log.write(f"\n$ {shlex.join(command)}\n")
         proc = subprocess.Popen(
             list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **env}, bufsize=1, errors="replace",
         )  # fmt: skip
+        previous = _forward_signals(proc)
         try:
             for line in proc.stdout:
                 log.write(line)
@@ -128,6 +133,21 @@ def run_subprocess(command: Sequence[str], env: Dict[str, str], log_path: str,
             proc.terminate()
             proc.wait()
             raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _forward_signals(proc) -> Dict:
+    """Handlers passing SIGTERM / SIGUSR1 on to ``proc``; the handlers they replace (none
+    outside the main thread, where Python cannot install any)."""
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            previous[sig] = signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
+        except ValueError:  # not the main thread
+            break
+    return previous
 
 
 def _minutes(seconds: float) -> str:
