@@ -342,3 +342,18 @@ def test_sigterm_reaches_the_stage_which_exits_75(tmp_path):
     command = [sys.executable, "-c", code]
     rc = recipe_runner.run_subprocess(command, {}, str(tmp_path / "log.txt"), on_line)
     assert rc == 75 and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_progress_of_a_resumed_stage_counts_from_its_first_iteration(tmp_path):
+    now = [0.0]
+    stage = Stage("train", "t", str(tmp_path / "a"), ["true"], resumable=True, total=100)
+
+    def runner(command, env, log, on_line):
+        on_line("[d2] Starting training from iteration 60\n")
+        now[0] = 30.0
+        on_line("eta: 0:00:30  iter: 79  total_loss: 1.0\n")  # 20 of the 40 left in 30 s
+        return 0
+
+    lines = []
+    run_stages("p", [stage], runner=runner, out=lines.append, clock=lambda: now[0], interval=0)
+    assert "[p 1/1] train: 80/100, 0.5 min elapsed, stage ~0.5 min left" in "\n".join(lines)

@@ -43,6 +43,7 @@ CHECKPOINT_POINTER = "last_checkpoint"  # detectron2's Checkpointer writes it in
 
 _ITER = re.compile(r"\biter: (\d+)\b")
 _INFERENCE = re.compile(r"Inference done (\d+)/(\d+)")
+_START = re.compile(r"Starting training from iteration (\d+)")  # detectron2, after --resume
 
 
 class StageFailed(RuntimeError):
@@ -173,7 +174,7 @@ class _Progress:
     def start(self, index: int) -> None:
         stage = self.stages[index]
         self.index, self.begin, self.last = index, self.clock(), self.clock()
-        self.done = self.offset = self.set_size = 0
+        self.done = self.offset = self.set_size = self.first = 0  # first: a resumed run's start
         est = stage.estimate_s * self.speed()
         total = est + self.left_after(index)
         self.out(f"[{self.pipeline} {index + 1}/{len(self.stages)}] {stage.name}: {stage.title}"
@@ -182,6 +183,9 @@ class _Progress:
 
     def line(self, text: str) -> None:
         stage = self.stages[self.index]
+        m = _START.search(text)
+        if m:
+            self.first = self.done = int(m.group(1))
         m = _ITER.search(text)
         if m:
             self.done = int(m.group(1)) + 1  # detectron2 logs the 0-based iteration
@@ -198,8 +202,8 @@ class _Progress:
             return
         self.last = now
         elapsed = now - self.begin
-        if stage.total and self.done:
-            frac = min(self.done / stage.total, 1.0)
+        if stage.total and self.done > self.first:
+            frac = min((self.done - self.first) / (stage.total - self.first), 1.0)
             stage_left = elapsed / frac - elapsed
             where = f"{self.done}/{stage.total}"
         else:
