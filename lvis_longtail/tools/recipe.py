@@ -86,7 +86,7 @@ EXTRA_PSEUDO = "recipe_extra_pseudo"  # the dataset name of the pseudo-labelled 
 
 # Seconds per training iteration / per test image on one device (2 CPU cores with --quick,
 # one GPU otherwise); the ETA rescales them by the speed the finished stages showed.
-SPEED = {True: {"mask": 0.9, "htc": 1.8, "infer": 0.25, "tta": 1.0, "start": 20.0},
+SPEED = {True: {"mask": 0.5, "htc": 0.9, "infer": 0.15, "tta": 1.0, "start": 20.0},
          False: {"mask": 2.4, "htc": 6.0, "infer": 0.15, "tta": 3.0, "start": 60.0}}  # fmt: skip
 
 
