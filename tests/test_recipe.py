@@ -164,8 +164,10 @@ def test_a_rerun_skips_complete_stages_and_reruns_one_whose_output_is_gone(tmp_p
         assert record["datasets"] == st.consumed["datasets"]
     lines = []
     runner.calls.clear()
-    run_stages("p", stages, runner=runner, out=lines.append)
+    seconds = run_stages("p", stages, runner=runner, out=lines.append)
     assert runner.calls == [] and sum("complete, skipped" in x for x in lines) == 4
+    assert seconds == {s.name: json.loads(open(os.path.join(s.folder, MARKER)).read())["seconds"]
+                       for s in stages}  # fmt: skip
     os.remove(stages[2].outputs[0])  # dualhead's model_final.pth
     run_stages("p", stages, runner=runner, out=lambda s: None)
     assert [c[0] for c in runner.calls] == ["dualhead"]

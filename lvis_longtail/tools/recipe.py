@@ -375,7 +375,7 @@ def main(argv=None) -> int:
     if not args.dry_run:
         total = sum(times.values())
         lines = summary_lines(stages)
-        print(f"recipe {args.name}: finished ({total / 60:.1f} min in the stages run now)")
+        print(f"recipe {args.name}: finished ({total / 60:.1f} min in the stages)")
         print("\n".join(lines), flush=True)
         write_json_atomic({"seconds": times, "summary": lines},
                           os.path.join(out, "recipe_summary.json"))  # fmt: skip

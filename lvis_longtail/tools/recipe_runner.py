@@ -250,7 +250,7 @@ def run_stages(
             :func:`run_subprocess`.
 
     Returns:
-        ``{stage name: seconds}`` of the stages that ran (0.0 for skipped ones).
+        ``{stage name: seconds}``: of this run, or as recorded by a skipped stage's marker.
 
     Raises:
         StageFailed: the first stage that failed, by name.
@@ -262,8 +262,7 @@ def run_stages(
         head = f"[{pipeline} {i + 1}/{len(stages)}] {stage.name}"
         if stage.is_complete():
             out(f"{head}: complete, skipped ({stage.folder})")
-            _warn_if_changed(stage, out, head)
-            times[stage.name] = 0.0
+            times[stage.name] = _warn_if_changed(stage, out, head)
             continue
         if dry_run:
             state = "resume" if stage.resumes() else "run"
@@ -307,18 +306,21 @@ def run_stages(
     return times
 
 
-def _warn_if_changed(stage: Stage, out, head: str) -> None:
+def _warn_if_changed(stage: Stage, out, head: str) -> float:
     """A skipped stage that recorded another command than the plan's: say so (its folder
-    must be removed to run it again with the new inputs)."""
+    must be removed to run it again with the new inputs). Returns the seconds its marker
+    recorded (0 without one)."""
     try:
         with open(os.path.join(stage.folder, MARKER)) as f:
-            recorded = json.load(f).get("command")
+            done = json.load(f)
     except (OSError, ValueError):
-        return
+        return 0.0
+    recorded = done.get("command")
     plain = shlex.join(list(stage.argv) + list(stage.opts))
     if recorded is not None and recorded.replace(" --resume", "") != plain:
         out(f"{head}: note: it was completed with another command than the plan's; delete "
             f"{stage.folder} to run it again with the plan's inputs")  # fmt: skip
+    return float(done.get("seconds", 0.0))
 
 
 def summary_lines(stages: Sequence[Stage]) -> List[str]:
