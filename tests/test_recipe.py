@@ -10,7 +10,9 @@ import sys
 
 import pytest
 from conftest import REPO
+from detectron2.config import get_cfg
 
+from lvis_longtail.config import add_longtail_config
 from lvis_longtail.tools import recipe, recipe_runner
 from lvis_longtail.tools.recipe import CONFIGS, build_plan, parse_args
 from lvis_longtail.tools.recipe_runner import MARKER, RECORD, Stage, StageFailed, run_stages
@@ -103,7 +105,11 @@ def test_quick_plans_wire_each_stage_to_the_one_before(tmp_path):
     assert list(m) == ["data", "model", "dualhead", "tta_eval"]
     assert _opt(m["dualhead"], "MODEL.WEIGHTS") == os.path.join(m["model"].folder, "model_final.pth")  # fmt: skip  # noqa: E501
     assert _opt(m["tta_eval"], "MODEL.WEIGHTS") == os.path.join(m["dualhead"].folder, "model_final.pth")  # fmt: skip  # noqa: E501
-    assert _opt(m["tta_eval"], "TEST.AUG.ENABLED") == "True"
+    tta_config = CONFIGS[("lvis2020_mmdet", True)]["tta"][0]
+    assert m["tta_eval"].argv[2:4] == ["--config-file", str(REPO / tta_config)]
+    cfg = add_longtail_config(get_cfg())
+    cfg.merge_from_file(str(REPO / tta_config))
+    assert cfg.TEST.AUG.ENABLED and cfg.MODEL.ROI_BOX_HEAD.TSD.ENABLED
     # --iters: the last SOLVER.MAX_ITER wins (yacs applies options in order)
     opts = m["model"].opts
     assert opts[len(opts) - 1 - opts[::-1].index("SOLVER.MAX_ITER") + 1] == "2"

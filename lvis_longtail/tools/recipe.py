@@ -35,12 +35,6 @@ def _schedule(iters: int, warmup: int = 50) -> Tuple[str, ...]:
             "SOLVER.WARMUP_ITERS", str(warmup), "SOLVER.CHECKPOINT_PERIOD", str(iters // 2))  # fmt: skip  # noqa: E501
 
 
-_MMDET_TTA_LVIS = ("TEST.AUG.ENABLED", "True", "TEST.AUG.FLIP", "True", "TEST.AUG.SCALES",
-                   "[[1200, 2000], [1400, 2333], [1600, 2667], [1800, 3000], [2000, 3333]]",
-                   "TEST.AUG.MASK_CHUNK_SIZE", "50")  # fmt: skip
-_MMDET_TTA_TINY = ("TEST.AUG.ENABLED", "True", "TEST.AUG.FLIP", "True",
-                   "TEST.AUG.SCALES", "[[128, 192], [192, 288]]")  # fmt: skip
-
 # Each stage's config and extra KEY VALUE options, per (pipeline, quick). --quick shortens
 # the stage-1 runs to 200 iterations and the dual-head fine-tune to 100 (the entry's tiny
 # model keeps its 300, stage 2 its 100).
@@ -60,17 +54,21 @@ CONFIGS: Dict[Tuple[str, bool], Dict[str, Tuple[str, Tuple[str, ...]]]] = {
         "stage2": ("configs/tiny/mask_rcnn_R18_FPN_tiny_1st2020_stage2.yaml", ()),
         "tta": ("configs/tiny/mask_rcnn_R18_FPN_tiny_1st2020_tta.yaml", ()),
     },
-    # stand-ins until LVISv1/htc_lite_ResNeSt200_DCNv2_FPG_2x_mmdet2020_entry{,_dualhead,_tta}.yaml
     ("lvis2020_mmdet", False): {
-        "model": ("configs/LVISv1/htc_lite_R50_FPN_1x_seesaw.yaml", ()),
-        "dualhead": ("configs/LVISv1/htc_lite_R50_FPN_1x_seesaw_dualhead.yaml", ()),
-        "tta": ("configs/LVISv1/htc_lite_R50_FPN_1x_seesaw_dualhead.yaml", _MMDET_TTA_LVIS),
+        "model": ("configs/LVISv1/htc_lite_ResNeSt200_DCNv2_FPG_2x_mmdet2020_entry.yaml", ()),
+        "dualhead": (
+            "configs/LVISv1/htc_lite_ResNeSt200_DCNv2_FPG_2x_mmdet2020_entry_dualhead.yaml",
+            (),
+        ),
+        "tta": ("configs/LVISv1/htc_lite_ResNeSt200_DCNv2_FPG_2x_mmdet2020_entry_tta.yaml", ()),
     },
-    # stand-ins until tiny/htc_lite_R18_FPG_tiny_mmdet2020_entry{,_dualhead,_tta}.yaml
     ("lvis2020_mmdet", True): {
-        "model": ("configs/tiny/htc_lite_R18_FPN_tiny_seesaw.yaml", ()),
-        "dualhead": ("configs/tiny/htc_lite_R18_FPN_tiny_seesaw_dualhead.yaml", _schedule(100, 10)),
-        "tta": ("configs/tiny/htc_lite_R18_FPN_tiny_seesaw_dualhead.yaml", _MMDET_TTA_TINY),
+        "model": ("configs/tiny/htc_lite_R18_FPG_tiny_mmdet2020_entry.yaml", ()),
+        "dualhead": (
+            "configs/tiny/htc_lite_R18_FPG_tiny_mmdet2020_entry_dualhead.yaml",
+            _schedule(100, 10),
+        ),
+        "tta": ("configs/tiny/htc_lite_R18_FPG_tiny_mmdet2020_entry_tta.yaml", ()),
     },
 }
 PIPELINES = ("lvis2020_1st", "lvis2020_mmdet")
