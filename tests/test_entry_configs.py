@@ -61,7 +61,13 @@ def entry_parts(cfg, model) -> dict:
         "DCNv2 backbone": isinstance(model.backbone.bottom_up, TimmBackbone)
         and has(model.backbone.bottom_up, TimmDeformConv2d),
         "Seesaw in all stages": all(isinstance(p.cls_loss, SeesawLoss) for p in predictors),
-        "repeat-factor sampling": cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler",
+        # The entry trained with a random sampler; RFS only in the dual-head fine-tune.
+        "sampler as the entry": cfg.DATALOADER.SAMPLER_TRAIN
+        == (
+            "RepeatFactorTrainingSampler"
+            if cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED
+            else "TrainingSampler"
+        ),
     }
 
 
