@@ -56,10 +56,7 @@ class LongTailCascadeROIHeads(CascadeROIHeads, LongTailROIHeads):
             predictions = self._run_stage(features, proposals, k)
             prev_pred_boxes = predictor.predict_boxes(predictions, proposals)
             scores_per_stage.append(predictor.predict_probs(predictions, proposals))
-        scores = [
-            sum(list(per_image)) * (1.0 / self.num_cascade_stages)
-            for per_image in zip(*scores_per_stage)
-        ]
+        scores = self._mean_over_stages(scores_per_stage)
         pred_instances, _ = predictor.postprocess(prev_pred_boxes, scores, image_sizes)
         return pred_instances
 
@@ -91,8 +88,12 @@ class LongTailCascadeROIHeads(CascadeROIHeads, LongTailROIHeads):
         per_stage = [
             t.predictor.predict_probs(s[0].predictions, s[2]) for t, s in zip(self.tsd_head, stages)
         ]
-        scores = [sum(list(x)) * (1.0 / self.num_cascade_stages) for x in zip(*per_stage)]
+        scores = self._mean_over_stages(per_stage)
         return self.tsd_head[-1].predictor.postprocess(boxes, scores, image_sizes)[0]
+
+    def _mean_over_stages(self, per_stage):
+        """Per image, the stages' probabilities averaged (detectron2's cascade inference)."""
+        return [sum(list(x)) * (1.0 / self.num_cascade_stages) for x in zip(*per_stage)]
 
     def _stage_prepare(self, proposals) -> Callable[[torch.Tensor], torch.Tensor]:
         """What a TSD stage applies to its pooled features: detectron2's gradient scale of
