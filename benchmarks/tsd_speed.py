@@ -15,8 +15,6 @@ a ratio TSD / plain. Bar: <= 2.5x.
 
 import argparse
 import os
-import statistics
-import time
 
 # isort: off
 import lvis_longtail  # noqa: F401  (first: compat layer for detectron2 0.6)
@@ -26,6 +24,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from timing import median_times
 
 from lvis_longtail.engine import setup_cfg
 
@@ -72,18 +71,13 @@ def _inputs(cfg, size, rois_per_image, images, device, seed=0):
     return feats, proposals
 
 
-def _step(heads, feats, proposals, device) -> float:
+def _step(heads, feats, proposals) -> None:
+    """One forward + backward of the box branch alone."""
     for f in feats.values():
         f.grad = None
     heads.zero_grad(set_to_none=True)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
     losses = heads._forward_box(feats, proposals)
     sum(losses.values()).backward()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main(argv=None):
@@ -103,14 +97,12 @@ def main(argv=None):
     }
     cfg = models["plain"][1]
     feats, proposals = _inputs(cfg, size, rois, args.images, args.device)
-    times = {name: [] for name in models}
+    fns = {name: (lambda h=m[0]: _step(h, feats, proposals)) for name, m in models.items()}
     with EventStorage(0):
-        for it in range(args.warmup + args.iters):
-            for name, (heads, _) in models.items():
-                t = _step(heads, feats, proposals, args.device)
-                if it >= args.warmup:
-                    times[name].append(t)
-    med = {name: statistics.median(v) * 1000 for name, v in times.items()}
+        for _ in range(max(args.warmup - 1, 0)):  # median_times warms up once more
+            for fn in fns.values():
+                fn()
+        med = {name: t * 1000 for name, t in median_times(fns, args.iters, args.device).items()}
     k = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     threads = torch.get_num_threads()
     print(f"box branch forward + backward, {args.preset} ({config}), K = {k}, "
