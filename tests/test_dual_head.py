@@ -117,6 +117,7 @@ def test_copy_initialisation_only_when_the_checkpoint_has_no_new_branch(tmp_path
 @pytest.mark.parametrize("config", [SEESAW, CASCADE])
 def test_only_the_new_branches_train(config):
     cfg = tiny_cfg(8, config, DUAL)
+    cfg.DATASETS.TEST = ()  # the 8 unit classes only (not a synthetic set under ./datasets)
     model = Trainer.build_model(cfg)
     branches = dual_head_branches(model)
     stages = 3 if config == CASCADE else 1
