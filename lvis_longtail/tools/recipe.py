@@ -36,8 +36,8 @@ def _schedule(iters: int, warmup: int = 50) -> Tuple[str, ...]:
 
 
 # Each stage's config and extra KEY VALUE options, per (pipeline, quick). --quick shortens
-# the stage-1 runs to 200 iterations and the dual-head fine-tune to 100 (the entry's tiny
-# model keeps its 300, stage 2 its 100).
+# the stage-1 runs and the entry's model to 200 iterations, the dual-head fine-tune to 100
+# (stage 2 keeps its 100) and the entry's TTA to flip x 2 scales (its leaf: 3).
 CONFIGS: Dict[Tuple[str, bool], Dict[str, Tuple[str, Tuple[str, ...]]]] = {
     ("lvis2020_1st", False): {
         "stage1": ("configs/LVISv1/mask_rcnn_R50_FPN_1st2020_stage1.yaml", ()),
@@ -63,12 +63,15 @@ CONFIGS: Dict[Tuple[str, bool], Dict[str, Tuple[str, Tuple[str, ...]]]] = {
         "tta": ("configs/LVISv1/htc_lite_ResNeSt200_DCNv2_FPG_2x_mmdet2020_entry_tta.yaml", ()),
     },
     ("lvis2020_mmdet", True): {
-        "model": ("configs/tiny/htc_lite_R18_FPG_tiny_mmdet2020_entry.yaml", ()),
+        "model": ("configs/tiny/htc_lite_R18_FPG_tiny_mmdet2020_entry.yaml", _schedule(200)),
         "dualhead": (
             "configs/tiny/htc_lite_R18_FPG_tiny_mmdet2020_entry_dualhead.yaml",
             _schedule(100, 10),
         ),
-        "tta": ("configs/tiny/htc_lite_R18_FPG_tiny_mmdet2020_entry_tta.yaml", ()),
+        "tta": (
+            "configs/tiny/htc_lite_R18_FPG_tiny_mmdet2020_entry_tta.yaml",
+            ("TEST.AUG.SCALES", "((128, 192), (160, 240))"),
+        ),
     },
 }
 PIPELINES = ("lvis2020_1st", "lvis2020_mmdet")
@@ -83,9 +86,12 @@ NUM_UNLABELED = 200  # synthetic extra images the quick pipeline generates
 EXTRA_PSEUDO = "recipe_extra_pseudo"  # the dataset name of the pseudo-labelled extra images
 
 # Seconds per training iteration / per test image on one device (2 CPU cores with --quick,
-# one GPU otherwise); the ETA rescales them by the speed the finished stages showed.
-SPEED = {True: {"mask": 0.5, "htc": 0.9, "infer": 0.15, "tta": 1.0, "start": 20.0},
-         False: {"mask": 2.4, "htc": 6.0, "infer": 0.15, "tta": 3.0, "start": 60.0}}  # fmt: skip
+# one GPU otherwise) of the 1st place's Mask R-CNN ("mask") and the MMDet entry ("entry");
+# the ETA rescales them by the speed the finished stages showed.
+SPEED = {True: {"mask": 0.5, "entry": 2.6, "infer": 0.15, "tta": 1.0, "tta_entry": 2.5,
+                "start": 20.0},
+         False: {"mask": 2.4, "entry": 9.0, "infer": 0.15, "tta": 3.0, "tta_entry": 6.0,
+                 "start": 60.0}}  # fmt: skip
 
 
 def _names(*names: str) -> str:
@@ -221,7 +227,7 @@ class _Plan:
             check=check,
         ))  # fmt: skip
 
-    def evaluate(self, weights: str) -> Stage:
+    def evaluate(self, weights: str, kind: str = "tta") -> Stage:
         config, opts = self.config("tta")
         opts = _drop_solver(opts)
         folder = self.folder("tta_eval")
@@ -245,7 +251,7 @@ class _Plan:
             opts, outputs=[self.metrics(folder), results],
             consumed={"config": config, "weights": weights,
                       "datasets": [self.data["val"], self.data["test"]], "inputs": [weights]},
-            estimate_s=self.speed["start"] + images * self.speed["tta"] / self.args.num_gpus,
+            estimate_s=self.speed["start"] + images * self.speed[kind] / self.args.num_gpus,
             total=images, check=check,
         ))  # fmt: skip
 
@@ -284,10 +290,10 @@ def plan_1st(p: _Plan) -> List[Stage]:
 def plan_mmdet(p: _Plan) -> List[Stage]:
     if p.quick:
         p.data_stage(with_extra=False)
-    model = p.train("model", "the entry's model", "model", kind="htc")
+    model = p.train("model", "the entry's model", "model", kind="entry")
     dual = p.train("dualhead", "dual-head classification fine-tune (RFS)", "dualhead",
-                   weights=_final(model), kind="htc", inputs=[_final(model)])  # fmt: skip
-    p.evaluate(_final(dual))
+                   weights=_final(model), kind="entry", inputs=[_final(model)])  # fmt: skip
+    p.evaluate(_final(dual), kind="tta_entry")
     return p.stages
 
 
