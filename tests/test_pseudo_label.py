@@ -140,10 +140,11 @@ def _fake_model(inputs):
     return [{"instances": _predictions((H, W))} for _ in inputs]
 
 
-def _pseudo_label_worker(rank, port, tmp_path, out):
+def _pseudo_label_worker(rank, tmp_path, out):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    # a file store: no TCP port another process could take between choosing and binding it
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg_store", rank=rank,
                             world_size=2)  # fmt: skip
     try:
         source = tmp_path / "train.json"
@@ -163,7 +164,6 @@ def test_two_processes_write_the_file_one_process_writes(tmp_path):
     """Each rank streams its images to its own shard; the main process writes one file equal
     to the single-process one (annotation ids numbered across ranks), and no shard is left."""
     import torch.multiprocessing as mp
-    from conftest import free_port
 
     _dataset(tmp_path)
     records = DatasetCatalog.get("lt_pseudo_unit")
@@ -171,7 +171,7 @@ def test_two_processes_write_the_file_one_process_writes(tmp_path):
     write_pseudo_labels(_fake_model, [[{"image_id": 1}], [{"image_id": 2}]], records,
                         MetadataCatalog.get("lt_pseudo_unit"), str(single))  # fmt: skip
     two = tmp_path / "out" / "two.json"
-    mp.spawn(_pseudo_label_worker, args=(free_port(), tmp_path, str(two)), nprocs=2, join=True)
+    mp.spawn(_pseudo_label_worker, args=(tmp_path, str(two)), nprocs=2, join=True)
     assert json.loads(two.read_text()) == json.loads(single.read_text())
     summary = json.loads((tmp_path / "out" / "two.json.summary.json").read_text())
     assert summary["images"] == 2 and summary["pseudo_labels"] == 5
