@@ -132,6 +132,10 @@ def report(args, data, seeds, wall):
                                "lvis_per_class.csv")  # fmt: skip
             if os.path.isfile(csv):
                 per[variant][seed] = read_per_class(csv)
+    if not per["baseline"]:  # nothing to report: keep the page there is
+        print(f"no finished baseline run under {args.output}; the page is left as it is",
+              file=sys.stderr)  # fmt: skip
+        return None
     counts = {}
     for seed in seeds:
         for split in ("train", "unlabeled"):
@@ -204,6 +208,14 @@ def main(argv=None):
     args.output = args.output or default_out
     start = time.time()
     data = os.path.join(args.output, "data")
+    if args.report_only:
+        if not os.path.isfile(os.path.join(data, "annotations", "lt_synthetic_val.json")):
+            print(f"no runs under {args.output}; the page is left as it is", file=sys.stderr)
+            return 1
+        invocation = os.path.join(args.output, "invocation.json")
+        saved = read_json(invocation) if os.path.isfile(invocation) else {}
+        args.command = saved.get("command", args.command)
+        return 0 if report(args, data, args.seeds, saved.get("wall_s", 0.0)) else 1
     if not os.path.isfile(os.path.join(data, "annotations", "lt_synthetic_unlabeled.json")):
         subprocess.check_call(
             [sys.executable, "-m", "lvis_longtail.data.synthetic", "--out", data,
@@ -211,11 +223,6 @@ def main(argv=None):
              "--withhold-fraction", str(args.withhold), "--eval-min-per-class", "10"],
             cwd=REPO,
         )  # fmt: skip
-    if args.report_only:
-        invocation = os.path.join(args.output, "invocation.json")
-        saved = read_json(invocation) if os.path.isfile(invocation) else {}
-        args.command = saved.get("command", args.command)
-        return 0 if report(args, data, args.seeds, saved.get("wall_s", 0.0)) else 1
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     with cf.ThreadPoolExecutor(args.jobs) as pool:  # a seed's round 2 starts once it can
         firsts = {pool.submit(seed_pipeline, args, data, s, threads): s for s in args.seeds}

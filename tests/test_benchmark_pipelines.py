@@ -91,3 +91,14 @@ def test_a_chain_resumes_at_its_first_stage_without_a_record(args):
     assert pl.first_todo(chain, records, force=True) == 0
     records[s1.key] = {"config": s1.config, "overrides": s1.overrides + ["X", "1"]}  # stale
     assert pl.first_todo(chain, records) == 0
+
+
+def test_self_training_report_only_without_runs_keeps_the_page(tmp_path, capsys):
+    import self_training
+
+    page = tmp_path / "results" / "self_training.md"
+    page.parent.mkdir()
+    page.write_text("committed")
+    argv = ["--report-only", "--output", str(tmp_path / "o"), "--results", str(page.parent)]
+    assert self_training.main(argv) == 1
+    assert page.read_text() == "committed" and "left as it is" in capsys.readouterr().err
