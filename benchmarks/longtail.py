@@ -16,6 +16,7 @@ written from the records alone::
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -145,14 +146,26 @@ def command(run: Run, args, pre: Optional[Run]) -> List[str]:
     return cmd
 
 
-def matches(rec: Optional[dict], run: Run) -> bool:  # a record of run's config and overrides
-    return rec is not None and (rec["config"], rec["overrides"]) == (run.config, run.overrides)
+def init_digest(path: str) -> Optional[str]:
+    """The first 16 hex digits of the sha256 of the initialisation file (None: no file)."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def to_train(runs: List[Run], records: dict, force: bool) -> List[Run]:
-    """The runs without a record (all with ``force``), the bases of these whose model is not
-    here and the runs that start from a base that trains."""
-    todo = {r.key for r in runs if force or not matches(records.get(r.key), r)}
+def matches(rec: Optional[dict], run: Run, init: Optional[str] = None) -> bool:
+    """A record of ``run``'s config and overrides, trained from the initialisation of digest
+    ``init`` (when both say which)."""
+    if rec is None or (rec["config"], rec["overrides"]) != (run.config, run.overrides):
+        return False
+    return init is None or rec.get("init_sha256") in (None, init)
+
+
+def to_train(runs: List[Run], records: dict, force: bool, init: Optional[str] = None) -> List[Run]:
+    """The runs without a record from the initialisation ``init`` (all with ``force``), the
+    bases of these whose model is not here and the runs that start from a base that trains."""
+    todo = {r.key for r in runs if force or not matches(records.get(r.key), r, init)}
     for r in reversed(runs):
         if r.key in todo and r.base and not os.path.isfile(r.base.final):
             todo.add(r.base.key)
@@ -179,13 +192,18 @@ def train_run(run: Run, cmd: List[str], threads: int) -> tuple:
     return rc, wall, float(times[len(times) // 2]) if times else float("nan")
 
 
-def write_record(folder: str, run: Run, timing: tuple, per_class: dict, classes) -> dict:
-    """Write one run's record, ``<row>_seed<k>.json`` (NaN numbers as null); returns it."""
+def write_record(
+    folder: str, run: Run, timing: tuple, per_class: dict, classes, init: Optional[str] = None
+) -> dict:
+    """Write one run's record, ``<row>_seed<k>.json`` (NaN numbers as null; ``init``: the
+    digest of the initialisation it started from); returns it."""
     null = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
     metrics = {k: null(v) for k, v in ps.run_metrics(per_class, classes).items()}
     rec = dict(row=run.name, seed=run.seed, config=run.config, overrides=run.overrides,
                wall_s=timing[1], s_per_iter=null(timing[2]), metrics=metrics,
                per_class=per_class)  # fmt: skip
+    if init:
+        rec["init_sha256"] = init
     os.makedirs(folder, exist_ok=True)
     write_json_atomic(rec, os.path.join(folder, f"{run.key}.json"))
     return rec
@@ -214,14 +232,15 @@ def pretrain(pre: Run, args, records: dict) -> None:
     kept = {k: v for k, v in state.items() if k.startswith(INIT_PREFIXES)}
     if not kept:
         raise SystemExit(f"{pre.final}: no weights start with {INIT_PREFIXES}")
-    with atomic_write(os.path.join(pre.out_dir, INIT_FILE), "wb") as f:
+    init = os.path.join(pre.out_dir, INIT_FILE)
+    with atomic_write(init, "wb") as f:
         torch.save({"model": kept}, f)
-    records[pre.key] = write_record(args.records, pre, timing, {}, {})
+    records[pre.key] = write_record(args.records, pre, timing, {}, {}, init_digest(init))
 
 
 def execute(todo: List[Run], args, pre, records: dict, classes) -> None:
     """Train and record ``todo``, ``args.jobs`` at a time, the runs from a base after it."""
-    failed = set()
+    failed, init = set(), init_digest(os.path.join(pre.out_dir, INIT_FILE)) if pre else None
 
     def one(run: Run) -> None:
         if run.base and run.base.key in failed:
@@ -230,7 +249,7 @@ def execute(todo: List[Run], args, pre, records: dict, classes) -> None:
         if timing[0]:
             return failed.add(run.key)
         pc = ps.read_per_class(os.path.join(run.out_dir, "inference", "lt_bench_val", CSV_FILE))
-        records[run.key] = write_record(args.records, run, timing, pc, classes)
+        records[run.key] = write_record(args.records, run, timing, pc, classes, init)
 
     with ThreadPoolExecutor(args.jobs) as pool:
         for wave in ([r for r in todo if not r.base], [r for r in todo if r.base]):
@@ -306,7 +325,7 @@ def write_page(args, records: dict, stale, categories) -> str:
     none = "- Initialisation: none (every row from scratch)."
     head = head if args.pretrain_iters else re.sub("^- Initialisation: .*$", none, head, flags=re.M)
     stale = ", ".join(stale)
-    stale = stale and f" Records not shown (other overrides than this mode's): {stale}."
+    stale = stale and f" Records not shown (other overrides or pre-training): {stale}."
     summary = ps.summary_table([(m.name, m.label) for m in shown], per_class, classes, SUMMARY_KEYS)
     notes = "\n".join(f"- *{m.label}*: {notes[m.name]}" for m in shown if m.name in notes)
     tables = dict(summary=summary, cls=deltas(False, CLS_KEYS), mask=deltas(True, MASK_KEYS))
@@ -328,7 +347,8 @@ def report(args, records: dict) -> str:
     full = argparse.Namespace(**dict(vars(args), methods=args.methods + names, seeds=seeds))
     pre, runs = plan(full)
     planned = {r.key: r for r in runs + ([pre] if pre else [])}
-    shown = {k: r for k, r in records.items() if k in planned and matches(r, planned[k])}
+    init = (records.get("pretrain_seed0") or {}).get("init_sha256")
+    shown = {k: r for k, r in records.items() if k in planned and matches(r, planned[k], init)}
     categories = read_json(os.path.join(args.records, "classes.json"), what="val categories")
     return write_page(args, shown, sorted(set(records) - set(shown)), categories)
 
@@ -373,7 +393,7 @@ def main(argv=None) -> int:
     records = read_records(args.records)
     if not args.report_only:
         init = os.path.join(pre.out_dir, INIT_FILE) if pre else None
-        todo = to_train(runs, records, args.force)
+        todo = to_train(runs, records, args.force, init_digest(init) if init else None)
         needs_pre = bool(init and not os.path.isfile(init) and any(not r.base for r in todo))
         if args.dry_run:
             for run, init_run in [(pre, None)] * needs_pre + [(r, pre) for r in todo]:

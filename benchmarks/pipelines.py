@@ -28,7 +28,6 @@ the page to ``results/pipelines.md``. A chain reruns from its first stage withou
 """
 
 import argparse
-import hashlib
 import os
 import shlex
 import sys
@@ -164,26 +163,22 @@ def baseline_run(name: str, seed: int, args) -> lt.Run:
     return lt.Run(m.name, seed, m.config, lt.row_overrides(m, seed, args), out_dir, m)
 
 
-def _done(run: lt.Run, step: Optional[Step], records: dict) -> bool:
-    if step is not None and step.kind == "pseudo":
+def _done(run: lt.Run, step: Step, records: dict, init: Optional[str]) -> bool:
+    if step.kind == "pseudo":
         return os.path.isfile(os.path.join(run.out_dir, f"{step.dataset}_pseudo.json.summary.json"))
-    return lt.matches(records.get(run.key), run)
+    return lt.matches(records.get(run.key), run, init)
 
 
-def first_todo(chain: Chain, records: dict, force: bool = False) -> int:
-    """Index of the chain's first stage to run (``len(steps)``: none); every later stage reruns."""
+def first_todo(chain: Chain, records: dict, force: bool = False, init: Optional[str] = None) -> int:
+    """Index of the chain's first stage to run (``len(steps)``: none): the first without a
+    record from the initialisation of digest ``init``; every later stage reruns."""
     for i, (s, run) in enumerate(zip(chain.steps, chain.runs)):
-        if force or not _done(run, s, records):
+        if force or not _done(run, s, records, init):
             return i
     return len(chain.steps)
 
 
-def init_digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:12]
-
-
-def run_chain(chain: Chain, start: int, args, records: dict, classes) -> None:
+def run_chain(chain: Chain, start: int, args, records: dict, classes, init: Optional[str]) -> None:
     for s, run, cmd in list(zip(chain.steps, chain.runs, chain.cmds))[start:]:
         timing = lt.train_run(run, cmd, args.threads)
         if timing[0]:
@@ -191,10 +186,10 @@ def run_chain(chain: Chain, start: int, args, records: dict, classes) -> None:
         if s.kind != "pseudo":
             pc = ps.read_per_class(os.path.join(run.out_dir, "inference", "lt_bench_val",
                                                 lt.CSV_FILE))  # fmt: skip
-            records[run.key] = lt.write_record(args.records, run, timing, pc, classes)
+            records[run.key] = lt.write_record(args.records, run, timing, pc, classes, init)
 
 
-def write_page(args, records: dict, digest: str) -> str:
+def write_page(args, records: dict, digest: Optional[str]) -> str:
     classes = ps.class_info(read_json(os.path.join(args.records, "classes.json")))
     per_class, labels = {}, {}
     for rec in records.values():
@@ -204,8 +199,8 @@ def write_page(args, records: dict, digest: str) -> str:
         "",
         f"Written by `python benchmarks/pipelines.py` (module docstring: the stages). Each "
         f"pipeline trains {round(args.iters * SCHEDULE)} iterations in all, as its baseline; "
-        f"seeds {', '.join(map(str, args.seeds))}; pre-training `init.pth` sha256 {digest}… "
-        "(the same as the MMDet parts' rows, `results/mmdet_parts/`). Mean ± std over seeds; "
+        f"seeds {', '.join(map(str, args.seeds))}; every run from the long-tail benchmark's "
+        f"pre-training `init.pth` (sha256 {digest or 'unknown'}…). Mean ± std over seeds; "
         "Δ: paired difference, 95 % t interval [ ] (`*`: excludes 0) and bootstrap interval "
         "{ } over classes.",
     ]
@@ -262,35 +257,41 @@ def main(argv=None) -> int:
     records = lt.read_records(args.records)
     chains = [build_chain(p, s, args, init) for p in args.pipelines for s in args.seeds]
     bases = [baseline_run(PIPELINES[p][0], s, args) for p in args.pipelines for s in args.seeds]
-    todo = [(c, first_todo(c, records, args.force)) for c in chains]
-    todo = [(c, i) for c, i in todo if i < len(c.steps)]
-    bases = [b for b in bases if args.force or not lt.matches(records.get(b.key), b)]
+    planned = {r.key: r for r in [*(r for c in chains for r in c.runs), *bases]}
+
+    def plan_todo(digest, force):
+        todo = [(c, first_todo(c, records, force, digest)) for c in chains]
+        base_todo = [b for b in bases if force or not lt.matches(records.get(b.key), b, digest)]
+        return [(c, i) for c, i in todo if i < len(c.steps)], base_todo
+
+    digest = lt.init_digest(init)
+    todo, base_todo = plan_todo(digest, args.force)
     if args.dry_run:
         for c, i in todo:
             for cmd in c.cmds[i:]:
                 print(shlex.join(cmd))
-        for b in bases:
+        for b in base_todo:
             print(shlex.join(lt.command(b, args, pre)))
-        print(f"{len(todo)} chains and {len(bases)} baselines to run")
+        print(f"{len(todo)} chains and {len(base_todo)} baselines to run")
         return 0
-    if not args.report_only and (todo or bases):
-        categories = lt.prepare_data(args)
+    if not args.report_only and (todo or base_todo):
+        classes = ps.class_info(lt.prepare_data(args))
         extra = os.path.join(args.datasets, EXTRA)
         manifest = os.path.join(extra, "benchmark_dataset.json")
         if not os.path.isfile(manifest) or read_json(manifest) != EXTRA_DATA:
             synthetic.generate(extra, progress=False, **EXTRA_DATA)
             write_json_atomic(EXTRA_DATA, manifest)
-        if not os.path.isfile(init):
+        if not digest:  # a new pre-training: every run again
             lt.pretrain(pre, args, {})
-        classes = ps.class_info(categories)
-        jobs = [lambda c=c, i=i: run_chain(c, i, args, records, classes) for c, i in todo]
-        jobs += [lambda b=b: run_chain(Chain(b.name, b.seed, [Step(b.name, "train", b.config)],
-                                             [b], [lt.command(b, args, pre)]), 0, args, records,
-                                       classes) for b in bases]  # fmt: skip
+            digest = lt.init_digest(init)
+            todo, base_todo = plan_todo(digest, True)
+        jobs = [(c, i) for c, i in todo]
+        jobs += [(Chain(b.name, b.seed, [Step(b.name, "train", b.config)], [b],
+                        [lt.command(b, args, pre)]), 0) for b in base_todo]  # fmt: skip
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda job: job(), jobs))
-    digest = init_digest(init) if os.path.isfile(init) else "unknown"
-    print(f"wrote {write_page(args, records, digest)}")
+            list(pool.map(lambda job: run_chain(*job, args, records, classes, digest), jobs))
+    shown = {k: r for k, r in records.items() if k in planned and lt.matches(r, planned[k], digest)}
+    print(f"wrote {write_page(args, shown, digest)}")
     return 0
 
 

@@ -135,7 +135,7 @@ def test_records_reuse_and_page(tmp_path):
     text = (tmp_path / "longtail.md").read_text()
     assert "| SoftmaxCE + RFS | SoftmaxCE (no RFS) | +3.5 [+2.3, +4.7]* {" in text
     assert "| SoftmaxCE (no RFS) | 24.3 ± 1.0 | 16.0 ± 1.0 |" in text  # AP (40 + 10 + 20) / 3, ...
-    assert "Records not shown (other overrides than this mode's): softmax_seed7." in text
+    assert "Records not shown (other overrides or pre-training): softmax_seed7." in text
     runs = longtail.plan(_args(tmp_path, "--methods", "bags", "--seeds", "0"))[1]
     keys = lambda: [r.key for r in longtail.to_train(runs, records, False)]  # noqa: E731
     assert keys() == [] and longtail.to_train(runs, {}, True) == runs
@@ -143,6 +143,28 @@ def test_records_reuse_and_page(tmp_path):
     assert keys() == ["softmax_seed0"]
     del records["bags_seed0"]  # bags must train, and its base too: its model is not here
     assert keys() == ["softmax_seed0", "softmax_rfs_seed0", "bags_seed0"]
+
+
+def test_records_of_another_pre_training_are_retrained_and_not_shown(tmp_path):
+    args = _args(tmp_path, "--methods", "softmax_rfs", "--seeds", "0")
+    pre, runs = longtail.plan(args)
+    for run in runs:
+        _record(args.records, run)
+    longtail.write_json_atomic(CATEGORIES, os.path.join(args.records, "classes.json"))
+    longtail.write_record(args.records, pre, (0, 1.0, 0.1), {}, {}, init="b" * 16)
+    old = longtail.write_record(args.records, runs[1], (0, 1.0, 0.1), REF[0], CLASSES, "a" * 16)
+    assert old["init_sha256"] == "a" * 16
+    records = longtail.read_records(args.records)
+    keys = lambda init: [r.key for r in longtail.to_train(runs, records, False, init)]  # noqa: E731
+    assert keys(None) == keys("a" * 16) == [] and keys("b" * 16) == ["softmax_rfs_seed0"]
+    assert longtail.main(["--results", str(tmp_path), "--methods", "softmax_rfs", "--seeds", "0",
+                          "--report-only"]) == 0  # fmt: skip
+    text = (tmp_path / "longtail.md").read_text()
+    assert "Records not shown (other overrides or pre-training): softmax_rfs_seed0." in text
+    init = tmp_path / "init.pth"
+    init.write_bytes(b"weights")
+    assert longtail.init_digest(str(init)) == "9a129038d9a00aed"  # printf weights | sha256sum
+    assert longtail.init_digest(str(tmp_path / "none.pth")) is None
 
 
 @pytest.mark.parametrize("mode", ["", "_quick"])
