@@ -211,7 +211,9 @@ def write_page(args, records: dict, digest: Optional[str]) -> str:
         rows.append((base, lr.methods_by_name()[base].label))
         labels.update(rows)
         lines += ["", f"## `{pipeline}`", "", ps.summary_table(rows, per_class, classes, KEYS), ""]
-        pairs = [(n, label, base, labels[base]) for n, label in rows[:-1]]
+        stages = rows[:-1]  # each stage against the one before it, then against the baseline
+        pairs = [(n, label, p, p_label) for (p, p_label), (n, label) in zip(stages, stages[1:])]
+        pairs += [(n, label, base, labels[base]) for n, label in stages]
         lines.append(ps.delta_table(pairs, per_class, classes, KEYS))
     notes = os.path.join(args.results, "pipelines_notes.md")
     if os.path.isfile(notes):
