@@ -102,3 +102,25 @@ def test_self_training_report_only_without_runs_keeps_the_page(tmp_path, capsys)
     argv = ["--report-only", "--output", str(tmp_path / "o"), "--results", str(page.parent)]
     assert self_training.main(argv) == 1
     assert page.read_text() == "committed" and "left as it is" in capsys.readouterr().err
+
+
+def test_page_pairs_each_stage_with_the_one_before_and_the_baseline(args):
+    from lvis_longtail.utils.io import write_json_atomic
+
+    cats = [{"id": 1, "name": "a", "frequency": "f"}, {"id": 2, "name": "b", "frequency": "r"}]
+    os.makedirs(args.records)
+    write_json_atomic(cats, os.path.join(args.records, "classes.json"))
+    ap = {"lvis2020_mmdet_model": 40.0, "lvis2020_mmdet_dualhead": 41.0,
+          "lvis2020_mmdet_tta": 44.0, "seesaw_4x": 43.0}  # fmt: skip
+    records = {}
+    for row, value in ap.items():
+        for seed in (0, 1):  # the same per-class AP on both classes and seeds: zero-width intervals
+            pc = {t: {1: value + seed, 2: value + seed} for t in ("bbox", "segm")}
+            records[f"{row}_seed{seed}"] = {"row": row, "seed": seed, "per_class": pc}
+    text = open(pl.write_page(args, records, "abc")).read()
+    assert "| lvis2020_mmdet: tta | 44.5 ± 0.7 | 44.5 ± 0.7 |" in text  # AP, APr over seeds 44, 45
+    assert "| lvis2020_mmdet: dualhead | lvis2020_mmdet: model | +1.0 [+1.0, +1.0]*" in text
+    assert "| lvis2020_mmdet: tta | lvis2020_mmdet: dualhead | +3.0 [+3.0, +3.0]*" in text
+    assert "| lvis2020_mmdet: tta | Seesaw + NormedLinear + RFS, 4× schedule | +1.0 [+1.0, +1.0]*" in text  # noqa: E501
+    assert "| lvis2020_mmdet: model | Seesaw + NormedLinear + RFS, 4× schedule | -3.0 [-3.0, -3.0]*" in text  # noqa: E501
+    assert "sha256 abc" in text
