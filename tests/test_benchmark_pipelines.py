@@ -4,6 +4,7 @@ baseline; a chain resumes from its first stage without a record."""
 
 import json
 import os
+import re
 
 import longtail_rows as lr
 import pipelines as pl
@@ -124,3 +125,17 @@ def test_page_pairs_each_stage_with_the_one_before_and_the_baseline(args):
     assert "| lvis2020_mmdet: tta | Seesaw + NormedLinear + RFS, 4× schedule | +1.0 [+1.0, +1.0]*" in text  # noqa: E501
     assert "| lvis2020_mmdet: model | Seesaw + NormedLinear + RFS, 4× schedule | -3.0 [-3.0, -3.0]*" in text  # noqa: E501
     assert "sha256 abc" in text
+
+
+def test_committed_page_regenerates_from_committed_records(tmp_path):
+    import shutil
+
+    results = os.path.join(pl.lt.REPO, "benchmarks", "results")
+    shutil.copytree(os.path.join(results, "pipelines"), tmp_path / "pipelines")
+    shutil.copy(os.path.join(results, "pipelines_notes.md"), tmp_path)
+    committed = open(os.path.join(results, "pipelines.md")).read()
+    digest = re.search(r"sha256 (\w+)…", committed).group(1)
+    args = pl.parse_args(["--results", str(tmp_path), "--output", str(tmp_path / "runs")])
+    records = {k: r for k, r in pl.lt.read_records(args.records).items() if not k.startswith("pretrain")}  # noqa: E501
+    assert len(records) == 3 * (4 + 3 + 2)  # 3 seeds: the evaluated stages and the baselines
+    assert open(pl.write_page(args, records, digest)).read() == committed
