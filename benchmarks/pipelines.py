@@ -19,7 +19,7 @@ their training stages:
 
 ::
 
-    python benchmarks/pipelines.py              # 3 seeds, 2 runs at a time (~100 min, 2 cores)
+    python benchmarks/pipelines.py              # 3 seeds, 2 runs at a time (105 min on 2 cores)
     python benchmarks/pipelines.py --dry-run    # the commands
     python benchmarks/pipelines.py --report-only
 
