@@ -132,13 +132,17 @@ def plan(args):
     return pre, list(runs.values())
 
 
+def registered_splits(root: str) -> List[list]:
+    """The ``DATASETS.LVIS_FORMAT`` entries of :data:`SPLITS` under the dataset ``root``."""
+    return [[name, os.path.join(root, d, "annotations", ann), os.path.join(root, d, "images")]
+            for name, (d, ann) in SPLITS.items()]  # fmt: skip
+
+
 def command(run: Run, args, pre: Optional[Run]) -> List[str]:
     """The ``train_net.py`` command line of ``run``: its overrides and the paths."""
     cmd = [sys.executable, "train_net.py", "--config-file", os.path.join("configs", run.config)]
     cmd += ["--eval-only"] if run.method and run.method.eval_only else []
-    root = args.datasets
-    data = [[name, os.path.join(root, d, "annotations", ann), os.path.join(root, d, "images")]
-            for name, (d, ann) in SPLITS.items()]  # fmt: skip
+    data = registered_splits(args.datasets)
     cmd += ["DATASETS.LVIS_FORMAT", repr(data), *run.overrides, "OUTPUT_DIR", run.out_dir]
     if run.method is not None:
         init = os.path.join(pre.out_dir, INIT_FILE) if pre else ""
@@ -238,6 +242,19 @@ def pretrain(pre: Run, args, records: dict) -> None:
     records[pre.key] = write_record(args.records, pre, timing, {}, {}, init_digest(init))
 
 
+def run_and_record(run: Run, cmd: List[str], args, records: dict, classes,
+                   init: Optional[str], evaluated: bool = True) -> bool:
+    """Run ``cmd`` on ``args.threads`` threads and, when it succeeds and ``evaluated``, record
+    its val per-class AP (from the initialisation of digest ``init``); True on success."""
+    timing = train_run(run, cmd, args.threads)
+    if timing[0]:
+        return False
+    if evaluated:
+        pc = ps.read_per_class(os.path.join(run.out_dir, "inference", "lt_bench_val", CSV_FILE))
+        records[run.key] = write_record(args.records, run, timing, pc, classes, init)
+    return True
+
+
 def execute(todo: List[Run], args, pre, records: dict, classes) -> None:
     """Train and record ``todo``, ``args.jobs`` at a time, the runs from a base after it."""
     failed, init = set(), init_digest(os.path.join(pre.out_dir, INIT_FILE)) if pre else None
@@ -245,23 +262,20 @@ def execute(todo: List[Run], args, pre, records: dict, classes) -> None:
     def one(run: Run) -> None:
         if run.base and run.base.key in failed:
             return print(f"SKIP {run.key}: its base {run.base.key} failed", flush=True)
-        timing = train_run(run, command(run, args, pre), args.threads)
-        if timing[0]:
-            return failed.add(run.key)
-        pc = ps.read_per_class(os.path.join(run.out_dir, "inference", "lt_bench_val", CSV_FILE))
-        records[run.key] = write_record(args.records, run, timing, pc, classes, init)
+        if not run_and_record(run, command(run, args, pre), args, records, classes, init):
+            failed.add(run.key)
 
     with ThreadPoolExecutor(args.jobs) as pool:
         for wave in ([r for r in todo if not r.base], [r for r in todo if r.base]):
             list(pool.map(one, wave))
 
 
-def prepare_data(args) -> list:
-    """Generate the datasets unless their manifests record the same options; write the val
-    split's categories next to the records and return them."""
+def prepare_data(args, datasets: dict = DATASETS) -> list:
+    """Generate ``datasets`` (folder: generator options) unless their manifests record the same
+    options; write the val split's categories next to the records and return them."""
     from lvis_longtail.data import synthetic
 
-    for name, options in DATASETS.items():
+    for name, options in datasets.items():
         manifest = os.path.join(args.datasets, name, "benchmark_dataset.json")
         if not os.path.isfile(manifest) or read_json(manifest) != options:
             print(f"generating {args.datasets}/{name} with {options}", flush=True)

@@ -109,10 +109,8 @@ class Chain:
 def _data(args, extra_pseudo: Optional[str] = None) -> List[list]:
     """The ``DATASETS.LVIS_FORMAT`` value: the benchmark's splits, the extra images (and their
     pseudo labels)."""
-    root = args.datasets
-    data = [[n, os.path.join(root, d, "annotations", a), os.path.join(root, d, "images")]
-            for n, (d, a) in lt.SPLITS.items()]  # fmt: skip
-    extra = os.path.join(root, EXTRA)
+    data = lt.registered_splits(args.datasets)
+    extra = os.path.join(args.datasets, EXTRA)
     data.append([EXTRA, os.path.join(extra, "annotations", "lt_synthetic_unlabeled.json"),
                  os.path.join(extra, "images")])  # fmt: skip
     if extra_pseudo:
@@ -180,13 +178,8 @@ def first_todo(chain: Chain, records: dict, force: bool = False, init: Optional[
 
 def run_chain(chain: Chain, start: int, args, records: dict, classes, init: Optional[str]) -> None:
     for s, run, cmd in list(zip(chain.steps, chain.runs, chain.cmds))[start:]:
-        timing = lt.train_run(run, cmd, args.threads)
-        if timing[0]:
+        if not lt.run_and_record(run, cmd, args, records, classes, init, s.kind != "pseudo"):
             return print(f"STOP {chain.pipeline} seed {chain.seed}: {s.name} failed", flush=True)
-        if s.kind != "pseudo":
-            pc = ps.read_per_class(os.path.join(run.out_dir, "inference", "lt_bench_val",
-                                                lt.CSV_FILE))  # fmt: skip
-            records[run.key] = lt.write_record(args.records, run, timing, pc, classes, init)
 
 
 def write_page(args, records: dict, digest: Optional[str]) -> str:
@@ -250,9 +243,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from lvis_longtail.data import synthetic
-    from lvis_longtail.utils.io import write_json_atomic
-
     args = parse_args(argv)
     pre, _ = lt.plan(args)
     init = os.path.join(pre.out_dir, lt.INIT_FILE)
@@ -277,12 +267,7 @@ def main(argv=None) -> int:
         print(f"{len(todo)} chains and {len(base_todo)} baselines to run")
         return 0
     if not args.report_only and (todo or base_todo):
-        classes = ps.class_info(lt.prepare_data(args))
-        extra = os.path.join(args.datasets, EXTRA)
-        manifest = os.path.join(extra, "benchmark_dataset.json")
-        if not os.path.isfile(manifest) or read_json(manifest) != EXTRA_DATA:
-            synthetic.generate(extra, progress=False, **EXTRA_DATA)
-            write_json_atomic(EXTRA_DATA, manifest)
+        classes = ps.class_info(lt.prepare_data(args, {**lt.DATASETS, EXTRA: EXTRA_DATA}))
         if not digest:  # a new pre-training: every run again
             lt.pretrain(pre, args, {})
             digest = lt.init_digest(init)
