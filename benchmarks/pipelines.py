@@ -272,11 +272,11 @@ def main(argv=None) -> int:
             lt.pretrain(pre, args, {})
             digest = lt.init_digest(init)
             todo, base_todo = plan_todo(digest, True)
-        jobs = [(c, i) for c, i in todo]
-        jobs += [(Chain(b.name, b.seed, [Step(b.name, "train", b.config)], [b],
-                        [lt.command(b, args, pre)]), 0) for b in base_todo]  # fmt: skip
+        jobs = [lambda c=c, i=i: run_chain(c, i, args, records, classes, digest) for c, i in todo]
+        jobs += [lambda b=b: lt.run_and_record(b, lt.command(b, args, pre), args, records,
+                                               classes, digest) for b in base_todo]  # fmt: skip
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda job: run_chain(*job, args, records, classes, digest), jobs))
+            list(pool.map(lambda job: job(), jobs))
     shown = {k: r for k, r in records.items() if k in planned and lt.matches(r, planned[k], digest)}
     print(f"wrote {write_page(args, shown, digest)}")
     return 0

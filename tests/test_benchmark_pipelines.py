@@ -139,3 +139,30 @@ def test_committed_page_regenerates_from_committed_records(tmp_path):
     records = {k: r for k, r in pl.lt.read_records(args.records).items() if not k.startswith("pretrain")}  # noqa: E501
     assert len(records) == 3 * (4 + 3 + 2)  # 3 seeds: the evaluated stages and the baselines
     assert open(pl.write_page(args, records, digest)).read() == committed
+
+
+def test_main_runs_each_chain_until_a_stage_fails_and_every_baseline(tmp_path, monkeypatch):
+    from lvis_longtail.utils.io import write_json_atomic
+
+    runs, records = tmp_path / "runs", tmp_path / "results" / "pipelines"
+    init = runs / "pretrain_1000" / "init.pth"
+    init.parent.mkdir(parents=True)
+    init.write_bytes(b"weights")
+    cats = [{"id": 1, "name": "a", "frequency": "f"}]
+
+    def prepare(args, datasets):
+        assert datasets[pl.EXTRA] == pl.EXTRA_DATA and "lt_bench" in datasets
+        write_json_atomic(cats, os.path.join(args.records, "classes.json"))
+        return cats
+
+    started = []
+    monkeypatch.setattr(pl.lt, "prepare_data", prepare)
+    monkeypatch.setattr(pl.lt, "train_run", lambda run, cmd, threads: started.append(run.key) or (1, 0.0, 0.0))  # noqa: E501
+    argv = ["--output", str(runs), "--datasets", str(tmp_path / "d"), "--results", str(records.parent)]  # noqa: E501
+    os.makedirs(records)
+    assert pl.main(argv) == 0
+    # every chain stops at its failed first stage; every baseline runs once
+    expected = {f"{p}_{first}_seed{s}" for p, first in (("lvis2020_1st", "stage1"), ("lvis2020_mmdet", "model")) for s in range(3)}  # noqa: E501
+    expected |= {f"{b}_seed{s}" for b in ("eql_4x", "seesaw_4x") for s in range(3)}
+    assert sorted(started) == sorted(expected)
+    assert (records.parent / "pipelines.md").is_file()
