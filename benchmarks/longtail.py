@@ -76,6 +76,7 @@ class Run:
     out_dir: str
     method: Optional[lr.Method] = None  # None: the pre-training
     base: Optional["Run"] = None  # the run whose model it fine-tunes or evaluates
+    pre: Optional["Run"] = None  # its row's own pre-training (None: the shared one)
 
     @property
     def key(self) -> str:
@@ -115,21 +116,36 @@ def plan(args):
 
     for name in args.methods:
         add(name)
-    pre = None
+    pre, own = None, {}
     if args.pretrain_iters:
         opts = ["DATALOADER.SAMPLER_TRAIN", "TrainingSampler"]
         opts += [*lr.schedule_opts(args.pretrain_iters), "DATASETS.TRAIN", "('lt_bench_pretrain',)"]
         opts += ["DATASETS.TEST", "()", "SEED", "0", "MODEL.DEVICE", args.device]
         out_dir = os.path.join(args.output, f"pretrain_{args.pretrain_iters}")
         pre = Run("pretrain", 0, PRETRAIN_CONFIG, opts, out_dir)
+        for m in (table[n] for n in names if table[n].pretrain):  # rows with their own
+            own[m.name] = Run(f"pretrain_{m.name}", 0, m.pretrain, [*m.pretrain_opts, *opts],
+                              f"{out_dir}_{m.name}")  # fmt: skip
     runs = {}
     for seed in args.seeds:
         for m in (table[n] for n in names):
             out_dir = os.path.join(args.output, m.name, f"seed{seed}")
             base = runs.get(f"{m.base}_seed{seed}")
-            run = Run(m.name, seed, m.config, row_overrides(m, seed, args), out_dir, m, base)
+            run = Run(m.name, seed, m.config, row_overrides(m, seed, args), out_dir, m, base,
+                      base.pre if base else own.get(m.name))  # fmt: skip
             runs[run.key] = run
     return pre, list(runs.values())
+
+
+def own_pretrainings(runs: List[Run]) -> List[Run]:
+    """The rows' own pre-trainings that ``runs`` start from, once each."""
+    return list({r.pre.key: r.pre for r in runs if r.pre}.values())
+
+
+def init_file(run: Run, pre: Optional[Run]) -> Optional[str]:
+    """The initialisation ``run`` trains from: its row's own pre-training, else ``pre``'s."""
+    src = run.pre or pre
+    return os.path.join(src.out_dir, INIT_FILE) if src else None
 
 
 def registered_splits(root: str) -> List[list]:
@@ -145,8 +161,7 @@ def command(run: Run, args, pre: Optional[Run]) -> List[str]:
     data = registered_splits(args.datasets)
     cmd += ["DATASETS.LVIS_FORMAT", repr(data), *run.overrides, "OUTPUT_DIR", run.out_dir]
     if run.method is not None:
-        init = os.path.join(pre.out_dir, INIT_FILE) if pre else ""
-        cmd += ["MODEL.WEIGHTS", run.base.final if run.base else init]
+        cmd += ["MODEL.WEIGHTS", run.base.final if run.base else init_file(run, pre) or ""]
     return cmd
 
 
@@ -167,9 +182,11 @@ def matches(rec: Optional[dict], run: Run, init: Optional[str] = None) -> bool:
 
 
 def to_train(runs: List[Run], records: dict, force: bool, init: Optional[str] = None) -> List[Run]:
-    """The runs without a record from the initialisation ``init`` (all with ``force``), the
-    bases of these whose model is not here and the runs that start from a base that trains."""
-    todo = {r.key for r in runs if force or not matches(records.get(r.key), r, init)}
+    """The runs without a record from the initialisation ``init`` (those of a row's own
+    pre-training: from its digest; all with ``force``), the bases of these whose model is not
+    here and the runs that start from a base that trains."""
+    digest = lambda r: init_digest(init_file(r, None)) if r.pre else init  # noqa: E731
+    todo = {r.key for r in runs if force or not matches(records.get(r.key), r, digest(r))}
     for r in reversed(runs):
         if r.key in todo and r.base and not os.path.isfile(r.base.final):
             todo.add(r.base.key)
@@ -257,11 +274,12 @@ def run_and_record(run: Run, cmd: List[str], args, records: dict, classes,
 
 def execute(todo: List[Run], args, pre, records: dict, classes) -> None:
     """Train and record ``todo``, ``args.jobs`` at a time, the runs from a base after it."""
-    failed, init = set(), init_digest(os.path.join(pre.out_dir, INIT_FILE)) if pre else None
+    failed = set()
 
     def one(run: Run) -> None:
         if run.base and run.base.key in failed:
             return print(f"SKIP {run.key}: its base {run.base.key} failed", flush=True)
+        init = init_digest(init_file(run, pre)) if run.pre or pre else None
         if not run_and_record(run, command(run, args, pre), args, records, classes, init):
             failed.add(run.key)
 
@@ -327,7 +345,9 @@ def write_page(args, records: dict, stale, categories) -> str:
     fields = dict(mode=args.mode, sfx=sfx, flag=flag, wall=_mean([r["wall_s"] for r in runs]),
         runs=len(runs), iters=args.iters,
         spi=_mean([r["s_per_iter"] for r in runs if not table[r["row"]].base]),
-        pre=f"; pre-training {pre['wall_s'] / 60:.1f} min." if pre else ".",
+        pre=(f"; pre-training {pre['wall_s'] / 60:.1f} min" if pre else "") + "".join(
+            f"; {r['row'][len('pretrain_'):]}'s own pre-training {r['wall_s'] / 60:.1f} min"
+            for r in records.values() if r["row"].startswith("pretrain_")) + ".",
         datasets="; ".join(f"`{name}`: `{opts}`" for name, opts in DATASETS.items()),
         val=DATASETS["lt_bench"]["num_val"], classes=len(categories),
         thin=sum(c.get("thin") is True for c in categories), threshold=args.repeat_threshold,
@@ -354,17 +374,23 @@ def write_page(args, records: dict, stale, categories) -> str:
     return path
 
 
-def report(args, records: dict) -> str:
-    """Write the page from the records of this mode's plan for their row and seed."""
+def report(args, records: dict) -> tuple:
+    """Write the page from the records of this mode's plan for their row and seed, each from
+    the pre-training its plan names; returns (page path, the keys of the records shown)."""
     names = [r["row"] for r in records.values() if r["row"] in lr.methods_by_name()]
     seeds = sorted(set(args.seeds) | {r["seed"] for r in records.values()})
     full = argparse.Namespace(**dict(vars(args), methods=args.methods + names, seeds=seeds))
     pre, runs = plan(full)
-    planned = {r.key: r for r in runs + ([pre] if pre else [])}
-    init = (records.get("pretrain_seed0") or {}).get("init_sha256")
-    shown = {k: r for k, r in records.items() if k in planned and matches(r, planned[k], init)}
+    planned = {r.key: r for r in runs + ([pre] if pre else []) + own_pretrainings(runs)}
+
+    def init(run: Run) -> Optional[str]:  # the digest its pre-training's record gives
+        src = None if run.method is None else run.pre or pre
+        return (records.get(src.key) or {}).get("init_sha256") if src else None
+
+    shown = {k: r for k, r in records.items()
+             if k in planned and matches(r, planned[k], init(planned[k]))}  # fmt: skip
     categories = read_json(os.path.join(args.records, "classes.json"), what="val categories")
-    return write_page(args, shown, sorted(set(records) - set(shown)), categories)
+    return write_page(args, shown, sorted(set(records) - set(shown)), categories), set(shown)
 
 
 def parse_args(argv=None):
@@ -408,20 +434,23 @@ def main(argv=None) -> int:
     if not args.report_only:
         init = os.path.join(pre.out_dir, INIT_FILE) if pre else None
         todo = to_train(runs, records, args.force, init_digest(init) if init else None)
-        needs_pre = bool(init and not os.path.isfile(init) and any(not r.base for r in todo))
+        shared = [r for r in todo if not r.base and not r.pre]
+        new = [p for p in ([pre] if pre and shared else []) + own_pretrainings(todo)
+               if not os.path.isfile(os.path.join(p.out_dir, INIT_FILE))]  # fmt: skip
         if args.dry_run:
-            for run, init_run in [(pre, None)] * needs_pre + [(r, pre) for r in todo]:
+            for run, init_run in [(p, None) for p in new] + [(r, pre) for r in todo]:
                 print(f"{run.key}: {shlex.join(command(run, args, init_run))}")
             print(f"{len(todo)} of {len(runs)} runs to train; records: {args.records}")
             return 0
         if todo:
             categories = prepare_data(args)
-            if needs_pre:  # new weights (another CPU trains others): every planned run again
-                pretrain(pre, args, records)
-                todo = to_train(runs, records, force=True)
+            for p in new:  # new weights (another CPU trains others): their runs all again
+                pretrain(p, args, records)
+                todo = [r for r in runs if r in todo or (r.pre or pre) is p]
             execute(todo, args, pre, records, ps.class_info(categories))
-    print(f"wrote {report(args, records)}")
-    missing = [r.key for r in runs if not matches(records.get(r.key), r)]
+    path, shown = report(args, records)
+    print(f"wrote {path}")
+    missing = [r.key for r in runs if r.key not in shown]
     print(f"missing runs: {missing}" if missing else "every planned run has its record")
     return 1 if missing else 0
 

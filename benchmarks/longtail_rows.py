@@ -7,6 +7,8 @@ of the same seed for ``length`` x them, or (``eval_only``) evaluates that model 
 overrides. ``rfs``: repeat-factor sampling, else detectron2's ``TrainingSampler`` unless ``opts``
 set one. ``group``: the page's table. ``diagnostic``: run only when named. ``fresh``: prefixes of
 the initialisation its model lacks. ``reference``: its base, else SoftmaxCE with its sampler.
+``pretrain``: a config (with ``pretrain_opts``) pre-trained for this row alone, by the shared
+pre-training's protocol, for a model that cannot start from the shared backbone + FPN.
 """
 
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 BASELINE = "softmax"
 SOFTMAX = "tiny/mask_rcnn_R18_FPN_tiny_softmax.yaml"
 NO_RFS = ("DATALOADER.SAMPLER_TRAIN", "TrainingSampler")
+ENTRY = "tiny/htc_lite_R18_FPG_tiny_mmdet2020_entry.yaml"
 
 
 @dataclass(frozen=True)
@@ -34,10 +37,14 @@ class Method:
     ref: Optional[str] = None
     diagnostic: bool = False
     fresh: Tuple[str, ...] = ()
+    pretrain: Optional[str] = None
+    pretrain_opts: Sequence[str] = ()
 
     def __post_init__(self):
-        if len(self.opts) % 2 or (self.eval_only and not self.base):
+        if len(self.opts) % 2 or len(self.pretrain_opts) % 2 or (self.eval_only and not self.base):
             raise ValueError(f"row {self.name!r}: opts are KEY VALUE pairs; eval_only needs a base")
+        if self.pretrain and self.base:
+            raise ValueError(f"row {self.name!r}: a fine-tune starts from its base model")
         if self.schedule != 1.0 and (self.base or self.schedule <= 0):
             raise ValueError(f"row {self.name!r}: schedule > 0 only on rows without a base")
 
@@ -103,6 +110,15 @@ METHODS: Tuple[Method, ...] = (
     Method("tsd", "TSD (no classification constraint) + Seesaw + RFS", _tiny("seesaw"),
            ("MODEL.ROI_BOX_HEAD.TSD.ENABLED", "True", "MODEL.ROI_BOX_HEAD.TSD.PC_CLS", "False"),
            ref="seesaw"),
+    # The whole tiny entry (timm ResNet-18 + DCNv2, FPG, HTC-Lite, TSD, Mask Scoring, the 2020
+    # augmentation, Seesaw; random sampler) from its own pre-training: its backbone and neck have
+    # no counterpart in the shared one. Pre-trained like the shared initialisation: SoftmaxCE with
+    # a linear classifier and the plain input pipeline on the balanced split.
+    Method("mmdet2020_entry", "Tiny MMDet 2020 entry (own pre-training)", ENTRY, NO_RFS,
+           rfs=False, ref="seesaw", group="mask", pretrain=ENTRY, pretrain_opts=(
+               "MODEL.ROI_BOX_HEAD.CLS_LOSS_NAME", "SoftmaxCE",
+               "MODEL.ROI_BOX_HEAD.PREDICTOR_TYPE", "Linear",
+               "INPUT.AUGMENTATIONS", "['ResizeShortestEdge', 'RandomFlip']")),
     # diagnostics (only when named in --methods)
     Method("bags_long", "GroupSoftmax, fine-tune as long as the training", _tiny("bags"),
            base="softmax_rfs", length=1.0, diagnostic=True),

@@ -158,13 +158,58 @@ def test_records_of_another_pre_training_are_retrained_and_not_shown(tmp_path):
     keys = lambda init: [r.key for r in longtail.to_train(runs, records, False, init)]  # noqa: E731
     assert keys(None) == keys("a" * 16) == [] and keys("b" * 16) == ["softmax_rfs_seed0"]
     assert longtail.main(["--results", str(tmp_path), "--methods", "softmax_rfs", "--seeds", "0",
-                          "--report-only"]) == 0  # fmt: skip
+                          "--report-only"]) == 1  # fmt: skip  (its one run is missing)
     text = (tmp_path / "longtail.md").read_text()
     assert "Records not shown (other overrides or pre-training): softmax_rfs_seed0." in text
     init = tmp_path / "init.pth"
     init.write_bytes(b"weights")
     assert longtail.init_digest(str(init)) == "9a129038d9a00aed"  # printf weights | sha256sum
     assert longtail.init_digest(str(tmp_path / "none.pth")) is None
+
+
+def test_a_row_with_its_own_pre_training(tmp_path):
+    """The entry row trains from its own pre-training (the shared protocol on its own config),
+    its records are checked against that pre-training's digest and a new one retrains only it."""
+    args = _args(tmp_path, "--methods", "mmdet2020_entry", "--seeds", "0", "1")
+    pre, runs = longtail.plan(args)
+    by = {r.key: r for r in runs}
+    entry, seesaw = by["mmdet2020_entry_seed1"], by["seesaw_seed1"]
+    own = entry.pre
+    assert own is by["mmdet2020_entry_seed0"].pre and seesaw.pre is None
+    assert (own.key, own.config) == ("pretrain_mmdet2020_entry_seed0", entry.method.pretrain)
+    assert own.overrides[: len(entry.method.pretrain_opts)] == list(entry.method.pretrain_opts)
+    assert own.overrides[len(entry.method.pretrain_opts) :] == pre.overrides  # same protocol
+    assert longtail.own_pretrainings(runs) == [own]
+    cmd = longtail.command(entry, args, pre)
+    assert _opt(cmd, "MODEL.WEIGHTS") == os.path.join(own.out_dir, longtail.INIT_FILE)
+    assert _opt(cmd, "DATALOADER.SAMPLER_TRAIN") == "TrainingSampler"  # the entry's sampler
+    assert _opt(longtail.command(seesaw, args, pre), "MODEL.WEIGHTS") == os.path.join(
+        pre.out_dir, longtail.INIT_FILE
+    )
+    os.makedirs(own.out_dir)
+    (tmp_path / "runs" / os.path.basename(own.out_dir) / longtail.INIT_FILE).write_bytes(b"weights")
+    mine = "9a129038d9a00aed"  # printf weights | sha256sum
+    for run in runs:
+        _record(args.records, run)
+        longtail.write_record(args.records, run, (0, 1.0, 0.1), REF[0], CLASSES,
+                              mine if run.pre else "a" * 16)  # fmt: skip
+    longtail.write_record(args.records, pre, (0, 1.0, 0.1), {}, {}, init="a" * 16)
+    longtail.write_record(args.records, own, (0, 1.0, 0.1), {}, {}, init=mine)
+    longtail.write_json_atomic(CATEGORIES, os.path.join(args.records, "classes.json"))
+    records = longtail.read_records(args.records)
+    keys = lambda init: [r.key for r in longtail.to_train(runs, records, False, init)]  # noqa: E731
+    assert keys("a" * 16) == []
+    assert keys("b" * 16) == [r.key for r in runs if not r.pre]  # a new shared pre-training
+    seed0 = by["mmdet2020_entry_seed0"]
+    other = longtail.write_record(args.records, seed0, (0, 1.0, 0.1), REF[0], CLASSES, "c" * 16)
+    records[seed0.key] = other  # from another own pre-training
+    assert keys("a" * 16) == ["mmdet2020_entry_seed0"]
+    argv = ["--results", str(tmp_path), "--methods", "mmdet2020_entry", "--seeds", "0", "1"]
+    assert longtail.main([*argv, "--report-only"]) == 1  # a record is missing: seed 0's
+    text = (tmp_path / "longtail.md").read_text()
+    assert "Records not shown (other overrides or pre-training): mmdet2020_entry_seed0." in text
+    assert "| Tiny MMDet 2020 entry (own pre-training) | Seesaw + NormedLinear + RFS |" in text
+    assert "pre-training 0.0 min; mmdet2020_entry's own pre-training 0.0 min." in text
 
 
 @pytest.mark.parametrize("mode", ["", "_quick"])
@@ -202,6 +247,15 @@ def test_init_prefixes_name_layers_every_row_loads():
     assert not any("predictor" in k for k in kept)  # class-specific layers start fresh
     for config, fresh in sorted({(m.config, m.fresh) for m in METHODS if not m.base}):
         row = shapes(config)
+        if any(m.pretrain for m in METHODS if m.config == config):
+            continue  # below: against its own pre-training
         missing = {k for k, v in kept.items() if row.get(k) != v and not k.startswith(fresh)}
         assert not missing, (config, sorted(missing)[:5])
         assert not (fresh and any(k.startswith(fresh) for k in row)), config  # truly absent
+    for m in (m for m in METHODS if m.pretrain):  # pre-trained with its opts: the same layers
+        cfg = tiny_cfg(config_file=os.path.join(REPO, "configs", m.pretrain), opts=m.pretrain_opts)
+        own = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+        own = {k: v for k, v in own.items() if k.startswith(prefixes)}
+        assert all(any(k.startswith(p) for k in own) for p in prefixes), m.name
+        row = shapes(m.config)
+        assert {k: row.get(k) for k in own} == own, m.name
