@@ -59,6 +59,7 @@ demo: setup data
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) .cache output

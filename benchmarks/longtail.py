@@ -259,8 +259,15 @@ def pretrain(pre: Run, args, records: dict) -> None:
     records[pre.key] = write_record(args.records, pre, timing, {}, {}, init_digest(init))
 
 
-def run_and_record(run: Run, cmd: List[str], args, records: dict, classes,
-                   init: Optional[str], evaluated: bool = True) -> bool:
+def run_and_record(
+    run: Run,
+    cmd: List[str],
+    args,
+    records: dict,
+    classes,
+    init: Optional[str],
+    evaluated: bool = True,
+) -> bool:
     """Run ``cmd`` on ``args.threads`` threads and, when it succeeds and ``evaluated``, record
     its val per-class AP (from the initialisation of digest ``init``); True on success."""
     timing = train_run(run, cmd, args.threads)

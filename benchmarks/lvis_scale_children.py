@@ -253,9 +253,9 @@ def eval_main(args) -> dict:
         images = [pasted_instances(MASKS_PER_IMAGE, h, w, s, args.device) for s in range(4)]
         cpu = images[0].to("cpu")
         ours = [r["counts"].decode() for r in encode_masks(images[0].pred_masks)]
-        assert ours == [
-            r["segmentation"]["counts"] for r in instances_to_coco_json(cpu, 0)
-        ], "the RLEs differ from detectron2's"
+        assert ours == [r["segmentation"]["counts"] for r in instances_to_coco_json(cpu, 0)], (
+            "the RLEs differ from detectron2's"
+        )
 
         def theirs(images=images):
             for i, inst in enumerate(images):

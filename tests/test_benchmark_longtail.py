@@ -157,8 +157,20 @@ def test_records_of_another_pre_training_are_retrained_and_not_shown(tmp_path):
     records = longtail.read_records(args.records)
     keys = lambda init: [r.key for r in longtail.to_train(runs, records, False, init)]  # noqa: E731
     assert keys(None) == keys("a" * 16) == [] and keys("b" * 16) == ["softmax_rfs_seed0"]
-    assert longtail.main(["--results", str(tmp_path), "--methods", "softmax_rfs", "--seeds", "0",
-                          "--report-only"]) == 1  # fmt: skip  (its one run is missing)
+    assert (
+        longtail.main(
+            [
+                "--results",
+                str(tmp_path),
+                "--methods",
+                "softmax_rfs",
+                "--seeds",
+                "0",
+                "--report-only",
+            ]
+        )
+        == 1
+    )  # fmt: skip  (its one run is missing)
     text = (tmp_path / "longtail.md").read_text()
     assert "Records not shown (other overrides or pre-training): softmax_rfs_seed0." in text
     init = tmp_path / "init.pth"

@@ -60,7 +60,7 @@ def test_first_place_chain_is_wired_like_the_recipe(args):
     ]
     registered = {
         d[0]: d[1] for d in json.loads(_opt(sel, "DATASETS.LVIS_FORMAT").replace("'", '"'))
-    }  # noqa: E501
+    }
     assert registered[pl.EXTRA_PSEUDO] == out_extra
     assert _opt(sel, "DATASETS.EXTRA_TRAIN") == f"('{pl.EXTRA_PSEUDO}',)"
     for name in ("stage1", "selftrain", "stage2"):
@@ -122,8 +122,14 @@ def test_page_pairs_each_stage_with_the_one_before_and_the_baseline(args):
     assert "| lvis2020_mmdet: tta | 44.5 ± 0.7 | 44.5 ± 0.7 |" in text  # AP, APr over seeds 44, 45
     assert "| lvis2020_mmdet: dualhead | lvis2020_mmdet: model | +1.0 [+1.0, +1.0]*" in text
     assert "| lvis2020_mmdet: tta | lvis2020_mmdet: dualhead | +3.0 [+3.0, +3.0]*" in text
-    assert "| lvis2020_mmdet: tta | Seesaw + NormedLinear + RFS, 4× schedule | +1.0 [+1.0, +1.0]*" in text  # noqa: E501
-    assert "| lvis2020_mmdet: model | Seesaw + NormedLinear + RFS, 4× schedule | -3.0 [-3.0, -3.0]*" in text  # noqa: E501
+    assert (
+        "| lvis2020_mmdet: tta | Seesaw + NormedLinear + RFS, 4× schedule | +1.0 [+1.0, +1.0]*"
+        in text
+    )
+    assert (
+        "| lvis2020_mmdet: model | Seesaw + NormedLinear + RFS, 4× schedule | -3.0 [-3.0, -3.0]*"
+        in text
+    )
     assert "sha256 abc" in text
 
 
@@ -136,7 +142,9 @@ def test_committed_page_regenerates_from_committed_records(tmp_path):
     committed = open(os.path.join(results, "pipelines.md")).read()
     digest = re.search(r"sha256 (\w+)…", committed).group(1)
     args = pl.parse_args(["--results", str(tmp_path), "--output", str(tmp_path / "runs")])
-    records = {k: r for k, r in pl.lt.read_records(args.records).items() if not k.startswith("pretrain")}  # noqa: E501
+    records = {
+        k: r for k, r in pl.lt.read_records(args.records).items() if not k.startswith("pretrain")
+    }
     assert len(records) == 3 * (4 + 3 + 2)  # 3 seeds: the evaluated stages and the baselines
     assert open(pl.write_page(args, records, digest)).read() == committed
 
@@ -157,12 +165,25 @@ def test_main_runs_each_chain_until_a_stage_fails_and_every_baseline(tmp_path, m
 
     started = []
     monkeypatch.setattr(pl.lt, "prepare_data", prepare)
-    monkeypatch.setattr(pl.lt, "train_run", lambda run, cmd, threads: started.append(run.key) or (1, 0.0, 0.0))  # noqa: E501
-    argv = ["--output", str(runs), "--datasets", str(tmp_path / "d"), "--results", str(records.parent)]  # noqa: E501
+    monkeypatch.setattr(
+        pl.lt, "train_run", lambda run, cmd, threads: started.append(run.key) or (1, 0.0, 0.0)
+    )
+    argv = [
+        "--output",
+        str(runs),
+        "--datasets",
+        str(tmp_path / "d"),
+        "--results",
+        str(records.parent),
+    ]
     os.makedirs(records)
     assert pl.main(argv) == 0
     # every chain stops at its failed first stage; every baseline runs once
-    expected = {f"{p}_{first}_seed{s}" for p, first in (("lvis2020_1st", "stage1"), ("lvis2020_mmdet", "model")) for s in range(3)}  # noqa: E501
+    expected = {
+        f"{p}_{first}_seed{s}"
+        for p, first in (("lvis2020_1st", "stage1"), ("lvis2020_mmdet", "model"))
+        for s in range(3)
+    }
     expected |= {f"{b}_seed{s}" for b in ("eql_4x", "seesaw_4x") for s in range(3)}
     assert sorted(started) == sorted(expected)
     assert (records.parent / "pipelines.md").is_file()
