@@ -23,6 +23,7 @@ from lvis_longtail.modeling.dual_head import (
 TINY = REPO / "configs" / "tiny"
 SEESAW = TINY / "mask_rcnn_R18_FPN_tiny_seesaw.yaml"
 CASCADE = TINY / "cascade_mask_rcnn_R18_FPN_tiny_seesaw.yaml"
+HTC = TINY / "htc_R18_FPN_tiny_seesaw.yaml"  # one mask head per stage, built without the branch
 DUAL = ["MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED", "True"]
 
 
@@ -62,7 +63,7 @@ def _detections(model, image):
     return inst.pred_boxes.tensor, inst.scores, inst.pred_classes
 
 
-@pytest.mark.parametrize("config", [SEESAW, CASCADE])
+@pytest.mark.parametrize("config", [SEESAW, CASCADE, HTC])
 @pytest.mark.parametrize("opts", [
     ["DUAL_HEAD.CLS_LOSS_NAME", "SeesawLoss"],  # copied tower and classifier: equal branches
     ["DUAL_HEAD.CLS_LOSS_NAME", "SeesawLoss", "DUAL_HEAD.BRANCH", "classifier"],
@@ -114,13 +115,13 @@ def test_copy_initialisation_only_when_the_checkpoint_has_no_new_branch(tmp_path
     assert torch.equal(fresh.roi_heads.box_head.dual_branch.fc1.weight, before)
 
 
-@pytest.mark.parametrize("config", [SEESAW, CASCADE])
+@pytest.mark.parametrize("config", [SEESAW, CASCADE, HTC])
 def test_only_the_new_branches_train(config):
     cfg = tiny_cfg(8, config, DUAL)
     cfg.DATASETS.TEST = ()  # the 8 unit classes only (not a synthetic set under ./datasets)
     model = Trainer.build_model(cfg)
     branches = dual_head_branches(model)
-    stages = 3 if config == CASCADE else 1
+    stages = 1 if config == SEESAW else 3
     assert len(branches) == 3 * stages  # a tower, a classifier and a loss per stage
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".dual_branch." in n or ".dual_cls_score." in n for n in trainable)

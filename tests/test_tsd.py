@@ -27,10 +27,16 @@ from lvis_longtail.modeling.tsd import (
 )
 
 CASCADE = ["MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "True"]
+HTC_ON = [  # every HTC switch on
+    *(x for k in ("PER_STAGE_MASKS", "INTERLEAVED", "MASK_INFO_FLOW", "SAMPLE_BOX_STAGES")
+      for x in (f"MODEL.ROI_HEADS.HTC.{k}", "True")),
+    "MODEL.ROI_HEADS.HTC.MASK_STAGE_LOSS_WEIGHTS", "[1.0, 0.5, 0.25]",
+]  # fmt: skip
 HEADS = {
     "LongTailROIHeads": [],
     "LongTailCascadeROIHeads": CASCADE,
     "LongTailHTCLiteROIHeads": CASCADE + ["MODEL.ROI_CONTEXT_HEAD.CONV_DIM", "64"],
+    "LongTailHTCROIHeads": CASCADE + ["MODEL.ROI_CONTEXT_HEAD.CONV_DIM", "64"] + HTC_ON,
 }
 TSD_ON = ["MODEL.ROI_BOX_HEAD.TSD.ENABLED", "True"]
 
@@ -181,7 +187,7 @@ def test_tsd_off_is_the_plain_path_and_on_keeps_its_sibling(heads):
     """TSD off builds no TSD module; the TSD model holds the plain model's parameters under
     the same names plus ``tsd_head.*``; with the plain weights loaded, its sibling, mask and
     RPN losses equal the plain losses (of a cascade: the first stage's and the RPN's; later
-    stages start from the TSD boxes)."""
+    stages start from the TSD boxes, as HTC's interleaved mask heads do)."""
     torch.manual_seed(0)
     plain = build_model(tsd_cfg(heads, tsd=False))
     tsd = build_model(tsd_cfg(heads))
@@ -196,6 +202,8 @@ def test_tsd_off_is_the_plain_path_and_on_keeps_its_sibling(heads):
         k.startswith("loss_tsd") for k in set(with_tsd) - set(base)
     )
     same = [k for k in base if heads == "LongTailROIHeads" or k.endswith("_stage0") or "rpn" in k]
+    if heads == "LongTailHTCROIHeads":  # interleaved: mask head 0 trains on stage 0's TSD boxes
+        same = [k for k in same if "mask" not in k]
     assert len(same) >= 4
     for k in same:
         assert torch.equal(base[k], with_tsd[k]), k
@@ -299,7 +307,7 @@ def test_inference_uses_the_tsd_head_and_decodes_against_the_translated_proposal
     torch.testing.assert_close(seen["boxes"][0], expected.repeat(1, 8))  # zero deltas
 
 
-@pytest.mark.parametrize("heads", ["LongTailCascadeROIHeads", "LongTailHTCLiteROIHeads"])
+@pytest.mark.parametrize("heads", list(HEADS)[1:])
 def test_cascade_refines_each_stage_from_the_translated_proposals(heads):
     """Zero deltas and a constant regression offset per stage: each stage's proposals are the
     previous stage's translated ones, so the final boxes move by the three shifts."""
@@ -329,6 +337,44 @@ def test_cascade_refines_each_stage_from_the_translated_proposals(heads):
     torch.testing.assert_close(seen["boxes"][0], torch.tensor([[22.0, 26.0, 62.0, 66.0]]))
 
 
+def test_htc_interleaved_mask_heads_train_on_each_tsd_stage_boxes(monkeypatch):
+    """HTC with TSD: mask head t (interleaved) takes the boxes TSD stage t decoded from its
+    translated proposals; with zero deltas and a constant offset they are stage t's proposals
+    moved by 0.1 x (1.0 w, 0.5 h), clipped, the empty ones dropped."""
+    from lvis_longtail.modeling.roi_heads import htc
+
+    torch.manual_seed(0)
+    model = build_model(tsd_cfg("LongTailHTCROIHeads"))
+    heads = model.roi_heads
+    for tsd in heads.tsd_head:
+        with torch.no_grad():
+            tsd.reg_offset[2].bias.copy_(torch.tensor([1.0, 0.5]))
+            tsd.predictor.bbox_pred.weight.zero_()
+            tsd.predictor.bbox_pred.bias.zero_()
+    stage_inputs, mask_inputs = [], []
+    prepare, positives = heads._stage_prepare, htc.refined_positives
+
+    def spy_prepare(proposals):
+        stage_inputs.append([Boxes(p.proposal_boxes.tensor.clone()) for p in proposals])
+        return prepare(proposals)
+
+    def spy_positives(refined, *args):
+        mask_inputs.append([r.proposal_boxes.tensor.clone() for r in refined])
+        return positives(refined, *args)
+
+    monkeypatch.setattr(heads, "_stage_prepare", spy_prepare)
+    monkeypatch.setattr(htc, "refined_positives", spy_positives)
+    losses = _losses(model, make_batch())
+    assert {f"loss_mask_stage{t}" for t in range(3)} <= set(losses)
+    assert len(stage_inputs) == len(mask_inputs) == 3
+    for boxes, refined in zip(stage_inputs, mask_inputs):
+        for b, r in zip(boxes, refined):
+            wh = b.tensor[:, 2:] - b.tensor[:, :2]
+            moved = Boxes(b.tensor + (0.1 * torch.tensor([1.0, 0.5]) * wh).repeat(1, 2))
+            moved.clip((96, 128))
+            torch.testing.assert_close(r, moved.tensor[moved.nonempty()])
+
+
 def test_with_proposal_boxes_keeps_fields():
     p = Instances((10, 10))
     p.proposal_boxes = Boxes(torch.zeros(2, 4))
@@ -341,7 +387,7 @@ def test_with_proposal_boxes_keeps_fields():
 @pytest.mark.parametrize(
     "opts, message",
     [
-        (["MODEL.ROI_HEADS.NAME", "LongTailHTCROIHeads", *CASCADE], "run TSD heads"),
+        (["MODEL.ROI_HEADS.NAME", "StandardROIHeads"], "run TSD heads"),
         (["MODEL.ROI_BOX_HEAD.POOLER_TYPE", "DeformROIAlignV2"], "ROIAlignV2"),
         (["MODEL.ROI_BOX_HEAD.TSD.PC_LOC_MARGIN", "1.5"], "PC_LOC_MARGIN"),
         (["MODEL.ROI_BOX_HEAD.TSD.GAMMA", "0.0"], "GAMMA"),
@@ -352,7 +398,7 @@ def test_config_rules(opts, message):
     with pytest.raises(ConfigError, match=message):
         check_config(cfg)
     cfg.MODEL.ROI_BOX_HEAD.TSD.ENABLED = False
-    if "LongTailHTCROIHeads" in opts or "DeformROIAlignV2" in opts:
+    if "StandardROIHeads" in opts or "DeformROIAlignV2" in opts:
         check_config(cfg)  # fine without TSD
 
 

@@ -178,7 +178,7 @@ def _add_tsd(cfg: CN) -> None:
     # docs/methods.md, "TSD"): per box stage, classification and regression from two
     # re-samplings of the proposal; the ordinary box head trains alongside as the sibling.
     cfg.MODEL.ROI_BOX_HEAD.TSD = CN()
-    # Build a TSD head in every box stage (LongTailROIHeads, the cascade, HTC-Lite).
+    # Build a TSD head in every box stage (LongTailROIHeads, the cascade, HTC-Lite, HTC).
     cfg.MODEL.ROI_BOX_HEAD.TSD.ENABLED = False
     # gamma: bin offsets and the proposal translation are gamma x predicted offset x the
     # proposal's (width, height).

@@ -120,7 +120,7 @@ def _tsd_options(cfg) -> Optional[str]:
     if heads is not None and not getattr(heads, "supports_tsd", False):
         return (
             f"MODEL.ROI_BOX_HEAD.TSD needs ROI heads that run TSD heads (LongTailROIHeads, "
-            f"LongTailCascadeROIHeads, LongTailHTCLiteROIHeads), not {cfg.MODEL.ROI_HEADS.NAME!r}"
+            f"the cascade, HTC-Lite, HTC), not {cfg.MODEL.ROI_HEADS.NAME!r}"
         )
     if box.POOLER_TYPE != "ROIAlignV2":
         return (

@@ -77,6 +77,7 @@ class LongTailCascadeROIHeads(CascadeROIHeads, LongTailROIHeads):
                       self._stage_prepare(proposals))  # fmt: skip
             refined = with_proposal_boxes(proposals, out.boxes.detach())
             boxes = tsd.predictor.predict_boxes(out.predictions, refined)
+            self._tsd_stage_boxes(boxes)
             stages.append((out, proposals, refined))
         if self.training:
             losses, storage = {}, get_event_storage()
@@ -90,6 +91,10 @@ class LongTailCascadeROIHeads(CascadeROIHeads, LongTailROIHeads):
         ]
         scores = self._mean_over_stages(per_stage)
         return self.tsd_head[-1].predictor.postprocess(boxes, scores, image_sizes)[0]
+
+    def _tsd_stage_boxes(self, boxes) -> None:
+        """Called with each TSD stage's refined boxes (per image), in stage order; nothing
+        here (the HTC heads keep them for their interleaved mask heads)."""
 
     def _mean_over_stages(self, per_stage):
         """Per image, the stages' probabilities averaged (detectron2's cascade inference)."""

@@ -50,11 +50,9 @@ class LongTailHTCROIHeads(LongTailHTCLiteROIHeads):
     With Mask Scoring the MaskIoU head trains on the last head's masks and RoIs
     (``loss_maskiou``, not stage-weighted) and scores the averaged mask at inference. With all
     four switches off it computes exactly what :class:`LongTailHTCLiteROIHeads` computes.
-    TSD heads are not wired into its interleaved stages (``ROI_BOX_HEAD.TSD`` is rejected).
+    With TSD (``ROI_BOX_HEAD.TSD``) the box stages are the cascade's TSD stages and head t,
+    interleaved, trains on the boxes that TSD stage t decoded from its translated proposals.
     """
-
-    # its box stages do not run TSD heads (lvis_longtail.config_check reads this)
-    supports_tsd = False
 
     @configurable
     def __init__(
@@ -118,10 +116,12 @@ class LongTailHTCROIHeads(LongTailHTCLiteROIHeads):
     @classmethod
     def _stage_mask_head(cls, cfg, input_shape) -> nn.Module:
         """One more mask head as the ROI heads' own is built (contract twin, checks, CARAFE);
-        no MaskIoU head comes with it."""
+        no MaskIoU head (nor box-branch module) comes with it."""
         cfg = cfg.clone()
         cfg.defrost()
         cfg.MODEL.ROI_MASKIOU_HEAD.ENABLED = False
+        cfg.MODEL.ROI_BOX_HEAD.TSD.ENABLED = False
+        cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED = False
         head = cls._init_mask_head(plain_pooler_cfg(cfg), input_shape)["mask_head"]
         return adjust_roi_heads(cfg, input_shape, {"mask_head": head})["mask_head"]
 
@@ -131,6 +131,12 @@ class LongTailHTCROIHeads(LongTailHTCLiteROIHeads):
         if self.training and self._forward_state is not None:
             self._forward_state.setdefault("stage_predictions", []).append(predictions)
         return predictions
+
+    def _tsd_stage_boxes(self, boxes) -> None:
+        """In training, a TSD stage's refined boxes are kept for the interleaved masks."""
+        if self.training and self._forward_state is not None:
+            boxes = [b.detach() for b in boxes]
+            self._forward_state.setdefault("stage_boxes", []).append(boxes)
 
     @torch.no_grad()
     def _match_and_label_boxes(self, proposals, stage, targets):
@@ -182,8 +188,11 @@ class LongTailHTCROIHeads(LongTailHTCLiteROIHeads):
         proposals = state["stage_proposals"][stage]
         if self.interleaved:
             with torch.no_grad():  # detached like every cascade proposal
-                predictions = state["stage_predictions"][stage]
-                boxes = self.box_predictor[stage].predict_boxes(predictions, proposals)
+                if "stage_boxes" in state:  # TSD stages: decoded from their P_r
+                    boxes = state["stage_boxes"][stage]
+                else:
+                    predictions = state["stage_predictions"][stage]
+                    boxes = self.box_predictor[stage].predict_boxes(predictions, proposals)
             refined = self._create_proposals_from_boxes(boxes, [p.image_size for p in proposals])
             cap = int(self.batch_size_per_image * self.positive_fraction)
             proposals = refined_positives(refined, targets, self.proposal_matchers[stage], cap)
