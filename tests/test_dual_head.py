@@ -142,3 +142,13 @@ def test_attach_rejects_box_heads_it_cannot_mirror():
            "box_in_features": ["p2"]}  # fmt: skip
     with pytest.raises(ValueError, match="stage 0 has Identity"):
         attach_dual_head(cfg, model.backbone.output_shape(), ret)
+
+
+@pytest.mark.parametrize("heads", ["StandardROIHeads", "CascadeROIHeads"])
+def test_detectron2_heads_with_the_dual_head_are_rejected(heads):
+    """detectron2's own heads get no new branch (nothing would train): a config error."""
+    from lvis_longtail.config_check import ConfigError, check_config
+
+    with pytest.raises(ConfigError, match=f"DUAL_HEAD adds its branch.*not '{heads}'"):
+        check_config(tiny_cfg(8, CASCADE, DUAL + ["MODEL.ROI_HEADS.NAME", heads]))
+    check_config(tiny_cfg(8, HTC, DUAL))  # every lvis_longtail head takes it

@@ -288,6 +288,17 @@ def test_every_option_trains_every_parameter(storage, empty):
     assert all(len(o) > 0 and o.has("mask_scores") for o in outputs)
 
 
+def test_flow_from_heads_without_convs(storage):
+    """NUM_CONV 0: each head passes its RoI features on, so the flow convs take their width
+    (not CONV_DIM); it trains and infers."""
+    model = model_of(*HTC, "MODEL.ROI_MASK_HEAD.NUM_CONV", 0, "MODEL.ROI_MASK_HEAD.CONV_DIM", 16)
+    assert all(f.in_channels == f.out_channels for f in model.roi_heads.mask_flows)
+    model.train()
+    losses = model(make_batch(num_classes=K, size=SIZE, seed=0))
+    sum(losses.values()).backward()
+    assert all(len(o) > 0 for o in infer(model))
+
+
 def test_chunked_mask_inference_equals_one_shot():
     model = model_of(*HTC, *MASK_ALL_ON, "MODEL.ROI_MASK_HEAD.TEST_CHUNK_SIZE", 0)
     whole = infer(model)

@@ -15,7 +15,7 @@ import yaml
 from conftest import REPO
 
 from lvis_longtail.data.builtin import register_synthetic
-from lvis_longtail.data.image_labels import NEG_CLASSES_FIELD
+from lvis_longtail.data.image_labels import NEG_CLASSES_FIELD, needs_image_labels
 from lvis_longtail.data.mapper import LongTailDatasetMapper
 from lvis_longtail.data.synthetic import generate
 from lvis_longtail.engine import Trainer, setup_cfg
@@ -91,10 +91,22 @@ def test_new_tiny_leaf_trains_two_iterations(leaf, synthetic_root, tmp_path):
         torch.testing.assert_close(v, counts[k])
 
 
-def test_mapper_carries_verified_negatives(synthetic_root, tmp_path):
+CONTEXT = ["MODEL.ROI_CONTEXT_HEAD.ENABLED", "True", "MODEL.ROI_CONTEXT_HEAD.CONV_DIM", "64",
+           "MODEL.ROI_CONTEXT_HEAD.FEDERATED", "True"]  # fmt: skip
+
+
+@pytest.mark.parametrize("leaf", ["htc_lite_R18_FPN_tiny_seesaw", "htc_R18_FPN_tiny_seesaw"])
+def test_mapper_carries_verified_negatives(leaf, synthetic_root, tmp_path):
+    """For a federated context head of HTC-Lite and of HTC (a subclass), not of the cascade."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    cfg = cfg_of("htc_lite_R18_FPN_tiny_seesaw", tmp_path)
+    cfg = cfg_of(leaf, tmp_path)
+    cfg.defrost()
+    cfg.merge_from_list(CONTEXT)
+    assert needs_image_labels(cfg)
+    cascade = cfg.clone()
+    cascade.MODEL.ROI_HEADS.NAME = "LongTailCascadeROIHeads"
+    assert not needs_image_labels(cascade)
     id_map = MetadataCatalog.get("lt_htc_train").thing_dataset_id_to_contiguous_id
     records = [r for r in DatasetCatalog.get("lt_htc_train") if r["neg_category_ids"]]
     assert records

@@ -112,6 +112,19 @@ def _deform_mask_pooler_not_with_area_ratio(cfg) -> Optional[str]:
 
 
 @rule
+def _dual_head_needs_project_heads(cfg) -> Optional[str]:
+    if not cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED:
+        return None
+    heads = _registered_class(ROI_HEADS_REGISTRY, cfg.MODEL.ROI_HEADS.NAME)
+    if heads is not None and not getattr(heads, "supports_dual_head", False):
+        return (
+            "MODEL.ROI_BOX_HEAD.DUAL_HEAD adds its branch to lvis_longtail's ROI heads "
+            f"(LongTailROIHeads, the cascade, HTC-Lite, HTC), not {cfg.MODEL.ROI_HEADS.NAME!r}"
+        )
+    return None
+
+
+@rule
 def _tsd_options(cfg) -> Optional[str]:
     tsd, box = cfg.MODEL.ROI_BOX_HEAD.TSD, cfg.MODEL.ROI_BOX_HEAD
     if not tsd.ENABLED:

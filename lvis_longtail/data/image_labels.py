@@ -54,7 +54,11 @@ def set_neg_classes(instances: Instances, neg_classes: Sequence[int]) -> Instanc
 
 
 def needs_image_labels(cfg) -> bool:
-    """Whether the model needs :data:`NEG_CLASSES_FIELD` (a federated context head)."""
-    node = cfg.MODEL.get("ROI_CONTEXT_HEAD")
-    htc_lite = cfg.MODEL.ROI_HEADS.NAME == "LongTailHTCLiteROIHeads"
-    return bool(htc_lite and node is not None and node.ENABLED and node.FEDERATED)
+    """Whether the model needs :data:`NEG_CLASSES_FIELD`: a federated context head on ROI
+    heads that build one (their class says ``builds_context_head``: HTC-Lite and HTC)."""
+    from detectron2.modeling import ROI_HEADS_REGISTRY
+
+    node, name = cfg.MODEL.get("ROI_CONTEXT_HEAD"), cfg.MODEL.ROI_HEADS.NAME
+    if node is None or not (node.ENABLED and node.FEDERATED) or name not in ROI_HEADS_REGISTRY:
+        return False
+    return bool(getattr(ROI_HEADS_REGISTRY.get(name), "builds_context_head", False))

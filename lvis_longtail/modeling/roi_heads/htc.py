@@ -105,11 +105,10 @@ class LongTailHTCROIHeads(LongTailHTCLiteROIHeads):
         ret["mask_head"] = nn.ModuleList(heads)
         if node.MASK_INFO_FLOW:
             channels = input_shape[ret["mask_in_features"][0]].channels
+            mask = cfg.MODEL.ROI_MASK_HEAD  # a head without 3x3 convs passes its input on
+            flow_in = mask.CONV_DIM if mask.NUM_CONV > 0 else channels
             ret["mask_flows"] = nn.ModuleList(
-                mask_flow_conv(
-                    cfg.MODEL.ROI_MASK_HEAD.CONV_DIM, channels, cfg.MODEL.ROI_MASK_HEAD.NORM
-                )
-                for _ in range(1, stages)
+                mask_flow_conv(flow_in, channels, mask.NORM) for _ in range(1, stages)
             )
         return ret
 

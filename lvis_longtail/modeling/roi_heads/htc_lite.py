@@ -36,6 +36,9 @@ class LongTailHTCLiteROIHeads(LongTailCascadeROIHeads):
     ``LongTailCascadeROIHeads`` computes.
     """
 
+    # builds MODEL.ROI_CONTEXT_HEAD (lvis_longtail.data.image_labels reads this)
+    builds_context_head = True
+
     @configurable
     def __init__(
         self,

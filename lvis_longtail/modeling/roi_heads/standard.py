@@ -69,6 +69,8 @@ class LongTailROIHeads(IgnoreRegionsMixin, StandardROIHeads):
 
     # the box branch can run TSD heads (lvis_longtail.config_check reads this)
     supports_tsd = True
+    # the dual-head fine-tune can add its branch to the box branch (config_check reads this)
+    supports_dual_head = True
 
     @configurable
     def __init__(
