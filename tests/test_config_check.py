@@ -391,3 +391,50 @@ def test_missing_config_file_is_named():
 )  # fmt: skip
 def test_wrong_typed_options_name_the_key_and_the_type(opts, message):
     assert error_of(opts) == f"command-line options: {message}"
+
+
+@pytest.mark.parametrize(
+    "key, bad, message",
+    [
+        ("SOLVER.MAX_ITER", "0", "SOLVER.MAX_ITER must be an integer >= 1, got 0"),
+        ("SOLVER.MAX_ITER", "-1", "SOLVER.MAX_ITER must be an integer >= 1, got -1"),
+        ("SOLVER.IMS_PER_BATCH", "0", "SOLVER.IMS_PER_BATCH must be an integer >= 1, got 0"),
+        ("SOLVER.BASE_LR", "-0.1", "SOLVER.BASE_LR must be a number > 0, got -0.1"),
+        ("SOLVER.BASE_LR", "0.0", "SOLVER.BASE_LR must be a number > 0, got 0.0"),
+        ("SOLVER.BASE_LR", "1e400", "SOLVER.BASE_LR must be a number > 0, got inf"),
+        ("DATALOADER.NUM_WORKERS", "-1", "DATALOADER.NUM_WORKERS must be an integer >= 0, got -1"),
+        ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", "5.0",
+         "MODEL.ROI_HEADS.SCORE_THRESH_TEST must be in [0, 1], got 5.0"),
+        ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", "-0.1",
+         "MODEL.ROI_HEADS.SCORE_THRESH_TEST must be in [0, 1], got -0.1"),
+        ("TEST.DETECTIONS_PER_IMAGE", "0",
+         "TEST.DETECTIONS_PER_IMAGE must be >= 1, or -1 for no cap, got 0"),
+        ("TEST.DETECTIONS_PER_IMAGE", "-2",
+         "TEST.DETECTIONS_PER_IMAGE must be >= 1, or -1 for no cap, got -2"),
+        ("MODEL.DEVICE", "gpu", "MODEL.DEVICE must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+        ("MODEL.DEVICE", "cuda:x", "MODEL.DEVICE must be 'cpu', 'cuda' or 'cuda:N', got 'cuda:x'"),
+    ],
+)  # fmt: skip
+def test_out_of_range_values_are_named(key, bad, message):
+    msg = error_of([key, bad])
+    assert msg == f"invalid config:\n  {message}"
+
+
+def test_range_limits_are_accepted_and_a_file_is_not_an_output_dir(tmp_path):
+    cfg = setup_cfg(str(TINY_BASE), ["SOLVER.MAX_ITER", "1", "SOLVER.IMS_PER_BATCH", "1",
+                                     "SOLVER.BASE_LR", "1e-9", "DATALOADER.NUM_WORKERS", "0",
+                                     "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+                                     "TEST.DETECTIONS_PER_IMAGE", "1", "MODEL.DEVICE", "cuda:1",
+                                     "OUTPUT_DIR", str(tmp_path)])  # fmt: skip
+    assert (cfg.SOLVER.MAX_ITER, cfg.MODEL.DEVICE) == (1, "cuda:1")
+    setup_cfg(str(TINY_BASE), ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "1.0", "MODEL.DEVICE", "cpu",
+                               "OUTPUT_DIR", str(tmp_path / "not" / "yet")])  # fmt: skip
+    (tmp_path / "afile").write_text("")
+    msg = error_of(["OUTPUT_DIR", str(tmp_path / "afile")])
+    assert msg == f"invalid config:\n  OUTPUT_DIR '{tmp_path / 'afile'}' exists and is not a folder"
+
+
+def test_a_nan_learning_rate_in_a_file_is_named(tmp_path):
+    path = tmp_path / "nan.yaml"
+    path.write_text(f'_BASE_: "{TINY_BASE}"\nSOLVER:\n  BASE_LR: .nan\n')
+    assert error_of([], path) == "invalid config:\n  SOLVER.BASE_LR must be a number > 0, got nan"
