@@ -30,8 +30,19 @@ from lvis_longtail.engine.launch import configure_cpu_threads
 from lvis_longtail.engine.summary import format_summary
 
 
+def load_config(args):
+    """The checked config of the command line (files, weights and datasets included)."""
+    return setup_cfg(
+        args.config_file,
+        args.opts,
+        check_files=True,
+        eval_only=args.eval_only,
+        resume=args.resume,
+    )
+
+
 def setup(args):
-    cfg = setup_cfg(args.config_file, args.opts, check_files=True, eval_only=args.eval_only)
+    cfg = load_config(args)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="lvis_longtail")
     configure_cpu_threads(cfg, args.num_gpus)
@@ -61,7 +72,7 @@ def main(args):
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     # the whole config is checked here, before any process starts or data is loaded
-    cfg = setup_cfg(args.config_file, args.opts, check_files=True, eval_only=args.eval_only)
+    cfg = load_config(args)
     device = cfg.MODEL.DEVICE
     launch(
         main,

@@ -123,6 +123,44 @@ def test_last_checkpoint_naming_a_missing_file_falls_back(tmp_path):
     assert fresh.resume_or_load("", resume=True)["iteration"] == 1
 
 
+@pytest.mark.parametrize("pointer", [b"\xff\xfe\x00garbage", b"model_\xe9\x00.pth"])
+def test_an_undecodable_last_checkpoint_falls_back_with_a_warning(tmp_path, caplog, pointer):
+    ckpt = checkpointer(tmp_path)
+    save_at(ckpt, 1)
+    save_at(ckpt, 3)
+    (tmp_path / "last_checkpoint").write_bytes(pointer)
+    fresh = checkpointer(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="lvis_longtail.engine.checkpoint"):
+        assert fresh.resume_or_load("", resume=True)["iteration"] == 3
+    assert f"{tmp_path / 'last_checkpoint'} is not a readable file name (UnicodeDecodeError" in (
+        caplog.text
+    )
+    assert f"Resuming from {tmp_path / 'model_0000003.pth'}, the newest checkpoint" in caplog.text
+    # model_final.pth (written last by training) first; then the periodic ones
+    save_at(ckpt, 5, name="model_final")
+    (tmp_path / "last_checkpoint").write_bytes(pointer)
+    assert checkpointer(tmp_path).resume_or_load("", resume=True)["iteration"] == 5
+    truncate(tmp_path / "model_final.pth")
+    with caplog.at_level(logging.WARNING, logger="lvis_longtail.engine.checkpoint"):
+        assert checkpointer(tmp_path).resume_or_load("", resume=True)["iteration"] == 3
+    assert "model_final.pth: cannot read the checkpoint" in caplog.text
+    assert "instead of the newest checkpoint (last_checkpoint unreadable)" in caplog.text
+
+
+def test_an_undecodable_last_checkpoint_and_no_checkpoint_is_an_error(tmp_path):
+    (tmp_path / "last_checkpoint").write_bytes(b"\xff\xfe")
+    with pytest.raises(CheckpointReadError, match="last_checkpoint is not readable and there is"):
+        checkpointer(tmp_path).resume_or_load("", resume=True)
+
+
+def test_missing_model_weights_names_the_key_and_the_file(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(CheckpointReadError) as info:
+        checkpointer(tmp_path).resume_or_load(str(missing), resume=False)
+    assert str(info.value).startswith(f"MODEL.WEIGHTS: {missing}: checkpoint file not found")
+    assert checkpointer(tmp_path).resume_or_load("", resume=False) == {}  # "": from scratch
+
+
 def test_bad_model_weights_names_the_key_and_the_file(tmp_path):
     ckpt = checkpointer(tmp_path)
     ckpt.save("model_final")

@@ -152,7 +152,9 @@ def test_registered_dataset_files_are_checked_when_asked(tmp_path, monkeypatch):
     assert "DATASETS.TRAIN: dataset 'lt_check_train' json file" in msg
     assert "DATASETS.TEST: dataset 'lt_check_val' json file" in msg
     assert "make data" in msg
-    msg = error_of(opts, check_files=True, eval_only=True)
+    (tmp_path / "model.pth").write_bytes(b"")  # --eval-only needs MODEL.WEIGHTS
+    weights = ["MODEL.WEIGHTS", str(tmp_path / "model.pth")]
+    msg = error_of(opts + weights, check_files=True, eval_only=True)
     assert "DATASETS.TRAIN" not in msg and "lt_check_val" in msg
     msg = error_of(["DATASETS.TEST", "('lt_synthetic_vall',)"])
     assert "dataset 'lt_synthetic_vall' is not registered; closest: 'lt_synthetic_val'" in msg
@@ -286,3 +288,153 @@ def test_every_shipped_config_passes_and_round_trips(path, tmp_path):
         k: _plain(get_key(cfg, k)) for k in known
     }
     assert set(all_keys(again)) == known
+
+
+def _train_net():
+    """train_net.py (a script at the repository's root) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_net", REPO / "train_net.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eval_only_needs_model_weights(tmp_path):
+    train_net = _train_net()
+    out = ["OUTPUT_DIR", str(tmp_path)]
+    argv = ["--eval-only", "--config-file", str(TINY_BASE), *out]
+    args = train_net.default_argument_parser().parse_args(argv)
+    with pytest.raises(ConfigError) as e:
+        train_net.main(args)  # before any model is built: nothing in OUTPUT_DIR
+    assert str(e.value).startswith(
+        f"--eval-only needs MODEL.WEIGHTS (the checkpoint to evaluate); it is '' in {TINY_BASE}"
+    )
+    assert "or add --resume" in str(e.value) and list(tmp_path.iterdir()) == []
+    msg = error_of(["MODEL.WEIGHTS", "", *out], eval_only=True, resume=True)
+    assert "it is '' in the command-line options" in msg
+    assert f"--resume found no last_checkpoint in OUTPUT_DIR '{tmp_path}'" in msg
+    (tmp_path / "last_checkpoint").write_text("model_final.pth")  # --resume evaluates that
+    assert setup_cfg(str(TINY_BASE), out, eval_only=True, resume=True).MODEL.WEIGHTS == ""
+    setup_cfg(str(TINY_BASE), out)  # training from scratch is fine
+
+
+def test_missing_model_weights_file_is_named_when_files_are_checked(tmp_path):
+    missing = str(tmp_path / "nope.pth")
+    no_data = ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path / "out")]
+    opts = [*no_data, "MODEL.WEIGHTS", missing]
+    setup_cfg(str(TINY_BASE), opts)  # loading a config needs no files
+    msg = error_of(opts, check_files=True)
+    assert msg == (
+        f"invalid config:\n  MODEL.WEIGHTS: checkpoint file '{missing}' not found "
+        f"(resolved: {missing})"
+    )
+    assert msg == error_of(opts, check_files=True, resume=True)  # no last_checkpoint
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "last_checkpoint").write_text("model_0000009.pth")
+    setup_cfg(str(TINY_BASE), opts, check_files=True, resume=True)  # --resume loads that
+    (tmp_path / "w.pth").write_bytes(b"")  # a file: whether it loads is the checkpointer's
+    for weights in ["detectron2://ImageNetPretrained/MSRA/R-50.pkl", str(tmp_path / "w.pth")]:
+        setup_cfg(str(TINY_BASE), [*no_data, "MODEL.WEIGHTS", weights], check_files=True)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "{f}: empty config file"),
+        ("# only a comment\n", "{f}: empty config file"),
+        ("- a\n- b\n",
+         "{f}: a config file is a mapping of KEY: value at its top level, not a list"),
+        ("SOLVER:\n  MAX_ITER: 10\n   BASE_LR: 1\n", "{f}: not a valid YAML file: "),
+        ('_BASE_: "nope.yaml"\n', "{d}/nope.yaml: _BASE_ file not found (the _BASE_ of {f})"),
+        ('_BASE_: "{base}"\nSOLVER: 5\n',
+         "{f}: SOLVER is a section of keys (like SOLVER.LR_SCHEDULER_NAME), not a value, got 5"),
+        ('_BASE_: "{base}"\nSOLVER:\n  MAX_ITER: abc\n',
+         "{f}: SOLVER.MAX_ITER must be an integer (like 40000), got 'abc'"),
+        ('_BASE_: "{base}"\nSOLVER:\n  BASE_LR: 1\n',
+         "{f}: SOLVER.BASE_LR must be a float (like 0.001), got 1; write 1.0"),
+        ('_BASE_: "{base}"\nDATASETS:\n  TRAIN: lt_synthetic_train\n',
+         "{f}: DATASETS.TRAIN must be a list, got 'lt_synthetic_train'; write "
+         "[lt_synthetic_train] for a list of one"),
+    ],
+)  # fmt: skip
+def test_broken_config_files_are_named(tmp_path, text, message):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text.format(base=TINY_BASE))
+    msg = error_of([], path)
+    assert msg.startswith(message.format(f=path, d=tmp_path)), msg
+    assert len(msg) < 300 and "\n" not in msg  # not yacs' dump of the whole node
+    child = tmp_path / "child.yaml"  # a broken _BASE_ is named, with the file including it
+    child.write_text('_BASE_: "broken.yaml"\n')
+    msg = error_of([], child)
+    assert str(path) in msg
+    if "{base}" in text:  # a wrong type: the file that sets the key, and the one loaded
+        assert msg.startswith(f"{path} (a _BASE_ of {child}): {message[5:]}")
+
+
+def test_missing_config_file_is_named():
+    assert error_of([], "no/such.yaml") == "no/such.yaml: config file (--config-file) not found"
+
+
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["SOLVER", "5"],
+         "SOLVER is a section of keys (like SOLVER.LR_SCHEDULER_NAME), not a value, got 5"),
+        (["SOLVER.MAX_ITER", "abc"], "SOLVER.MAX_ITER must be an integer (like 300), got 'abc'"),
+        (["SOLVER.BASE_LR", "1"], "SOLVER.BASE_LR must be a float (like 0.02), got 1; write 1.0"),
+        (["MODEL.MASK_ON", "yes"], "MODEL.MASK_ON must be True or False (like True), got 'yes'"),
+        (["DATASETS.TEST", "lt_synthetic_val"],
+         "DATASETS.TEST must be a list (like ['lt_synthetic_val', 'lt_synthetic_test_dev']), "
+         "got 'lt_synthetic_val'; write [lt_synthetic_val] for a list of one"),
+    ],
+)  # fmt: skip
+def test_wrong_typed_options_name_the_key_and_the_type(opts, message):
+    assert error_of(opts) == f"command-line options: {message}"
+
+
+@pytest.mark.parametrize(
+    "key, bad, message",
+    [
+        ("SOLVER.MAX_ITER", "0", "SOLVER.MAX_ITER must be an integer >= 1, got 0"),
+        ("SOLVER.MAX_ITER", "-1", "SOLVER.MAX_ITER must be an integer >= 1, got -1"),
+        ("SOLVER.IMS_PER_BATCH", "0", "SOLVER.IMS_PER_BATCH must be an integer >= 1, got 0"),
+        ("SOLVER.BASE_LR", "-0.1", "SOLVER.BASE_LR must be a number > 0, got -0.1"),
+        ("SOLVER.BASE_LR", "0.0", "SOLVER.BASE_LR must be a number > 0, got 0.0"),
+        ("SOLVER.BASE_LR", "1e400", "SOLVER.BASE_LR must be a number > 0, got inf"),
+        ("DATALOADER.NUM_WORKERS", "-1", "DATALOADER.NUM_WORKERS must be an integer >= 0, got -1"),
+        ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", "5.0",
+         "MODEL.ROI_HEADS.SCORE_THRESH_TEST must be in [0, 1], got 5.0"),
+        ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", "-0.1",
+         "MODEL.ROI_HEADS.SCORE_THRESH_TEST must be in [0, 1], got -0.1"),
+        ("TEST.DETECTIONS_PER_IMAGE", "0",
+         "TEST.DETECTIONS_PER_IMAGE must be >= 1, or -1 for no cap, got 0"),
+        ("TEST.DETECTIONS_PER_IMAGE", "-2",
+         "TEST.DETECTIONS_PER_IMAGE must be >= 1, or -1 for no cap, got -2"),
+        ("MODEL.DEVICE", "gpu", "MODEL.DEVICE must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+        ("MODEL.DEVICE", "cuda:x", "MODEL.DEVICE must be 'cpu', 'cuda' or 'cuda:N', got 'cuda:x'"),
+    ],
+)  # fmt: skip
+def test_out_of_range_values_are_named(key, bad, message):
+    msg = error_of([key, bad])
+    assert msg == f"invalid config:\n  {message}"
+
+
+def test_range_limits_are_accepted_and_a_file_is_not_an_output_dir(tmp_path):
+    cfg = setup_cfg(str(TINY_BASE), ["SOLVER.MAX_ITER", "1", "SOLVER.IMS_PER_BATCH", "1",
+                                     "SOLVER.BASE_LR", "1e-9", "DATALOADER.NUM_WORKERS", "0",
+                                     "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+                                     "TEST.DETECTIONS_PER_IMAGE", "1", "MODEL.DEVICE", "cuda:1",
+                                     "OUTPUT_DIR", str(tmp_path)])  # fmt: skip
+    assert (cfg.SOLVER.MAX_ITER, cfg.MODEL.DEVICE) == (1, "cuda:1")
+    setup_cfg(str(TINY_BASE), ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "1.0", "MODEL.DEVICE", "cpu",
+                               "OUTPUT_DIR", str(tmp_path / "not" / "yet")])  # fmt: skip
+    (tmp_path / "afile").write_text("")
+    msg = error_of(["OUTPUT_DIR", str(tmp_path / "afile")])
+    assert msg == f"invalid config:\n  OUTPUT_DIR '{tmp_path / 'afile'}' exists and is not a folder"
+
+
+def test_a_nan_learning_rate_in_a_file_is_named(tmp_path):
+    path = tmp_path / "nan.yaml"
+    path.write_text(f'_BASE_: "{TINY_BASE}"\nSOLVER:\n  BASE_LR: .nan\n')
+    assert error_of([], path) == "invalid config:\n  SOLVER.BASE_LR must be a number > 0, got nan"

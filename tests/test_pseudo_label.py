@@ -80,6 +80,7 @@ def test_written_file_round_trips_through_the_loader(tmp_path):
     # image 1: its GT removes the first box -> 2 kept; image 2 (no GT) keeps it -> 3 (both
     # drop the negative c1 and the low score)
     assert summary["pseudo_labels"] == 5 and summary["per_frequency"] == {"r": 3, "c": 0, "f": 2}
+    assert summary["box_only"] == 0  # masks: no warning
     assert (
         json.loads((tmp_path / "pseudo" / "train_pseudo.json.summary.json").read_text()) == summary
     )
@@ -134,6 +135,51 @@ def test_command_line_runs_a_model_over_a_synthetic_split(tmp_path):
     finally:
         set_mask_format("polygon")
     assert sum(len(r["annotations"]) for r in loaded) == summary["pseudo_labels"]
+
+
+@pytest.mark.parametrize("flag, value", [("--score-thresh", "5"), ("--score-thresh", "nan"),
+                                         ("--gt-iou-thresh", "-1")])  # fmt: skip
+def test_thresholds_must_be_in_0_1(tmp_path, capsys, flag, value):
+    from conftest import TINY_BASE
+
+    from lvis_longtail.tools.pseudo_label import main
+
+    argv = ["--config-file", str(TINY_BASE), "--dataset", "lt_synthetic_train", "--output",
+            str(tmp_path / "pl.json"), flag, value]  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert f"{flag} must be in [0, 1], got {float(value)}" in capsys.readouterr().err
+
+
+def test_a_model_without_masks_writes_box_only_labels_with_a_warning(tmp_path, caplog):
+    from conftest import TINY_BASE
+
+    from lvis_longtail.config import ConfigError
+    from lvis_longtail.tools.pseudo_label import main
+
+    _dataset(tmp_path)
+    records = DatasetCatalog.get("lt_pseudo_unit")
+
+    def boxes_only(inputs):
+        outs = _fake_model(inputs)
+        for o in outs:
+            o["instances"].remove("pred_masks")
+        return outs
+
+    out = tmp_path / "boxes.json"
+    with caplog.at_level("WARNING", logger="lvis_longtail.tools.pseudo_label"):
+        summary = write_pseudo_labels(boxes_only, [[{"image_id": 1}], [{"image_id": 2}]],
+                                      records, MetadataCatalog.get("lt_pseudo_unit"), str(out))  # fmt: skip  # noqa: E501
+    assert summary["pseudo_labels"] == summary["box_only"] == 5
+    assert all(a["segmentation"] == [] for a in json.loads(out.read_text())["annotations"])
+    assert f"{out}: 5 of 5 pseudo labels have no mask" in caplog.text
+    assert "DATASETS.EXTRA_TRAIN) they are all dropped by the loader" in caplog.text
+    # meant as a training set: refused before the model is built
+    argv = ["--config-file", str(TINY_BASE), "--dataset", "lt_pseudo_unit", "--output",
+            str(tmp_path / "x.json"), "--as-training-set", "MODEL.MASK_ON", "False"]  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"^{TINY_BASE}: MODEL.MASK_ON is False, so every"):
+        main(argv)
+    assert not (tmp_path / "x.json").exists()
 
 
 def _fake_model(inputs):

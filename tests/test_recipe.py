@@ -83,6 +83,9 @@ def test_quick_plans_wire_each_stage_to_the_one_before(tmp_path):
     assert _opt(s["tta_eval"], "MODEL.WEIGHTS") == final["stage2"]
     pseudo_train, pseudo_extra = s["pseudo_train"].outputs[0], s["pseudo_extra"].outputs[0]
     assert s["pseudo_train"].argv[s["pseudo_train"].argv.index("--output") + 1] == pseudo_train
+    # the extra images' labels are trained on: pseudo_label refuses a model without masks
+    assert "--as-training-set" in s["pseudo_extra"].argv
+    assert "--as-training-set" not in s["pseudo_train"].argv  # ignore boxes: boxes suffice
     selftrain = s["stage1_selftrain"]
     assert json.loads(_opt(selftrain, "DATASETS.IGNORE_BOXES")) == [["lt_synthetic_train", pseudo_train]]  # fmt: skip  # noqa: E501
     fmt = json.loads(_opt(selftrain, "DATASETS.LVIS_FORMAT"))
@@ -135,6 +138,14 @@ def test_lvis_plan_uses_the_lvis_configs_gpus_and_extra_images(tmp_path):
     assert json.loads(_opt(s["stage1_selftrain"], "DATASETS.LVIS_FORMAT"))[0][2] == os.path.abspath("x/img")  # fmt: skip  # noqa: E501
     assert _opt(s["tta_eval"], "DATASETS.TEST") == '("lvis_v1_val", "lvis_v1_test_dev")'
     assert "SOLVER.MAX_ITER" not in s["stage1"].opts and s["stage1"].total == 180000
+
+
+@pytest.mark.parametrize("value", ["5", "-0.1", "nan"])
+def test_pseudo_score_thresh_must_be_in_0_1(value, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["lvis2020_1st", "--dry-run", "--pseudo-score-thresh", value])
+    assert f"--pseudo-score-thresh must be in [0, 1], got {float(value)}" in capsys.readouterr().err
+    assert parse_args(["lvis2020_1st", "--pseudo-score-thresh", "0"]).pseudo_score_thresh == 0.0
 
 
 def test_every_config_of_the_table_exists():

@@ -7,10 +7,10 @@ here); :data:`REGISTRY_KEYS` (every key naming registry entries, each name of
 ``INPUT.AUGMENTATIONS`` included); :data:`RENAMED` (an old key in a file or option is rejected
 with "X was renamed to Y"), all three in :mod:`.tables`; the cross-key rules of :data:`RULES`
 (:mod:`.rules`); and the datasets of ``DATASETS.TRAIN``/``TEST``/``EXTRA_TRAIN`` (registered;
-with ``check_files``, as ``train_net.py`` asks, their json files exist). Unknown keys get the
-closest known keys, and ``--flags`` placed after ``KEY VALUE`` options are named. Extending
-it: add a key to :data:`ENUMS` or :data:`REGISTRY_KEYS`, or decorate a
-``fn(cfg) -> Optional[str]`` with :func:`rule`.
+with ``check_files``, as ``train_net.py`` asks, their json files exist, and so does a local
+``MODEL.WEIGHTS`` file). Unknown keys get the closest known keys, and ``--flags`` placed
+after ``KEY VALUE`` options are named. Extending it: add a key to :data:`ENUMS` or
+:data:`REGISTRY_KEYS`, or decorate a ``fn(cfg) -> Optional[str]`` with :func:`rule`.
 
 Layering: of lvis_longtail, this package imports only :mod:`lvis_longtail.config` and
 :mod:`lvis_longtail.registries`, never ``data``, ``modeling`` or ``evaluation`` (which import
@@ -50,6 +50,7 @@ __all__ = [
     "RULES",
     "check_config",
     "check_task_evaluator",
+    "has_last_checkpoint",
     "rule",
 ]
 
@@ -188,14 +189,39 @@ def _check_datasets(cfg, errors: List[str], check_files: bool, eval_only: bool) 
                 errors.append(f"{key}: dataset '{name}' {_missing_json(name, json_file)}")
 
 
-def check_config(cfg, *, check_files: bool = False, eval_only: bool = False) -> None:
+def has_last_checkpoint(output_dir: str) -> bool:
+    """Whether ``--resume`` finds a checkpoint pointer (``last_checkpoint``, detectron2's
+    name) in ``output_dir``; a remote folder (``scheme://``) is assumed to have one."""
+    return "://" in output_dir or os.path.isfile(os.path.join(output_dir, "last_checkpoint"))
+
+
+def _check_weights(cfg, errors: List[str], check_files: bool, resume: bool) -> None:
+    """A local ``MODEL.WEIGHTS`` file exists (a ``scheme://`` one, such as detectron2's
+    ``detectron2://`` model catalog or a URL, is fetched when loaded); unless ``--resume``
+    loads ``OUTPUT_DIR``'s last checkpoint instead."""
+    weights = cfg.MODEL.WEIGHTS
+    if not check_files or not weights or "://" in weights:
+        return
+    if (resume and has_last_checkpoint(cfg.OUTPUT_DIR)) or os.path.isfile(weights):
+        return
+    errors.append(
+        f"MODEL.WEIGHTS: checkpoint file {weights!r} not found "
+        f"(resolved: {os.path.abspath(weights)})"
+    )
+
+
+def check_config(
+    cfg, *, check_files: bool = False, eval_only: bool = False, resume: bool = False
+) -> None:
     """Check ``cfg`` (see the module docstring); all problems are reported at once.
 
     Args:
         check_files: also require the json files of ``DATASETS.LVIS_FORMAT`` and of the
             registered ``DATASETS.TRAIN`` / ``TEST`` / ``EXTRA_TRAIN`` sets (loading a config
-            needs no data).
+            needs no data), and a local ``MODEL.WEIGHTS`` file.
         eval_only: with ``check_files``, only the test sets' files.
+        resume: with ``check_files``, ``MODEL.WEIGHTS`` need not exist when ``OUTPUT_DIR``
+            has a ``last_checkpoint`` (``--resume`` loads that instead).
 
     Raises:
         ConfigError: one line per problem.
@@ -204,6 +230,7 @@ def check_config(cfg, *, check_files: bool = False, eval_only: bool = False) -> 
     _check_enums(cfg, errors)
     _check_registries(cfg, errors)
     _check_datasets(cfg, errors, check_files, eval_only)
+    _check_weights(cfg, errors, check_files, resume)
     errors.extend(msg for msg in (r(cfg) for r in rules.RULES) if msg)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))

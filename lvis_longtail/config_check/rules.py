@@ -3,6 +3,8 @@ with :func:`rule`. A rule that depends on what a registered class can do reads a
 attribute the class declares (``supports_loss_weight``, ``supports_predictor_options``)
 instead of importing the class, which lives in a higher layer."""
 
+import os
+import re
 from typing import Callable, List, Optional
 
 from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY, ROI_MASK_HEAD_REGISTRY
@@ -199,4 +201,55 @@ def _lvis_tasks(cfg) -> Optional[str]:
         check_task_evaluator("boundary" if boundary else "bbox", cfg.TEST.LVIS_EVALUATOR)
     except ValueError as e:
         return f"TEST.LVIS_TASKS / TEST.EVAL_PROTOCOL: {e}"
+    return None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _at_least(key: str, value, low, what: str = "an integer") -> Optional[str]:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= low:
+        return None
+    return f"{key} must be {what} >= {low}, got {value!r}"
+
+
+@rule
+def _schedule_and_batch_ranges(cfg) -> Optional[str]:
+    solver = cfg.SOLVER
+    problems = [
+        _at_least("SOLVER.MAX_ITER", solver.MAX_ITER, 1),
+        _at_least("SOLVER.IMS_PER_BATCH", solver.IMS_PER_BATCH, 1),
+        _at_least("DATALOADER.NUM_WORKERS", cfg.DATALOADER.NUM_WORKERS, 0),
+    ]
+    if not (_is_number(solver.BASE_LR) and 0 < solver.BASE_LR < float("inf")):
+        problems.append(f"SOLVER.BASE_LR must be a number > 0, got {solver.BASE_LR!r}")
+    return "; ".join(p for p in problems if p) or None
+
+
+@rule
+def _inference_ranges(cfg) -> Optional[str]:
+    problems = []
+    thresh = cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
+    if not (_is_number(thresh) and 0.0 <= thresh <= 1.0):
+        problems.append(f"MODEL.ROI_HEADS.SCORE_THRESH_TEST must be in [0, 1], got {thresh!r}")
+    cap = cfg.TEST.DETECTIONS_PER_IMAGE
+    if not (isinstance(cap, int) and not isinstance(cap, bool) and (cap >= 1 or cap == -1)):
+        problems.append(f"TEST.DETECTIONS_PER_IMAGE must be >= 1, or -1 for no cap, got {cap!r}")
+    return "; ".join(problems) or None
+
+
+# train_net.py runs on the CPU (gloo) or on CUDA GPUs (nccl); torch's other device types are
+# not supported by its launcher
+DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+@rule
+def _device_and_output_dir(cfg) -> Optional[str]:
+    device = cfg.MODEL.DEVICE
+    if not isinstance(device, str) or not DEVICE.match(device):
+        return f"MODEL.DEVICE must be 'cpu', 'cuda' or 'cuda:N', got {device!r}"
+    out = cfg.OUTPUT_DIR
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        return f"OUTPUT_DIR {out!r} exists and is not a folder"
     return None

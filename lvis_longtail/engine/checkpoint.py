@@ -12,8 +12,10 @@
 - ``_load_file``: a file torch cannot read (truncated, corrupted, not a checkpoint) raises
   :class:`CheckpointReadError` naming it, not torch's ``PytorchStreamReader`` message.
 - ``resume_or_load``: with ``resume``, a checkpoint that cannot be read is skipped for the
-  newest older one that can, with a warning naming the iterations trained again; a bad
-  ``MODEL.WEIGHTS`` is an error that names the key and the file.
+  newest older one that can, with a warning naming the iterations trained again; a
+  ``last_checkpoint`` that names a missing file, or that is not a readable file name at all,
+  falls back to the checkpoints in the folder the same way. A bad or missing local
+  ``MODEL.WEIGHTS`` file is an error that names the key and the file.
 """
 
 import logging
@@ -139,9 +141,28 @@ class LongTailCheckpointer(DetectionCheckpointer):
             raise CheckpointReadError(f"{filename}: not a checkpoint: no 'model' state dict")
         return loaded
 
+    def get_checkpoint_file(self) -> str:
+        """What ``last_checkpoint`` names, or "" when it is absent or not a file name
+        (undecodable bytes, e.g. a damaged disk block): then :meth:`_resume` tries the
+        checkpoints in the folder."""
+        try:
+            return super().get_checkpoint_file()
+        except (UnicodeDecodeError, ValueError) as e:
+            pointer = os.path.join(self.save_dir, LAST_CHECKPOINT)
+            logger.warning(
+                f"{pointer} is not a readable file name ({type(e).__name__}: {e}); trying the "
+                f"checkpoints in {self.save_dir}"
+            )
+            return ""
+
     def resume_or_load(self, path: str, *, resume: bool = True) -> dict:
         if resume and self.has_checkpoint():
             return self._resume()
+        if path and "://" not in path and not os.path.isfile(path):
+            raise CheckpointReadError(
+                f"MODEL.WEIGHTS: {path}: checkpoint file not found "
+                f"(resolved: {os.path.abspath(path)})"
+            )
         try:
             return self.load(path, checkpointables=[])
         except CheckpointReadError as e:
@@ -149,13 +170,17 @@ class LongTailCheckpointer(DetectionCheckpointer):
 
     def _candidates(self, pointed: str) -> List[str]:
         """``pointed`` (what ``last_checkpoint`` names), then the periodic checkpoints older
-        than it (all of them when its iteration is unknown), newest first."""
+        than it (all of them when its iteration is unknown), newest first. Without
+        ``pointed`` (an unreadable ``last_checkpoint``), ``model_final.pth`` comes first."""
         limit = checkpoint_iteration(pointed)
+        names = sorted(os.listdir(self.save_dir), reverse=True)
         older = [
             os.path.join(self.save_dir, f)
-            for f in sorted(os.listdir(self.save_dir), reverse=True)
+            for f in names
             if PERIODIC.match(f) and (limit is None or checkpoint_iteration(f) < limit)
         ]
+        if not pointed:
+            return ([os.path.join(self.save_dir, FINAL)] if FINAL in names else []) + older
         return [pointed] + [p for p in older if p != pointed]
 
     def _resume(self) -> dict:
@@ -173,7 +198,11 @@ class LongTailCheckpointer(DetectionCheckpointer):
                 continue
             if failed:
                 logger.warning(_repeated_message(pointed, path, extra.get("iteration")))
+            elif not pointed:
+                logger.warning(f"Resuming from {path}, the newest checkpoint in the folder")
             return extra
+        if not pointed and not failed:
+            failed.append(f"{LAST_CHECKPOINT} is not readable and there is no checkpoint file")
         raise CheckpointReadError(
             f"--resume: no checkpoint in {self.save_dir} can be read:\n  " + "\n  ".join(failed)
         )
@@ -183,6 +212,7 @@ def _repeated_message(pointed: str, used: str, iteration: Optional[int]) -> str:
     lost = checkpoint_iteration(pointed)
     start = "?" if iteration is None else iteration + 1
     until = f"{lost}" if lost is not None else "the end of the lost checkpoint"
+    pointed = pointed or f"the newest checkpoint ({LAST_CHECKPOINT} unreadable)"
     return (
         f"Resuming from {used} instead of {pointed}, which cannot be read: iterations "
         f"{start} to {until} are trained again."

@@ -23,10 +23,15 @@ number of images. ``TEST.AUG.ENABLED`` runs the model under test-time augmentati
 [[train_set, FILE]]`` (:mod:`lvis_longtail.data.ignore_boxes`) to retrain with ignore
 regions, or, for unannotated images, register it as a dataset and train on it as
 ``DATASETS.EXTRA_TRAIN`` (docs/self_training.md).
+
+A model without masks (``MODEL.MASK_ON False``) writes box-only labels (``"segmentation":
+[]``): enough for ignore boxes, but a dataset loader drops every such annotation, so the run
+warns, and with ``--as-training-set`` (the file is meant to be trained on) it refuses to start.
 """
 
 import argparse
 import json
+import logging
 import os
 from collections import Counter
 from typing import Dict, Iterable, List, Mapping, Optional
@@ -40,6 +45,8 @@ from lvis_longtail.evaluation.shards import ShardedDetections, first_entries, it
 from lvis_longtail.utils.io import atomic_write, write_json_atomic
 
 __all__ = ["keep_pseudo_labels", "main", "write_pseudo_labels"]
+
+logger = logging.getLogger(__name__)
 
 
 def keep_pseudo_labels(
@@ -98,7 +105,8 @@ def write_pseudo_labels(
 
     Returns:
         On the main process the summary ``{"images", "pseudo_labels", "per_frequency":
-        {"r", "c", "f"}, ...}``; None on the others.
+        {"r", "c", "f"}, "box_only", ...}`` (``box_only``: labels written without a mask,
+        with a warning); None on the others.
     """
     to_contiguous: Mapping[int, int] = dataset_meta.thing_dataset_id_to_contiguous_id
     to_dataset = {v: k for k, v in to_contiguous.items()}
@@ -124,7 +132,7 @@ def write_pseudo_labels(
         images, categories = _images_and_categories(source, records, dataset_meta)
         lookup = np.full(max(to_contiguous, default=0) + 1, "", dtype="<U1")
         lookup[list(to_contiguous)] = [dataset_meta.class_frequency[c] for c in to_contiguous.values()]  # fmt: skip  # noqa: E501
-        per_group, num_labels = Counter(), 0
+        per_group, num_labels, box_only = Counter(), 0, 0
         with atomic_write(output, buffering=1 << 20) as f:
             f.write(json.dumps({"images": images, "categories": categories})[:-1])
             f.write(',"annotations":[')
@@ -136,6 +144,7 @@ def write_pseudo_labels(
                     if text:
                         f.write(("," if num_labels else "") + text)
                     num_labels += len(rows)
+                    box_only += int((rows["counts_start"] < 0).sum())
                     per_group.update(lookup[rows["category_id"]].tolist())
             f.write("]}")
         num_images = len(seen)
@@ -145,11 +154,31 @@ def write_pseudo_labels(
         "images": num_images,
         "pseudo_labels": num_labels,
         "per_frequency": {g: per_group.get(g, 0) for g in ("r", "c", "f")},
+        "box_only": box_only,
         "score_thresh": score_thresh,
         "gt_iou_thresh": gt_iou_thresh,
     }
     write_json_atomic(summary, output + ".summary.json")
+    if box_only:
+        logger.warning(
+            f"{output}: {box_only} of {num_labels} pseudo labels have no mask (the model "
+            "predicts none) and are written with 'segmentation': []. They serve as "
+            "DATASETS.IGNORE_BOXES; trained on as a dataset (DATASETS.EXTRA_TRAIN) they are "
+            "all dropped by the loader (no valid polygon): pseudo-label with a mask model."
+        )
     return summary
+
+
+def _check_masks(cfg, args) -> None:
+    """``--as-training-set``: refuse a model that predicts no masks (module docstring)."""
+    if args.as_training_set and not cfg.MODEL.MASK_ON:
+        from lvis_longtail.config import ConfigError
+
+        raise ConfigError(
+            f"{args.config_file}: MODEL.MASK_ON is False, so every pseudo label would be "
+            "box-only ('segmentation': []), which a dataset loader drops; --as-training-set "
+            "needs a model with masks (leave the flag out for a file of ignore boxes)"
+        )
 
 
 def _annotations_json(rows: np.ndarray, chunk, first_id: int) -> str:
@@ -196,6 +225,7 @@ def _run(args) -> Optional[Dict]:
     from lvis_longtail.engine.launch import configure_cpu_threads
 
     cfg = setup_cfg(args.config_file, args.opts)
+    _check_masks(cfg, args)
     configure_cpu_threads(cfg, args.num_gpus)
     model = build_model(cfg)
     LongTailCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
@@ -220,21 +250,30 @@ def main(argv=None) -> Optional[Dict]:
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--dataset", required=True, help="registered dataset to pseudo-label")
     parser.add_argument("--output", required=True, help="LVIS-format json to write")
-    parser.add_argument("--score-thresh", type=float, default=0.5)
-    parser.add_argument("--gt-iou-thresh", type=float, default=0.5)
+    parser.add_argument("--score-thresh", type=float, default=0.5, help="in [0, 1]")
+    parser.add_argument("--gt-iou-thresh", type=float, default=0.5, help="in [0, 1]")
+    parser.add_argument("--as-training-set", action="store_true",
+                        help="the file will be trained on as a dataset (DATASETS.EXTRA_TRAIN): "
+                        "refuse a model without masks, whose labels would be box-only")  # fmt: skip
     parser.add_argument("--num-gpus", type=int, default=1, help="processes per machine")
     parser.add_argument("--num-machines", type=int, default=1)
     parser.add_argument("--machine-rank", type=int, default=0)
     parser.add_argument("--dist-url", default="auto")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
+    for flag in ("--score-thresh", "--gt-iou-thresh"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if not 0.0 <= value <= 1.0:  # NaN too
+            parser.error(f"{flag} must be in [0, 1], got {value}")
     if args.num_gpus * args.num_machines == 1:
         return _run(args)
 
     from lvis_longtail.engine import setup_cfg
     from lvis_longtail.engine.launch import launch
 
-    device = setup_cfg(args.config_file, args.opts).MODEL.DEVICE
+    cfg = setup_cfg(args.config_file, args.opts)
+    _check_masks(cfg, args)  # before any process starts
+    device = cfg.MODEL.DEVICE
     launch(
         _run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
         dist_url=args.dist_url, args=(args,), backend="gloo" if device == "cpu" else "nccl",

@@ -219,7 +219,7 @@ class _Plan:
             name, title, folder,
             [sys.executable, "-m", "lvis_longtail.tools.pseudo_label", "--config-file", config,
              "--dataset", dataset, "--output", output, "--score-thresh", str(thresh),
-             *self.gpus()],
+             *(["--as-training-set"] if require_labels else []), *self.gpus()],
             opts, outputs=[output, output + ".summary.json"],
             consumed={"config": config, "weights": weights, "datasets": [dataset],
                       "inputs": [weights]},
@@ -354,6 +354,8 @@ def parse_args(argv=None):
     args.extra_json = args.extra_json or os.path.join(args.extra_root, "extra_images.json")
     if args.num_gpus < 1 or args.iters < 0:
         parser.error("--num-gpus must be >= 1 and --iters >= 0")
+    if not 0.0 <= args.pseudo_score_thresh <= 1.0:  # NaN too
+        parser.error(f"--pseudo-score-thresh must be in [0, 1], got {args.pseudo_score_thresh}")
     return args
 
 
