@@ -18,7 +18,7 @@ from pycocotools import mask as mask_utils
 
 from lvis_longtail.data import LVISFormatError, load_lvis_format_json, set_mask_format
 from lvis_longtail.data.lvis_json import load_validated, shared_reads
-from lvis_longtail.utils.rle import decode_rle_string
+from lvis_longtail.utils.rle import decode_rle_string, first_bad_count_string
 
 NAN, INF = float("nan"), float("inf")
 
@@ -309,6 +309,41 @@ def test_rle_string_decoder_matches_pycocotools():
     assert decode_rle_string("0\u00e9") is None  # not ASCII
     assert decode_rle_string("0@") is None  # -16: a negative run
     assert decode_rle_string("o" * 12 + "0") is None  # a value of 65 bits
+
+
+def test_many_rle_strings_checked_at_once_agree_with_the_one_string_decoder():
+    # runs [2, 4] and [1, 2, 1, 2] (the fourth number is a difference to the second: 0)
+    assert first_bad_count_string(["24", "1210"], [6, 6]) is None
+    assert first_bad_count_string(["24", "1210", "23"], [6, 6, 6]) == 2  # 5 of 6 pixels
+    assert first_bad_count_string(["24", "1210"], [6, 7]) == 1
+    for bad in ("", "2`", "2/", "2p", "2\u00e9", "\ud800", "2@", "o" * 12 + "0"):
+        assert first_bad_count_string(["24", bad, "24"], [6, 6, 6]) == 1, bad
+    rng = np.random.default_rng(1)
+    strings, pixels = [], []
+    for _ in range(150):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        mask = np.asfortranarray(rng.random((h, w)) < rng.random())
+        text = mask_utils.encode(mask)["counts"].decode("ascii")
+        strings.append(text)
+        pixels.append(h * w)
+        for _ in range(3):  # damaged copies: a character changed, cut, appended or removed
+            cut = int(rng.integers(0, len(text) + 1))
+            char = chr(int(rng.integers(40, 120)))
+            strings.append(
+                [text[:cut] + char + text[cut + 1 :], text[:cut], text + char,
+                 text[:cut] + text[cut + 1 :]][int(rng.integers(4))]
+            )  # fmt: skip
+            pixels.append(h * w + int(rng.integers(-1, 2)) * int(rng.random() < 0.2))
+    expected = [decode_rle_string(t) is None or sum(decode_rle_string(t)) != p
+                for t, p in zip(strings, pixels)]  # fmt: skip
+    assert 100 < sum(expected) < len(strings) - 100  # both kinds are well represented
+    for k in range(len(strings)):
+        assert (first_bad_count_string([strings[k]], [pixels[k]]) is not None) == expected[k]
+    for start in range(0, len(strings), 37):  # the first bad one of a batch, in chunks or not
+        batch = slice(start, start + 60)
+        first = next((k for k, e in enumerate(expected[batch]) if e), None)
+        for chunk in (1, 50, 1 << 22):
+            assert first_bad_count_string(strings[batch], pixels[batch], chunk) == first
 
 
 @pytest.mark.parametrize("compressed", [True, False])
