@@ -113,6 +113,11 @@ BAD_VALUES = [
     ("annotations", 0, "segmentation", {"size": [40, 48], "counts": "\x7f\x7f"}),
     ("annotations", 0, "segmentation", {"size": [40, 48], "counts": "PP"}),  # wrong total
     ("annotations", 0, "segmentation", {"size": [40, 48], "counts": 5}),
+    ("annotations", 0, "segmentation", [[2, 2, True, 2, 10, 10]]),  # bool, not a number
+    ("images", 0, "id", 2**64),  # beyond 64 bits: the evaluators' numpy ids overflow
+    ("categories", 0, "id", 2**63),
+    ("annotations", 0, "id", -(2**63) - 1),
+    ("images", 1, "height", 2**64),
 ]
 
 
@@ -251,6 +256,43 @@ def test_skips_are_counted_in_the_log(tmp_path, caplog):
     assert "'annotation without a valid polygon': 1" in caplog.text
     assert "'zero-area box': 1" in caplog.text
     assert [len(d["annotations"]) for d in dicts] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "kind, field, value, problem",
+    [
+        ("images", "id", 2**64, f"field 'id' must fit in 64 bits, got {2**64}"),
+        ("annotations", "id", 2**63, f"field 'id' must fit in 64 bits, got {2**63}"),
+        ("annotations", "segmentation", [square(2, 2, 8)[:-1] + [False]],
+         "field 'segmentation' polygon 0 has a non-number coordinate False"),
+    ],
+)  # fmt: skip
+def test_huge_ids_and_bool_coordinates_are_named(tmp_path, kind, field, value, problem):
+    data = valid_json()
+    rid = data[kind][0]["id"]
+    data[kind][0][field] = value
+    path = write(tmp_path, data)
+    with pytest.raises(LVISFormatError) as err:
+        load_validated(path)
+    rid = value if field == "id" else rid
+    assert str(err.value) == f"{path}: {kind}[0] (id={rid}): {problem}"
+
+
+def test_category_both_negative_and_annotated_is_warned_once(tmp_path, caplog):
+    data = valid_json()
+    data["images"][0]["neg_category_ids"] = [1, 2]  # image 1 has an annotation of category 1
+    data["images"][1]["neg_category_ids"] = [2]  # image 2 has one of category 2
+    with caplog.at_level(logging.WARNING, logger="lvis_longtail.data.lvis_checks"):
+        load_validated(write(tmp_path, data))
+    warnings = [r.getMessage() for r in caplog.records if "neg_category_ids" in r.getMessage()]
+    assert warnings == [
+        f"{tmp_path / 'gt.json'}: 2 (image, category) pairs are both annotated and listed in the "
+        "image's 'neg_category_ids' (verified absent): image 1 category 1, image 2 category 2"
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lvis_longtail.data.lvis_checks"):
+        load_validated(write(tmp_path, valid_json()))  # image 1's negative 2 is not annotated
+    assert "neg_category_ids" not in caplog.text
 
 
 def test_empty_annotations_list_is_image_info(tmp_path, caplog):
