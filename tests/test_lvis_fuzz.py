@@ -278,6 +278,21 @@ def test_huge_ids_and_bool_coordinates_are_named(tmp_path, kind, field, value, p
     assert str(err.value) == f"{path}: {kind}[0] (id={rid}): {problem}"
 
 
+def test_all_annotations_without_a_polygon_is_an_error_naming_the_file(tmp_path):
+    data = valid_json()
+    for ann in data["annotations"]:
+        ann["segmentation"] = []  # box-only, as pseudo labels of a model without masks
+    path = write(tmp_path, data)
+    with pytest.raises(LVISFormatError) as err:
+        load_lvis_format_json(path, str(tmp_path))
+    assert str(err.value).startswith(
+        f"{path}: all 3 annotations lack a valid polygon (e.g. 'segmentation': []"
+    )
+    assert "polygon or an RLE mask" in str(err.value) and "DATASETS.IGNORE_BOXES" in str(err.value)
+    data["annotations"][1]["segmentation"] = [square(4, 4, 6)]  # one left: skips are counted
+    assert len(load_validated(write(tmp_path, data)).annotations) == 1
+
+
 def test_category_both_negative_and_annotated_is_warned_once(tmp_path, caplog):
     data = valid_json()
     data["images"][0]["neg_category_ids"] = [1, 2]  # image 1 has an annotation of category 1

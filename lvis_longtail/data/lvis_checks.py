@@ -24,7 +24,9 @@ field. Checked:
 
 Skipped with a count in the log (what LVIS itself tolerates): polygons with fewer than 3
 points or an odd number of coordinates (dropped; an annotation left without a polygon is
-skipped). Warned (with the pairs, not an error): a category both annotated on an image
+skipped). If that leaves none of a non-empty ``annotations`` list (box-only data with
+``"segmentation": []``), it is an error: the boxes would be dropped too, whatever
+``MODEL.MASK_ON``. Warned (with the pairs, not an error): a category both annotated on an image
 and in its ``neg_category_ids``.
 """
 
@@ -265,6 +267,14 @@ def _annotations(check: _Checker, anns: list, images: dict, cat_ids: set, skippe
             check.fail("annotations", i, ann, "iscrowd", f"must be 0 or 1, got {crowd!r:.20}")
         kept.append(ann)
     _fill_areas(no_area, images)
+    if anns and not kept:
+        raise LVISFormatError(
+            f"{check.source}: all {len(anns)} annotations lack a valid polygon (e.g. "
+            "'segmentation': [], as box-only detections or pseudo labels of a model without "
+            "masks are written), so none is left to train or evaluate on. Give each "
+            "annotation a polygon or an RLE mask, or use the file for its boxes only as "
+            "DATASETS.IGNORE_BOXES"
+        )
     _warn_negative_and_annotated(check.source, kept, images)
     return kept
 
