@@ -23,9 +23,11 @@ from lvis_longtail.evaluation import (
     LVISResultsError,
     load_lvis_results,
     read_shards,
+    validate_lvis_results,
 )
 from lvis_longtail.evaluation.lvis_evaluation import LoadedLVIS
 from lvis_longtail.evaluation.shards import iter_chunks
+from lvis_longtail.utils.rle import decode_rle_string
 
 RESULTS = "lvis_instances_results.json"
 
@@ -446,3 +448,104 @@ def test_results_file_is_checked_chunk_by_chunk_and_never_half_written(tmp_path,
         write_results_file(table, str(path), split, with_masks=False)
     assert path.read_text() == before
     assert sorted(os.listdir(tmp_path)) == [RESULTS]  # no temporary left behind
+
+
+def _results_file(tmp_path, edit):
+    """A results file of ``random_split(4)`` (160x200 images) with ``edit`` applied to its
+    records; the vectorized check falls back to the record-by-record one for the message."""
+    dataset = random_split(4)
+    records = random_results(dataset, 4)
+    edit(records)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(records))
+    return str(path), dataset, records
+
+
+def _one_pixel_more(counts: str, h: int = 160, w: int = 200) -> str:
+    """The compressed counts with the last run one pixel longer (h * w + 1 pixels)."""
+    runs = decode_rle_string(counts)
+    runs[-1] += 1
+    return mask_utils.frPyObjects({"size": [h, w], "counts": runs}, h, w)["counts"].decode()
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        lambda c: c + "PPPPPP",  # last value left unterminated (pycocotools reads past the end)
+        lambda c: "!!!!~~~~",  # characters outside '0'..'o'
+        lambda c: "0",  # one run of 0 pixels
+        lambda c: "",
+        lambda c: c[:3],  # truncated: covers a few pixels only
+        lambda c: "\u00e9\u00e9",  # not ASCII
+        lambda c: _one_pixel_more(c, 160, 200),  # last run one pixel too long
+        lambda c: "0@" + c[2:],  # a negative run
+    ],
+)
+def test_malformed_rle_counts_in_results_are_named(tmp_path, counts):
+    def edit(records):
+        records[3]["segmentation"]["counts"] = counts(records[3]["segmentation"]["counts"])
+
+    path, dataset, _ = _results_file(tmp_path, edit)
+    message = (
+        f"{path}: record 3, field 'segmentation': compressed RLE 'counts' is malformed or does "
+        "not cover the image's 160x200 pixels"
+    )
+    for required in (("bbox",), ("bbox", "segmentation")):
+        with pytest.raises(LVISResultsError) as err:
+            load_lvis_results(path, dataset, required=required, as_table=True)
+        assert str(err.value) == message
+
+
+def test_valid_rle_counts_pass_the_vectorized_check_with_the_records_own_masks(tmp_path):
+    from lvis_longtail.evaluation.record_checks import SplitIndex, _checked_table
+
+    path, dataset, records = _results_file(tmp_path, lambda records: None)
+    table = _checked_table(records, SplitIndex(dataset), ("bbox",))
+    assert table is not None and len(table) == len(records)  # the fast path accepted all
+    assert table.masks.rles([5]) == [records[5]["segmentation"]]
+    records[5]["segmentation"]["counts"] = _one_pixel_more(records[5]["segmentation"]["counts"])
+    assert _checked_table(records, SplitIndex(dataset), ("bbox",)) is None  # 32001 pixels
+
+
+@pytest.mark.parametrize("value", ["x", float("nan"), None, True])
+def test_bad_segm_score_is_named(tmp_path, value):
+    path, dataset, records = _results_file(tmp_path, lambda rs: rs[4].update(segm_score=value))
+    message = f"record 4, field 'segm_score': {value!r} is not a finite number"
+    with pytest.raises(LVISResultsError) as err:
+        load_lvis_results(path, dataset)  # the vectorized check, then its fallback
+    assert str(err.value) == f"{path}: {message}"
+    with pytest.raises(LVISResultsError) as err:
+        validate_lvis_results(records, dataset, source="sub.json")  # record by record
+    assert str(err.value) == f"sub.json: {message}"
+
+
+@pytest.mark.parametrize(
+    "edit, field, what",
+    [
+        (lambda r: r.update(image_id=2**64), "image_id", f"must fit in 64 bits, got {2**64}"),
+        (lambda r: r.update(category_id=2**63), "category_id", f"must fit in 64 bits, got {2**63}"),
+        (
+            lambda r: r["segmentation"].update(size=[2**64, 200]),
+            "segmentation",
+            f"size [{2**64}, 200] is not the image's [h, w] [160, 200]",
+        ),
+    ],
+)
+def test_ids_and_sizes_beyond_64_bits_are_named_not_an_overflow(tmp_path, edit, field, what):
+    path, dataset, _ = _results_file(tmp_path, lambda records: edit(records[2]))
+    with pytest.raises(LVISResultsError) as err:
+        load_lvis_results(path, dataset)
+    assert str(err.value) == f"{path}: record 2, field '{field}': {what}"
+
+
+def test_results_with_masks_on_some_records_only_are_rejected(tmp_path):
+    def edit(records):
+        del records[6]["segmentation"], records[9]["segmentation"]
+
+    path, dataset, _ = _results_file(tmp_path, edit)
+    for required in ((), ("bbox",)):
+        with pytest.raises(LVISResultsError) as err:
+            load_lvis_results(path, dataset, required=required)
+        assert str(err.value) == (
+            f"{path}: record 6, field 'segmentation': is missing (other records have masks)"
+        )

@@ -2,6 +2,7 @@
 gives the numbers of the evaluator's functions on the same records."""
 
 import json
+import logging
 
 import pytest
 from lvis_random_split import random_results, random_split
@@ -58,3 +59,13 @@ def test_mask_task_without_masks_is_named(files, tmp_path):
     assert sorted(evaluate_results_file(str(boxes_only), gt)) == ["bbox"]
     with pytest.raises(ValueError, match=r"boxes.json: its records have no 'segmentation'"):
         evaluate_results_file(str(boxes_only), gt, "challenge2021")
+
+
+def test_empty_results_file_is_logged(files, tmp_path, caplog):
+    gt, _, _, _ = files
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with caplog.at_level(logging.WARNING, logger="lvis_longtail.tools.evaluate_results"):
+        out = evaluate_results_file(str(empty), gt)
+    assert out["bbox"]["AP"] == 0.0
+    assert f"{empty}: holds no detections (an empty list): every AP is 0" in caplog.text

@@ -2,6 +2,7 @@
 DATASETS.IGNORE_BOXES (idempotent registration, clear errors) and crowd annotations."""
 
 import json
+import re
 
 import pytest
 from detectron2.config import CfgNode as CN
@@ -65,17 +66,51 @@ def test_ignore_box_file_attaches_by_image_id_once(tmp_path):
 
 def test_ignore_box_errors_name_file_and_field(tmp_path):
     bad = _lvis(tmp_path / "bad.json", [{"id": 3, "image_id": 1, "bbox": [0, 0, -1, 2]}])
-    with pytest.raises(ValueError, match=r"bad.json: annotation id=3: field 'bbox'"):
+    with pytest.raises(ValueError, match=r"bad.json: annotations\[0\] \(id=3\): field 'bbox'"):
         attach_ignore_boxes([{"image_id": 1}], bad)
     for box in (["0", 0, 1, 1], [0, float("nan"), 1, 1], [0, 0, True, 1], [0, 0, 1]):
         bad = _lvis(tmp_path / "bad.json", [{"id": 4, "image_id": 1, "bbox": box}])
-        with pytest.raises(ValueError, match=r"bad.json: annotation id=4: field 'bbox'"):
+        with pytest.raises(ValueError, match=r"bad.json: annotations\[0\] \(id=4\): field 'bbox'"):
             attach_ignore_boxes([{"image_id": 1}], bad)
     bad = _lvis(tmp_path / "bad.json", [{"id": 5, "image_id": "1", "bbox": [0, 0, 1, 1]}])
-    with pytest.raises(ValueError, match=r"bad.json: annotation id=5: field 'image_id'"):
+    with pytest.raises(ValueError, match=r"bad.json: annotations\[0\] \(id=5\): field 'image_id'"):
         attach_ignore_boxes([{"image_id": 1}], bad)
     other = _lvis(tmp_path / "other.json", [_ann(1, 9, [0, 0, 1, 1])])
     with pytest.raises(ValueError, match=r"image_id\(s\) not in dataset 'x'.*\[9\]"):
         attach_ignore_boxes([{"image_id": 1}], other, "x")
     with pytest.raises(FileNotFoundError, match="DATASETS.IGNORE_BOXES"):
         attach_ignore_boxes([], str(tmp_path / "missing.json"))
+
+
+@pytest.mark.parametrize(
+    "text, what",
+    [
+        ('{"annotations": [{"id": 1, "image_id": 1, "bb', r"not valid JSON \(truncated\?\)"),
+        ("", r"not valid JSON \(truncated\?\): Expecting value at line 1 column 1"),
+        (b'{"annotations": [\xff]}', r"is not utf-8 text \(bytes 17-18"),
+        (b"\xff\xfe\x00garbage", "not valid JSON"),  # a UTF-16 byte-order mark, then junk
+    ],
+)
+def test_unreadable_ignore_box_file_names_the_file_and_the_key(tmp_path, text, what):
+    path = tmp_path / "pseudo.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError) as err:
+        attach_ignore_boxes([{"image_id": 1}], str(path))
+    assert str(err.value).startswith(f"{path}: the ignore-box file (DATASETS.IGNORE_BOXES) "), (
+        err.value
+    )
+    assert re.search(what, str(err.value)), err.value
+
+
+def test_ignore_box_far_outside_its_image_is_named(tmp_path):
+    records = [{"image_id": 1, "height": 64, "width": 80}, {"image_id": 2}]
+    ok = _lvis(tmp_path / "ok.json", [_ann(1, 1, [-30, 90, 110, 5]), _ann(2, 2, [1e6, 1e6, 3, 4])])
+    attach_ignore_boxes(records, ok)  # up to half a side beyond the border; 2 has no size
+    assert records[0]["ignore_boxes"] == [[-30, 90, 80, 95]]
+    far = _lvis(tmp_path / "far.json", [_ann(1, 1, [2, 2, 3, 3]), _ann(8, 1, [1e6, 1e6, 3, 4])])
+    with pytest.raises(ValueError) as err:
+        attach_ignore_boxes(records, far)
+    assert str(err.value) == (
+        f"{far}: annotations[1] (id=8): field 'bbox' [1000000.0, 1000000.0, 3, 4] lies far "
+        "outside its 80x64 image (image_id 1); wrong image size or coordinate scale?"
+    )

@@ -18,7 +18,7 @@ from pycocotools import mask as mask_utils
 
 from lvis_longtail.data import LVISFormatError, load_lvis_format_json, set_mask_format
 from lvis_longtail.data.lvis_json import load_validated, shared_reads
-from lvis_longtail.utils.rle import decode_rle_string
+from lvis_longtail.utils.rle import decode_rle_string, first_bad_count_string
 
 NAN, INF = float("nan"), float("inf")
 
@@ -113,6 +113,11 @@ BAD_VALUES = [
     ("annotations", 0, "segmentation", {"size": [40, 48], "counts": "\x7f\x7f"}),
     ("annotations", 0, "segmentation", {"size": [40, 48], "counts": "PP"}),  # wrong total
     ("annotations", 0, "segmentation", {"size": [40, 48], "counts": 5}),
+    ("annotations", 0, "segmentation", [[2, 2, True, 2, 10, 10]]),  # bool, not a number
+    ("images", 0, "id", 2**64),  # beyond 64 bits: the evaluators' numpy ids overflow
+    ("categories", 0, "id", 2**63),
+    ("annotations", 0, "id", -(2**63) - 1),
+    ("images", 1, "height", 2**64),
 ]
 
 
@@ -253,6 +258,58 @@ def test_skips_are_counted_in_the_log(tmp_path, caplog):
     assert [len(d["annotations"]) for d in dicts] == [0, 1]
 
 
+@pytest.mark.parametrize(
+    "kind, field, value, problem",
+    [
+        ("images", "id", 2**64, f"field 'id' must fit in 64 bits, got {2**64}"),
+        ("annotations", "id", 2**63, f"field 'id' must fit in 64 bits, got {2**63}"),
+        ("annotations", "segmentation", [square(2, 2, 8)[:-1] + [False]],
+         "field 'segmentation' polygon 0 has a non-number coordinate False"),
+    ],
+)  # fmt: skip
+def test_huge_ids_and_bool_coordinates_are_named(tmp_path, kind, field, value, problem):
+    data = valid_json()
+    rid = data[kind][0]["id"]
+    data[kind][0][field] = value
+    path = write(tmp_path, data)
+    with pytest.raises(LVISFormatError) as err:
+        load_validated(path)
+    rid = value if field == "id" else rid
+    assert str(err.value) == f"{path}: {kind}[0] (id={rid}): {problem}"
+
+
+def test_all_annotations_without_a_polygon_is_an_error_naming_the_file(tmp_path):
+    data = valid_json()
+    for ann in data["annotations"]:
+        ann["segmentation"] = []  # box-only, as pseudo labels of a model without masks
+    path = write(tmp_path, data)
+    with pytest.raises(LVISFormatError) as err:
+        load_lvis_format_json(path, str(tmp_path))
+    assert str(err.value).startswith(
+        f"{path}: all 3 annotations lack a valid polygon (e.g. 'segmentation': []"
+    )
+    assert "polygon or an RLE mask" in str(err.value) and "DATASETS.IGNORE_BOXES" in str(err.value)
+    data["annotations"][1]["segmentation"] = [square(4, 4, 6)]  # one left: skips are counted
+    assert len(load_validated(write(tmp_path, data)).annotations) == 1
+
+
+def test_category_both_negative_and_annotated_is_warned_once(tmp_path, caplog):
+    data = valid_json()
+    data["images"][0]["neg_category_ids"] = [1, 2]  # image 1 has an annotation of category 1
+    data["images"][1]["neg_category_ids"] = [2]  # image 2 has one of category 2
+    with caplog.at_level(logging.WARNING, logger="lvis_longtail.data.lvis_checks"):
+        load_validated(write(tmp_path, data))
+    warnings = [r.getMessage() for r in caplog.records if "neg_category_ids" in r.getMessage()]
+    assert warnings == [
+        f"{tmp_path / 'gt.json'}: 2 (image, category) pairs are both annotated and listed in the "
+        "image's 'neg_category_ids' (verified absent): image 1 category 1, image 2 category 2"
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lvis_longtail.data.lvis_checks"):
+        load_validated(write(tmp_path, valid_json()))  # image 1's negative 2 is not annotated
+    assert "neg_category_ids" not in caplog.text
+
+
 def test_empty_annotations_list_is_image_info(tmp_path, caplog):
     data = dict(valid_json(), annotations=[])
     with caplog.at_level(logging.WARNING):
@@ -309,6 +366,41 @@ def test_rle_string_decoder_matches_pycocotools():
     assert decode_rle_string("0\u00e9") is None  # not ASCII
     assert decode_rle_string("0@") is None  # -16: a negative run
     assert decode_rle_string("o" * 12 + "0") is None  # a value of 65 bits
+
+
+def test_many_rle_strings_checked_at_once_agree_with_the_one_string_decoder():
+    # runs [2, 4] and [1, 2, 1, 2] (the fourth number is a difference to the second: 0)
+    assert first_bad_count_string(["24", "1210"], [6, 6]) is None
+    assert first_bad_count_string(["24", "1210", "23"], [6, 6, 6]) == 2  # 5 of 6 pixels
+    assert first_bad_count_string(["24", "1210"], [6, 7]) == 1
+    for bad in ("", "2`", "2/", "2p", "2\u00e9", "\ud800", "2@", "o" * 12 + "0"):
+        assert first_bad_count_string(["24", bad, "24"], [6, 6, 6]) == 1, bad
+    rng = np.random.default_rng(1)
+    strings, pixels = [], []
+    for _ in range(150):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        mask = np.asfortranarray(rng.random((h, w)) < rng.random())
+        text = mask_utils.encode(mask)["counts"].decode("ascii")
+        strings.append(text)
+        pixels.append(h * w)
+        for _ in range(3):  # damaged copies: a character changed, cut, appended or removed
+            cut = int(rng.integers(0, len(text) + 1))
+            char = chr(int(rng.integers(40, 120)))
+            strings.append(
+                [text[:cut] + char + text[cut + 1 :], text[:cut], text + char,
+                 text[:cut] + text[cut + 1 :]][int(rng.integers(4))]
+            )  # fmt: skip
+            pixels.append(h * w + int(rng.integers(-1, 2)) * int(rng.random() < 0.2))
+    expected = [decode_rle_string(t) is None or sum(decode_rle_string(t)) != p
+                for t, p in zip(strings, pixels)]  # fmt: skip
+    assert 100 < sum(expected) < len(strings) - 100  # both kinds are well represented
+    for k in range(len(strings)):
+        assert (first_bad_count_string([strings[k]], [pixels[k]]) is not None) == expected[k]
+    for start in range(0, len(strings), 37):  # the first bad one of a batch, in chunks or not
+        batch = slice(start, start + 60)
+        first = next((k for k, e in enumerate(expected[batch]) if e), None)
+        for chunk in (1, 50, 1 << 22):
+            assert first_bad_count_string(strings[batch], pixels[batch], chunk) == first
 
 
 @pytest.mark.parametrize("compressed", [True, False])

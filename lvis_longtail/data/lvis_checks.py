@@ -5,10 +5,10 @@ field. Checked:
 
 - top level: an object with non-empty ``images`` and ``categories`` lists; ``annotations``
   optional (image-info jsons such as LVIS test-dev have none; an empty list is logged);
-- ids (image, category, annotation): integers, unique; references to images and categories
-  that exist (``image_id``, ``category_id``, ``neg_category_ids``,
+- ids (image, category, annotation): integers that fit in 64 bits, unique; references to
+  images and categories that exist (``image_id``, ``category_id``, ``neg_category_ids``,
   ``not_exhaustive_category_ids``);
-- images: ``height`` and ``width`` positive integers;
+- images: ``height`` and ``width`` positive integers (64 bits);
 - categories: ``name`` a string; ``frequency`` (if present) one of r/c/f; ``image_count`` and
   ``instance_count`` (if present) non-negative integers;
 - ``bbox``: 4 finite numbers, ``w, h >= 0``, not far outside its image (more than
@@ -17,14 +17,17 @@ field. Checked:
 - ``area`` (filled from the mask when absent) a finite number >= 0; ``iscrowd`` (0 when
   absent) 0 or 1; ``neg_category_ids`` and ``not_exhaustive_category_ids`` (empty when
   absent) lists of category ids;
-- ``segmentation``: a list of polygons of finite numbers, not far outside the image, or an
-  RLE ``{"size": [h, w], "counts": ...}`` of the image's size whose counts (compressed string
-  or uncompressed list) are well formed and sum to ``h * w``. Uncompressed RLEs are converted
-  to compressed ones.
+- ``segmentation``: a list of polygons of finite numbers (not bools), not far outside the
+  image, or an RLE ``{"size": [h, w], "counts": ...}`` of the image's size whose counts
+  (compressed string or uncompressed list) are well formed and sum to ``h * w``.
+  Uncompressed RLEs are converted to compressed ones.
 
 Skipped with a count in the log (what LVIS itself tolerates): polygons with fewer than 3
 points or an odd number of coordinates (dropped; an annotation left without a polygon is
-skipped).
+skipped). If that leaves none of a non-empty ``annotations`` list (box-only data with
+``"segmentation": []``), it is an error: the boxes would be dropped too, whatever
+``MODEL.MASK_ON``. Warned (with the pairs, not an error): a category both annotated on an image
+and in its ``neg_category_ids``.
 """
 
 import logging
@@ -41,6 +44,7 @@ from lvis_longtail.data.lvis_geometry_checks import (
     check_polygons,
     check_rle,
     is_int,
+    is_int64,
 )
 
 logger = logging.getLogger(__name__)
@@ -109,6 +113,8 @@ class _Checker:
         rid = record["id"]
         if not is_int(rid):
             self.fail(kind, index, record, "id", f"must be an integer, got {rid!r:.40}")
+        if not is_int64(rid):
+            self.fail(kind, index, record, "id", f"must fit in 64 bits, got {rid}")
 
 
 def _top_level(check: _Checker, data) -> None:
@@ -174,7 +180,7 @@ def _images(check: _Checker, images: list, cat_ids: set) -> dict:
             check.fail("images", i, img, "id", "is duplicated")
         by_id[img["id"]] = img
         for key in ("height", "width"):
-            if not (is_int(img[key]) and img[key] > 0):
+            if not (is_int64(img[key]) and img[key] > 0):
                 check.fail(
                     "images", i, img, key, f"must be a positive integer, got {img[key]!r:.20}"
                 )
@@ -201,7 +207,7 @@ def _annotations(check: _Checker, anns: list, images: dict, cat_ids: set, skippe
     kept, ids, no_area = [], set(), []
     keys, isfinite, lo_f, hi_f = _ANNOTATION_KEYS, math.isfinite, -FAR_OUTSIDE, 1 + FAR_OUTSIDE
     for i, ann in enumerate(anns):
-        if type(ann) is not dict or not ann.keys() >= keys or type(ann["id"]) is not int:
+        if type(ann) is not dict or not ann.keys() >= keys or not is_int64(ann["id"]):
             check.record("annotations", i, ann, keys)
         if ann["id"] in ids:
             check.fail("annotations", i, ann, "id", "is duplicated")
@@ -261,7 +267,37 @@ def _annotations(check: _Checker, anns: list, images: dict, cat_ids: set, skippe
             check.fail("annotations", i, ann, "iscrowd", f"must be 0 or 1, got {crowd!r:.20}")
         kept.append(ann)
     _fill_areas(no_area, images)
+    if anns and not kept:
+        raise LVISFormatError(
+            f"{check.source}: all {len(anns)} annotations lack a valid polygon (e.g. "
+            "'segmentation': [], as box-only detections or pseudo labels of a model without "
+            "masks are written), so none is left to train or evaluate on. Give each "
+            "annotation a polygon or an RLE mask, or use the file for its boxes only as "
+            "DATASETS.IGNORE_BOXES"
+        )
+    _warn_negative_and_annotated(check.source, kept, images)
     return kept
+
+
+def _warn_negative_and_annotated(source: str, anns: list, images: dict) -> None:
+    """Warn about categories in an image's ``neg_category_ids`` (verified absent) that are
+    also annotated on it: a contradiction that misleads the federated losses and evaluation."""
+    annotated = {(a["image_id"], a["category_id"]) for a in anns}
+    both = sorted(
+        {
+            (i, c)
+            for i, img in images.items()
+            for c in img["neg_category_ids"]
+            if (i, c) in annotated
+        }
+    )
+    if both:
+        listed = ", ".join(f"image {i} category {c}" for i, c in both[:10])
+        logger.warning(
+            f"{source}: {len(both)} (image, category) pairs are both annotated and listed in "
+            f"the image's 'neg_category_ids' (verified absent): {listed}"
+            + (", ..." if len(both) > 10 else "")
+        )
 
 
 def _fill_areas(anns: list, images: dict) -> None:

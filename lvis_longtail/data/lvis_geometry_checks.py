@@ -11,8 +11,16 @@ from lvis_longtail.utils.rle import decode_rle_string
 FAR_OUTSIDE = 0.5  # a coordinate this fraction of the image side beyond the border is an error
 
 
+INT64_RANGE = (-(2**63), 2**63)  # what numpy (and the evaluators) can hold
+
+
 def is_int(x) -> bool:
     return type(x) is int
+
+
+def is_int64(x) -> bool:
+    """An int (not a bool) that fits in 64 bits: ids and sizes beyond overflow numpy."""
+    return type(x) is int and INT64_RANGE[0] <= x < INT64_RANGE[1]
 
 
 def is_number(x) -> bool:
@@ -38,6 +46,8 @@ def check_polygons(check, i: int, ann: dict, segm: list, h: int, w: int, skipped
             )
         try:
             total = sum(poly)
+            if bool in set(map(type, poly)):  # True/False would count as 1/0
+                raise TypeError
         except TypeError:
             bad = next(v for v in poly if type(v) not in (int, float))
             check.fail(
@@ -76,7 +86,7 @@ def check_polygons(check, i: int, ann: dict, segm: list, h: int, w: int, skipped
 def check_rle(check, i: int, ann: dict, segm: dict, h: int, w: int) -> dict:
     """A valid compressed RLE (uncompressed ones converted), or an error."""
     size, counts = segm.get("size"), segm.get("counts")
-    if size != [h, w] or not all(map(is_int, size)):
+    if size != [h, w] or not all(map(is_int64, size)):
         check.fail(
             "annotations",
             i,

@@ -31,12 +31,20 @@ from lvis_longtail.evaluation.table import (
     record_score,
 )
 from lvis_longtail.utils.io import gc_paused, read_json
+from lvis_longtail.utils.rle import decode_rle_string, first_bad_count_string
 
 RESULTS_FILE = "lvis_instances_results.json"
 
 
+INT64_RANGE = (-(2**63), 2**63)  # ids and sizes beyond cannot be evaluated (numpy int64)
+
+
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_int64(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and INT64_RANGE[0] <= x < INT64_RANGE[1]
 
 
 def record_problem(record, images: dict, category_ids: set, required: Sequence[str]):
@@ -49,13 +57,16 @@ def record_problem(record, images: dict, category_ids: set, required: Sequence[s
     for field in ("image_id", "category_id"):
         if not isinstance(record[field], int) or isinstance(record[field], bool):
             return field, f"{record[field]!r} is not an integer id"
+        if not _is_int64(record[field]):
+            return field, f"must fit in 64 bits, got {record[field]}"
     image = images.get(record["image_id"])
     if image is None:
         return "image_id", f"{record['image_id']!r} is not an image of the split"
     if record["category_id"] not in category_ids:
         return "category_id", f"{record['category_id']!r} is not a category id of the split"
-    if not _is_number(record["score"]):
-        return "score", f"{record['score']!r} is not a finite number"
+    for field in ("score", SEGM_SCORE):
+        if field in record and not _is_number(record[field]):
+            return field, f"{record[field]!r} is not a finite number"
     bbox = record.get("bbox")
     if bbox is not None and not (
         isinstance(bbox, list)
@@ -70,8 +81,14 @@ def record_problem(record, images: dict, category_ids: set, required: Sequence[s
         size = [image.get("height"), image.get("width")]
         if not isinstance(segm, dict) or not isinstance(segm.get("counts"), str):
             return "segmentation", "is not a compressed RLE {'size': [h, w], 'counts': str}"
-        if segm.get("size") != size:
-            return "segmentation", f"size {segm.get('size')!r} is not the image's [h, w] {size}"
+        if not (_types_are(segm.get("size") or [None], {int}) and segm["size"] == size):
+            return "segmentation", f"size {segm.get('size')!r:.40} is not the image's [h, w] {size}"
+        runs = decode_rle_string(segm["counts"])
+        if runs is None or sum(runs) != size[0] * size[1]:
+            return "segmentation", (
+                "compressed RLE 'counts' is malformed or does not cover the image's "
+                f"{size[0]}x{size[1]} pixels"
+            )
     return None
 
 
@@ -234,7 +251,8 @@ def _checked_table(records, split: SplitIndex, required) -> Optional[DetectionTa
         if segms is not None:
             if not _types_are(segms, {dict}):
                 return None
-            if not _types_are(map(itemgetter("counts"), segms), {str}):
+            counts = list(map(itemgetter("counts"), segms))
+            if not _types_are(counts, {str}):
                 return None
             sizes = list(map(itemgetter("size"), segms))
             if not _types_are(sizes, {list}) or set(map(len, sizes)) != {2}:
@@ -242,15 +260,15 @@ def _checked_table(records, split: SplitIndex, required) -> Optional[DetectionTa
             if not _types_are(chain.from_iterable(sizes), {int}):
                 return None
             mask_size = np.fromiter(chain.from_iterable(sizes), np.int64, 2 * n).reshape(n, 2)
-    except KeyError:
+        table = DetectionTable(
+            image_id=np.fromiter(image_id, np.int64, n),
+            category_id=np.fromiter(category_id, np.int64, n),
+            score=np.fromiter(score, np.float64, n),
+            bbox=bbox,
+            masks=None if segms is None else ListMasks(segms),
+        )
+    except (KeyError, OverflowError):  # (OverflowError: an id or size beyond int64)
         return None
-    table = DetectionTable(
-        image_id=np.fromiter(image_id, np.int64, n),
-        category_id=np.fromiter(category_id, np.int64, n),
-        score=np.fromiter(score, np.float64, n),
-        bbox=bbox,
-        masks=None if segms is None else ListMasks(segms),
-    )
     if n and any(SEGM_SCORE in r for r in records):
         segm = [record_score(r, "segm") for r in records]
         if not _types_are(segm, {int, float}):
@@ -259,6 +277,8 @@ def _checked_table(records, split: SplitIndex, required) -> Optional[DetectionTa
         if not np.isfinite(table.segm_score).all():
             return None
     bad = first_bad_row(split, table.image_id, table.category_id, table.score, bbox, mask_size)
+    if bad is None and mask_size is not None:
+        bad = first_bad_count_string(counts, mask_size[:, 0] * mask_size[:, 1])
     return table if bad is None else None
 
 
@@ -316,9 +336,21 @@ def records_table(
         table = _checked_table(results, split, required)
     if table is None:
         validate_lvis_results(results, split, max_dets, required=required, source=source)
+        _check_masks_everywhere_or_nowhere(results, source)
         return DetectionTable.from_records(results)
     check_per_image_cap(results, max_dets, source)
     return table
+
+
+def _check_masks_everywhere_or_nowhere(records: Sequence[dict], source: str) -> None:
+    """Raise LVISResultsError at the first record without ``segmentation`` when others have
+    one (the mask tasks would silently be dropped for the whole file)."""
+    with_masks = ["segmentation" in r for r in records]
+    if any(with_masks) and not all(with_masks):
+        i = with_masks.index(False)
+        raise LVISResultsError(
+            record_error(source, i, "segmentation", "is missing (other records have masks)")
+        )
 
 
 def check_per_image_cap(records: Sequence[dict], max_dets: int, source: str) -> None:

@@ -13,6 +13,7 @@ fields. The metrics (percent, lvis-api's names) are printed and, with ``--output
 """
 
 import argparse
+import logging
 import os
 import sys
 from typing import Dict, List, Optional, Sequence
@@ -25,6 +26,8 @@ from lvis_longtail.evaluation.table import PROTOCOLS, EvalProtocol
 from lvis_longtail.utils.io import write_json_atomic
 
 __all__ = ["evaluate_results_file", "main"]
+
+logger = logging.getLogger(__name__)
 
 
 def evaluate_results_file(
@@ -51,6 +54,8 @@ def evaluate_results_file(
     if not validated.has_annotations:
         raise ValueError(f"{gt_file}: the split has no annotations; nothing to evaluate against")
     table = load_lvis_results(results_file, validated.dataset, as_table=True)
+    if len(table) == 0:
+        logger.warning(f"{results_file}: holds no detections (an empty list): every AP is 0")
     has_masks = table.masks is not None
     if tasks is None:
         tasks = ["bbox"] + (["segm"] if has_masks else []) + list(proto.required_tasks)
