@@ -97,7 +97,7 @@ def decode_rle_string(counts: str) -> Optional[List[int]]:
 _SIGNED_DIGIT = np.where(np.arange(256) & 0x10, (np.arange(256) & 0x1F) - 32, np.arange(256) & 0x1F)
 
 
-def first_bad_count_string(strings: Sequence[str], pixels, chunk_chars: int = 1 << 22):
+def first_bad_count_string(strings: Sequence[str], pixels, chunk_chars: int = 1 << 20):
     """Index of the first compressed RLE string that :func:`decode_rle_string` rejects or
     whose runs do not sum to its ``pixels`` (h * w), or None if every one is valid.
 
