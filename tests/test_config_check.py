@@ -3,7 +3,7 @@
 import re
 
 import pytest
-from conftest import REPO, TINY_BASE
+from conftest import REPO, TINY_BASE, tiny_cfg
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import META_ARCH_REGISTRY, ROI_KEYPOINT_HEAD_REGISTRY
 
@@ -438,3 +438,20 @@ def test_a_nan_learning_rate_in_a_file_is_named(tmp_path):
     path = tmp_path / "nan.yaml"
     path.write_text(f'_BASE_: "{TINY_BASE}"\nSOLVER:\n  BASE_LR: .nan\n')
     assert error_of([], path) == "invalid config:\n  SOLVER.BASE_LR must be a number > 0, got nan"
+
+
+@pytest.mark.parametrize("heads", ["StandardROIHeads", "CascadeROIHeads"])
+@pytest.mark.parametrize("key, value", [
+    ("MODEL.ROI_BOX_HEAD.CLS_LOSS_NAME", "SeesawLoss"),
+    ("MODEL.ROI_MASKIOU_HEAD.ENABLED", "True"),
+    ("MODEL.ROI_HEADS.NMS_TYPE", "soft_linear"),
+])  # fmt: skip
+def test_keys_detectron2_heads_would_ignore_are_named(heads, key, value):
+    """detectron2's own ROI heads would silently ignore lvis_longtail's head keys; at their
+    defaults the same heads pass, and lvis_longtail's heads take the key."""
+    base = ["MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "True"]
+    cfg = tiny_cfg(opts=[*base, "MODEL.ROI_HEADS.NAME", heads, key, value])
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: read by lvis_longtail's ROI heads"):
+        config_check.check_config(cfg)
+    config_check.check_config(tiny_cfg(opts=[*base, "MODEL.ROI_HEADS.NAME", heads]))
+    config_check.check_config(tiny_cfg(opts=[*base, key, value]))

@@ -3,6 +3,7 @@ with :func:`rule`. A rule that depends on what a registered class can do reads a
 attribute the class declares (``supports_loss_weight``, ``supports_predictor_options``)
 instead of importing the class, which lives in a higher layer."""
 
+import functools
 import os
 import re
 from typing import Callable, List, Optional
@@ -111,6 +112,51 @@ def _deform_mask_pooler_not_with_area_ratio(cfg) -> Optional[str]:
             '"area_ratio" each replace the mask pooler; use one or the other'
         )
     return None
+
+
+# Keys that only lvis_longtail's ROI heads read: detectron2's own heads would ignore them.
+PROJECT_HEAD_KEYS = (
+    "MODEL.ROI_BOX_HEAD.CLS_LOSS_NAME",
+    "MODEL.ROI_BOX_HEAD.PREDICTOR_TYPE",
+    "MODEL.ROI_MASK_HEAD.PREDICTOR_TYPE",
+    "MODEL.ROI_MASK_HEAD.LEVEL_ASSIGNMENT",
+    "MODEL.ROI_MASK_HEAD.UPSAMPLE_TYPE",
+    "MODEL.ROI_MASKIOU_HEAD.ENABLED",
+    "MODEL.ROI_HEADS.NMS_TYPE",
+    "TEST.CLS_CALIBRATION",
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults() -> dict:
+    from detectron2.config import get_cfg
+
+    from lvis_longtail.config import add_longtail_config
+
+    cfg = get_cfg()
+    add_longtail_config(cfg)
+    return {k: _value(cfg, k) for k in PROJECT_HEAD_KEYS}
+
+
+def _value(cfg, key: str):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+@rule
+def _project_keys_need_project_heads(cfg) -> Optional[str]:
+    heads = _registered_class(ROI_HEADS_REGISTRY, cfg.MODEL.ROI_HEADS.NAME)
+    if heads is None or getattr(heads, "supports_tsd", False):  # lvis_longtail's heads
+        return None
+    changed = [k for k, v in _defaults().items() if _value(cfg, k) != v]
+    if not changed:
+        return None
+    return (
+        f"{', '.join(changed)}: read by lvis_longtail's ROI heads only (LongTailROIHeads, the "
+        f"cascade, HTC-Lite, HTC); {cfg.MODEL.ROI_HEADS.NAME!r} would silently ignore it; use "
+        "one of those heads or leave the default"
+    )
 
 
 @rule
