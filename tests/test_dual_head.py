@@ -149,6 +149,7 @@ def test_detectron2_heads_with_the_dual_head_are_rejected(heads):
     """detectron2's own heads get no new branch (nothing would train): a config error."""
     from lvis_longtail.config_check import ConfigError, check_config
 
-    with pytest.raises(ConfigError, match=f"DUAL_HEAD adds its branch.*not '{heads}'"):
+    named = rf"DUAL_HEAD\.ENABLED\b.*: read by lvis_longtail.*'{heads}'"
+    with pytest.raises(ConfigError, match=named):
         check_config(tiny_cfg(8, CASCADE, DUAL + ["MODEL.ROI_HEADS.NAME", heads]))
     check_config(tiny_cfg(8, HTC, DUAL))  # every lvis_longtail head takes it

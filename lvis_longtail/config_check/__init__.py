@@ -25,7 +25,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from lvis_longtail.config import ConfigError
 from lvis_longtail.config_check import rules
-from lvis_longtail.config_check.rules import RULES, check_task_evaluator, rule
+from lvis_longtail.config_check.rules import RULES, check_task_evaluator, get_key, rule
 from lvis_longtail.config_check.tables import (
     COUNT_SOURCES,
     ENUMS,
@@ -58,14 +58,6 @@ SYNTHETIC_HINT = (
     "generate it with `python -m lvis_longtail.data.synthetic --out DIR` (or `make data`); "
     "datasets are found under $DETECTRON2_DATASETS (default ./datasets)"
 )
-
-
-def get_key(cfg, key: str):
-    """The value of the dotted ``key`` of ``cfg`` (KeyError if absent)."""
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
 
 
 def all_keys(cfg, prefix: str = "") -> List[str]:

@@ -23,6 +23,14 @@ def rule(fn: Callable) -> Callable:
     return fn
 
 
+def get_key(cfg, key: str):
+    """The value of the dotted ``key`` of ``cfg`` (KeyError if absent)."""
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
 def _registered_class(registry: Registry, name: str):
     """The object registered as ``name``, or None (an unknown name has its own error)."""
     return registry.get(name) if name in registry else None
@@ -117,6 +125,7 @@ def _deform_mask_pooler_not_with_area_ratio(cfg) -> Optional[str]:
 # Keys that only lvis_longtail's ROI heads read: detectron2's own heads would ignore them.
 PROJECT_HEAD_KEYS = (
     "MODEL.ROI_BOX_HEAD.CLS_LOSS_NAME",
+    "MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED",
     "MODEL.ROI_BOX_HEAD.PREDICTOR_TYPE",
     "MODEL.ROI_MASK_HEAD.PREDICTOR_TYPE",
     "MODEL.ROI_MASK_HEAD.LEVEL_ASSIGNMENT",
@@ -135,21 +144,15 @@ def _defaults() -> dict:
 
     cfg = get_cfg()
     add_longtail_config(cfg)
-    return {k: _value(cfg, k) for k in PROJECT_HEAD_KEYS}
-
-
-def _value(cfg, key: str):
-    for part in key.split("."):
-        cfg = cfg[part]
-    return cfg
+    return {k: get_key(cfg, k) for k in PROJECT_HEAD_KEYS}
 
 
 @rule
 def _project_keys_need_project_heads(cfg) -> Optional[str]:
     heads = _registered_class(ROI_HEADS_REGISTRY, cfg.MODEL.ROI_HEADS.NAME)
-    if heads is None or getattr(heads, "supports_tsd", False):  # lvis_longtail's heads
+    if heads is None or getattr(heads, "reads_longtail_keys", False):
         return None
-    changed = [k for k, v in _defaults().items() if _value(cfg, k) != v]
+    changed = [k for k, v in _defaults().items() if get_key(cfg, k) != v]
     if not changed:
         return None
     return (
@@ -157,19 +160,6 @@ def _project_keys_need_project_heads(cfg) -> Optional[str]:
         f"cascade, HTC-Lite, HTC); {cfg.MODEL.ROI_HEADS.NAME!r} would silently ignore it; use "
         "one of those heads or leave the default"
     )
-
-
-@rule
-def _dual_head_needs_project_heads(cfg) -> Optional[str]:
-    if not cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED:
-        return None
-    heads = _registered_class(ROI_HEADS_REGISTRY, cfg.MODEL.ROI_HEADS.NAME)
-    if heads is not None and not getattr(heads, "supports_dual_head", False):
-        return (
-            "MODEL.ROI_BOX_HEAD.DUAL_HEAD adds its branch to lvis_longtail's ROI heads "
-            f"(LongTailROIHeads, the cascade, HTC-Lite, HTC), not {cfg.MODEL.ROI_HEADS.NAME!r}"
-        )
-    return None
 
 
 @rule

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 
 from detectron2.data import DatasetCatalog
 
-from lvis_longtail.data.lvis_geometry_checks import FAR_OUTSIDE
+from lvis_longtail.data.lvis_geometry_checks import far_outside
 from lvis_longtail.utils.io import read_json
 
 __all__ = ["attach_ignore_boxes", "read_ignore_boxes", "register_ignore_boxes_from_config"]
@@ -72,17 +72,13 @@ def read_ignore_boxes(
             )
         x0, y0, x1, y1 = b[0], b[1], b[0] + b[2], b[1] + b[3]
         h, w = sizes.get(ann["image_id"], (math.inf, math.inf))
-        if _far_outside(x0, x1, w) or _far_outside(y0, y1, h):
+        if far_outside(x0, x1, w) or far_outside(y0, y1, h):
             raise ValueError(
                 f"{where}: field 'bbox' {b} lies far outside its {w}x{h} image "
                 f"(image_id {ann['image_id']}); wrong image size or coordinate scale?"
             )
         boxes[ann["image_id"]].append([x0, y0, x1, y1])
     return dict(boxes)
-
-
-def _far_outside(lo: float, hi: float, side: float) -> bool:
-    return lo < -FAR_OUTSIDE * side or hi > (1 + FAR_OUTSIDE) * side
 
 
 def attach_ignore_boxes(records: List[dict], json_file: str, dataset: str = "") -> List[dict]:

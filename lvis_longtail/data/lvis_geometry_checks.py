@@ -27,7 +27,8 @@ def is_number(x) -> bool:
     return (type(x) is int or type(x) is float) and math.isfinite(x)
 
 
-def _far_outside(lo: float, hi: float, side: int) -> bool:
+def far_outside(lo: float, hi: float, side: float) -> bool:
+    """Whether [lo, hi] reaches :data:`FAR_OUTSIDE` of ``side`` beyond the image."""
     return lo < -FAR_OUTSIDE * side or hi > (1 + FAR_OUTSIDE) * side
 
 
@@ -70,7 +71,7 @@ def check_polygons(check, i: int, ann: dict, segm: list, h: int, w: int, skipped
             continue
         if min(poly) < -FAR_OUTSIDE * side or max(poly) > (1 + FAR_OUTSIDE) * side:
             xs, ys = poly[0::2], poly[1::2]
-            if _far_outside(min(xs), max(xs), w) or _far_outside(min(ys), max(ys), h):
+            if far_outside(min(xs), max(xs), w) or far_outside(min(ys), max(ys), h):
                 check.fail(
                     "annotations",
                     i,
@@ -140,7 +141,7 @@ def check_bbox(check, i: int, ann: dict, h: int, w: int) -> None:
     x, y, bw, bh = bbox
     if bw < 0 or bh < 0:
         check.fail("annotations", i, ann, "bbox", f"has a negative width or height: {bbox}")
-    if _far_outside(x, x + bw, w) or _far_outside(y, y + bh, h):
+    if far_outside(x, x + bw, w) or far_outside(y, y + bh, h):
         check.fail(
             "annotations",
             i,

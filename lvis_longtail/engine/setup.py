@@ -128,8 +128,7 @@ def _check_yaml_file(path: str, included_by: Optional[str] = None, depth: int = 
             f"{path}{where}: a config file is a mapping of KEY: value at its top level, "
             f"not a {type(data).__name__}"
         )
-    bases = data.get("_BASE_")
-    for base in bases if isinstance(bases, list) else [] if bases is None else [bases]:
+    for base in _base_names(data):
         if not isinstance(base, str) or not base:
             raise ConfigError(f"{path}: _BASE_ must name a file (or list files), got {base!r}")
     for base in _bases(path, data):
@@ -137,10 +136,15 @@ def _check_yaml_file(path: str, included_by: Optional[str] = None, depth: int = 
             _check_yaml_file(base, path, depth + 1)
 
 
-def _bases(path: str, data: dict) -> List[str]:
+def _base_names(data: dict) -> list:
+    """The ``_BASE_`` entries of a loaded config file (one, a list, or none)."""
     bases = data.get("_BASE_")
-    bases = bases if isinstance(bases, list) else [] if bases is None else [bases]
-    return [os.path.join(os.path.dirname(path), os.path.expanduser(b)) for b in bases]
+    return bases if isinstance(bases, list) else [] if bases is None else [bases]
+
+
+def _bases(path: str, data: dict) -> List[str]:
+    """The paths of a config file's ``_BASE_`` files (relative to its folder)."""
+    return [os.path.join(os.path.dirname(path), os.path.expanduser(b)) for b in _base_names(data)]
 
 
 def _setting_file(path: str, key: Optional[str], depth: int = 0) -> Optional[str]:

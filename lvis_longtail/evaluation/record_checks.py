@@ -22,6 +22,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from lvis_longtail.data.lvis_geometry_checks import is_int64
 from lvis_longtail.evaluation.table import (
     SEGM_SCORE,
     DetectionTable,
@@ -36,15 +37,8 @@ from lvis_longtail.utils.rle import decode_rle_string, first_bad_count_string
 RESULTS_FILE = "lvis_instances_results.json"
 
 
-INT64_RANGE = (-(2**63), 2**63)  # ids and sizes beyond cannot be evaluated (numpy int64)
-
-
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _is_int64(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and INT64_RANGE[0] <= x < INT64_RANGE[1]
 
 
 def record_problem(record, images: dict, category_ids: set, required: Sequence[str]):
@@ -57,7 +51,7 @@ def record_problem(record, images: dict, category_ids: set, required: Sequence[s
     for field in ("image_id", "category_id"):
         if not isinstance(record[field], int) or isinstance(record[field], bool):
             return field, f"{record[field]!r} is not an integer id"
-        if not _is_int64(record[field]):
+        if not is_int64(record[field]):
             return field, f"must fit in 64 bits, got {record[field]}"
     image = images.get(record["image_id"])
     if image is None:

@@ -69,8 +69,8 @@ class LongTailROIHeads(IgnoreRegionsMixin, StandardROIHeads):
 
     # the box branch can run TSD heads (lvis_longtail.config_check reads this)
     supports_tsd = True
-    # the dual-head fine-tune can add its branch to the box branch (config_check reads this)
-    supports_dual_head = True
+    # reads the keys of config_check.rules.PROJECT_HEAD_KEYS (rejected with other ROI heads)
+    reads_longtail_keys = True
 
     @configurable
     def __init__(
